@@ -1,0 +1,37 @@
+"""The ``rocketkv`` torch.library ops that rewritten graphs call.
+
+Each op has a fake kernel with the real kernel's shape and (contiguous) strides, so Dynamo,
+AOTAutograd and Inductor can trace through it. Today every device runs the PyTorch reference.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+@torch.library.custom_op("rocketkv::compress", mutates_args=())
+def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
+             keep: int, kernel_size: int) -> tuple[Tensor, Tensor]:
+    """Stage 1: the `keep` best-voted prefix tokens per KV head plus the window, as new caches."""
+    return reference.compress(query_window, key, value, mask, scale, keep, kernel_size)
+
+
+@compress.register_fake
+def _(query_window, key, value, mask, scale, keep, kernel_size):
+    B, H, _, D = key.shape
+    kept = keep + query_window.shape[-2]
+    return key.new_empty(B, H, kept, D), value.new_empty(B, H, kept, value.shape[-1])
+
+
+@torch.library.custom_op("rocketkv::sparse_decode", mutates_args=())
+def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
+                  chunk: int, dims: int, topk: int) -> Tensor:
+    """Stage 2: hybrid sparse attention of one query token per head over the stored cache."""
+    return reference.sparse_decode(query, key, value, mask, scale, chunk, dims, topk)
+
+
+@sparse_decode.register_fake
+def _(query, key, value, mask, scale, chunk, dims, topk):
+    return query.new_empty(*query.shape[:-1], value.shape[-1])

@@ -1,0 +1,148 @@
+"""Pure-PyTorch RocketKV: the CPU implementation of the ops and the oracle for the Triton kernels.
+
+Layout everywhere: query (B, Hq, q_len, D), key/value (B, Hkv, n, D), Hq = G * Hkv (GQA groups of
+G query heads share one KV head). Masks are additive floats or booleans (True = attend) that
+broadcast to (B, 1, q_len, n): one mask for all heads, as causal and padding masks are.
+Scores are computed in float32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def additive_mask(mask: Tensor | None, dtype=torch.float32) -> Tensor | None:
+    """A boolean (True = attend) or additive mask as an additive float mask."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def group_queries(query: Tensor, kv_heads: int) -> Tensor:
+    """(B, Hq, q_len, D) -> (B, Hkv, G, q_len, D) in float32."""
+    B, Hq, S, D = query.shape
+    return query.float().reshape(B, kv_heads, Hq // kv_heads, S, D)
+
+
+def snapkv_votes(query_window: Tensor, key: Tensor, mask: Tensor | None, scale: float,
+                 kernel_size: int) -> Tensor:
+    """Stage 1 scores (SnapKV++): how much the last w queries attend to each earlier key.
+
+    Softmax over all n keys (causal inside the window), the probabilities of the n - w prefix
+    keys summed over the window queries and over the query heads of each KV group, then
+    max-pooled along the sequence. Returns (B, Hkv, n - w) float32; a key that every window
+    query masks out scores -inf so it is never kept.
+    """
+    B, Hkv, n, D = key.shape
+    w = query_window.shape[-2]
+    q = group_queries(query_window, Hkv)                                   # B Hkv G w D
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", q, key.float()) * scale
+    causal = torch.ones(w, n, dtype=torch.bool, device=key.device).tril(n - w)
+    logits = logits.masked_fill(~causal, float("-inf"))
+    extra = additive_mask(mask)
+    if extra is not None:
+        logits = logits + extra.unsqueeze(2)                              # B 1 1 w n
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    votes = probs[..., : n - w].sum(dim=(2, 3))                            # B Hkv n-w
+    votes = F.max_pool1d(votes, kernel_size, stride=1, padding=kernel_size // 2)
+    if extra is not None:
+        dead = torch.isneginf(extra[..., : n - w]).all(dim=-2)             # B 1 n-w
+        votes = votes.masked_fill(dead, float("-inf"))
+    return votes
+
+
+def keep_indices(votes: Tensor, keep: int) -> Tensor:
+    """The `keep` best-voted positions per KV head, in sequence order (ties: earlier first)."""
+    order = torch.sort(votes, dim=-1, descending=True, stable=True).indices[..., :keep]
+    return torch.sort(order, dim=-1).values
+
+
+def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
+             keep: int, kernel_size: int) -> tuple[Tensor, Tensor]:
+    """Stage 1 eviction: the `keep` best prefix tokens per KV head, then the whole window.
+
+    Returns contiguous key and value caches of `keep + w` tokens, in sequence order.
+    """
+    w = query_window.shape[-2]
+    votes = snapkv_votes(query_window, key, mask, scale, kernel_size)
+    idx = keep_indices(votes, keep).unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
+    kept_k = torch.cat([key.gather(2, idx), key[:, :, key.shape[2] - w:]], dim=2)
+    kept_v = torch.cat([value.gather(2, idx), value[:, :, value.shape[2] - w:]], dim=2)
+    return kept_k.contiguous(), kept_v.contiguous()
+
+
+def chunk_bounds(key: Tensor, chunk: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Element-wise min and max of K over each run of `chunk` consecutive slots (RocketKV's KT).
+
+    Returns (B, Hkv, ceil(n / chunk), D) float32 each; masked-out slots take no part.
+    """
+    B, H, n, D = key.shape
+    chunks = -(-n // chunk)
+    k = key.float()
+    valid = torch.ones(B, 1, n, dtype=torch.bool, device=key.device)
+    if mask is not None:
+        valid = valid & ~torch.isneginf(additive_mask(mask)[:, :, -1, :])
+    pad = chunks * chunk - n
+    valid = F.pad(valid, (0, pad), value=False).unsqueeze(-1)             # B 1 n' 1
+    k = F.pad(k, (0, 0, 0, pad))
+    kmin = k.masked_fill(~valid, float("inf")).view(B, H, chunks, chunk, D).amin(3)
+    kmax = k.masked_fill(~valid, float("-inf")).view(B, H, chunks, chunk, D).amax(3)
+    return kmin, kmax
+
+
+def approximate_scores(query: Tensor, key: Tensor, mask: Tensor | None, chunk: int,
+                       dims: int) -> Tensor:
+    """Stage 2 selection scores: per KV head, one probability per stored token.
+
+    The sign of each dim comes from the group sum of q; the r dims with the largest group mean
+    |q| are read; every token inherits its chunk's upper bound q[dims] . bound[dims]; SparQ's
+    temperature sqrt(D * |q[dims]|_1 / |q|_1) replaces sqrt(D); softmax; mean over the group.
+    Returns (B, Hkv, n) float32.
+    """
+    B, H, n, D = key.shape
+    q = group_queries(query, H)[:, :, :, -1]                               # B Hkv G D
+    kmin, kmax = chunk_bounds(key, chunk, mask)
+    bound = torch.where(q.sum(2, keepdim=True) >= 0, kmax, kmin)           # B Hkv C D
+    top_dims = q.abs().mean(2).topk(dims, dim=-1).indices                  # B Hkv r
+    q_r = q.gather(-1, top_dims.unsqueeze(2).expand(-1, -1, q.shape[2], -1))
+    bound_r = bound.gather(-1, top_dims.unsqueeze(2).expand(-1, -1, bound.shape[2], -1))
+    chunk_logits = torch.einsum("bhgr,bhcr->bhgc", q_r, bound_r)
+    logits = chunk_logits.repeat_interleave(chunk, dim=-1)[..., :n]        # B Hkv G n
+    temperature = (D * q_r.abs().sum(-1) / q.abs().sum(-1)).sqrt().clamp_min(1e-6)
+    logits = logits / temperature.unsqueeze(-1)
+    extra = additive_mask(mask)
+    if extra is not None:
+        logits = logits + extra[:, :, -1:, :]                             # B 1 1 n
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(2)
+
+
+def select_tokens(scores: Tensor, topk: int) -> Tensor:
+    """The min(topk, n) best-scored slots per KV head (ties: earlier slot first)."""
+    k = min(topk, scores.shape[-1])
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def attend_selected(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
+                    index: Tensor) -> Tensor:
+    """Exact softmax attention of each GQA group over its own selected slots (B, Hkv, k)."""
+    B, H, n, D = key.shape
+    q = group_queries(query, H)                                            # B Hkv G S D
+    gidx = index.unsqueeze(-1).expand(-1, -1, -1, D)
+    k_sel, v_sel = key.gather(2, gidx).float(), value.gather(2, gidx).float()
+    logits = torch.einsum("bhgsd,bhkd->bhgsk", q, k_sel) * scale
+    extra = additive_mask(mask)
+    if extra is not None:
+        extra = extra.expand(B, 1, extra.shape[-2], n).expand(B, H, -1, -1)
+        logits = logits + extra.gather(-1, index.unsqueeze(2).expand(-1, -1, extra.shape[2], -1)).unsqueeze(2)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhgsk,bhkd->bhgsd", probs, v_sel)
+    return out.reshape(*query.shape[:-1], value.shape[-1]).to(query.dtype)
+
+
+def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
+                  chunk: int, dims: int, topk: int) -> Tensor:
+    """Stage 2, one decode step: approximate scores, top-k tokens, exact attention over them."""
+    scores = approximate_scores(query, key, mask, chunk, dims)
+    index = select_tokens(scores, topk)
+    return attend_selected(query, key, value, mask, scale, index).contiguous()

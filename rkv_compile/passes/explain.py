@@ -1,0 +1,78 @@
+"""``rkv_compile.explain``: what the pass does with every attention site of a function."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from .rewrite import SiteDecision
+
+
+@dataclasses.dataclass
+class SiteReport:
+    graph: int
+    site: str
+    kind: str
+    kv_source: str
+    query_len: str
+    rewritten: bool
+    action: str     # what is done, or why the site stays exact
+
+    @classmethod
+    def of(cls, graph: int, d: SiteDecision) -> "SiteReport":
+        if d.phase == "prefill":
+            p = d.plan
+            action = (f"prefill: exact attention, then stage-1 eviction to {p.prompt_budget} tokens"
+                      if d.query_len > p.prompt_budget else
+                      f"prefill: exact, prompt within the {p.prompt_budget}-token budget: kept whole")
+        elif d.phase == "decode":
+            action = "decode: stage-2 hybrid sparse attention (plan carried by the cache)"
+        else:
+            action = d.reason
+        return cls(graph, d.site.name, d.site.kind, d.key.source.value, str(d.query_len),
+                   d.rewritten, action)
+
+
+@dataclasses.dataclass
+class Report:
+    sites: list[SiteReport]
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.rewritten]
+
+    @property
+    def exact(self) -> list[SiteReport]:
+        return [s for s in self.sites if not s.rewritten]
+
+    def __str__(self) -> str:
+        head = ("graph", "site", "kind", "kv source", "q len", "rewritten", "action / reason")
+        rows = [head] + [(str(s.graph), s.site, s.kind, s.kv_source, s.query_len,
+                          "yes" if s.rewritten else "no", s.action) for s in self.sites]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+        if not self.sites:
+            lines.append("(no attention site found: the function runs exactly as compiled)")
+        return "\n".join(lines)
+
+
+def explain(fn: Callable, *args, options: dict | None = None, **kwargs) -> Report:
+    """Run `fn(*args, **kwargs)` under the rocketkv pass and report every attention site.
+
+    Every graph Dynamo captures during the call is analysed (a `generate` call gives a prefill
+    and a decode graph). Rewritten graphs run eagerly, not through Inductor, so this is quick.
+    `options` are the backend options (as for torch.compile).
+    """
+    from ..backend import make_backend
+
+    reports: list[SiteReport] = []
+
+    def record(decisions):
+        graph = 1 + max((r.graph for r in reports), default=0)
+        reports.extend(SiteReport.of(graph, d) for d in decisions)
+
+    backend = make_backend(compiler=lambda gm, _: gm.forward, on_analysis=record)
+    compiled = torch.compile(fn, backend=lambda gm, ex: backend(gm, ex, options=options))
+    compiled(*args, **kwargs)
+    return Report(reports)

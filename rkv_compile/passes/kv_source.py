@@ -1,0 +1,66 @@
+"""Where an attention site's keys and values come from.
+
+Only a site whose K/V are a cache that this graph writes back can be compressed: a fresh cache
+(prefill: the graph returns the new keys, e.g. HF DynamicCache's first `cat` or a tuple cache's
+`present`) or a grown one (decode: `cat([past, new])` with `past` a graph input, returned as the
+new cache). Buffers written in place (static caches) and keys that are no cache stay exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+from torch.fx import Node
+
+from .sites import _is_call, value_of
+
+IN_PLACE_WRITES = {"index_copy_", "index_put_", "copy_", "scatter_", "__setitem__"}
+
+
+class KVSource(enum.Enum):
+    FRESH = "new cache"
+    GROWN = "grown by cat"
+    IN_PLACE = "written in place into a buffer"
+    EXTERNAL = "graph input, not written"
+    NONE = "no cache"
+
+
+@dataclasses.dataclass
+class KVOrigin:
+    source: KVSource
+    cache: Node              # the node whose value becomes (or is) the stored cache
+    new: Node | None = None  # the keys this call adds
+    past: Node | None = None  # GROWN: the cache the graph received
+
+
+def returned_nodes(output: Node) -> set[Node]:
+    """The nodes a graph returns (Dynamo returns a flat tuple)."""
+    found: set[Node] = set()
+    torch.fx.node.map_arg(output.args, found.add)
+    return found
+
+
+def _is_in_place_write(node: Node) -> bool:
+    return node.op == "call_method" and node.target in IN_PLACE_WRITES or (
+        node.op == "call_function" and getattr(node.target, "__name__", "") in IN_PLACE_WRITES)
+
+
+def kv_origin(node: Node, returned: set[Node]) -> KVOrigin:
+    if _is_call(node, (torch.cat,)) and len(node.args[0]) == 2 and \
+            (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) in (2, -2):
+        past, new = node.args[0]
+        if node not in returned:
+            return KVOrigin(KVSource.NONE, node)
+        if isinstance(value_of(past), torch.Tensor) and value_of(past).numel() == 0:
+            return KVOrigin(KVSource.FRESH, node, new=new)
+        if past.op == "placeholder":
+            return KVOrigin(KVSource.GROWN, node, new=new, past=past)
+        return KVOrigin(KVSource.NONE, node)
+    if _is_in_place_write(node) or any(_is_in_place_write(u) for u in node.users):
+        return KVOrigin(KVSource.IN_PLACE, node)
+    if node.op == "placeholder":
+        return KVOrigin(KVSource.EXTERNAL, node)
+    if node in returned:
+        return KVOrigin(KVSource.FRESH, node, new=node)
+    return KVOrigin(KVSource.NONE, node)

@@ -1,0 +1,180 @@
+"""The RocketKV rewrite of a Dynamo graph.
+
+`analyse` decides, site by site, what may change: a prefill site (fresh cache, every query of the
+prompt) keeps its exact attention and gets stage-1 eviction inserted after it, the evicted cache
+being what the graph returns for storage; a decode site (one query over a grown cache) has its
+attention replaced by stage-2 sparse attention. Anything the pass cannot prove safe keeps its exact
+attention, and the decision says why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from ..config import Plan, RocketKVConfig
+from ..kernels import ops  # noqa: F401  (torch.ops.rocketkv)
+from .kv_source import KVOrigin, KVSource, kv_origin, returned_nodes
+from .sites import AttentionSite, find_sites, shape_of, value_of
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclasses.dataclass
+class SiteDecision:
+    site: AttentionSite
+    key: KVOrigin
+    value: KVOrigin
+    phase: str | None = None       # PREFILL or DECODE when rewritten
+    reason: str | None = None      # why the site stays exact
+    plan: Plan | None = None       # prefill: the plan its prompt length gives
+    query_len: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+
+    @property
+    def rewritten(self) -> bool:
+        return self.reason is None
+
+    @property
+    def scale(self) -> float:
+        return self.site.scale if self.site.scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+
+def analyse(graph: Graph, config: RocketKVConfig) -> list[SiteDecision]:
+    returned = returned_nodes(graph.output_node())
+    decisions = []
+    for site in find_sites(graph):
+        d = SiteDecision(site, kv_origin(site.key, returned), kv_origin(site.value, returned))
+        d.reason = _refusal(graph, d, config)
+        decisions.append(d)
+    return decisions
+
+
+def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig) -> str | None:
+    """Why the site must stay exact, or None (and d.phase/d.plan set) if it can be rewritten."""
+    site = d.site
+    q, k, v = (value_of(n) for n in (site.query, site.key, site.value))
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return "query/key/value are not 4-D (batch, heads, tokens, head_dim)"
+    d.query_len, d.kv_heads, d.head_dim = q.shape[2], k.shape[1], k.shape[3]
+    if not config.compresses:
+        return "token_budget=None: compression is off"
+    if any(t.requires_grad for t in (q, k, v)):
+        return "the graph needs gradients (training): attention stays exact"
+    if site.dropout > 0:
+        return f"attention dropout p={site.dropout}"
+    if d.key.source != d.value.source:
+        return f"keys ({d.key.source.value}) and values ({d.value.source.value}) differ in origin"
+    if d.key.source not in (KVSource.FRESH, KVSource.GROWN):
+        return f"keys are {d.key.source.value}: nothing to compress" + (
+            " (static in-place caches are not rewritten on this path)"
+            if d.key.source is KVSource.IN_PLACE else "")
+    if q.shape[1] % k.shape[1] or q.shape[0] != k.shape[0]:
+        return f"{q.shape[1]} query heads cannot be grouped over {k.shape[1]} KV heads"
+    if site.mask is not None:
+        mshape = shape_of(site.mask)
+        if mshape is None or len(mshape) != 4 or mshape[1] != 1:
+            return f"mask of shape {mshape} is not one (batch, 1, q, kv) mask for all heads"
+    n = k.shape[2]
+    if d.key.source is KVSource.FRESH:
+        if not (site.is_causal or site.mask is not None):
+            return "bidirectional attention over a new cache (no causal mask)"
+        if site.is_causal and d.query_len != n:
+            return "is_causal with fewer queries than keys (top-left aligned mask)"
+        if not _same(d.query_len, n):
+            return f"{d.query_len} queries over {n} new keys: not a prefill from an empty cache"
+        d.phase = PREFILL
+        # The plan needs the prompt length: int() specialises a symbolic length (a guard).
+        d.plan = config.plan(int(n), int(d.head_dim))
+        return None
+    if not _same(d.query_len, 1):
+        return (f"{d.query_len} new queries over an existing cache (chunked prefill or a new "
+                "turn): exact")
+    if site.is_causal:
+        return "is_causal with one query over a cache masks all but the first key"
+    length = value_of(d.key.past).shape[2]
+    if not isinstance(length, torch.SymInt):
+        return ("the cache length is static in this graph, so it cannot be checked that "
+                "positions do not derive from it")
+    if _depends_on_length(graph, length, stop_at=d.site.output, targets={site.query, d.key.new}):
+        return ("positions (or the query) derive from the stored cache length, which eviction "
+                "shortens: pass explicit positions to compress this model")
+    d.phase = DECODE
+    return None
+
+
+def _same(a, b) -> bool:
+    """a == b as a symbolic-shape fact (a guard-free check where possible)."""
+    try:
+        return bool(a == b)
+    except Exception:  # an undecidable symbolic comparison is not proof
+        return False
+
+
+def _depends_on_length(graph: Graph, length: torch.SymInt, stop_at: Node, targets) -> bool:
+    """Does any value derived from the symbolic cache `length` reach `targets`?
+
+    Seeds are the graph's symbolic scalars that involve the length's symbols; taint flows to
+    users, but not out of attention outputs (whose values rightly depend on the cache).
+    """
+    symbols = length.node.expr.free_symbols
+    tainted: set[Node] = set()
+    sinks = {s.output for s in find_sites(graph)} | {stop_at}
+    for node in graph.nodes:
+        v = value_of(node)
+        seeded = isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) and \
+            v.node.expr.free_symbols & symbols
+        inherited = any(isinstance(a, Node) and a in tainted for a in node.all_input_nodes)
+        if (seeded or inherited) and node not in sinks:
+            tainted.add(node)
+    return any(t in tainted for t in targets if t is not None)
+
+
+def _slice_last(graph: Graph, node: Node, count: int, dim: int) -> Node:
+    index = (slice(None),) * (dim % 4) + (slice(-count, None),)
+    return graph.call_function(operator.getitem, (node, index))
+
+
+def _mask_arg(graph: Graph, site: AttentionSite) -> Node | None:
+    """The site's mask in the ops' convention: additive, or boolean with True = attend."""
+    if site.mask is None or not site.mask_is_fill:
+        return site.mask
+    return graph.call_function(torch.logical_not, (site.mask,))
+
+
+def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig,
+          decode_plans: dict[str, Plan] | None = None) -> None:
+    """Rewrite the sites decided above. decode_plans: site name -> plan of the cache it reads."""
+    graph = gm.graph
+    output = graph.output_node()
+    for d in decisions:
+        if d.phase == PREFILL and d.query_len > d.plan.prompt_budget:
+            w = config.window_size
+            with graph.inserting_before(d.site.output.next):
+                q_window = _slice_last(graph, d.site.query, w, 2)
+                mask = _mask_arg(graph, d.site)
+                if mask is not None:
+                    mask = _slice_last(graph, mask, min(w, shape_of(d.site.mask)[2]), 2)
+                kept = graph.call_function(
+                    torch.ops.rocketkv.compress.default,
+                    (q_window, d.site.key, d.site.value, mask, d.scale,
+                     d.plan.prompt_budget - w, config.kernel_size))
+                kept_k = graph.call_function(operator.getitem, (kept, 0))
+                kept_v = graph.call_function(operator.getitem, (kept, 1))
+            output.replace_input_with(d.key.cache, kept_k)
+            output.replace_input_with(d.value.cache, kept_v)
+        elif d.phase == DECODE:
+            plan = decode_plans[d.site.name]
+            with graph.inserting_before(d.site.output.next):
+                sparse = graph.call_function(
+                    torch.ops.rocketkv.sparse_decode.default,
+                    (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale,
+                     plan.chunk, plan.dims, plan.topk))
+            d.site.output.replace_all_uses_with(sparse)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
