@@ -4,16 +4,17 @@ Dynamo hands us one FX graph per compiled frame: for an LLM under ``generate`` t
 graph (fresh cache) and a decode graph (one token over the stored cache). We analyse it, rewrite
 the sites that read a cache, and give the result to Inductor (``compile_fx``).
 
-The plan (how many tokens to keep, how stage 2 summarises) depends on the prompt length, which a
-decode graph cannot see. So the plan travels with the cache: every cache tensor a rewritten graph
-returns carries it as the attribute ``_rocketkv_plan``, and a decode graph is compiled once per
-distinct set of plans it meets: the rewritten decode graph is compiled on its first call with
-those plans, through a nested torch.compile so that its cache length stays symbolic. Cache tensors
-get their length marked dynamic, so decode graphs are traced with a symbolic cache length (one
-graph for all steps, and the pass can check that positions do not derive from the length).
+State between graphs travels on the cache tensors themselves, as attributes:
+- ``_rocketkv_plan``: the plan (it depends on the prompt length, which a decode graph cannot
+  see). A decode graph is compiled once per distinct set of plans it meets, on its first call,
+  through a nested torch.compile so that the cache length stays symbolic.
+- ``_rocketkv_evicted``: on a prefill's full cache, the (keys, values) stage 1 kept. The first
+  decode step swaps them in, but only for sites the pass rewrote: the decode graph is where it
+  can be checked that positions do not derive from the stored cache length. So a model that
+  would mis-position tokens after eviction keeps its full cache and stays exact.
+Cache tensors get their length marked dynamic, so decode graphs are traced with a symbolic length
+(one graph for all steps, and the positions check has a symbol to follow).
 """
-from __future__ import annotations
-
 import logging
 from typing import Callable, Sequence
 
@@ -22,9 +23,12 @@ from torch.fx import Graph, GraphModule
 
 from .config import Plan, RocketKVConfig
 from .passes.rewrite import DECODE, PREFILL, SiteDecision, analyse, apply
+from .passes.kv_source import KVSource
+from .passes.sites import value_of
 
 log = logging.getLogger("rkv_compile")
 PLAN_ATTR = "_rocketkv_plan"
+EVICTED_ATTR = "_rocketkv_evicted"
 Compiler = Callable[[GraphModule, Sequence], Callable]
 
 
@@ -35,27 +39,7 @@ def inductor(gm: GraphModule, example_inputs: Sequence) -> Callable:
 
 
 def _output_positions(graph: Graph, node) -> list[int]:
-    outs = graph.output_node().args[0]
-    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-    return [i for i, out in enumerate(outs) if out is node]
-
-
-def _cache_outputs(graph: Graph, decisions: list[SiteDecision]) -> list[tuple[str, int, int]]:
-    """(site name, output position, kv seq dim) of every cache tensor a rewritten site returns."""
-    found = []
-    for d in decisions:
-        if d.phase is None:
-            continue
-        for origin in (d.key, d.value):
-            found += [(d.site.name, i, 2) for i in _output_positions(graph, origin.cache)]
-    return found
-
-
-def _tag(outputs, cache_outputs, plans: dict[str, Plan]) -> None:
-    for name, index, dim in cache_outputs:
-        tensor = outputs[index]
-        setattr(tensor, PLAN_ATTR, plans[name])
-        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return [i for i, out in enumerate(graph.output_node().args[0]) if out is node]
 
 
 def _copy_graph_module(gm: GraphModule) -> GraphModule:
@@ -64,24 +48,53 @@ def _copy_graph_module(gm: GraphModule) -> GraphModule:
     return GraphModule(gm, graph)
 
 
+def _length_inputs(placeholders, decisions: list[SiteDecision]) -> dict | None:
+    """Where the stored cache lengths enter a decode graph, or None if evictions can't be committed.
+
+    Dynamo passes each symbolic size twice: inside the tensor and as an int input of its own; a
+    swapped-in cache must update both. Evictions are committed only when every decode site of
+    the graph was rewritten (a refused site may read positions from the length).
+    """
+    decode = [d for d in decisions if d.key.source is KVSource.GROWN]
+    if not decode or any(d.phase != DECODE for d in decode):
+        return None
+    tensors = {}
+    for d in decode:
+        for past in (d.key.past, d.value.past):
+            length = value_of(past).shape[2]
+            if not isinstance(length, torch.SymInt) or not length.node.expr.is_symbol:
+                return None
+            tensors[placeholders.index(past)] = length.node.expr
+    ints = {i: value_of(p).node.expr for i, p in enumerate(placeholders)
+            if isinstance(value_of(p), torch.SymInt) and value_of(p).node.expr in tensors.values()}
+    return {"tensors": tensors, "ints": ints}
+
+
 class RewrittenGraph:
-    """A rewritten graph's runtime: tags the caches it returns; decode graphs pick their plans."""
+    """A rewritten graph's runtime: moves plans and evictions between the cache tensors."""
 
     def __init__(self, gm: GraphModule, example_inputs: Sequence, config: RocketKVConfig,
                  decisions: list[SiteDecision], compiler: Compiler):
         self.gm, self.example_inputs, self.config, self.compiler = gm, example_inputs, config, compiler
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        self.num_outputs = len(gm.graph.output_node().args[0])
         self.prefill_plans = {d.site.name: d.plan for d in decisions if d.phase == PREFILL}
-        self.decode_pasts = {d.site.name: placeholders.index(d.key.past)
-                             for d in decisions if d.phase == DECODE}
-        self.cache_outputs = _cache_outputs(gm.graph, decisions)
+        self.decode_inputs = {d.site.name: (placeholders.index(d.key.past),
+                                            placeholders.index(d.value.past))
+                              for d in decisions if d.phase == DECODE}
+        self.length_inputs = _length_inputs(placeholders, decisions)
+        # site name -> output positions of its (key, value) caches
+        self.cache_outputs = {d.site.name: (_output_positions(gm.graph, d.key.cache),
+                                            _output_positions(gm.graph, d.value.cache))
+                              for d in decisions if d.phase}
         self.variants: dict[tuple, Callable] = {}
-        if not self.decode_pasts:
+        self.evicting: list[str] = []
+        if not self.decode_inputs:
             self.variants[()] = self._compile({})
 
     def _compile(self, decode_plans: dict[str, Plan]) -> Callable:
         gm = _copy_graph_module(self.gm)
-        apply(gm, analyse(gm.graph, self.config), self.config, decode_plans)
+        self.evicting = apply(gm, analyse(gm.graph, self.config), self.config, decode_plans)
         if not decode_plans:
             return self.compiler(gm, self.example_inputs)
         # Called at run time, outside Dynamo's trace of the model: Dynamo traces the rewritten
@@ -94,14 +107,41 @@ class RewrittenGraph:
             plan = self.config.plan(past.shape[2], past.shape[3])
         return plan
 
+    def _commit_evictions(self, args: list) -> None:
+        """Swap prefill evictions in for the full caches, and their lengths for the old ones."""
+        lengths = {}
+        for k, v in self.decode_inputs.values():
+            for i in (k, v):
+                evicted = getattr(args[i], EVICTED_ATTR, None)
+                if evicted is not None:
+                    symbol = self.length_inputs["tensors"][i]
+                    if lengths.setdefault(symbol, evicted.shape[2]) != evicted.shape[2]:
+                        raise RuntimeError("rocketkv: caches that share a traced length were "
+                                           "evicted to different lengths")
+                    args[i] = evicted
+        for i, symbol in self.length_inputs["ints"].items():
+            args[i] = lengths.get(symbol, args[i])
+
     def __call__(self, *args):
-        decode_plans = {name: self._plan_of(args[i]) for name, i in self.decode_pasts.items()}
+        args = list(args)
+        decode_plans = {name: self._plan_of(args[k]) for name, (k, _) in self.decode_inputs.items()}
+        if self.length_inputs is not None:
+            self._commit_evictions(args)
         key = tuple(sorted(decode_plans.items()))
         if key not in self.variants:
             log.info("rocketkv: compiling a decode graph for plans %s", key)
             self.variants[key] = self._compile(decode_plans)
         outputs = self.variants[key](*args)
-        _tag(outputs, self.cache_outputs, {**self.prefill_plans, **decode_plans})
+        evicted, outputs = outputs[self.num_outputs:], outputs[:self.num_outputs]
+        plans = {**self.prefill_plans, **decode_plans}
+        for name, positions in self.cache_outputs.items():
+            for i in positions[0] + positions[1]:
+                setattr(outputs[i], PLAN_ATTR, plans[name])
+                torch._dynamo.maybe_mark_dynamic(outputs[i], 2)
+        for j, name in enumerate(self.evicting):
+            for kind in (0, 1):
+                for i in self.cache_outputs[name][kind]:
+                    setattr(outputs[i], EVICTED_ATTR, evicted[2 * j + kind])
         return outputs
 
 

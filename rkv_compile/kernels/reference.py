@@ -13,10 +13,17 @@ from torch import Tensor
 
 
 def additive_mask(mask: Tensor | None, dtype=torch.float32) -> Tensor | None:
-    """A boolean (True = attend) or additive mask as an additive float mask."""
-    if mask is None or mask.dtype != torch.bool:
-        return None if mask is None else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    """A boolean (True = attend) or additive mask as an additive float mask, -inf where masked.
+
+    Additive masks that mark masked slots with their dtype's lowest value (transformers' eager
+    convention) get -inf there too, so those slots are recognisably masked.
+    """
+    if mask is None:
+        return None
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # broadcast rank 4
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype).masked_fill(mask <= torch.finfo(mask.dtype).min, float("-inf"))
 
 
 def group_queries(query: Tensor, kv_heads: int) -> Tensor:
@@ -113,7 +120,10 @@ def approximate_scores(query: Tensor, key: Tensor, mask: Tensor | None, chunk: i
     logits = logits / temperature.unsqueeze(-1)
     extra = additive_mask(mask)
     if extra is not None:
-        logits = logits + extra[:, :, -1:, :]                             # B 1 1 n
+        extra = extra[:, :, -1:, :]                                       # B 1 1 n
+        # a chunk with every slot masked has +-inf bounds, and q . bound is NaN when a head's
+        # q[d] disagrees with the group sign: mask by value so the NaN cannot reach the softmax
+        logits = torch.where(torch.isneginf(extra), float("-inf"), logits + extra)
     return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(2)
 
 

@@ -23,7 +23,8 @@ class SiteReport:
     def of(cls, graph: int, d: SiteDecision) -> "SiteReport":
         if d.phase == "prefill":
             p = d.plan
-            action = (f"prefill: exact attention, then stage-1 eviction to {p.prompt_budget} tokens"
+            action = (f"prefill: exact attention, then stage-1 eviction to {p.prompt_budget} tokens "
+                      "(committed by the first rewritten decode step)"
                       if d.query_len > p.prompt_budget else
                       f"prefill: exact, prompt within the {p.prompt_budget}-token budget: kept whole")
         elif d.phase == "decode":

@@ -1,10 +1,9 @@
 """The RocketKV rewrite of a Dynamo graph.
 
 `analyse` decides, site by site, what may change: a prefill site (fresh cache, every query of the
-prompt) keeps its exact attention and gets stage-1 eviction inserted after it, the evicted cache
-being what the graph returns for storage; a decode site (one query over a grown cache) has its
-attention replaced by stage-2 sparse attention. Anything the pass cannot prove safe keeps its exact
-attention, and the decision says why.
+prompt) keeps its exact attention and gets stage-1 eviction inserted after it; a decode site (one
+query over a grown cache) has its attention replaced by stage-2 sparse attention. Anything the
+pass cannot prove safe keeps its exact attention, and the decision says why.
 """
 from __future__ import annotations
 
@@ -46,15 +45,23 @@ class SiteDecision:
 
 def analyse(graph: Graph, config: RocketKVConfig) -> list[SiteDecision]:
     returned = returned_nodes(graph.output_node())
-    decisions = []
-    for site in find_sites(graph):
-        d = SiteDecision(site, kv_origin(site.key, returned), kv_origin(site.value, returned))
-        d.reason = _refusal(graph, d, config)
-        decisions.append(d)
+    decisions = [SiteDecision(site, kv_origin(site.key, returned), kv_origin(site.value, returned))
+                 for site in find_sites(graph)]
+    # Every stored cache length: eviction shortens them all, so nothing may derive positions
+    # from any of them.
+    lengths = set()
+    for d in decisions:
+        for origin in (d.key, d.value):
+            if origin.past is not None and isinstance(value_of(origin.past), torch.Tensor):
+                length = value_of(origin.past).shape[2]
+                if isinstance(length, torch.SymInt):
+                    lengths |= length.node.expr.free_symbols
+    for d in decisions:
+        d.reason = _refusal(graph, d, config, lengths)
     return decisions
 
 
-def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig) -> str | None:
+def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, lengths) -> str | None:
     """Why the site must stay exact, or None (and d.phase/d.plan set) if it can be rewritten."""
     site = d.site
     q, k, v = (value_of(n) for n in (site.query, site.key, site.value))
@@ -77,7 +84,7 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig) -> str | Non
         return f"{q.shape[1]} query heads cannot be grouped over {k.shape[1]} KV heads"
     if site.mask is not None:
         mshape = shape_of(site.mask)
-        if mshape is None or len(mshape) != 4 or mshape[1] != 1:
+        if mshape is None or len(mshape) > 4 or len(mshape) >= 3 and mshape[-3] != 1:
             return f"mask of shape {mshape} is not one (batch, 1, q, kv) mask for all heads"
     n = k.shape[2]
     if d.key.source is KVSource.FRESH:
@@ -96,11 +103,10 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig) -> str | Non
                 "turn): exact")
     if site.is_causal:
         return "is_causal with one query over a cache masks all but the first key"
-    length = value_of(d.key.past).shape[2]
-    if not isinstance(length, torch.SymInt):
+    if not isinstance(value_of(d.key.past).shape[2], torch.SymInt):
         return ("the cache length is static in this graph, so it cannot be checked that "
                 "positions do not derive from it")
-    if _depends_on_length(graph, length, stop_at=d.site.output, targets={site.query, d.key.new}):
+    if _depends_on_length(graph, lengths, targets={site.query, d.key.new}):
         return ("positions (or the query) derive from the stored cache length, which eviction "
                 "shortens: pass explicit positions to compress this model")
     d.phase = DECODE
@@ -115,15 +121,14 @@ def _same(a, b) -> bool:
         return False
 
 
-def _depends_on_length(graph: Graph, length: torch.SymInt, stop_at: Node, targets) -> bool:
-    """Does any value derived from the symbolic cache `length` reach `targets`?
+def _depends_on_length(graph: Graph, symbols: set, targets) -> bool:
+    """Does any value derived from a symbolic cache length reach `targets`?
 
-    Seeds are the graph's symbolic scalars that involve the length's symbols; taint flows to
+    Seeds are the graph's symbolic scalars that involve the lengths' symbols; taint flows to
     users, but not out of attention outputs (whose values rightly depend on the cache).
     """
-    symbols = length.node.expr.free_symbols
     tainted: set[Node] = set()
-    sinks = {s.output for s in find_sites(graph)} | {stop_at}
+    sinks = {s.output for s in find_sites(graph)}
     for node in graph.nodes:
         v = value_of(node)
         seeded = isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) and \
@@ -134,9 +139,9 @@ def _depends_on_length(graph: Graph, length: torch.SymInt, stop_at: Node, target
     return any(t in tainted for t in targets if t is not None)
 
 
-def _slice_last(graph: Graph, node: Node, count: int, dim: int) -> Node:
-    index = (slice(None),) * (dim % 4) + (slice(-count, None),)
-    return graph.call_function(operator.getitem, (node, index))
+def _last_rows(graph: Graph, node: Node, count: int) -> Node:
+    """node[..., -count:, :]: the last `count` queries (or mask rows)."""
+    return graph.call_function(operator.getitem, (node, (Ellipsis, slice(-count, None), slice(None))))
 
 
 def _mask_arg(graph: Graph, site: AttentionSite) -> Node | None:
@@ -147,26 +152,30 @@ def _mask_arg(graph: Graph, site: AttentionSite) -> Node | None:
 
 
 def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig,
-          decode_plans: dict[str, Plan] | None = None) -> None:
-    """Rewrite the sites decided above. decode_plans: site name -> plan of the cache it reads."""
+          decode_plans: dict[str, Plan] | None = None) -> list[str]:
+    """Rewrite the sites decided above. decode_plans: site name -> plan of the cache it reads.
+
+    A prefill site keeps returning its full cache and gets stage 1 inserted: the evicted keys and
+    values are appended to the graph's outputs, two per site, in the order of the returned site
+    names. Whether they replace the full cache is decided by the decode graph (backend.py), the
+    one place that can check that positions do not derive from the stored cache length.
+    """
     graph = gm.graph
     output = graph.output_node()
+    evicted: list[Node] = []
+    evicting: list[str] = []
     for d in decisions:
         if d.phase == PREFILL and d.query_len > d.plan.prompt_budget:
             w = config.window_size
             with graph.inserting_before(d.site.output.next):
-                q_window = _slice_last(graph, d.site.query, w, 2)
                 mask = _mask_arg(graph, d.site)
-                if mask is not None:
-                    mask = _slice_last(graph, mask, min(w, shape_of(d.site.mask)[2]), 2)
                 kept = graph.call_function(
                     torch.ops.rocketkv.compress.default,
-                    (q_window, d.site.key, d.site.value, mask, d.scale,
+                    (_last_rows(graph, d.site.query, w), d.site.key, d.site.value,
+                     None if mask is None else _last_rows(graph, mask, w), d.scale,
                      d.plan.prompt_budget - w, config.kernel_size))
-                kept_k = graph.call_function(operator.getitem, (kept, 0))
-                kept_v = graph.call_function(operator.getitem, (kept, 1))
-            output.replace_input_with(d.key.cache, kept_k)
-            output.replace_input_with(d.value.cache, kept_v)
+                evicted += [graph.call_function(operator.getitem, (kept, i)) for i in (0, 1)]
+            evicting.append(d.site.name)
         elif d.phase == DECODE:
             plan = decode_plans[d.site.name]
             with graph.inserting_before(d.site.output.next):
@@ -175,6 +184,9 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                     (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale,
                      plan.chunk, plan.dims, plan.topk))
             d.site.output.replace_all_uses_with(sparse)
+    if evicted:
+        output.args = (tuple(output.args[0]) + tuple(evicted),)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
+    return evicting

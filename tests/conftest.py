@@ -1,0 +1,22 @@
+import os
+import tempfile
+
+# Before triton or torch import anything: kernels run in Triton's interpreter on the CPU, and one
+# Inductor cache is shared by the whole run (cold CPU compiles cost ~10 s a graph).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "rkv-inductor"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("rkv", deadline=None)
+settings.load_profile("rkv")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

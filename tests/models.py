@@ -1,0 +1,145 @@
+"""Small models for the tests: tiny random HF configs and hand-written attention models."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from rkv_compile import RocketKVConfig
+from rkv_compile.kernels import reference
+
+VOCAB = 128
+
+
+def tiny_hf(arch: str, attn: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  attn_implementation=attn)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    raise ValueError(arch)
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT-style decoder: hand-written attention (matmul, masked_fill, softmax, matmul), GQA by
+    repeat_interleave, a tuple cache returned as new `past` tensors, explicit positions.
+
+    `positions_from_cache=True` derives positions from the stored cache length instead, as some
+    hand-written decoders do: the pass must then refuse to compress.
+    """
+
+    def __init__(self, dim=64, heads=4, kv_heads=2, layers=2, positions_from_cache=False, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.positions_from_cache = positions_from_cache
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Embedding(2048, dim)
+        self.qkv = nn.ModuleList(nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim)
+                                 for _ in range(layers))
+        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.head = nn.Linear(dim, VOCAB)
+
+    def attend(self, layer: int, q, k, v, mask):
+        group = self.heads // self.kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        att = att.masked_fill(~mask, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        return att @ v
+
+    def forward(self, idx, positions=None, past=None):
+        B, T = idx.shape
+        if self.positions_from_cache:
+            start = 0 if past is None else past[0][0].shape[2]
+            positions = torch.arange(start, start + T)[None]
+        x = self.tok(idx) + self.pos(positions)
+        presents = []
+        for i, (qkv, proj) in enumerate(zip(self.qkv, self.proj)):
+            q, k, v = qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                    self.kv_heads * self.head_dim], dim=-1)
+            q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            if past is not None:
+                k = torch.cat([past[i][0], k], dim=-2)
+                v = torch.cat([past[i][1], v], dim=-2)
+            presents.append((k, v))
+            n = k.shape[2]
+            mask = torch.ones(T, n, dtype=torch.bool).tril(n - T)[None, None]
+            y = self.attend(i, q, k, v, mask).transpose(1, 2).reshape(B, T, -1)
+            x = x + proj(y)
+        return self.head(x), tuple(presents)
+
+
+class OracleGPT(TinyGPT):
+    """TinyGPT whose attention applies the reference ops step by step (the eager oracle)."""
+
+    def __init__(self, config: RocketKVConfig, **kw):
+        super().__init__(**kw)
+        self.config, self.plans, self.kept = config, {}, {}
+
+    def attend(self, layer, q, k, v, mask):
+        scale = 1.0 / math.sqrt(self.head_dim)
+        T, n = q.shape[2], k.shape[2]
+        if T == n:
+            plan = self.plans[layer] = self.config.plan(n, self.head_dim)
+            if n > plan.prompt_budget:
+                w = self.config.window_size
+                self.kept[layer] = reference.compress(q[:, :, -w:], k, v, mask[..., -w:, :], scale,
+                                                      plan.prompt_budget - w,
+                                                      self.config.kernel_size)
+            return super().attend(layer, q, k, v, mask)
+        plan = self.plans[layer]
+        return reference.sparse_decode(q, k, v, mask, scale, plan.chunk, plan.dims, plan.topk)
+
+
+@torch.no_grad()
+def greedy(forward, idx, steps: int, on_prefill=None):
+    """Greedy decoding with a tuple-cache model: (tokens, final cache length per layer).
+
+    `on_prefill(past)` may replace the cache after prefill."""
+    T = idx.shape[1]
+    logits, past = forward(idx, torch.arange(T)[None])
+    if on_prefill is not None:
+        past = on_prefill(past)
+    tokens = [int(logits[0, -1].argmax())]
+    for step in range(steps - 1):
+        logits, past = forward(torch.tensor([[tokens[-1]]]), torch.tensor([[T + step]]), past)
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens, [k.shape[2] for k, _ in past]
+
+
+def oracle_gpt_tokens(model: TinyGPT, idx, config: RocketKVConfig, steps: int):
+    oracle = OracleGPT(config)
+    oracle.load_state_dict(model.state_dict())
+    oracle.eval()
+
+    def evict(past):
+        return tuple(oracle.kept.get(i, kv) for i, kv in enumerate(past))
+
+    return greedy(oracle, idx, steps, on_prefill=evict)
+
+
+class Encoder(nn.Module):
+    """Bidirectional self-attention, no cache: must be left exact."""
+
+    def __init__(self, dim=64, heads=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))

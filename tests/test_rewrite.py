@@ -1,0 +1,163 @@
+"""The pass end to end on small models: every rewrite checked against eager or the eager oracle."""
+import pytest
+import torch
+from oracle import oracle_generate
+from models import Encoder, TinyGPT, greedy, oracle_gpt_tokens, tiny_hf, VOCAB
+
+import rkv_compile
+from rkv_compile import RocketKVConfig
+from rkv_compile.backend import make_backend
+
+BUDGET = {"token_budget": 64, "max_new_tokens": 8}
+rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
+
+
+def compiled(fn, options, inductor: bool):
+    if inductor:
+        return torch.compile(fn, backend="rocketkv", options=options)
+    return torch.compile(fn, backend=lambda gm, ex: rewrite_only(gm, ex, options=options))
+
+
+def prompt(length: int, seed: int = 1):
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_generate(model, ids, options, inductor, steps=8):
+    forward = model.forward
+    model.forward = compiled(forward, options, inductor)
+    try:
+        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             return_dict_in_generate=True)
+    finally:
+        model.forward = forward
+    cache = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    return out.sequences[0, ids.shape[1]:].tolist(), cache
+
+
+@pytest.mark.parametrize("arch,attn,inductor", [
+    ("llama", "sdpa", True), ("llama", "eager", False), ("qwen2", "sdpa", False)])
+def test_no_budget_equals_eager(arch, attn, inductor):
+    model = tiny_hf(arch, attn)
+    ids = prompt(40)
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = compiled(model.forward, {"token_budget": None}, inductor)(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    tokens, _ = hf_generate(model, ids, {"token_budget": None}, inductor)
+    assert tokens == model.generate(ids, max_new_tokens=8, min_new_tokens=8,
+                                    do_sample=False)[0, 40:].tolist()
+
+
+@pytest.mark.parametrize("arch,attn,inductor", [
+    ("llama", "sdpa", True), ("llama", "eager", False), ("qwen2", "sdpa", False)])
+def test_budget_matches_eager_oracle(arch, attn, inductor):
+    model = tiny_hf(arch, attn)
+    config = RocketKVConfig.from_options(BUDGET)
+    for length in (300, 257):  # two prompt lengths, two plans, one compiled model
+        ids = prompt(length, seed=length)
+        tokens, cache = hf_generate(model, ids, BUDGET, inductor)
+        expected, kept = oracle_generate(model, ids, config, 8)
+        plan = config.plan(length, 16)
+        assert kept == [plan.prompt_budget] * 2 and plan.prompt_budget < length
+        assert cache == [plan.prompt_budget + 7] * 2   # the last token is never cached
+        assert tokens == expected
+
+
+def test_budget_changes_tokens_somewhere():
+    """The oracle comparison is not vacuous: compression does change this model's output."""
+    model = tiny_hf("llama")
+    ids = prompt(300, seed=300)
+    full, _ = hf_generate(model, ids, {"token_budget": None}, inductor=False)
+    compressed, _ = hf_generate(model, ids, BUDGET, inductor=False)
+    assert full != compressed
+
+
+def test_prompt_within_budget_is_exact():
+    model = tiny_hf("llama")
+    ids = prompt(100)
+    tokens, cache = hf_generate(model, ids, {"token_budget": 256, "max_new_tokens": 8},
+                                inductor=False)
+    assert cache == [100 + 7] * 2
+    full, _ = hf_generate(model, ids, {"token_budget": None}, inductor=False)
+    assert tokens[:1] == full[:1]   # prefill is exact; decode is sparse but over all tokens
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_hand_written_attention_tuple_cache(inductor):
+    model = TinyGPT().eval()
+    config = RocketKVConfig.from_options(BUDGET)
+    ids = prompt(200)
+    tokens, kept = greedy(compiled(model, BUDGET, inductor), ids, 8)
+    expected, expected_kept = oracle_gpt_tokens(model, ids, config, 8)
+    plan = config.plan(200, 16)
+    assert expected_kept == [plan.prompt_budget + 7] * 2
+    assert kept == expected_kept
+    assert tokens == expected
+    report = rkv_compile.explain(greedy, model, ids, 3, options=BUDGET)
+    assert report.sites and not report.exact
+    assert {(s.kind, s.query_len) for s in report.sites} == {("manual", "200"), ("manual", "1")}
+
+
+def test_hand_written_no_budget_equals_eager():
+    model = TinyGPT().eval()
+    ids = prompt(60)
+    assert greedy(compiled(model, {"token_budget": None}, True), ids, 6) == greedy(model, ids, 6)
+
+
+def test_positions_from_cache_length_stay_exact():
+    """Eviction would shift this model's positions: decode stays dense and the cache whole."""
+    model = TinyGPT(positions_from_cache=True).eval()
+    ids = prompt(200)
+    report = rkv_compile.explain(greedy, model, ids, 3, options=BUDGET)
+    decode = [s for s in report.sites if s.query_len == "1"]
+    assert len(decode) >= 2 and not any(s.rewritten for s in decode)
+    assert all("positions" in s.action for s in decode)
+    tokens, cache = greedy(compiled(model, BUDGET, True), ids, 6)
+    assert (tokens, cache) == greedy(model, ids, 6)
+    assert cache == [200 + 5] * 2
+
+
+def test_encoder_is_left_exact():
+    model = Encoder().eval()
+    x = torch.randn(2, 50, 64)
+    report = rkv_compile.explain(model, x, options=BUDGET)
+    assert len(report.sites) == 1 and not report.rewritten
+    assert report.sites[0].kv_source == "no cache"
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(model, BUDGET, True)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_is_left_exact():
+    model = tiny_hf("llama").train()
+    ids = prompt(40)
+    report = rkv_compile.explain(lambda i: model(i, labels=i).loss, ids, options=BUDGET)
+    assert report.sites and not report.rewritten
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled(lambda i: model(i, labels=i).loss, BUDGET, True)(ids).backward()
+    for got, want in zip([p.grad for p in model.parameters()], expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_explain_table_lists_every_site():
+    model = tiny_hf("llama")
+    with torch.no_grad():
+        report = rkv_compile.explain(model, prompt(300), options=BUDGET)
+    text = str(report)
+    assert text.count("stage-1 eviction to") == 2
+    assert "kv source" in text.splitlines()[0]
+
+
+@pytest.mark.parametrize("options,name", [
+    ({"token_budget": 0}, "token_budget"), ({"max_new_tokens": -1}, "max_new_tokens"),
+    ({"kernel_size": 4}, "kernel_size"), ({"policy": "nope"}, "policy"),
+    ({"budget": 64}, "budget")])
+def test_bad_options_name_the_option(options, name):
+    with pytest.raises(ValueError, match=name):
+        RocketKVConfig.from_options(options)
+    fn = torch.compile(lambda x: x + 1, backend="rocketkv", options=options)
+    # Dynamo wraps what a backend raises; the message keeps the ValueError and the option.
+    with pytest.raises(Exception, match=f"ValueError: .*'{name}'"):
+        fn(torch.ones(2))
