@@ -6,12 +6,13 @@ the sites that read a cache, and give the result to Inductor (``compile_fx``).
 
 State between graphs travels on the cache tensors themselves, as attributes:
 - ``_rocketkv_plan``: the plan (it depends on the prompt length, which a decode graph cannot
-  see). A decode graph is compiled once per distinct set of plans it meets, on its first call,
-  through a nested torch.compile so that the cache length stays symbolic.
+  see). Decode graphs take the plan's ints as extra inputs, so one compiled decode graph serves
+  every plan; it is compiled on its first call, through a nested torch.compile with dynamic
+  shapes, so the cache length and the plan stay symbolic.
 - ``_rocketkv_evicted``: on a prefill's full cache, the (keys, values) stage 1 kept. The first
-  decode step swaps them in, but only for sites the pass rewrote: the decode graph is where it
-  can be checked that positions do not derive from the stored cache length. So a model that
-  would mis-position tokens after eviction keeps its full cache and stays exact.
+  decode step swaps them in, but only if the pass rewrote every decode site: the decode graph is
+  where it can be checked that positions do not derive from the stored cache length. So a model
+  that would mis-position tokens after eviction keeps its full cache and stays exact.
 Cache tensors get their length marked dynamic, so decode graphs are traced with a symbolic length
 (one graph for all steps, and the positions check has a symbol to follow).
 """
@@ -22,7 +23,7 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from .config import Plan, RocketKVConfig
-from .passes.rewrite import DECODE, PREFILL, SiteDecision, analyse, apply
+from .passes.rewrite import DECODE, PLAN_INPUTS, PREFILL, SiteDecision, analyse, apply
 from .passes.kv_source import KVSource
 from .passes.sites import value_of
 
@@ -40,12 +41,6 @@ def inductor(gm: GraphModule, example_inputs: Sequence) -> Callable:
 
 def _output_positions(graph: Graph, node) -> list[int]:
     return [i for i, out in enumerate(graph.output_node().args[0]) if out is node]
-
-
-def _copy_graph_module(gm: GraphModule) -> GraphModule:
-    graph = Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return GraphModule(gm, graph)
 
 
 def _length_inputs(placeholders, decisions: list[SiteDecision]) -> dict | None:
@@ -70,12 +65,19 @@ def _length_inputs(placeholders, decisions: list[SiteDecision]) -> dict | None:
     return {"tensors": tensors, "ints": ints}
 
 
+def _copy_graph_module(gm: GraphModule) -> GraphModule:
+    """A copy to rewrite: Dynamo still reads the graph it handed us after the backend returns."""
+    graph = Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return GraphModule(gm, graph)
+
+
 class RewrittenGraph:
     """A rewritten graph's runtime: moves plans and evictions between the cache tensors."""
 
     def __init__(self, gm: GraphModule, example_inputs: Sequence, config: RocketKVConfig,
                  decisions: list[SiteDecision], compiler: Compiler):
-        self.gm, self.example_inputs, self.config, self.compiler = gm, example_inputs, config, compiler
+        self.config, self.compiler = config, compiler
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self.num_outputs = len(gm.graph.output_node().args[0])
         self.prefill_plans = {d.site.name: d.plan for d in decisions if d.phase == PREFILL}
@@ -87,19 +89,15 @@ class RewrittenGraph:
         self.cache_outputs = {d.site.name: (_output_positions(gm.graph, d.key.cache),
                                             _output_positions(gm.graph, d.value.cache))
                               for d in decisions if d.phase}
-        self.variants: dict[tuple, Callable] = {}
-        self.evicting: list[str] = []
-        if not self.decode_inputs:
-            self.variants[()] = self._compile({})
-
-    def _compile(self, decode_plans: dict[str, Plan]) -> Callable:
-        gm = _copy_graph_module(self.gm)
-        self.evicting = apply(gm, analyse(gm.graph, self.config), self.config, decode_plans)
-        if not decode_plans:
-            return self.compiler(gm, self.example_inputs)
-        # Called at run time, outside Dynamo's trace of the model: Dynamo traces the rewritten
-        # graph afresh, so the cache length stays symbolic (a direct compile_fx would specialise).
-        return torch.compile(gm, backend=self.compiler)
+        gm = _copy_graph_module(gm)
+        self.evicting = apply(gm, analyse(gm.graph, config), config)
+        if self.decode_inputs:
+            # Compiled at its first call, outside Dynamo's trace of the model: Dynamo traces the
+            # rewritten graph afresh with dynamic shapes, so the cache length and the plan inputs
+            # stay symbolic (a compile_fx here would specialise them).
+            self.compiled = torch.compile(gm, backend=compiler, dynamic=True)
+        else:
+            self.compiled = compiler(gm, example_inputs)
 
     def _plan_of(self, past: torch.Tensor) -> Plan:
         plan = getattr(past, PLAN_ATTR, None)
@@ -124,18 +122,18 @@ class RewrittenGraph:
 
     def __call__(self, *args):
         args = list(args)
-        decode_plans = {name: self._plan_of(args[k]) for name, (k, _) in self.decode_inputs.items()}
+        plans = dict(self.prefill_plans)
+        for name, (k, _) in self.decode_inputs.items():
+            plans[name] = self._plan_of(args[k])
+            args += [getattr(plans[name], field) for field in PLAN_INPUTS]
         if self.length_inputs is not None:
             self._commit_evictions(args)
-        key = tuple(sorted(decode_plans.items()))
-        if key not in self.variants:
-            log.info("rocketkv: compiling a decode graph for plans %s", key)
-            self.variants[key] = self._compile(decode_plans)
-        outputs = self.variants[key](*args)
-        evicted, outputs = outputs[self.num_outputs:], outputs[:self.num_outputs]
-        plans = {**self.prefill_plans, **decode_plans}
+        outputs = self.compiled(*args)
+        evicted, outputs = outputs[self.num_outputs:], list(outputs[:self.num_outputs])
         for name, positions in self.cache_outputs.items():
             for i in positions[0] + positions[1]:
+                # Contiguous, as every later cat will be: decode graphs then see one layout.
+                outputs[i] = outputs[i].contiguous()
                 setattr(outputs[i], PLAN_ATTR, plans[name])
                 torch._dynamo.maybe_mark_dynamic(outputs[i], 2)
         for j, name in enumerate(self.evicting):

@@ -1,16 +1,10 @@
-"""Options of the ``rocketkv`` backend and the RocketKV budget planner.
-
-The planner follows RocketKV (arXiv 2502.14051) exactly: from the token budget B, the planned
-sequence length L = prompt + max_new_tokens and the head dim D it derives how many prompt tokens
-stage 1 keeps and how stage 2 (hybrid sparse attention) summarises and selects at decode time.
-"""
+"""Options of the ``rocketkv`` backend, validated, and the policy they select."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
-POLICIES = ("rocketkv",)
+from .policies import POLICIES, Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +35,8 @@ class RocketKVConfig:
         if self.kernel_size % 2 == 0:
             raise ValueError(f"rocketkv option 'kernel_size' must be odd (got {self.kernel_size})")
         if self.policy not in POLICIES:
-            raise ValueError(f"rocketkv option 'policy' must be one of {POLICIES} (got {self.policy!r})")
+            raise ValueError(f"rocketkv option 'policy' must be one of {sorted(POLICIES)} "
+                             f"(got {self.policy!r})")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "RocketKVConfig":
@@ -58,8 +53,11 @@ class RocketKVConfig:
     def compresses(self) -> bool:
         return self.token_budget is not None
 
-    def plan(self, prompt_len: int, head_dim: int) -> "Plan":
-        return Plan.make(self.token_budget, prompt_len, self.max_new_tokens, head_dim, self.window_size)
+    def plan(self, prompt_len: int, head_dim: int) -> Plan:
+        """The selected policy's plan for a prompt of `prompt_len` tokens."""
+        policy = POLICIES[self.policy](self.token_budget, self.max_new_tokens, self.window_size,
+                                       self.kernel_size)
+        return policy.plan(prompt_len, head_dim)
 
 
 def _check_int(name: str, value: Any, low: int, none_ok: bool = False) -> None:
@@ -68,39 +66,3 @@ def _check_int(name: str, value: Any, low: int, none_ok: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         allowed = f"an int >= {low}" + (" or None" if none_ok else "")
         raise ValueError(f"rocketkv option {name!r} must be {allowed} (got {value!r})")
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Budgets for one sequence, per RocketKV's planner.
-
-    capacity:      most tokens a layer's cache holds per KV head (prompt kept + generated).
-    prompt_budget: prompt tokens stage 1 keeps (capacity - max_new_tokens, never below the window).
-    topk:          tokens stage 2 attends to exactly (B // 2).
-    chunk:         consecutive cache slots that share one min/max key summary.
-    dims:          r, the query dims the approximate scores read.
-    """
-
-    token_budget: int
-    length: int
-    capacity: int
-    prompt_budget: int
-    topk: int
-    chunk: int
-    dims: int
-
-    @classmethod
-    def make(cls, token_budget: int, prompt_len: int, max_new_tokens: int, head_dim: int,
-             window_size: int = 32) -> "Plan":
-        B, M, D = token_budget, max_new_tokens, head_dim
-        L = prompt_len + M
-        c = max(1.0, L / B)
-        alpha = min(0.2 + 0.06 * math.log2(c), 0.8)
-        capacity = max(int(L / c**alpha), min(2 * M, L))
-        c2 = max(1.0, capacity / B)
-        chunk = math.ceil(math.sqrt(c2))
-        if chunk > c2:
-            chunk = 1
-        dims = min(max(int(D * chunk / c2), 1), D)
-        prompt_budget = max(capacity - M, window_size)
-        return cls(B, L, capacity, prompt_budget, B // 2, chunk, dims)

@@ -1,4 +1,4 @@
-"""The RocketKV budget planner (Plan.make) and RocketKVConfig's option checking.
+"""The RocketKV budget planner (RocketKV.plan) and RocketKVConfig's option checking.
 
 The formulas are re-derived here from DESIGN.md ("The algorithm"), independently of config.py.
 """
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rkv_compile.config import Plan, RocketKVConfig
+from rkv_compile.config import RocketKVConfig
+from rkv_compile.policies import Plan, RocketKV
 
 SETTINGS = settings(deadline=None, max_examples=300)
 
@@ -51,7 +52,7 @@ def design_plan(B: int, prompt: int, M: int, D: int, w: int) -> dict:
     (128000, 1304, 3, 75),
 ])
 def test_design_examples(L, capacity, chunk, dims):
-    plan = Plan.make(256, L - 128, 128, 128)
+    plan = RocketKV(256, 128).plan(L - 128, 128)
     assert plan.length == L
     assert plan.capacity == capacity
     assert plan.chunk == chunk
@@ -63,7 +64,7 @@ def test_design_examples(L, capacity, chunk, dims):
 
 def test_design_examples_via_config():
     cfg = RocketKVConfig(token_budget=256, max_new_tokens=128)
-    assert cfg.plan(32000 - 128, 128) == Plan.make(256, 32000 - 128, 128, 128, 32)
+    assert cfg.plan(32000 - 128, 128) == RocketKV(256, 128, 32).plan(32000 - 128, 128)
     p = cfg.plan(128000 - 128, 128)
     assert (p.capacity, p.chunk, p.dims, p.topk) == (1304, 3, 75, 128)
 
@@ -74,7 +75,7 @@ def test_design_examples_via_config():
 @SETTINGS
 @given(B=budgets, prompt=prompts, M=new_tokens, D=head_dims, w=windows)
 def test_plan_matches_design_formulas(B, prompt, M, D, w):
-    plan = Plan.make(B, prompt, M, D, w)
+    plan = RocketKV(B, M, w).plan(prompt, D)
     expected = design_plan(B, prompt, M, D, w)
     got = {k: getattr(plan, k) for k in expected}
     assert got == expected
@@ -83,7 +84,7 @@ def test_plan_matches_design_formulas(B, prompt, M, D, w):
 @SETTINGS
 @given(B=budgets, prompt=prompts, M=new_tokens, D=head_dims, w=windows)
 def test_plan_invariants(B, prompt, M, D, w):
-    plan = Plan.make(B, prompt, M, D, w)
+    plan = RocketKV(B, M, w).plan(prompt, D)
     L = prompt + M
     assert plan.length == L
     assert plan.capacity >= min(2 * M, L)
@@ -107,7 +108,7 @@ def test_plan_without_eviction(B, data, D, w):
     """L <= B: nothing to compress; the cache holds everything and stage 2 reads all dims."""
     M = data.draw(st.integers(1, B - 1), label="max_new_tokens")
     prompt = data.draw(st.integers(1, B - M), label="prompt")
-    plan = Plan.make(B, prompt, M, D, w)
+    plan = RocketKV(B, M, w).plan(prompt, D)
     assert plan == Plan(**design_plan(B, prompt, M, D, w))
     assert plan.capacity == prompt + M
     assert plan.prompt_budget == max(prompt, w) >= prompt
@@ -118,7 +119,7 @@ def test_plan_without_eviction(B, data, D, w):
 @given(B=budgets, prompt=prompts, M=new_tokens, D=head_dims, w=windows)
 def test_short_prompt_plans_follow_formulas(B, prompt, M, D, w):
     """Whenever the prompt fits the prompt budget, the plan is still the formulas' plan."""
-    plan = Plan.make(B, prompt, M, D, w)
+    plan = RocketKV(B, M, w).plan(prompt, D)
     if prompt <= plan.prompt_budget:
         assert plan == Plan(**design_plan(B, prompt, M, D, w))
         assert plan.capacity <= prompt + M

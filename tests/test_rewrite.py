@@ -161,3 +161,23 @@ def test_bad_options_name_the_option(options, name):
     # Dynamo wraps what a backend raises; the message keeps the ValueError and the option.
     with pytest.raises(Exception, match=f"ValueError: .*'{name}'"):
         fn(torch.ones(2))
+
+
+def test_padded_batch_stays_exact():
+    """A padding mask is laid out by logical position: decode stays dense, the cache whole."""
+    model = tiny_hf("llama")
+    ids = torch.cat([prompt(300, seed=3), prompt(300, seed=4)])
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0   # row 1 is left-padded
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    report = rkv_compile.explain(lambda: model.generate(ids, **kwargs), options=BUDGET)
+    decode = [s for s in report.sites if s.query_len == "1"]
+    assert decode and all("padding mask" in s.action for s in decode)
+    model.forward = compiled(model.forward, BUDGET, inductor=False)
+    try:
+        out = model.generate(ids, return_dict_in_generate=True, **kwargs)
+    finally:
+        del model.forward
+    assert torch.equal(out.sequences, expected)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [305, 305]

