@@ -64,15 +64,16 @@ def oracle_generate(model, input_ids: torch.Tensor, config: RocketKVConfig,
     try:
         cache = DynamicCache(config=model.config)
         T = input_ids.shape[1]
+        device = input_ids.device
         logits = model(input_ids, past_key_values=cache,
-                       position_ids=torch.arange(T)[None]).logits
+                       position_ids=torch.arange(T, device=device)[None]).logits
         for layer, (k, v) in state["kept"].items():
             cache.layers[layer].keys, cache.layers[layer].values = k, v
         kept = [layer.keys.shape[2] for layer in cache.layers]
         tokens = [int(logits[0, -1].argmax())]
         for step in range(max_new_tokens - 1):
-            logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache,
-                           position_ids=torch.tensor([[T + step]])).logits
+            logits = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=cache,
+                           position_ids=torch.tensor([[T + step]], device=device)).logits
             tokens.append(int(logits[0, -1].argmax()))
     finally:
         model.set_attn_implementation(previous)

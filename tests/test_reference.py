@@ -32,13 +32,20 @@ def _ranked(scores: list[float]) -> list[int]:
 
 
 def _clear_boundary(scores: list[float], ranking: list[int], k: int) -> bool:
-    """False when the k-th and (k+1)-th best scores differ by a rounding-level amount only."""
+    """False when the top-k set hangs on a rounding-level difference between two scores.
+
+    The set is decided by the distinct score values from just above the k-th best to just below
+    the (k+1)-th best (a boundary inside a chunk's run of equal scores depends on which chunk
+    lands there): each neighbouring pair of those must differ by more than rounding.
+    """
     if k >= len(ranking) or k == 0:
         return True
-    a, b = scores[ranking[k - 1]], scores[ranking[k]]
-    if a == b or math.isinf(a) or math.isinf(b):
-        return True
-    return (a - b) > NEAR_TIE * max(abs(a), abs(b))
+    distinct = sorted(set(scores), reverse=True)
+    first = distinct.index(scores[ranking[k - 1]])
+    last = distinct.index(scores[ranking[k]])
+    span = distinct[max(first - 1, 0): last + 2]
+    return all(math.isinf(a) or math.isinf(b) or (a - b) > NEAR_TIE * max(abs(a), abs(b))
+               for a, b in zip(span, span[1:]))
 
 
 def _softmax(xs: list[float]) -> list[float]:

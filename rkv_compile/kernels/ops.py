@@ -1,14 +1,19 @@
 """The ``rocketkv`` torch.library ops that rewritten graphs call.
 
-Each op has a fake kernel with the real kernel's shape and (contiguous) strides, so Dynamo,
-AOTAutograd and Inductor can trace through it. Today every device runs the PyTorch reference.
+`compress` and `sparse_decode` are opaque custom ops running the PyTorch reference on any device,
+with fake kernels whose shapes and (contiguous) strides match, so Dynamo, AOTAutograd and Inductor
+can trace around them. `sparse_decode_triton` is a `triton_op`: on CUDA, Inductor traces into it
+and schedules its Triton kernels with the rest of the graph. (Under Triton's CPU interpreter a
+triton_op cannot be traced by torch.compile, so CPU graphs keep the opaque reference ops.)
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import reference
+from torch.library import triton_op
+
+from . import reference, triton_decode
 
 
 @torch.library.custom_op("rocketkv::compress", mutates_args=())
@@ -35,3 +40,10 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
 @sparse_decode.register_fake
 def _(query, key, value, mask, scale, chunk, dims, topk):
     return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+
+@triton_op("rocketkv::sparse_decode_triton", mutates_args=())
+def sparse_decode_triton(query: Tensor, key: Tensor, value: Tensor, scale: float, chunk: int,
+                         dims: int, topk: int) -> Tensor:
+    """Stage 2 through the Triton kernels (no mask): what decode graphs on CUDA call."""
+    return triton_decode.sparse_decode(query, key, value, scale, chunk, dims, topk)

@@ -104,27 +104,37 @@ def approximate_scores(query: Tensor, key: Tensor, mask: Tensor | None, chunk: i
 
     The sign of each dim comes from the group sum of q; the r dims with the largest group mean
     |q| are read; every token inherits its chunk's upper bound q[dims] . bound[dims]; SparQ's
-    temperature sqrt(D * |q[dims]|_1 / |q|_1) replaces sqrt(D); softmax; mean over the group.
-    Returns (B, Hkv, n) float32.
+    temperature sqrt(D * |q[dims]|_1 / |q|_1) replaces sqrt(D); softmax over tokens; mean over
+    the group. Returns (B, Hkv, n) float32.
+
+    The softmax is taken per chunk: a token's probability is its chunk's exp(logit) times the
+    token's mask weight exp(bias), over Z = sum over chunks of exp(logit) * (summed weights). So
+    the tokens of one chunk get bit-identical scores, and top-k ties resolve by slot order alone
+    (a per-token softmax would break them by rounding).
     """
     B, H, n, D = key.shape
     q = group_queries(query, H)[:, :, :, -1]                               # B Hkv G D
     kmin, kmax = chunk_bounds(key, chunk, mask)
+    chunks = kmin.shape[2]
     bound = torch.where(q.sum(2, keepdim=True) >= 0, kmax, kmin)           # B Hkv C D
     top_dims = q.abs().mean(2).topk(dims, dim=-1).indices                  # B Hkv r
     q_r = q.gather(-1, top_dims.unsqueeze(2).expand(-1, -1, q.shape[2], -1))
-    bound_r = bound.gather(-1, top_dims.unsqueeze(2).expand(-1, -1, bound.shape[2], -1))
-    chunk_logits = torch.einsum("bhgr,bhcr->bhgc", q_r, bound_r)
-    logits = chunk_logits.repeat_interleave(chunk, dim=-1)[..., :n]        # B Hkv G n
+    bound_r = bound.gather(-1, top_dims.unsqueeze(2).expand(-1, -1, chunks, -1))
     temperature = (D * q_r.abs().sum(-1) / q.abs().sum(-1)).sqrt().clamp_min(1e-6)
-    logits = logits / temperature.unsqueeze(-1)
-    extra = additive_mask(mask)
-    if extra is not None:
-        extra = extra[:, :, -1:, :]                                       # B 1 1 n
-        # a chunk with every slot masked has +-inf bounds, and q . bound is NaN when a head's
-        # q[d] disagrees with the group sign: mask by value so the NaN cannot reach the softmax
-        logits = torch.where(torch.isneginf(extra), float("-inf"), logits + extra)
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(2)
+    logits = torch.einsum("bhgr,bhcr->bhgc", q_r, bound_r) / temperature.unsqueeze(-1)
+
+    bias = additive_mask(mask)
+    bias = torch.zeros(B, 1, n, device=key.device) if bias is None else bias[:, :, -1, :]
+    weight = (bias - bias.amax(-1, keepdim=True).clamp_min(0)).exp()      # B 1 n; 0 if masked
+    weight = F.pad(weight, (0, chunks * chunk - n))
+    counts = weight.view(B, 1, chunks, chunk).sum(-1).unsqueeze(2)         # B 1 1 C
+    # a chunk with no weight has +-inf bounds (its logit may be NaN): it takes no part
+    logits = logits.masked_fill(counts == 0, float("-inf"))
+    shift = logits.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    chunk_exp = (logits - shift).exp()                                     # B Hkv G C
+    total = (chunk_exp * counts).sum(-1, keepdim=True)
+    chunk_scores = (chunk_exp / total).nan_to_num(0.0).mean(2)             # B Hkv C
+    return chunk_scores.repeat_interleave(chunk, dim=-1)[..., :n] * weight[..., :n]
 
 
 def select_tokens(scores: Tensor, topk: int) -> Tensor:

@@ -28,7 +28,8 @@ class SiteReport:
                       if d.query_len > p.prompt_budget else
                       f"prefill: exact, prompt within the {p.prompt_budget}-token budget: kept whole")
         elif d.phase == "decode":
-            action = "decode: stage-2 hybrid sparse attention (plan carried by the cache)"
+            action = (f"decode: stage-2 hybrid sparse attention ({d.kernel} kernels; plan "
+                      "carried by the cache)")
         else:
             action = d.reason
         return cls(graph, d.site.name, d.site.kind, d.key.source.value, str(d.query_len),

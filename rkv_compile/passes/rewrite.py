@@ -36,6 +36,12 @@ class SiteDecision:
     head_dim: int | None = None
 
     @property
+    def kernel(self) -> str:
+        """What runs a decode site: the Triton kernels (CUDA, no mask) or the reference op."""
+        on_cuda = value_of(self.site.query).device.type == "cuda"
+        return "triton" if on_cuda and self.site.mask is None else "reference"
+
+    @property
     def rewritten(self) -> bool:
         return self.reason is None
 
@@ -211,10 +217,15 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
             with graph.inserting_before(first_op):
                 plan = [graph.placeholder(f"{d.site.name}_{field}") for field in PLAN_INPUTS]
             with graph.inserting_before(d.site.output.next):
-                sparse = graph.call_function(
-                    torch.ops.rocketkv.sparse_decode.default,
-                    (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale,
-                     *plan))
+                if d.kernel == "triton":
+                    sparse = graph.call_function(
+                        torch.ops.rocketkv.sparse_decode_triton.default,
+                        (d.site.query, d.site.key, d.site.value, d.scale, *plan))
+                else:
+                    sparse = graph.call_function(
+                        torch.ops.rocketkv.sparse_decode.default,
+                        (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site),
+                         d.scale, *plan))
             d.site.output.replace_all_uses_with(sparse)
     if evicted:
         output.args = (tuple(output.args[0]) + tuple(evicted),)

@@ -1,0 +1,124 @@
+"""Per-layer decode attention on the GPU: dense SDPA, the KV-read floor, and RocketKV stage 2.
+
+Llama-3.1-8B attention shape (32 query / 8 KV heads, head_dim 128), bf16. For each batch,
+context and token budget, in one run: dense SDPA with enable_gqa over the full cache; the floor
+for reading that cache once at the copy bandwidth measured here; and stage 2 over the compressed
+cache RocketKV keeps (its plan's capacity): the Triton kernels launched one by one, the same
+replayed as a CUDA graph, and the plain-PyTorch reference. Also stage 1 (reference op) against
+exact causal prefill attention. Medians of triton.testing.do_bench / do_bench_cudagraph.
+
+    python3 benchmarks/decode_attention.py --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+import triton
+import torch.nn.functional as F
+from triton.testing import do_bench, do_bench_cudagraph
+
+sys.path.insert(0, ".")
+from rkv_compile.kernels import reference as R  # noqa: E402
+from rkv_compile.kernels import triton_decode as T  # noqa: E402
+from rkv_compile.policies import RocketKV  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+NEW_TOKENS = 128
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)   # 2 GiB
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def randn(*shape):
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+
+def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -> list[dict]:
+    q = randn(batch, HQ, 1, D)
+    k, v = randn(batch, HKV, context, D), randn(batch, HKV, context, D)
+    dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                     warmup=25, rep=200, return_mode="median")
+    floor = 2 * k.numel() * k.element_size() / bandwidth * 1e3
+    del k, v
+    rows = []
+    for budget in budgets:
+        plan = RocketKV(budget, NEW_TOKENS).plan(context - NEW_TOKENS, D)
+        n = plan.capacity
+        kc, vc = randn(batch, HKV, n, D), randn(batch, HKV, n, D)
+        scale = D**-0.5
+
+        def ours():
+            return T.sparse_decode(q, kc, vc, scale, plan.chunk, plan.dims, plan.topk)
+
+        want = R.sparse_decode(q.float(), kc.float(), vc.float(), None, scale, plan.chunk,
+                               plan.dims, plan.topk)
+        error = float((ours().float() - want).norm() / want.norm())
+        triton_ms = do_bench(ours, warmup=25, rep=200, return_mode="median")
+        graph_ms = do_bench_cudagraph(ours, rep=200, return_mode="median")
+        reference_ms = do_bench(lambda: R.sparse_decode(q, kc, vc, None, scale, plan.chunk,
+                                                        plan.dims, plan.topk),
+                                warmup=10, rep=100, return_mode="median")
+        # what stage 2 must read at least: K once (summaries built on the fly) + top-k V rows
+        ours_floor = (kc.numel() + batch * HKV * plan.topk * D) * 2 / bandwidth * 1e3
+        rows.append(dict(batch=batch, context=context, budget=budget, cache_tokens=n,
+                         chunk=plan.chunk, dims=plan.dims, topk=plan.topk,
+                         dense_sdpa_ms=dense, kv_read_floor_ms=floor,
+                         stage2_triton_ms=triton_ms, stage2_triton_cudagraph_ms=graph_ms,
+                         stage2_reference_ms=reference_ms, stage2_read_floor_ms=ours_floor,
+                         stage2_rel_error_vs_fp32_reference=error))
+        del kc, vc
+        print(f"B={batch:2} ctx={context // 1024:4}K budget={budget:5} cache={n:5} | dense "
+              f"{dense:7.3f} ms  floor {floor:7.3f} | ours triton {triton_ms:7.3f}  graph "
+              f"{graph_ms:7.3f}  reference {reference_ms:7.3f} ms  (err {error:.1e})", flush=True)
+    return rows
+
+
+def stage1_row(context: int, budget: int) -> dict:
+    q, k, v = randn(1, HQ, context, D), randn(1, HKV, context, D), randn(1, HKV, context, D)
+    plan = RocketKV(budget, NEW_TOKENS).plan(context, D)
+    prefill = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                              enable_gqa=True),
+                       warmup=5, rep=50, return_mode="median")
+    stage1 = do_bench(lambda: R.compress(q[:, :, -32:], k, v, None, D**-0.5,
+                                         plan.prompt_budget - 32, 63),
+                      warmup=5, rep=50, return_mode="median")
+    print(f"stage 1 ctx={context // 1024}K budget={budget}: prefill attention {prefill:.3f} ms,"
+          f" stage 1 (reference op) {stage1:.3f} ms ({100 * stage1 / prefill:.1f}%)", flush=True)
+    return dict(context=context, budget=budget, prefill_attention_ms=prefill,
+                stage1_reference_ms=stage1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="decode_attention.json")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--contexts", default="16,32,64,128", help="K tokens")
+    parser.add_argument("--budgets", default="256,1024,4096")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    decode = [row for batch in map(int, args.batches.split(","))
+              for context in (int(c) * 1024 for c in args.contexts.split(","))
+              for row in decode_row(batch, context, budgets, bandwidth)]
+    stage1 = [stage1_row(int(c) * 1024, 256) for c in args.contexts.split(",")]
+    result = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                  torch=torch.__version__, triton=triton.__version__,
+                  copy_bandwidth_bytes_per_s=bandwidth, command=" ".join(sys.argv),
+                  decode=decode, stage1=stage1)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

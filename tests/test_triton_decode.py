@@ -1,0 +1,119 @@
+"""The Triton stage-2 kernels against the PyTorch reference.
+
+On the CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py) in float32
+and float16 at small shapes; on a CUDA machine the same tests run on the GPU, bfloat16 included:
+    python3 -m pytest -q tests/test_triton_decode.py
+"""
+from __future__ import annotations
+
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from test_reference import NEAR_TIE
+
+import rkv_compile.kernels  # noqa: F401  (registers torch.ops.rocketkv)
+from rkv_compile.kernels import reference as R
+from rkv_compile.kernels import triton_decode as T
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# bf16/fp16 outputs are rounded once at the end; the kernels accumulate in float32
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+SETTINGS = settings(deadline=None, max_examples=60 if CUDA else 12)
+
+
+@st.composite
+def decode_cases(draw, small=not CUDA):
+    G = draw(st.integers(1, 8))
+    Hkv = draw(st.integers(1, 2 if small else 8))
+    B = draw(st.integers(1, 2 if small else 16))
+    D = draw(st.sampled_from([64, 80, 96, 128] + ([] if small else [256])))
+    n = draw(st.integers(1, 160 if small else 3000))
+    chunk = draw(st.integers(1, 5))
+    dims = draw(st.integers(1, D))
+    topk = draw(st.integers(1, n + 40))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    return B, Hkv, G, D, n, chunk, dims, topk, dtype, seed
+
+
+def _inputs(B, Hkv, G, D, n, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(B, Hkv * G, 1, D), (B, Hkv, n, D), (B, Hkv, n, D)]
+    return [torch.randn(*s, generator=gen).to(dtype).to(DEVICE) for s in shapes]
+
+
+def _boundary_is_clear(scores: torch.Tensor, topk: int) -> bool:
+    """No two different chunk scores within rounding of each other near the top-k cut."""
+    k = min(topk, scores.shape[-1])
+    if k == scores.shape[-1]:
+        return True
+    s = scores.sort(dim=-1, descending=True).values.double()
+    lo = s[..., max(k - 2, 0): k + 2]
+    gaps = (lo[..., :-1] - lo[..., 1:]) / lo[..., :-1].abs().clamp_min(1e-30)
+    return bool(((gaps == 0) | (gaps > NEAR_TIE)).all())
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+
+
+@SETTINGS
+@given(case=decode_cases())
+def test_chunk_scores_match_reference(case):
+    B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
+    q, k, _ = _inputs(B, Hkv, G, D, n, dtype, seed)
+    want = R.approximate_scores(q, k, None, chunk, dims)[..., ::chunk]
+    got = T.chunk_scores(q, k, chunk, dims)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+@SETTINGS
+@given(case=decode_cases())
+def test_selection_matches_reference(case):
+    B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
+    q, k, _ = _inputs(B, Hkv, G, D, n, dtype, seed)
+    ref_scores = R.approximate_scores(q, k, None, chunk, dims)
+    scores = T.chunk_scores(q, k, chunk, dims)
+    assume(_boundary_is_clear(ref_scores, topk))
+    want = R.select_tokens(ref_scores, topk).sort(-1).values
+    got = T.select_slots(scores, n, chunk, topk).long().sort(-1).values
+    assert torch.equal(got, want)
+
+
+@SETTINGS
+@given(case=decode_cases())
+def test_sparse_attention_matches_reference(case):
+    """Attention over a given slot list: no selection in play, so no tie can interfere."""
+    B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
+    q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    slots = torch.stack([torch.randperm(n, generator=gen)[:min(topk, n)]
+                         for _ in range(B * Hkv)]).view(B, Hkv, -1).to(DEVICE)
+    scale = D**-0.5
+    want = R.attend_selected(q.double(), k.double(), v.double(), None, scale, slots)
+    got = T.sparse_attention(q, k, v, slots.to(torch.int32).contiguous(), scale)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert _relative_error(got, want) < TOLERANCE[dtype]
+
+
+@SETTINGS
+@given(case=decode_cases())
+def test_sparse_decode_op_matches_reference(case):
+    B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
+    q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
+    assume(_boundary_is_clear(R.approximate_scores(q, k, None, chunk, dims), topk))
+    scale = D**-0.5
+    want = R.sparse_decode(q.double(), k.double(), v.double(), None, scale, chunk, dims, topk)
+    got = torch.ops.rocketkv.sparse_decode_triton(q, k, v, scale, chunk, dims, topk)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert _relative_error(got, want) < TOLERANCE[dtype]
+
+
+def test_dense_limit_equals_sdpa():
+    """chunk 1, every dim, top-k over all tokens: plain attention."""
+    q, k, v = _inputs(2, 2, 4, 64, 150, torch.float32, 3)
+    got = T.sparse_decode(q, k, v, 0.125, 1, 64, 10_000)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
