@@ -1,14 +1,16 @@
 import os
 import tempfile
 
-# Before triton or torch import anything: kernels run in Triton's interpreter on the CPU, and one
-# Inductor cache is shared by the whole run (cold CPU compiles cost ~10 s a graph).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Before the kernels are decorated: without a GPU they run in Triton's interpreter. One Inductor
+# cache is shared by the whole run (cold CPU compiles cost ~10 s a graph).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "rkv-inductor"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # CI draws the same examples every run (no flaky draws); local runs keep exploring.

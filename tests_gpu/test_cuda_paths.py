@@ -29,7 +29,7 @@ def test_cuda_decode_uses_triton_and_matches_oracle():
     decode = [s for s in report.sites if s.query_len == "1"]
     assert decode and all("triton kernels" in s.action for s in decode)
     forward = model.forward
-    model.forward = torch.compile(forward, backend="rocketkv", options=BUDGET)
+    model.forward = torch.compile(forward, backend=rkv_compile.rocketkv, options=BUDGET)
     try:
         out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     finally:
