@@ -84,7 +84,8 @@ def _sparse_attention_kernel(
         slot = tl.load(idx_ptr + bh * count + i, mask=ok, other=0)
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + slot[:, None] * stride_kn + d[None, :],
                     mask=ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale            # G_PAD x BLOCK_N
+        # (Inductor passes `scale` as a float64 scalar: keep the loop state in float32.)
+        s = (tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale).to(tl.float32)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
@@ -152,8 +153,8 @@ def chunk_scores(query: Tensor, key: Tensor, chunk: int, dims: int) -> Tensor:
         key, q_sel, sign, logits, n, chunk, chunks, Hkv,
         key.stride(0), key.stride(1), key.stride(2),
         G=G, D=D, BLOCK_C=BLOCK_C, BLOCK_D=triton.next_power_of_2(D))
-    counts = torch.full((chunks,), chunk, device=key.device, dtype=torch.float32)
-    counts[-1] = n - (chunks - 1) * chunk
+    # slots per chunk: `chunk`, but fewer in a partial last chunk
+    counts = (n - chunk * torch.arange(chunks, device=key.device)).clamp(max=chunk).float()
     chunk_exp = (logits - logits.amax(-1, keepdim=True)).exp()
     return (chunk_exp / (chunk_exp * counts).sum(-1, keepdim=True)).mean(2)
 
