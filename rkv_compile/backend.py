@@ -13,6 +13,10 @@ State between graphs travels on the cache tensors themselves, as attributes:
   decode step swaps them in, but only if the pass rewrote every decode site: the decode graph is
   where it can be checked that positions do not derive from the stored cache length. So a model
   that would mis-position tokens after eviction keeps its full cache and stays exact.
+- ``_rocketkv_decoded``: the cache came out of a rewritten decode step.
+A decode graph whose mask reads a 2-D padding mask (transformers' attention_mask, laid out by
+logical position) checks it at run time: all ones lines up with any cache; with padding the
+exact graph runs on the full caches (batched, padded generation is not compressed yet).
 Cache tensors get their length marked dynamic, so decode graphs are traced with a symbolic length
 (one graph for all steps, and the positions check has a symbol to follow).
 """
@@ -30,6 +34,7 @@ from .passes.sites import value_of
 log = logging.getLogger("rkv_compile")
 PLAN_ATTR = "_rocketkv_plan"
 EVICTED_ATTR = "_rocketkv_evicted"
+DECODED_ATTR = "_rocketkv_decoded"   # written by a rewritten decode step (so maybe evicted)
 Compiler = Callable[[GraphModule, Sequence], Callable]
 
 
@@ -85,6 +90,10 @@ class RewrittenGraph:
                                             placeholders.index(d.value.past))
                               for d in decisions if d.phase == DECODE}
         self.length_inputs = _length_inputs(placeholders, decisions)
+        self.padding_inputs = sorted({placeholders.index(m) for d in decisions
+                                      for m in d.padding_masks})
+        self.original = _copy_graph_module(gm)   # the exact graph, for padded batches
+        self.exact: Callable | None = None
         # site name -> output positions of its (key, value) caches
         self.cache_outputs = {d.site.name: (_output_positions(gm.graph, d.key.cache),
                                             _output_positions(gm.graph, d.value.cache))
@@ -120,7 +129,21 @@ class RewrittenGraph:
         for i, symbol in self.length_inputs["ints"].items():
             args[i] = lengths.get(symbol, args[i])
 
+    def _has_padding(self, args) -> bool:
+        return any(not bool(args[i].all()) for i in self.padding_inputs)
+
+    def _run_exact(self, args):
+        """Padding in a decode step: the exact graph, over caches that were never evicted."""
+        if any(getattr(args[k], DECODED_ATTR, False) for k, _ in self.decode_inputs.values()):
+            raise RuntimeError("rocketkv: a padding mask appeared after the cache was evicted; "
+                               "padded batches must be padded from the first decode step on")
+        if self.exact is None:
+            self.exact = torch.compile(self.original, backend=self.compiler, dynamic=True)
+        return self.exact(*args)
+
     def __call__(self, *args):
+        if self.padding_inputs and self._has_padding(args):
+            return self._run_exact(args)
         args = list(args)
         plans = dict(self.prefill_plans)
         for name, (k, _) in self.decode_inputs.items():
@@ -135,6 +158,7 @@ class RewrittenGraph:
                 # Contiguous, as every later cat will be: decode graphs then see one layout.
                 outputs[i] = outputs[i].contiguous()
                 setattr(outputs[i], PLAN_ATTR, plans[name])
+                setattr(outputs[i], DECODED_ATTR, name in self.decode_inputs)
                 torch._dynamo.maybe_mark_dynamic(outputs[i], 2)
         for j, name in enumerate(self.evicting):
             for kind in (0, 1):

@@ -34,6 +34,7 @@ class SiteDecision:
     query_len: int | None = None
     kv_heads: int | None = None
     head_dim: int | None = None
+    padding_masks: list[Node] = dataclasses.field(default_factory=list)  # decode: see below
 
     @property
     def kernel(self) -> str:
@@ -114,10 +115,16 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
         return ("the cache length is static in this graph, so it cannot be checked that "
                 "positions do not derive from it")
     if site.mask is not None:
-        stray = _logical_mask_input(site, d.query_len, caches)
-        if stray is not None:
-            return (f"the mask reads input {stray.name}, indexed by logical position (a padding "
-                    "mask?): after eviction it would not line up with the cache")
+        strays = _logical_mask_inputs(site, d.query_len, caches)
+        for stray in strays:
+            v = value_of(stray)
+            if v.dim() != 2 or v.is_floating_point() or not _same(v.shape[0], q.shape[0]):
+                return (f"the mask reads input {stray.name}, indexed by logical position: after "
+                        "eviction it would not line up with the cache")
+        # A 2-D padding mask (transformers' attention_mask) is read over the first n slots: with
+        # no padding it is all ones and lines up with any cache. The backend checks that at run
+        # time and runs the exact graph on full caches when there is padding.
+        d.padding_masks = strays
     if _depends_on_length(graph, lengths, targets={site.query, d.key.new}):
         return ("positions (or the query) derive from the stored cache length, which eviction "
                 "shortens: pass explicit positions to compress this model")
@@ -133,15 +140,15 @@ def _same(a, b) -> bool:
         return False
 
 
-def _logical_mask_input(site: AttentionSite, query_len, caches: set[Node]) -> Node | None:
-    """A graph input the decode mask is built from that is neither a cache nor per-query data.
+def _logical_mask_inputs(site: AttentionSite, query_len, caches: set[Node]) -> list[Node]:
+    """The graph inputs the decode mask is built from that are neither caches nor per-query data.
 
     Such an input (a 2-D padding mask, a precomputed bias table) is laid out by logical position;
     after eviction slots no longer match logical positions. Per-query inputs (positions of the
     current step) and the caches themselves (their sizes) are fine.
     """
     batch = value_of(site.query).shape[0]
-    seen, stack = set(), [site.mask]
+    seen, stack, found = set(), [site.mask], []
     while stack:
         node = stack.pop()
         if node in seen:
@@ -151,8 +158,8 @@ def _logical_mask_input(site: AttentionSite, query_len, caches: set[Node]) -> No
         v = value_of(node)
         if node.op == "placeholder" and isinstance(v, torch.Tensor) and node not in caches:
             if not _same(v.numel() <= batch * query_len, True):
-                return node
-    return None
+                found.append(node)
+    return found
 
 
 def _depends_on_length(graph: Graph, symbols: set, targets) -> bool:
