@@ -57,7 +57,7 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
         scale = D**-0.5
 
         def ours():
-            return T.sparse_decode(q, kc, vc, scale, plan.chunk, plan.dims, plan.topk)
+            return T.sparse_decode(q, kc, vc, None, scale, plan.chunk, plan.dims, plan.topk)
 
         want = R.sparse_decode(q.float(), kc.float(), vc.float(), None, scale, plan.chunk,
                                plan.dims, plan.topk)

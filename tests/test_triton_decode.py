@@ -106,7 +106,7 @@ def test_sparse_decode_op_matches_reference(case):
     assume(_boundary_is_clear(R.approximate_scores(q, k, None, chunk, dims), topk))
     scale = D**-0.5
     want = R.sparse_decode(q.double(), k.double(), v.double(), None, scale, chunk, dims, topk)
-    got = torch.ops.rocketkv.sparse_decode_triton(q, k, v, scale, chunk, dims, topk)
+    got = torch.ops.rocketkv.sparse_decode_triton(q, k, v, None, scale, chunk, dims, topk)
     assert got.shape == q.shape and got.dtype == dtype
     assert _relative_error(got, want) < TOLERANCE[dtype]
 
@@ -114,6 +114,24 @@ def test_sparse_decode_op_matches_reference(case):
 def test_dense_limit_equals_sdpa():
     """chunk 1, every dim, top-k over all tokens: plain attention."""
     q, k, v = _inputs(2, 2, 4, 64, 150, torch.float32, 3)
-    got = T.sparse_decode(q, k, v, 0.125, 1, 64, 10_000)
+    got = T.sparse_decode(q, k, v, None, 0.125, 1, 64, 10_000)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@SETTINGS
+@given(case=decode_cases())
+def test_boolean_mask_matches_reference(case):
+    """Masked slots (whole chunks too, never all) never reach the output, as in the reference."""
+    B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
+    q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand(B, 1, 1, n, generator=gen) > 0.3
+    mask[:, :, :, : min(chunk, n)] = False
+    mask[:, :, :, -1] = True
+    mask = mask.to(DEVICE)
+    assume(_boundary_is_clear(R.approximate_scores(q, k, mask, chunk, dims), topk))
+    scale = D**-0.5
+    want = R.sparse_decode(q.double(), k.double(), v.double(), mask, scale, chunk, dims, topk)
+    got = torch.ops.rocketkv.sparse_decode_triton(q, k, v, mask, scale, chunk, dims, topk)
+    assert _relative_error(got, want) < TOLERANCE[dtype]

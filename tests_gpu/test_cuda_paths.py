@@ -2,6 +2,7 @@
 run the Triton kernels and generate the tokens of the eager oracle."""
 import torch
 from models import tiny_hf
+from transformers import DynamicCache
 from oracle import oracle_generate
 
 import rkv_compile
@@ -17,13 +18,44 @@ def test_inductor_traces_the_triton_op():
     q, k, v = (torch.randn(*s, generator=gen).to("cuda", torch.bfloat16)
                for s in [(1, 32, 1, 128), (1, 8, 1500, 128), (1, 8, 1500, 128)])
     f = torch.compile(lambda q, k, v: torch.ops.rocketkv.sparse_decode_triton(
-        q, k, v, 128**-0.5, 3, 60, 128) * 2)
-    torch.testing.assert_close(f(q, k, v), 2 * T.sparse_decode(q, k, v, 128**-0.5, 3, 60, 128))
+        q, k, v, None, 128**-0.5, 3, 60, 128) * 2)
+    torch.testing.assert_close(f(q, k, v), 2 * T.sparse_decode(q, k, v, None, 128**-0.5, 3, 60, 128))
 
 
-def test_cuda_decode_uses_triton_and_matches_oracle():
+def hf_greedy(forward, config, ids, steps):
+    """Greedy decoding through `forward` with a DynamicCache and explicit positions, no mask."""
+    cache, tokens = DynamicCache(config=config), []
+    T = ids.shape[1]
+    with torch.no_grad():
+        logits = forward(ids, past_key_values=cache,
+                         position_ids=torch.arange(T, device="cuda")[None]).logits
+        for step in range(steps):
+            tokens.append(int(logits[0, -1].argmax()))
+            if step < steps - 1:
+                logits = forward(torch.tensor([[tokens[-1]]], device="cuda"),
+                                 past_key_values=cache,
+                                 position_ids=torch.tensor([[T + step]], device="cuda")).logits
+    return tokens, [layer.keys.shape[2] for layer in cache.layers]
+
+
+def test_cuda_decode_runs_triton_and_matches_oracle():
     model = tiny_hf("llama").cuda()
+    config = RocketKVConfig.from_options(BUDGET)
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(300)).cuda()
+    report = rkv_compile.explain(hf_greedy, model.forward, model.config, ids, 3, options=BUDGET)
+    decode = [s for s in report.sites if s.query_len == "1"]
+    assert decode and all("triton kernels" in s.action for s in decode)
+    forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=BUDGET)
+    tokens, cache = hf_greedy(forward, model.config, ids, 8)
+    expected, _ = oracle_generate(model, ids, config, 8)
+    assert tokens == expected
+    assert cache == [config.plan(300, 16).prompt_budget + 7] * 2
+
+
+def test_cuda_generate_matches_oracle():
+    """Through generate: decode sites run the Triton kernels, with the mask transformers built."""
+    model = tiny_hf("llama").cuda()
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(301)).cuda()
     with torch.no_grad():
         report = rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=3), options=BUDGET)
     decode = [s for s in report.sites if s.query_len == "1"]

@@ -43,7 +43,7 @@ def _(query, key, value, mask, scale, chunk, dims, topk):
 
 
 @triton_op("rocketkv::sparse_decode_triton", mutates_args=())
-def sparse_decode_triton(query: Tensor, key: Tensor, value: Tensor, scale: float, chunk: int,
-                         dims: int, topk: int) -> Tensor:
-    """Stage 2 through the Triton kernels (no mask): what decode graphs on CUDA call."""
-    return triton_decode.sparse_decode(query, key, value, scale, chunk, dims, topk)
+def sparse_decode_triton(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                         scale: float, chunk: int, dims: int, topk: int) -> Tensor:
+    """Stage 2 through the Triton kernels (mask: None or boolean): what CUDA decode graphs call."""
+    return triton_decode.sparse_decode(query, key, value, mask, scale, chunk, dims, topk)

@@ -38,9 +38,12 @@ class SiteDecision:
 
     @property
     def kernel(self) -> str:
-        """What runs a decode site: the Triton kernels (CUDA, no mask) or the reference op."""
+        """What runs a decode site: the Triton kernels (CUDA; no mask or a boolean one) or the
+        reference op (CPU, additive masks)."""
         on_cuda = value_of(self.site.query).device.type == "cuda"
-        return "triton" if on_cuda and self.site.mask is None else "reference"
+        mask = value_of(self.site.mask)
+        boolean = mask is None or self.site.mask_is_fill or mask.dtype == torch.bool
+        return "triton" if on_cuda and boolean else "reference"
 
     @property
     def rewritten(self) -> bool:
@@ -224,15 +227,11 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
             with graph.inserting_before(first_op):
                 plan = [graph.placeholder(f"{d.site.name}_{field}") for field in PLAN_INPUTS]
             with graph.inserting_before(d.site.output.next):
-                if d.kernel == "triton":
-                    sparse = graph.call_function(
-                        torch.ops.rocketkv.sparse_decode_triton.default,
-                        (d.site.query, d.site.key, d.site.value, d.scale, *plan))
-                else:
-                    sparse = graph.call_function(
-                        torch.ops.rocketkv.sparse_decode.default,
-                        (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site),
-                         d.scale, *plan))
+                op = (torch.ops.rocketkv.sparse_decode_triton if d.kernel == "triton" else
+                      torch.ops.rocketkv.sparse_decode)
+                sparse = graph.call_function(
+                    op.default, (d.site.query, d.site.key, d.site.value,
+                                 _mask_arg(graph, d.site), d.scale, *plan))
             d.site.output.replace_all_uses_with(sparse)
     if evicted:
         output.args = (tuple(output.args[0]) + tuple(evicted),)
