@@ -48,7 +48,6 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
     dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                      warmup=25, rep=200, return_mode="median")
     floor = 2 * k.numel() * k.element_size() / bandwidth * 1e3
-    del k, v
     rows = []
     for budget in budgets:
         plan = RocketKV(budget, NEW_TOKENS).plan(context - NEW_TOKENS, D)
@@ -75,7 +74,6 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
                          stage2_triton_ms=triton_ms, stage2_triton_cudagraph_ms=graph_ms,
                          stage2_reference_ms=reference_ms, stage2_read_floor_ms=ours_floor,
                          stage2_rel_error_vs_fp32_reference=error))
-        del kc, vc
         print(f"B={batch:2} ctx={context // 1024:4}K budget={budget:5} cache={n:5} | dense "
               f"{dense:7.3f} ms  floor {floor:7.3f} | ours triton {triton_ms:7.3f}  graph "
               f"{graph_ms:7.3f}  reference {reference_ms:7.3f} ms  (err {error:.1e})", flush=True)
