@@ -92,7 +92,8 @@ class RewrittenGraph:
         self.length_inputs = _length_inputs(placeholders, decisions)
         self.padding_inputs = sorted({placeholders.index(m) for d in decisions
                                       for m in d.padding_masks})
-        self.original = _copy_graph_module(gm)   # the exact graph, for padded batches
+        # the exact graph, for decode steps with padding
+        self.original = _copy_graph_module(gm) if self.padding_inputs else None
         self.exact: Callable | None = None
         # site name -> output positions of its (key, value) caches
         self.cache_outputs = {d.site.name: (_output_positions(gm.graph, d.key.cache),

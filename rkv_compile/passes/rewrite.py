@@ -32,9 +32,8 @@ class SiteDecision:
     reason: str | None = None      # why the site stays exact
     plan: Plan | None = None       # prefill: the plan its prompt length gives
     query_len: int | None = None
-    kv_heads: int | None = None
     head_dim: int | None = None
-    padding_masks: list[Node] = dataclasses.field(default_factory=list)  # decode: see below
+    padding_masks: list[Node] = dataclasses.field(default_factory=list)  # checked at run time
 
     @property
     def kernel(self) -> str:
@@ -78,7 +77,7 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
     q, k, v = (value_of(n) for n in (site.query, site.key, site.value))
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return "query/key/value are not 4-D (batch, heads, tokens, head_dim)"
-    d.query_len, d.kv_heads, d.head_dim = q.shape[2], k.shape[1], k.shape[3]
+    d.query_len, d.head_dim = q.shape[2], k.shape[3]
     if not config.compresses:
         return "token_budget=None: compression is off"
     if any(t.requires_grad for t in (q, k, v)):
