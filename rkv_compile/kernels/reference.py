@@ -98,20 +98,6 @@ def chunk_bounds(key: Tensor, chunk: int, mask: Tensor | None = None) -> tuple[T
     return kmin, kmax
 
 
-def decode_query(query: Tensor, kv_heads: int, dims: int):
-    """What stage 2 derives from one decode query per head, per GQA group.
-
-    Returns q (B, Hkv, G, D) float32; `positive` (B, Hkv, D): the sign per dim of the group sum
-    of q is + (>= 0); the r dims with the largest group mean |q| (B, Hkv, r); and each head's
-    SparQ temperature sqrt(D * |q[dims]|_1 / |q|_1) (B, Hkv, G).
-    """
-    q = group_queries(query, kv_heads)[:, :, :, -1]
-    top_dims = q.abs().mean(2).topk(dims, dim=-1).indices
-    picked = q.abs().gather(-1, top_dims.unsqueeze(2).expand(-1, -1, q.shape[2], -1)).sum(-1)
-    temperature = (q.shape[-1] * picked / q.abs().sum(-1)).sqrt().clamp_min(1e-6)
-    return q, q.sum(2) >= 0, top_dims, temperature
-
-
 def approximate_scores(query: Tensor, key: Tensor, mask: Tensor | None, chunk: int,
                        dims: int) -> Tensor:
     """Stage 2 selection scores: per KV head, one probability per stored token.
@@ -127,12 +113,14 @@ def approximate_scores(query: Tensor, key: Tensor, mask: Tensor | None, chunk: i
     (a per-token softmax would break them by rounding).
     """
     B, H, n, D = key.shape
-    q, positive, top_dims, temperature = decode_query(query, H, dims)
+    q = group_queries(query, H)[:, :, :, -1]                               # B Hkv G D
     kmin, kmax = chunk_bounds(key, chunk, mask)
     chunks = kmin.shape[2]
-    bound = torch.where(positive.unsqueeze(2), kmax, kmin)                 # B Hkv C D
+    bound = torch.where(q.sum(2, keepdim=True) >= 0, kmax, kmin)           # B Hkv C D
+    top_dims = q.abs().mean(2).topk(dims, dim=-1).indices                  # B Hkv r
     q_r = q.gather(-1, top_dims.unsqueeze(2).expand(-1, -1, q.shape[2], -1))
     bound_r = bound.gather(-1, top_dims.unsqueeze(2).expand(-1, -1, chunks, -1))
+    temperature = (D * q_r.abs().sum(-1) / q.abs().sum(-1)).sqrt().clamp_min(1e-6)
     logits = torch.einsum("bhgr,bhcr->bhgc", q_r, bound_r) / temperature.unsqueeze(-1)
 
     bias = additive_mask(mask)

@@ -22,8 +22,6 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import reference
-
 
 @triton.jit
 def _chunk_logits_kernel(
@@ -140,10 +138,14 @@ def _sm_count(device: torch.device) -> int:
 
 def _query_prep(query: Tensor, kv_heads: int, dims: int) -> tuple[Tensor, Tensor]:
     """(sign of the group sum per dim, query masked to the r chosen dims / temperature)."""
-    q, positive, top_dims, temperature = reference.decode_query(query, kv_heads, dims)
-    sign = torch.where(positive, 1.0, -1.0).contiguous()
-    chosen = torch.zeros_like(positive).scatter_(-1, top_dims, True)
-    return sign, (q * chosen.unsqueeze(2) / temperature.unsqueeze(-1)).contiguous()
+    B, Hq, _, D = query.shape
+    q = query.float().reshape(B, kv_heads, Hq // kv_heads, D)
+    sign = torch.where(q.sum(2) >= 0, 1.0, -1.0).contiguous()
+    chosen = torch.zeros(B, kv_heads, D, device=query.device, dtype=torch.bool)
+    chosen.scatter_(-1, q.abs().mean(2).topk(dims, dim=-1).indices, True)
+    q_r = q * chosen.unsqueeze(2)
+    temperature = (D * q_r.abs().sum(-1) / q.abs().sum(-1)).sqrt().clamp_min(1e-6)
+    return sign, (q_r / temperature.unsqueeze(-1)).contiguous()
 
 
 def chunk_scores(query: Tensor, key: Tensor, chunk: int, dims: int,
