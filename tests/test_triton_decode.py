@@ -69,27 +69,51 @@ def _check_op(q, k, v, mask, chunk, dims, topk):
     assert _relative_error(got, want) < TOLERANCE[q.dtype]
 
 
-@SETTINGS
-@given(case=decode_cases())
-def test_chunk_scores_match_reference(case):
-    B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
-    q, k, _ = _inputs(B, Hkv, G, D, n, dtype, seed)
-    want = R.approximate_scores(q, k, None, chunk, dims)[..., ::chunk]
-    got = T.chunk_scores(q, k, chunk, dims)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+def _random_mask(B, n, chunk, seed):
+    """About 30% of slots masked, the first chunk wholly, never the last slot."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand(B, 1, 1, n, generator=gen) > 0.3
+    mask[:, :, :, : min(chunk, n)] = False
+    mask[:, :, :, -1] = True
+    return mask.to(DEVICE)
 
 
 @SETTINGS
-@given(case=decode_cases())
-def test_selection_matches_reference(case):
+@given(case=decode_cases(), masked=st.booleans(), from_summaries=st.booleans())
+def test_chunk_logits_match_reference(case, masked, from_summaries):
     B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
     q, k, _ = _inputs(B, Hkv, G, D, n, dtype, seed)
-    ref_scores = R.approximate_scores(q, k, None, chunk, dims)
-    scores = T.chunk_scores(q, k, chunk, dims)
-    assume(_boundary_is_clear(ref_scores, topk))
-    want = R.select_tokens(ref_scores, topk).sort(-1).values
-    got = T.select_slots(scores, n, chunk, topk).long().sort(-1).values
-    assert torch.equal(got, want)
+    mask = _random_mask(B, n, chunk, seed) if masked else None
+    want = R.chunk_logits(q, k, mask, chunk, dims)
+    # Summaries as a cache keeps them: in K's dtype, over every stored slot (no mask).
+    summaries = tuple(t.to(dtype) for t in R.chunk_bounds(k, chunk)) if from_summaries else None
+    assume(not (masked and from_summaries))
+    got = T.chunk_logits(q, k, chunk, dims, T.slot_validity(mask, n), summaries)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@SETTINGS
+@given(case=decode_cases(), masked=st.booleans())
+def test_selection_matches_reference(case, masked):
+    """Same logits in, the same slots out: the k-th score, ties to the earlier slot (masked
+    slots score 0 and tie too, as in the reference)."""
+    B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
+    q, k, _ = _inputs(B, Hkv, G, D, n, dtype, seed)
+    mask = _random_mask(B, n, chunk, seed) if masked else None
+    logits = R.chunk_logits(q, k, mask, chunk, dims)
+    scores = R.token_scores(logits, mask, chunk, n)
+    assume(_boundary_is_clear(scores, topk))
+    want = R.select_tokens(scores, topk).sort(-1).values
+    got = T.select_slots(logits, n, chunk, topk, T.slot_validity(mask, n)).long()
+    assert torch.equal(got, want)  # the same slots, in slot order
+
+
+def test_selection_ties_go_to_earlier_slots():
+    """Equal keys everywhere: every chunk ties, so the first k slots are the top k."""
+    q = torch.randn(1, 4, 1, 64, device=DEVICE)
+    k = torch.ones(1, 1, 50, 64, device=DEVICE)
+    logits = T.chunk_logits(q, k, 3, 16)
+    assert T.select_slots(logits, 50, 3, 20).tolist() == [[list(range(20))]]
 
 
 @SETTINGS
@@ -129,8 +153,4 @@ def test_boolean_mask_matches_reference(case):
     """Masked slots (whole chunks too, never all) never reach the output, as in the reference."""
     B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    mask = torch.rand(B, 1, 1, n, generator=gen) > 0.3
-    mask[:, :, :, : min(chunk, n)] = False
-    mask[:, :, :, -1] = True
-    _check_op(q, k, v, mask.to(DEVICE), chunk, dims, topk)
+    _check_op(q, k, v, _random_mask(B, n, chunk, seed), chunk, dims, topk)

@@ -44,6 +44,20 @@ def _(query, key, value, mask, scale, chunk, dims, topk):
 
 @triton_op("rocketkv::sparse_decode_triton", mutates_args=())
 def sparse_decode_triton(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                         scale: float, chunk: int, dims: int, topk: int) -> Tensor:
-    """Stage 2 through the Triton kernels (mask: None or boolean): what CUDA decode graphs call."""
-    return triton_decode.sparse_decode(query, key, value, mask, scale, chunk, dims, topk)
+                         scale: float, chunk: int, dims: int, topk: int,
+                         key_min: Tensor | None = None, key_max: Tensor | None = None) -> Tensor:
+    """Stage 2 through the Triton kernels (mask: None or boolean): what CUDA decode graphs call.
+    key_min/key_max: the cache's chunk summaries of K, if it keeps them (RocketKVCache)."""
+    summaries = None if key_min is None else (key_min, key_max)
+    return triton_decode.sparse_decode(query, key, value, mask, scale, chunk, dims, topk, summaries)
+
+
+@triton_op("rocketkv::append_", mutates_args={"keys", "values", "key_min", "key_max", "lengths"})
+def append_(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
+            new_key: Tensor, new_value: Tensor, chunk: int) -> None:
+    """One decode token into a RocketKVCache layer: K/V slot, chunk summary, length (in place).
+    On CUDA one Triton launch; elsewhere the reference."""
+    if keys.device.type == "cuda":
+        triton_decode.append(keys, values, key_min, key_max, lengths, new_key, new_value, chunk)
+    else:
+        reference.append(keys, values, key_min, key_max, lengths, new_key, new_value, chunk)

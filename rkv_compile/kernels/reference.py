@@ -98,19 +98,13 @@ def chunk_bounds(key: Tensor, chunk: int, mask: Tensor | None = None) -> tuple[T
     return kmin, kmax
 
 
-def approximate_scores(query: Tensor, key: Tensor, mask: Tensor | None, chunk: int,
-                       dims: int) -> Tensor:
-    """Stage 2 selection scores: per KV head, one probability per stored token.
+def chunk_logits(query: Tensor, key: Tensor, mask: Tensor | None, chunk: int, dims: int) -> Tensor:
+    """Stage 2's approximate logit of each chunk for each query head: (B, Hkv, G, C) float32.
 
     The sign of each dim comes from the group sum of q; the r dims with the largest group mean
-    |q| are read; every token inherits its chunk's upper bound q[dims] . bound[dims]; SparQ's
-    temperature sqrt(D * |q[dims]|_1 / |q|_1) replaces sqrt(D); softmax over tokens; mean over
-    the group. Returns (B, Hkv, n) float32.
-
-    The softmax is taken per chunk: a token's probability is its chunk's exp(logit) times the
-    token's mask weight exp(bias), over Z = sum over chunks of exp(logit) * (summed weights). So
-    the tokens of one chunk get bit-identical scores, and top-k ties resolve by slot order alone
-    (a per-token softmax would break them by rounding).
+    |q| are read; a chunk's logit is the upper bound q[dims] . bound[dims] (bound: the chunk's max
+    of K where the sign is +, its min where it is -) over SparQ's temperature
+    sqrt(D * |q[dims]|_1 / |q|_1). A chunk with no live (unmasked) slot gets -inf.
     """
     B, H, n, D = key.shape
     q = group_queries(query, H)[:, :, :, -1]                               # B Hkv G D
@@ -122,19 +116,48 @@ def approximate_scores(query: Tensor, key: Tensor, mask: Tensor | None, chunk: i
     bound_r = bound.gather(-1, top_dims.unsqueeze(2).expand(-1, -1, chunks, -1))
     temperature = (D * q_r.abs().sum(-1) / q.abs().sum(-1)).sqrt().clamp_min(1e-6)
     logits = torch.einsum("bhgr,bhcr->bhgc", q_r, bound_r) / temperature.unsqueeze(-1)
+    # a chunk with no live slot has +-inf bounds (its logit may be NaN): it takes no part
+    return logits.masked_fill(chunk_live_counts(mask, B, n, chunk, key.device).unsqueeze(2) == 0, float("-inf"))
 
+
+def token_weights(mask: Tensor | None, batch: int, n: int, device) -> Tensor:
+    """Each slot's weight in stage 2's softmax, exp(its mask bias): (B, 1, n), 0 if masked."""
     bias = additive_mask(mask)
-    bias = torch.zeros(B, 1, n, device=key.device) if bias is None else bias[:, :, -1, :]
-    weight = (bias - bias.amax(-1, keepdim=True).clamp_min(0)).exp()      # B 1 n; 0 if masked
-    weight = F.pad(weight, (0, chunks * chunk - n))
-    counts = weight.view(B, 1, chunks, chunk).sum(-1).unsqueeze(2)         # B 1 1 C
-    # a chunk with no weight has +-inf bounds (its logit may be NaN): it takes no part
-    logits = logits.masked_fill(counts == 0, float("-inf"))
+    bias = torch.zeros(batch, 1, n, device=device) if bias is None else bias[:, :, -1, :].expand(batch, 1, n)
+    return (bias - bias.amax(-1, keepdim=True).clamp_min(0)).exp()
+
+
+def chunk_live_counts(mask: Tensor | None, batch: int, n: int, chunk: int, device) -> Tensor:
+    """Summed slot weights of each chunk (its live slots, for boolean masks): (B, 1, C)."""
+    chunks = -(-n // chunk)
+    weight = F.pad(token_weights(mask, batch, n, device), (0, chunks * chunk - n))
+    return weight.view(batch, 1, chunks, chunk).sum(-1)
+
+
+def token_scores(logits: Tensor, mask: Tensor | None, chunk: int, n: int) -> Tensor:
+    """Stage 2 selection scores from chunk logits: per KV head, one probability per slot.
+
+    Softmax over tokens, mean over the group. The softmax is taken per chunk: a token's
+    probability is its chunk's exp(logit) times the token's mask weight, over Z = sum over chunks
+    of exp(logit) * (summed weights). So the tokens of one chunk get bit-identical scores, and
+    top-k ties resolve by slot order alone (a per-token softmax would break them by rounding).
+    Returns (B, Hkv, n) float32.
+    """
+    B = logits.shape[0]
+    counts = chunk_live_counts(mask, B, n, chunk, logits.device).unsqueeze(2)     # B 1 1 C
     shift = logits.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
     chunk_exp = (logits - shift).exp()                                     # B Hkv G C
     total = (chunk_exp * counts).sum(-1, keepdim=True)
-    chunk_scores = (chunk_exp / total).nan_to_num(0.0).mean(2)             # B Hkv C
-    return chunk_scores.repeat_interleave(chunk, dim=-1)[..., :n] * weight[..., :n]
+    scores = (chunk_exp / total).nan_to_num(0.0).mean(2)                   # B Hkv C
+    weight = token_weights(mask, B, n, logits.device)
+    return scores.repeat_interleave(chunk, dim=-1)[..., :n] * weight
+
+
+def approximate_scores(query: Tensor, key: Tensor, mask: Tensor | None, chunk: int,
+                       dims: int) -> Tensor:
+    """Stage 2 selection scores of the stored tokens: (B, Hkv, n) float32 (see token_scores)."""
+    logits = chunk_logits(query, key, mask, chunk, dims)
+    return token_scores(logits, mask, chunk, key.shape[2])
 
 
 def select_tokens(scores: Tensor, topk: int) -> Tensor:
@@ -166,3 +189,26 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
     scores = approximate_scores(query, key, mask, chunk, dims)
     index = select_tokens(scores, topk)
     return attend_selected(query, key, value, mask, scale, index).contiguous()
+
+
+def append(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
+           new_key: Tensor, new_value: Tensor, chunk: int) -> None:
+    """Store one new token per sequence at slot lengths[b] of a static cache, in place.
+
+    keys/values (B, Hkv, capacity, D), key_min/key_max (B, Hkv, ceil(capacity / chunk), D) the
+    per-chunk summaries of the stored keys, lengths (B,) int32, new_key/new_value (B, Hkv, 1, D).
+    The token's chunk summary absorbs it (a chunk's first token starts it afresh), and lengths
+    grows by one. Appending to a full cache is an error.
+    """
+    B = keys.shape[0]
+    torch._assert_async((lengths < keys.shape[2]).all(), "rocketkv: the cache is full")
+    seq = torch.arange(B, device=keys.device)
+    slot = lengths.long()
+    k, v = new_key[:, :, 0], new_value[:, :, 0]                             # B Hkv D
+    keys[seq, :, slot] = k
+    values[seq, :, slot] = v
+    c = slot // chunk
+    first = (slot % chunk == 0).view(B, 1, 1)
+    key_min[seq, :, c] = torch.where(first, k, torch.minimum(key_min[seq, :, c], k))
+    key_max[seq, :, c] = torch.where(first, k, torch.maximum(key_max[seq, :, c], k))
+    lengths += 1

@@ -1,18 +1,21 @@
-"""Stage 2 (hybrid sparse attention, one decode step) in Triton.
+"""Stage 2 (hybrid sparse attention, one decode step) in Triton: four kernels, no torch glue.
 
-Three kernels, read block by block:
-1. `_chunk_logits_kernel`: per KV head and block of chunks, the element-wise min/max of K over
-   each chunk's slots, the bound picked per dim by the group's query sign, and its dot product
-   with each query head's (dims-masked, temperature-scaled) query: one approximate logit per
-   (query head, chunk). No token-level score is ever written.
-2. `_sparse_attention_kernel`: flash-decoding over the selected slots only. Each program takes
-   one KV head and one split of its index list, loads the K/V rows in place by index (nothing is
+Read block by block:
+1. `_chunk_logits_kernel`, per KV head and block of chunks. Query prep first: the sign of each
+   dim's group sum, the r dims of largest group-mean |q|, SparQ's temperature. Then each chunk's
+   bound over the chosen dims only (max of K where the sign is +, min where -), built from the
+   chunk's K rows or read from the cache's min/max summaries, and its dot product with each
+   query head: one approximate logit per (query head, chunk). No token-level score is written.
+2. `_select_kernel`, one program per KV head holding all its chunks in registers: per-chunk
+   softmax and group mean (the reference's scores), the k-th largest token score by a binary
+   search over its bits, then the selected slots in slot order (ties to the earlier slot, as a
+   stable sort). No sort, no top-k op.
+3. `_sparse_attention_kernel`: flash-decoding over the selected slots only. Each program takes
+   one KV head and one split of its slot list, loads the K/V rows in place by index (nothing is
    gathered into a new tensor), and runs an online softmax for the whole GQA group at once.
-3. `_combine_kernel`: merges the splits' partial outputs with their running max and sum.
+4. `_combine_kernel`: merges the splits' partial outputs with their running max and sum.
 Kernels are launched through `wrap_triton`, so that inside the `rocketkv::sparse_decode_triton`
 op (ops.py) Inductor sees and schedules them with the rest of the graph.
-Between 1 and 2 a few small torch ops turn chunk logits into chunk probabilities (the reference's
-per-chunk softmax), and chunks into the selected slots.
 """
 from __future__ import annotations
 
@@ -25,38 +28,138 @@ from torch.library import wrap_triton
 
 @triton.jit
 def _chunk_logits_kernel(
-    k_ptr, qsel_ptr, sign_ptr, valid_ptr, out_ptr,
-    n, chunk, chunks, Hkv,
-    stride_kb, stride_kh, stride_kn,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_VALID: tl.constexpr,
+    q_ptr, k_ptr, kmin_ptr, kmax_ptr, valid_ptr, out_ptr,
+    n, chunk, chunks, dims, Hkv,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_sc,
+    stride_vb,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, RANK_BLOCK: tl.constexpr,
+    HAS_VALID: tl.constexpr, FROM_KEYS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b, h = bh // Hkv, bh % Hkv
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    k_base = k_ptr + b * stride_kb + h * stride_kh
+    g_ok, d_ok = g < G, d < D
+    q_base = q_ptr + b * stride_qb + (h * G) * stride_qh
+    q = tl.load(q_base + g[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+
+    # Query prep, per KV head: the sign of each dim's group sum picks max or min bounds; the
+    # r dims of largest group-mean |q| are read (rank by pairwise comparison, ties to the lower
+    # dim); each head's query is scaled by 1 / SparQ's temperature.
+    positive = tl.sum(q, axis=0) >= 0
+    weight = tl.sum(tl.abs(q), axis=0) / G
+    rank = tl.zeros((BLOCK_D,), tl.int32)
+    for j0 in tl.static_range(0, BLOCK_D, RANK_BLOCK):
+        dj = j0 + tl.arange(0, RANK_BLOCK)
+        qj = tl.load(q_base + g[:, None] * stride_qh + dj[None, :],
+                     mask=g_ok[:, None] & (dj < D)[None, :], other=0.0).to(tl.float32)
+        wj = tl.sum(tl.abs(qj), axis=0) / G
+        beats = (wj[None, :] > weight[:, None]) | ((wj[None, :] == weight[:, None]) & (dj[None, :] < d[:, None]))
+        rank += tl.sum((beats & (dj < D)[None, :]).to(tl.int32), axis=1)
+    chosen = d_ok & (rank < dims)
+    q_r = tl.where(chosen[None, :], q, 0.0)
+    q_norm = tl.where(g_ok, tl.sum(tl.abs(q), axis=1), 1.0)   # padding heads: no 0 / 0
+    temperature = tl.maximum(tl.sqrt(D * tl.sum(tl.abs(q_r), axis=1) / q_norm), 1e-6)
+    q_r = q_r / temperature[:, None]
+
+    # Bounds of BLOCK_C chunks over the chosen dims only: built from the chunk's K rows, or read
+    # from the cache's min/max summaries. Live slots per chunk: a partial last chunk and masked
+    # slots count less; a chunk without any gets no logit.
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < chunks
+    live = tl.zeros((BLOCK_C,), tl.int32)
     kmin = tl.full((BLOCK_C, BLOCK_D), float("inf"), tl.float32)
     kmax = tl.full((BLOCK_C, BLOCK_D), float("-inf"), tl.float32)
-    # The chunk's slots, one at a time: chunk is small (a few slots), BLOCK_C rows per step.
+    k_base = k_ptr + b * stride_kb + h * stride_kh
     for j in range(chunk):
         slot = c * chunk + j
-        live = slot < n
-        if HAS_VALID:  # masked slots take no part in the bounds
-            live &= tl.load(valid_ptr + b * n + slot, mask=live, other=0) != 0
-        ok = live[:, None] & d_ok[None, :]
-        rows = tl.load(k_base + slot[:, None] * stride_kn + d[None, :], mask=ok).to(tl.float32)
-        kmin = tl.where(ok, tl.minimum(kmin, rows), kmin)
-        kmax = tl.where(ok, tl.maximum(kmax, rows), kmax)
-    sign = tl.load(sign_ptr + bh * D + d, mask=d_ok, other=1.0)
-    bound = tl.where(sign[None, :] >= 0, kmax, kmin)
-    bound = tl.where(d_ok[None, :], bound, 0.0)
-    for g in tl.static_range(G):
-        q = tl.load(qsel_ptr + (bh * G + g) * D + d, mask=d_ok, other=0.0)
-        # q is zero outside the chosen dims: only those contribute
-        logit = tl.sum(tl.where(q[None, :] != 0, bound * q[None, :], 0.0), axis=1)
-        tl.store(out_ptr + (bh * G + g) * chunks + c, logit, mask=c < chunks)
+        ok = c_ok & (slot < n)
+        if HAS_VALID:
+            ok &= tl.load(valid_ptr + b * stride_vb + slot, mask=ok, other=0) != 0
+        live += ok.to(tl.int32)
+        if FROM_KEYS:
+            rows_ok = ok[:, None] & chosen[None, :]
+            rows = tl.load(k_base + slot[:, None] * stride_kn + d[None, :], mask=rows_ok).to(tl.float32)
+            kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
+            kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
+    if not FROM_KEYS:
+        s_off = b * stride_sb + h * stride_sh + c[:, None] * stride_sc + d[None, :]
+        s_ok = c_ok[:, None] & chosen[None, :]
+        kmin = tl.load(kmin_ptr + s_off, mask=s_ok, other=float("inf")).to(tl.float32)
+        kmax = tl.load(kmax_ptr + s_off, mask=s_ok, other=float("-inf")).to(tl.float32)
+    bound = tl.where(chosen[None, :] & (live > 0)[:, None],
+                     tl.where(positive[None, :], kmax, kmin), 0.0)
+    for gi in tl.static_range(G):
+        q_g = tl.sum(tl.where((g == gi)[:, None], q_r, 0.0), axis=0)
+        logit = tl.sum(bound * q_g[None, :], axis=1)
+        logit = tl.where(live > 0, logit, float("-inf"))
+        tl.store(out_ptr + (bh * G + gi) * chunks + c, logit, mask=c_ok)
+
+
+@triton.jit
+def _select_kernel(
+    logits_ptr, valid_ptr, out_ptr, n, chunk, chunks, k, Hkv, stride_vb,
+    G: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // Hkv
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < chunks
+    size = tl.minimum(tl.maximum(n - c * chunk, 0), chunk)
+    if HAS_VALID:
+        live = tl.zeros((BLOCK_C,), tl.int32)
+        for j in range(chunk):
+            slot = c * chunk + j
+            ok = c_ok & (slot < n)
+            live += (tl.load(valid_ptr + b * stride_vb + slot, mask=ok, other=0) != 0).to(tl.int32)
+    else:
+        live = tl.where(c_ok, size, 0)
+
+    # Chunk probabilities: per query head a softmax over tokens (a chunk weighs as many times as
+    # it has live tokens), then the group mean. Every live token of a chunk has its score; a
+    # masked token scores 0.
+    score = tl.zeros((BLOCK_C,), tl.float32)
+    for gi in tl.static_range(G):
+        logit = tl.load(logits_ptr + (bh * G + gi) * chunks + c, mask=c_ok, other=float("-inf"))
+        top = tl.max(logit, axis=0)
+        e = tl.exp(logit - tl.where(top == float("-inf"), 0.0, top))
+        z = tl.sum(e * live, axis=0)
+        score += tl.where(z > 0, e / tl.where(z > 0, z, 1.0), 0.0)
+    score = score / G
+
+    # The k-th largest token score, T, by binary search over its bits (scores are >= 0, so
+    # their bit patterns order as the floats do): the largest T with k tokens scoring >= T.
+    bits = tl.where(c_ok, score.to(tl.int32, bitcast=True), -1)
+    threshold = 0
+    for bit in tl.static_range(30, -1, -1):
+        candidate = threshold | (1 << bit)
+        count = tl.sum(tl.where(bits >= candidate, live, 0), axis=0)
+        threshold = tl.where(count >= k, candidate, threshold)
+
+    # Every token above T is taken; tokens at T are taken in slot order until there are k (as a
+    # stable sort would). At T = 0 masked tokens tie too: attention skips them.
+    above = tl.where(bits > threshold, live, 0)
+    tied = tl.where(bits == threshold, live, 0) + tl.where(c_ok & (threshold == 0), size - live, 0)
+    need = k - tl.sum(above, axis=0)
+    tied_before = tl.cumsum(tied, axis=0) - tied
+    take_tied = tl.minimum(tl.maximum(need - tied_before, 0), tied)
+    taken = above + take_tied
+    offset = tl.cumsum(taken, axis=0) - taken
+    written = tl.zeros((BLOCK_C,), tl.int32)
+    tied_seen = tl.zeros((BLOCK_C,), tl.int32)
+    for j in range(chunk):
+        slot = c * chunk + j
+        in_range = c_ok & (slot < n)
+        is_live = in_range
+        if HAS_VALID:
+            is_live &= tl.load(valid_ptr + b * stride_vb + slot, mask=in_range, other=0) != 0
+        is_tied = (is_live & (bits == threshold)) | (in_range & ~is_live & (threshold == 0))
+        take = (is_live & (bits > threshold)) | (is_tied & (tied_seen < take_tied))
+        tl.store(out_ptr + bh * k + offset + written, slot, mask=take)
+        written += take.to(tl.int32)
+        tied_seen += is_tied.to(tl.int32)
 
 
 @triton.jit
@@ -64,6 +167,7 @@ def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     n, count, per_split, Hkv, scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_validb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_VALID: tl.constexpr,
@@ -89,7 +193,7 @@ def _sparse_attention_kernel(
         slot = tl.load(idx_ptr + bh * count + i, mask=ok, other=0)
         ok &= slot < n  # a short list is padded with slots past the end
         if HAS_VALID:  # a masked slot can be selected (fewer live slots than top-k): skip it
-            ok &= tl.load(valid_ptr + b * n + slot, mask=ok, other=0) != 0
+            ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + slot[:, None] * stride_kn + d[None, :],
                     mask=ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
         # (Inductor passes `scale` as a float64 scalar: keep the loop state in float32.)
@@ -130,70 +234,83 @@ def _combine_kernel(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, splits, G,
     tl.store(out_ptr + (bh * G + g) * DV + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
+@triton.jit
+def _append_kernel(
+    k_ptr, v_ptr, kmin_ptr, kmax_ptr, len_ptr, new_k_ptr, new_v_ptr, capacity, chunk, Hkv,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_sb, stride_sh, stride_sc, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # One program per sequence, all its KV heads: only it reads and then bumps lengths[b].
+    b = tl.program_id(0)
+    slot = tl.load(len_ptr + b)
+    room = slot < capacity
+    tl.device_assert(room, "rocketkv: the cache is full")
+    c = slot // chunk
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    d_ok = (d < D) & room
+    for h in range(Hkv):
+        k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d, mask=d_ok)
+        v = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + dv, mask=(dv < DV) & room)
+        tl.store(k_ptr + b * stride_kb + h * stride_kh + slot * stride_kn + d, k, mask=d_ok)
+        tl.store(v_ptr + b * stride_vb + h * stride_vh + slot * stride_vn + dv, v,
+                 mask=(dv < DV) & room)
+        # The chunk's summary absorbs the token; a chunk's first token starts it afresh.
+        s_off = b * stride_sb + h * stride_sh + c * stride_sc + d
+        kmin = tl.load(kmin_ptr + s_off, mask=d_ok)
+        kmax = tl.load(kmax_ptr + s_off, mask=d_ok)
+        first = slot % chunk == 0
+        tl.store(kmin_ptr + s_off, tl.where(first, k, tl.minimum(kmin, k)), mask=d_ok)
+        tl.store(kmax_ptr + s_off, tl.where(first, k, tl.maximum(kmax, k)), mask=d_ok)
+    tl.store(len_ptr + b, slot + 1, mask=room)
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # Triton's interpreter: a few programs are plenty
 
 
-def _query_prep(query: Tensor, kv_heads: int, dims: int) -> tuple[Tensor, Tensor]:
-    """(sign of the group sum per dim, query masked to the r chosen dims / temperature)."""
-    B, Hq, _, D = query.shape
-    q = query.float().reshape(B, kv_heads, Hq // kv_heads, D)
-    sign = torch.where(q.sum(2) >= 0, 1.0, -1.0).contiguous()
-    chosen = torch.zeros(B, kv_heads, D, device=query.device, dtype=torch.bool)
-    chosen.scatter_(-1, q.abs().mean(2).topk(dims, dim=-1).indices, True)
-    q_r = q * chosen.unsqueeze(2)
-    temperature = (D * q_r.abs().sum(-1) / q.abs().sum(-1)).sqrt().clamp_min(1e-6)
-    return sign, (q_r / temperature.unsqueeze(-1)).contiguous()
+def chunk_logits(query: Tensor, key: Tensor, chunk: int, dims: int, valid: Tensor | None = None,
+                 summaries: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Stage 2's approximate logit per (query head, chunk): (B, Hkv, G, C) float32, -inf for a
+    chunk with no live slot, as reference.chunk_logits.
 
-
-def chunk_scores(query: Tensor, key: Tensor, chunk: int, dims: int,
-                 valid: Tensor | None = None) -> Tensor:
-    """Per KV head, the probability stage 2 gives each live token of each chunk: (B, Hkv, C).
-
-    valid: None or (B, n) uint8, 0 for masked slots. Matches reference.approximate_scores with
-    the equivalent boolean mask: a live token's score is its chunk's, a masked one's is 0."""
+    valid: None or (B, n) uint8, 0 for masked slots (batch stride may be 0). summaries: the
+    cache's per-chunk (min, max) of K, (B, Hkv, C, D) each; without them they are built from K.
+    """
     B, Hkv, n, D = key.shape
     G = query.shape[1] // Hkv
     chunks = triton.cdiv(n, chunk)
-    sign, q_sel = _query_prep(query, Hkv, dims)
     logits = torch.empty(B, Hkv, G, chunks, device=key.device, dtype=torch.float32)
-    BLOCK_C = 32
+    kmin, kmax = summaries if summaries is not None else (key, key)
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_C = 16
     wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(chunks, BLOCK_C))](
-        key, q_sel, sign, valid if valid is not None else sign, logits, n, chunk, chunks, Hkv,
-        key.stride(0), key.stride(1), key.stride(2),
-        G=G, D=D, BLOCK_C=BLOCK_C, BLOCK_D=triton.next_power_of_2(D), HAS_VALID=valid is not None)
-    if valid is None:
-        # live slots per chunk: `chunk`, but fewer in a partial last chunk
-        counts = (n - chunk * torch.arange(chunks, device=key.device)).clamp(max=chunk).float()
-    else:
-        counts = torch.nn.functional.pad(valid.float(), (0, chunks * chunk - n))
-        counts = counts.view(B, 1, 1, chunks, chunk).sum(-1)
-        logits = logits.masked_fill(counts == 0, float("-inf"))   # no live slot: no bound
-    chunk_exp = (logits - logits.amax(-1, keepdim=True)).exp()
-    return (chunk_exp / (chunk_exp * counts).sum(-1, keepdim=True)).nan_to_num(0.0).mean(2)
+        query, key, kmin, kmax, valid if valid is not None else key, logits,
+        n, chunk, chunks, dims, Hkv,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        kmin.stride(0), kmin.stride(1), kmin.stride(2), valid.stride(0) if valid is not None else 0,
+        G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
+        RANK_BLOCK=min(32, BLOCK_D), HAS_VALID=valid is not None, FROM_KEYS=summaries is None)
+    return logits
 
 
-def select_slots(scores: Tensor, n: int, chunk: int, topk: int,
+def select_slots(logits: Tensor, n: int, chunk: int, topk: int,
                  valid: Tensor | None = None) -> Tensor:
-    """The top min(topk, n) slots from chunk scores, ties to the earlier slot: (B, Hkv, k) int32.
-
-    Tokens of a chunk share its score, so the token ranking is the chunk ranking (stable), each
-    chunk's slots in order; the last chunk may be partial. Masked slots (score 0) go last; which
-    of them fill a short list does not matter, as attention skips them."""
+    """The top min(topk, n) slots by stage-2 score, ties to the earlier slot, in slot order:
+    (B, Hkv, k) int32. One program per KV head holds all its chunk scores in registers."""
+    B, Hkv, G, chunks = logits.shape
     k = min(topk, n)
-    take = min(scores.shape[-1], k // chunk + 2) if valid is None else scores.shape[-1]
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :take]
-    slots = (order.unsqueeze(-1) * chunk + torch.arange(chunk, device=scores.device)).flatten(-2)
-    # Slots past the end or masked go to the back, keeping the order of the rest.
-    dead = slots >= n
-    if valid is not None:
-        B, H = scores.shape[:2]
-        live = valid.bool().unsqueeze(1).expand(B, H, n)
-        dead |= ~live.gather(-1, slots.clamp(max=n - 1))
-    slots = slots.gather(-1, torch.sort(dead.to(torch.int8), dim=-1, stable=True).indices)
-    return slots[..., :k].to(torch.int32).contiguous()
+    slots = torch.empty(B, Hkv, k, device=logits.device, dtype=torch.int32)
+    BLOCK_C = max(triton.next_power_of_2(chunks), 16)
+    wrap_triton(_select_kernel)[(B * Hkv,)](
+        logits, valid if valid is not None else logits, slots, n, chunk, chunks, k, Hkv,
+        valid.stride(0) if valid is not None else 0,
+        G=G, BLOCK_C=BLOCK_C, HAS_VALID=valid is not None,
+        num_warps=4 if BLOCK_C <= 1024 else 8 if BLOCK_C <= 4096 else 16)
+    return slots
 
 
 def sparse_attention(query: Tensor, key: Tensor, value: Tensor, slots: Tensor, scale: float,
@@ -214,7 +331,7 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, slots: Tensor, s
         query, key, value, slots, valid if valid is not None else slots, part_out, part_m, part_l,
         n, count, per_split, Hkv, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), valid.stride(0) if valid is not None else 0,
         G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D, DV=DV,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_N=BLOCK_N,
         HAS_VALID=valid is not None)
@@ -225,18 +342,33 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, slots: Tensor, s
     return out
 
 
-def slot_validity(mask: Tensor | None, batch: int, n: int) -> Tensor | None:
-    """A boolean mask broadcastable to (B, 1, 1, n), True = attend, as (B, n) uint8."""
+def slot_validity(mask: Tensor | None, n: int) -> Tensor | None:
+    """A boolean mask broadcastable to (B, 1, 1, n), True = attend, as a (B or 1, n) uint8 view."""
     if mask is None:
         return None
-    return mask[..., -1, :].reshape(-1, n).expand(batch, n).to(torch.uint8).contiguous()
+    valid = mask[..., -1, :].reshape(-1, n)
+    return (valid if valid.stride(-1) == 1 else valid.contiguous()).view(torch.uint8)
 
 
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
-                  chunk: int, dims: int, topk: int) -> Tensor:
+                  chunk: int, dims: int, topk: int,
+                  summaries: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Stage 2 for one decode step, as reference.sparse_decode (mask: None or boolean)."""
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    valid = slot_validity(mask, key.shape[0], key.shape[2])
-    scores = chunk_scores(query, key, chunk, dims, valid)
-    slots = select_slots(scores, key.shape[2], chunk, topk, valid)
+    valid = slot_validity(mask, key.shape[2])
+    logits = chunk_logits(query, key, chunk, dims, valid, summaries)
+    slots = select_slots(logits, key.shape[2], chunk, topk, valid)
     return sparse_attention(query, key, value, slots, scale, valid)
+
+
+def append(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
+           new_key: Tensor, new_value: Tensor, chunk: int) -> None:
+    """reference.append in one launch: K/V row, chunk summary and length of each sequence."""
+    B, Hkv, capacity, D = keys.shape
+    DV = values.shape[-1]
+    wrap_triton(_append_kernel)[(B,)](
+        keys, values, key_min, key_max, lengths, new_key, new_value, capacity, chunk, Hkv,
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
+        values.stride(2), key_min.stride(0), key_min.stride(1), key_min.stride(2),
+        new_key.stride(0), new_key.stride(1), new_value.stride(0), new_value.stride(1),
+        D=D, DV=DV, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV))
