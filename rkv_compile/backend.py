@@ -20,7 +20,9 @@ exact graph runs on the full caches (batched, padded generation is not compresse
 Cache tensors get their length marked dynamic, so decode graphs are traced with a symbolic length
 (one graph for all steps, and the positions check has a symbol to follow).
 """
+import functools
 import logging
+import operator
 from typing import Callable, Sequence
 
 import torch
@@ -33,19 +35,28 @@ from .passes.sites import value_of
 
 log = logging.getLogger("rkv_compile")
 PLAN_ATTR = "_rocketkv_plan"
+GROWING = (KVSource.FRESH, KVSource.GROWN)   # caches that grow by cat (DynamicCache, tuples)
 EVICTED_ATTR = "_rocketkv_evicted"
 DECODED_ATTR = "_rocketkv_decoded"   # written by a rewritten decode step (so maybe evicted)
 Compiler = Callable[[GraphModule, Sequence], Callable]
 
 
-def inductor(gm: GraphModule, example_inputs: Sequence) -> Callable:
+def inductor(gm: GraphModule, example_inputs: Sequence, cudagraphs: bool = False) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs))
+    return compile_fx(gm, list(example_inputs),
+                      config_patches={"triton.cudagraphs": True} if cudagraphs else None)
 
 
 def _output_positions(graph: Graph, node) -> list[int]:
     return [i for i, out in enumerate(graph.output_node().args[0]) if out is node]
+
+
+def _state_outputs(graph: Graph, store) -> list[int]:
+    """Output positions of the tensors a RocketKVCache prompt store returns (its layer state)."""
+    return [i for i, out in enumerate(graph.output_node().args[0])
+            if isinstance(out, torch.fx.Node) and out.target is operator.getitem
+            and out.args[0] is store]
 
 
 def _length_inputs(placeholders, decisions: list[SiteDecision]) -> dict | None:
@@ -98,7 +109,10 @@ class RewrittenGraph:
         # site name -> output positions of its (key, value) caches
         self.cache_outputs = {d.site.name: (_output_positions(gm.graph, d.key.cache),
                                             _output_positions(gm.graph, d.value.cache))
-                              for d in decisions if d.phase}
+                              for d in decisions if d.phase and d.key.source in GROWING}
+        # site name -> output positions of the RocketKVCache layer state its prefill stores
+        self.state_outputs = {d.site.name: _state_outputs(gm.graph, d.key.cache)
+                              for d in decisions if d.key.source is KVSource.NEW_ROCKETKV}
         gm = _copy_graph_module(gm)
         self.evicting = apply(gm, analyse(gm.graph, config), config)
         if self.decode_inputs:
@@ -161,6 +175,11 @@ class RewrittenGraph:
                 setattr(outputs[i], PLAN_ATTR, plans[name])
                 setattr(outputs[i], DECODED_ATTR, name in self.decode_inputs)
                 torch._dynamo.maybe_mark_dynamic(outputs[i], 2)
+        for name, positions in self.state_outputs.items():
+            for i in positions:
+                setattr(outputs[i], PLAN_ATTR, plans[name])
+                if self.config.cudagraphs:  # fixed buffers, updated in place: no copies per replay
+                    torch._dynamo.mark_static_address(outputs[i], guard=False)
         for j, name in enumerate(self.evicting):
             for kind in (0, 1):
                 for i in self.cache_outputs[name][kind]:
@@ -168,8 +187,9 @@ class RewrittenGraph:
         return outputs
 
 
-def make_backend(compiler: Compiler = inductor, on_analysis: Callable | None = None):
-    """A Dynamo backend running the RocketKV pass before `compiler` (Inductor by default)."""
+def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None = None):
+    """A Dynamo backend running the RocketKV pass before `compiler` (by default Inductor, with
+    CUDA graphs if the options ask for them)."""
 
     def backend(gm: GraphModule, example_inputs: Sequence, options=None, mode=None):
         config = RocketKVConfig.from_options(options)
@@ -180,9 +200,10 @@ def make_backend(compiler: Compiler = inductor, on_analysis: Callable | None = N
             on_analysis(decisions)
         for d in decisions:
             log.debug("rocketkv site %s: %s", d.site.name, d.phase or d.reason)
+        chosen = compiler or functools.partial(inductor, cudagraphs=config.cudagraphs)
         if not any(d.phase for d in decisions):
-            return compiler(gm, example_inputs)
-        return RewrittenGraph(gm, example_inputs, config, decisions, compiler)
+            return chosen(gm, example_inputs)
+        return RewrittenGraph(gm, example_inputs, config, decisions, chosen)
 
     return backend
 

@@ -19,6 +19,8 @@ class RocketKVConfig:
                     their own keys are always kept.
     kernel_size:    width of the max-pool that smooths stage-1 votes (odd).
     policy:         the selection method; "rocketkv" (the baselines come as further policies).
+    cudagraphs:     decode graphs replay as CUDA graphs (Inductor's cudagraph trees); pays off
+                    with RocketKVCache, whose decode steps all have the same shapes.
     """
 
     token_budget: int | None = 256
@@ -26,8 +28,12 @@ class RocketKVConfig:
     window_size: int = 32
     kernel_size: int = 63
     policy: str = "rocketkv"
+    cudagraphs: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.cudagraphs, bool):
+            raise ValueError(f"rocketkv option 'cudagraphs' must be True or False "
+                             f"(got {self.cudagraphs!r})")
         _check_int("token_budget", self.token_budget, 2, none_ok=True)
         _check_int("max_new_tokens", self.max_new_tokens, 1)
         _check_int("window_size", self.window_size, 1)

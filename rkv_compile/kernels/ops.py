@@ -52,12 +52,51 @@ def sparse_decode_triton(query: Tensor, key: Tensor, value: Tensor, mask: Tensor
     return triton_decode.sparse_decode(query, key, value, mask, scale, chunk, dims, topk, summaries)
 
 
-@triton_op("rocketkv::append_", mutates_args={"keys", "values", "key_min", "key_max", "lengths"})
+@triton_op("rocketkv::append_",
+           mutates_args={"keys", "values", "key_min", "key_max", "lengths", "positions"})
 def append_(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
-            new_key: Tensor, new_value: Tensor, chunk: int) -> None:
-    """One decode token into a RocketKVCache layer: K/V slot, chunk summary, length (in place).
-    On CUDA one Triton launch; elsewhere the reference."""
+            positions: Tensor, new_key: Tensor, new_value: Tensor) -> None:
+    """One decode token into a RocketKVCache layer (reference.append), in place: on CUDA one
+    Triton launch, elsewhere the reference."""
+    state = (keys, values, key_min, key_max, lengths, positions, new_key, new_value)
     if keys.device.type == "cuda":
-        triton_decode.append(keys, values, key_min, key_max, lengths, new_key, new_value, chunk)
+        triton_decode.append(*state)
     else:
-        reference.append(keys, values, key_min, key_max, lengths, new_key, new_value, chunk)
+        reference.append(*state)
+
+
+@torch.library.custom_op("rocketkv::static_cache", mutates_args=())
+def static_cache(key: Tensor, value: Tensor, capacity: int, chunk: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A RocketKVCache layer's state holding the whole prompt (what an exact prefill stores)."""
+    return reference.static_cache(key, value, capacity, chunk, key.shape[2])
+
+
+@torch.library.custom_op("rocketkv::compressed_cache", mutates_args=())
+def compressed_cache(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                     scale: float, keep: int, kernel_size: int, capacity: int, chunk: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Stage 1 straight into a RocketKVCache layer's state: the kept prompt tokens, summaries,
+    and positions that continue at the prompt length."""
+    kept_key, kept_value = compress(query_window, key, value, mask, scale, keep, kernel_size)
+    return reference.static_cache(kept_key, kept_value, capacity, chunk, key.shape[2])
+
+
+def _fake_state(key, value, capacity, chunk):
+    B, H, _, D = key.shape
+    chunks = -(-capacity // chunk) if chunk else 0
+    capacity = chunks * chunk if chunk else capacity
+    lengths = key.new_empty(B, dtype=torch.int32)
+    return (key.new_empty(B, H, capacity, D), value.new_empty(B, H, capacity, value.shape[-1]),
+            key.new_empty(B, H, chunks, D), key.new_empty(B, H, chunks, D), lengths,
+            key.new_empty(B, dtype=torch.int64))
+
+
+@static_cache.register_fake
+def _(key, value, capacity, chunk):
+    return _fake_state(key, value, capacity, chunk)
+
+
+@compressed_cache.register_fake
+def _(query_window, key, value, mask, scale, keep, kernel_size, capacity, chunk):
+    return _fake_state(key, value, capacity, chunk)

@@ -191,22 +191,52 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
     return attend_selected(query, key, value, mask, scale, index).contiguous()
 
 
+def static_cache(key: Tensor, value: Tensor, capacity: int, chunk: int, positions: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A RocketKVCache layer's state holding `key`/`value` (B, Hkv, n, D) in slots 0..n-1.
+
+    Returns (keys, values, key_min, key_max, lengths, positions): capacity-sized K/V buffers
+    (rounded up to whole chunks); per-chunk min/max summaries of the stored keys (chunk 0: none
+    kept, zero chunks); lengths (B,) int32 = n stored slots; positions (B,) int64 = the logical
+    length of each sequence (more than n after eviction).
+    """
+    B, H, n, D = key.shape
+    chunks = -(-capacity // chunk) if chunk else 0
+    capacity = chunks * chunk if chunk else capacity
+    if n > capacity:
+        raise ValueError(f"rocketkv: {n} tokens do not fit a cache of capacity {capacity}")
+    keys = key.new_zeros(B, H, capacity, D)
+    values = value.new_zeros(B, H, capacity, value.shape[-1])
+    keys[:, :, :n], values[:, :, :n] = key, value
+    key_min = key.new_full((B, H, chunks, D), float("inf"))
+    key_max = key.new_full((B, H, chunks, D), float("-inf"))
+    if chunk and n:
+        kmin, kmax = chunk_bounds(key, chunk)
+        key_min[:, :, : kmin.shape[2]], key_max[:, :, : kmax.shape[2]] = kmin, kmax
+    lengths = torch.full((B,), n, dtype=torch.int32, device=key.device)
+    return keys, values, key_min, key_max, lengths, torch.full_like(lengths, positions, dtype=torch.int64)
+
+
 def append(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
-           new_key: Tensor, new_value: Tensor, chunk: int) -> None:
+           positions: Tensor, new_key: Tensor, new_value: Tensor) -> None:
     """Store one new token per sequence at slot lengths[b] of a static cache, in place.
 
-    keys/values (B, Hkv, capacity, D), key_min/key_max (B, Hkv, ceil(capacity / chunk), D) the
-    per-chunk summaries of the stored keys, lengths (B,) int32, new_key/new_value (B, Hkv, 1, D).
-    The token's chunk summary absorbs it (a chunk's first token starts it afresh), and lengths
-    grows by one. Appending to a full cache is an error.
+    State as static_cache returns it; new_key/new_value (B, Hkv, 1, D). The token's chunk summary
+    absorbs it (a chunk's first token starts it afresh; a cache without summaries keeps none),
+    and lengths and positions grow by one. Appending to a full cache is an error.
     """
     B = keys.shape[0]
+    positions += 1
     torch._assert_async((lengths < keys.shape[2]).all(), "rocketkv: the cache is full")
     seq = torch.arange(B, device=keys.device)
     slot = lengths.long()
     k, v = new_key[:, :, 0], new_value[:, :, 0]                             # B Hkv D
     keys[seq, :, slot] = k
     values[seq, :, slot] = v
+    if key_min.shape[2] == 0:
+        lengths += 1
+        return
+    chunk = keys.shape[2] // key_min.shape[2]
     c = slot // chunk
     first = (slot % chunk == 0).view(B, 1, 1)
     key_min[seq, :, c] = torch.where(first, k, torch.minimum(key_min[seq, :, c], k))

@@ -84,7 +84,7 @@ def _window_stats_kernel(
 
 @triton.jit
 def _votes_kernel(
-    q_ptr, k_ptr, m_ptr, l_ptr, votes_ptr,
+    q_ptr, k_ptr, lse_ptr, votes_ptr,
     n, w, Hkv, scale,
     stride_qb, stride_qh, stride_qw, stride_kb, stride_kh, stride_kn,
     G: tl.constexpr, D: tl.constexpr,
@@ -108,31 +108,35 @@ def _votes_kernel(
         q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh
                     + i[:, None] * stride_qw + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        m = tl.load(m_ptr + bh * rows + r, mask=row_ok, other=0.0)
-        l = tl.load(l_ptr + bh * rows + r, mask=row_ok, other=1.0)
+        lse = tl.load(lse_ptr + bh * rows + r, mask=row_ok, other=0.0)
         s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
-        p = tl.exp(s - m[:, None]) / l[:, None]
+        p = tl.exp(s - lse[:, None])  # = exp(s - m) / l, one exp and no division
         votes += tl.sum(tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0), axis=0)
     tl.store(votes_ptr + bh * prefix + j, votes, mask=key_ok)
 
 
-def _blocks(rows: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): tl.dot needs every side >= 16; D is padded to a power of 2,
-    and a D of 256 takes half-size tiles to keep the float32 tiles in registers."""
+def _tiles(D: int) -> tuple[int, int, int]:
+    """(long side, short side, BLOCK_D) of the tiles: tl.dot needs every side >= 16 and D is
+    padded to a power of 2. The side a program keeps (the window rows in pass 1, the prefix
+    keys in pass 2) is the long one, so each tile streamed past it is reused more (on an H100
+    this ran ~20% faster than square tiles); a D of 256 halves both to stay in registers."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    tile = 64 if BLOCK_D <= 128 else 32
-    return min(tile, max(16, triton.next_power_of_2(rows))), tile, BLOCK_D
+    return (128, 64, BLOCK_D) if BLOCK_D <= 128 else (64, 32, BLOCK_D)
 
 
-def window_stats(query_window: Tensor, key: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Per window query, the max m of its causal logits and the sum l of exp(logit - m).
+def _row_block(rows: int, most: int) -> int:
+    return min(most, max(16, triton.next_power_of_2(rows)))
 
-    Returns two (B, Hq, w) float32 tensors: the softmax of row i over keys 0 .. n - w + i is
-    exp(logit - m) / l."""
+
+def window_stats(query_window: Tensor, key: Tensor, scale: float) -> Tensor:
+    """Per window query, the log-sum-exp m + log(l) of its causal logits: (B, Hq, w) float32.
+
+    The softmax of window row i over keys 0 .. n - w + i is exp(logit - lse)."""
     B, Hq, w, D = query_window.shape
     Hkv, n = key.shape[1], key.shape[2]
     G, rows = Hq // Hkv, Hq // Hkv * w
-    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(rows, D)
+    long, BLOCK_N, BLOCK_D = _tiles(D)
+    BLOCK_M = _row_block(rows, long)
     row_blocks = triton.cdiv(rows, BLOCK_M)
     # Split the keys across programs so that few KV heads and short windows still fill the GPU.
     splits = max(1, min(triton.cdiv(n, BLOCK_N),
@@ -148,19 +152,19 @@ def window_stats(query_window: Tensor, key: Tensor, scale: float) -> tuple[Tenso
         G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     # Every row sees key 0, so m is finite; a split a row sees nothing of has m -inf and l 0.
     m = part_m.amax(0)
-    l = (part_l * (part_m - m).exp()).sum(0)
-    return m, l
+    return m + (part_l * (part_m - m).exp()).sum(0).log()
 
 
-def prefix_votes(query_window: Tensor, key: Tensor, scale: float, m: Tensor, l: Tensor) -> Tensor:
-    """The unpooled votes of the n - w prefix keys, from `window_stats`: (B, Hkv, n - w)."""
+def prefix_votes(query_window: Tensor, key: Tensor, scale: float, lse: Tensor) -> Tensor:
+    """The unpooled votes of the n - w prefix keys, given `window_stats`: (B, Hkv, n - w)."""
     B, Hq, w, D = query_window.shape
     Hkv, n = key.shape[1], key.shape[2]
     G = Hq // Hkv
-    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(G * w, D)
+    BLOCK_N, short, BLOCK_D = _tiles(D)
+    BLOCK_M = _row_block(G * w, short)
     votes = torch.empty(B, Hkv, n - w, device=key.device, dtype=torch.float32)
     wrap_triton(_votes_kernel)[(B * Hkv, triton.cdiv(n - w, BLOCK_N))](
-        query_window, key, m, l, votes, n, w, Hkv, scale,
+        query_window, key, lse, votes, n, w, Hkv, scale,
         query_window.stride(0), query_window.stride(1), query_window.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         G=G, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
@@ -174,8 +178,8 @@ def snapkv_votes(query_window: Tensor, key: Tensor, scale: float, kernel_size: i
     Hkv, n = key.shape[1], key.shape[2]
     if n == w:  # no prefix: nothing to score
         return torch.empty(B, Hkv, 0, device=key.device, dtype=torch.float32)
-    m, l = window_stats(query_window, key, scale)
-    votes = prefix_votes(query_window, key, scale, m, l)
+    lse = window_stats(query_window, key, scale)
+    votes = prefix_votes(query_window, key, scale, lse)
     return F.max_pool1d(votes, kernel_size, stride=1, padding=kernel_size // 2)
 
 

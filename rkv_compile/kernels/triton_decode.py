@@ -236,10 +236,11 @@ def _combine_kernel(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, splits, G,
 
 @triton.jit
 def _append_kernel(
-    k_ptr, v_ptr, kmin_ptr, kmax_ptr, len_ptr, new_k_ptr, new_v_ptr, capacity, chunk, Hkv,
-    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    k_ptr, v_ptr, kmin_ptr, kmax_ptr, len_ptr, pos_ptr, new_k_ptr, new_v_ptr, capacity, chunk,
+    Hkv, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_sb, stride_sh, stride_sc, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_SUMMARIES: tl.constexpr,
 ):
     # One program per sequence, all its KV heads: only it reads and then bumps lengths[b].
     b = tl.program_id(0)
@@ -256,14 +257,15 @@ def _append_kernel(
         tl.store(k_ptr + b * stride_kb + h * stride_kh + slot * stride_kn + d, k, mask=d_ok)
         tl.store(v_ptr + b * stride_vb + h * stride_vh + slot * stride_vn + dv, v,
                  mask=(dv < DV) & room)
-        # The chunk's summary absorbs the token; a chunk's first token starts it afresh.
-        s_off = b * stride_sb + h * stride_sh + c * stride_sc + d
-        kmin = tl.load(kmin_ptr + s_off, mask=d_ok)
-        kmax = tl.load(kmax_ptr + s_off, mask=d_ok)
-        first = slot % chunk == 0
-        tl.store(kmin_ptr + s_off, tl.where(first, k, tl.minimum(kmin, k)), mask=d_ok)
-        tl.store(kmax_ptr + s_off, tl.where(first, k, tl.maximum(kmax, k)), mask=d_ok)
+        if HAS_SUMMARIES:  # the chunk's summary absorbs the token; its first token starts it
+            s_off = b * stride_sb + h * stride_sh + c * stride_sc + d
+            kmin = tl.load(kmin_ptr + s_off, mask=d_ok)
+            kmax = tl.load(kmax_ptr + s_off, mask=d_ok)
+            first = slot % chunk == 0
+            tl.store(kmin_ptr + s_off, tl.where(first, k, tl.minimum(kmin, k)), mask=d_ok)
+            tl.store(kmax_ptr + s_off, tl.where(first, k, tl.maximum(kmax, k)), mask=d_ok)
     tl.store(len_ptr + b, slot + 1, mask=room)
+    tl.store(pos_ptr + b, tl.load(pos_ptr + b) + 1, mask=room)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -362,13 +364,17 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
 
 
 def append(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
-           new_key: Tensor, new_value: Tensor, chunk: int) -> None:
-    """reference.append in one launch: K/V row, chunk summary and length of each sequence."""
+           positions: Tensor, new_key: Tensor, new_value: Tensor) -> None:
+    """reference.append in one launch: K/V row, chunk summary, length and position of each
+    sequence."""
     B, Hkv, capacity, D = keys.shape
     DV = values.shape[-1]
+    chunks = key_min.shape[2]
     wrap_triton(_append_kernel)[(B,)](
-        keys, values, key_min, key_max, lengths, new_key, new_value, capacity, chunk, Hkv,
+        keys, values, key_min, key_max, lengths, positions, new_key, new_value, capacity,
+        capacity // max(chunks, 1), Hkv,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
         values.stride(2), key_min.stride(0), key_min.stride(1), key_min.stride(2),
         new_key.stride(0), new_key.stride(1), new_value.stride(0), new_value.stride(1),
-        D=D, DV=DV, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV))
+        D=D, DV=DV, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV),
+        HAS_SUMMARIES=chunks > 0)

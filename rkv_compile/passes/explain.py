@@ -6,7 +6,8 @@ from typing import Callable
 
 import torch
 
-from .rewrite import SiteDecision
+from .kv_source import KVSource
+from .rewrite import SiteDecision, rocketkv_capacity
 
 
 @dataclasses.dataclass
@@ -21,7 +22,13 @@ class SiteReport:
 
     @classmethod
     def of(cls, graph: int, d: SiteDecision) -> "SiteReport":
-        if d.phase == "prefill":
+        if d.phase == "prefill" and d.key.source is KVSource.NEW_ROCKETKV:
+            p = d.plan
+            action = (f"prefill: exact attention; the RocketKVCache stores "
+                      + (f"stage 1's {p.prompt_budget} tokens" if d.query_len > p.prompt_budget
+                         else "the whole prompt")
+                      + f" in {rocketkv_capacity(p, d.query_len)}-token buffers")
+        elif d.phase == "prefill":
             p = d.plan
             action = (f"prefill: exact attention, then stage-1 eviction to {p.prompt_budget} tokens "
                       "(committed by the first rewritten decode step)"

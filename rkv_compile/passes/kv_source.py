@@ -3,7 +3,8 @@
 Only a site whose K/V are a cache that this graph writes back can be compressed: a fresh cache
 (prefill: the graph returns the new keys, e.g. HF DynamicCache's first `cat` or a tuple cache's
 `present`) or a grown one (decode: `cat([past, new])` with `past` a graph input, returned as the
-new cache). Buffers written in place (static caches) and keys that are no cache stay exact.
+new cache), and RocketKVCache's own ops (a new one at prefill, its buffers at decode). Other
+buffers written in place (static caches) and keys that are no cache stay exact.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import enum
 import torch
 from torch.fx import Node
 
+from ..kernels import ops  # noqa: F401  (torch.ops.rocketkv)
 from .sites import _is_call, value_of
 
 IN_PLACE_WRITES = {"index_copy_", "index_put_", "copy_", "scatter_", "__setitem__"}
@@ -24,6 +26,8 @@ class KVSource(enum.Enum):
     IN_PLACE = "written in place into a buffer"
     EXTERNAL = "graph input, not written"
     NONE = "no cache"
+    NEW_ROCKETKV = "new RocketKVCache"
+    ROCKETKV = "RocketKVCache"
 
 
 @dataclasses.dataclass
@@ -46,7 +50,19 @@ def _is_in_place_write(node: Node) -> bool:
         node.op == "call_function" and getattr(node.target, "__name__", "") in IN_PLACE_WRITES)
 
 
+def _calls(node: Node, op) -> bool:
+    return node.op == "call_function" and node.target in (op, op.default)
+
+
 def kv_origin(node: Node, returned: set[Node]) -> KVOrigin:
+    # RocketKVCache (cache.py) stores a prompt through rocketkv.static_cache and appends to its
+    # buffers through rocketkv.append_: `cache` is that call.
+    for user in node.users:
+        if _calls(user, torch.ops.rocketkv.static_cache) and user.args[:2].count(node):
+            return KVOrigin(KVSource.NEW_ROCKETKV, user, new=node)
+        if node.op == "placeholder" and _calls(user, torch.ops.rocketkv.append_) \
+                and user.args[:2].count(node):
+            return KVOrigin(KVSource.ROCKETKV, user, past=node)
     if _is_call(node, (torch.cat,)) and len(node.args[0]) == 2 and \
             (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) in (2, -2):
         past, new = node.args[0]

@@ -59,7 +59,7 @@ def analyse(graph: Graph, config: RocketKVConfig) -> list[SiteDecision]:
                  for site in find_sites(graph)]
     # Every stored cache length: eviction shortens them all, so nothing may derive positions
     # from any of them.
-    caches = {o.past for d in decisions for o in (d.key, d.value) if o.past is not None}
+    caches = {o.past for d in decisions for o in (d.key, d.value) if o.source is KVSource.GROWN}
     lengths = set()
     for past in caches:
         length = value_of(past).shape[2] if isinstance(value_of(past), torch.Tensor) else None
@@ -86,7 +86,8 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
         return f"attention dropout p={site.dropout}"
     if d.key.source != d.value.source:
         return f"keys ({d.key.source.value}) and values ({d.value.source.value}) differ in origin"
-    if d.key.source not in (KVSource.FRESH, KVSource.GROWN):
+    rocketkv_cache = d.key.source in (KVSource.ROCKETKV, KVSource.NEW_ROCKETKV)
+    if not rocketkv_cache and d.key.source not in (KVSource.FRESH, KVSource.GROWN):
         return f"keys are {d.key.source.value}: nothing to compress" + (
             " (static in-place caches are not rewritten on this path)"
             if d.key.source is KVSource.IN_PLACE else "")
@@ -96,6 +97,10 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
         mshape = shape_of(site.mask)
         if mshape is None or len(mshape) > 4 or len(mshape) >= 3 and mshape[-3] != 1:
             return f"mask of shape {mshape} is not one (batch, 1, q, kv) mask for all heads"
+    if rocketkv_cache:
+        if d.key.cache is not d.value.cache:
+            return "keys and values are stored by different RocketKVCache calls"
+        return _rocketkv_refusal(d, config)
     n = k.shape[2]
     if d.key.source is KVSource.FRESH:
         if not (site.is_causal or site.mask is not None):
@@ -130,6 +135,27 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
     if _depends_on_length(graph, lengths, targets={site.query, d.key.new}):
         return ("positions (or the query) derive from the stored cache length, which eviction "
                 "shortens: pass explicit positions to compress this model")
+    d.phase = DECODE
+    return None
+
+
+def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
+    """RocketKVCache sites. Its prefill stores the prompt through one op that the pass turns into
+    stage 1; its decode mask comes from the cache's own mask sizes (physical slots), and it
+    tracks positions itself, so neither the logical-mask nor the length check applies."""
+    site, q, k = d.site, value_of(d.site.query), value_of(d.site.key)
+    if d.key.source is KVSource.NEW_ROCKETKV:
+        if not (site.is_causal or site.mask is not None) or not _same(d.query_len, k.shape[2]):
+            return "not a causal prefill over the whole prompt"
+        prompt, room = int(k.shape[2]), d.key.cache.args[2] - int(k.shape[2])
+        # The cache says how many tokens will be generated: that sizes its plan.
+        d.plan = dataclasses.replace(config, max_new_tokens=room).plan(prompt, int(d.head_dim))
+        d.phase = PREFILL
+        return None
+    if not _same(d.query_len, 1):
+        return f"{d.query_len} new queries over a RocketKVCache: exact"
+    if site.mask is None or site.is_causal:
+        return "no mask over the RocketKVCache's slots: its empty slots would be attended"
     d.phase = DECODE
     return None
 
@@ -194,6 +220,43 @@ def _mask_arg(graph: Graph, site: AttentionSite) -> Node | None:
     return graph.call_function(torch.logical_not, (site.mask,))
 
 
+def _summaries(d: SiteDecision) -> tuple:
+    """A RocketKVCache's chunk summaries for the Triton op (a cache stored exactly has none)."""
+    if d.key.source is not KVSource.ROCKETKV:
+        return ()
+    key_min, key_max = d.key.cache.args[2:4]
+    return (key_min, key_max) if value_of(key_min).shape[2] else ()
+
+
+def rocketkv_capacity(plan: Plan, prompt_len: int) -> int:
+    """Slots of a RocketKVCache layer: the prompt budget and every new token (the window can keep
+    more than capacity - max_new_tokens), in whole chunks."""
+    room = plan.prompt_budget + plan.length - prompt_len
+    return -(-room // plan.chunk) * plan.chunk
+
+
+def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, config: RocketKVConfig) -> None:
+    """The cache's exact prompt store becomes the plan's: stage 1 into capacity-sized buffers with
+    chunk summaries (or the whole prompt, with summaries, when it fits the prompt budget)."""
+    store, plan = d.key.cache, d.plan
+    key, value = store.args[:2]
+    capacity = rocketkv_capacity(plan, int(d.query_len))
+    with graph.inserting_before(store):
+        if d.query_len > plan.prompt_budget:
+            w = config.window_size
+            mask = _mask_arg(graph, d.site)
+            state = graph.call_function(
+                torch.ops.rocketkv.compressed_cache.default,
+                (_last_rows(graph, d.site.query, w), key, value,
+                 None if mask is None else _last_rows(graph, mask, w), d.scale,
+                 plan.prompt_budget - w, config.kernel_size, capacity, plan.chunk))
+        else:
+            state = graph.call_function(torch.ops.rocketkv.static_cache.default,
+                                        (key, value, capacity, plan.chunk))
+    store.replace_all_uses_with(state)
+    graph.erase_node(store)
+
+
 def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig) -> list[str]:
     """Rewrite the sites decided above; returns the names of the sites that evict.
 
@@ -211,7 +274,9 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
     evicted: list[Node] = []
     evicting: list[str] = []
     for d in decisions:
-        if d.phase == PREFILL and d.query_len > d.plan.prompt_budget:
+        if d.phase == PREFILL and d.key.source is KVSource.NEW_ROCKETKV:
+            _rewrite_rocketkv_prefill(graph, d, config)
+        elif d.phase == PREFILL and d.query_len > d.plan.prompt_budget:
             w = config.window_size
             with graph.inserting_before(d.site.output.next):
                 mask = _mask_arg(graph, d.site)
@@ -226,11 +291,13 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
             with graph.inserting_before(first_op):
                 plan = [graph.placeholder(f"{d.site.name}_{field}") for field in PLAN_INPUTS]
             with graph.inserting_before(d.site.output.next):
-                op = (torch.ops.rocketkv.sparse_decode_triton if d.kernel == "triton" else
-                      torch.ops.rocketkv.sparse_decode)
-                sparse = graph.call_function(
-                    op.default, (d.site.query, d.site.key, d.site.value,
-                                 _mask_arg(graph, d.site), d.scale, *plan))
+                args = (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale,
+                        *plan)
+                if d.kernel != "triton":
+                    sparse = graph.call_function(torch.ops.rocketkv.sparse_decode.default, args)
+                else:
+                    sparse = graph.call_function(torch.ops.rocketkv.sparse_decode_triton.default,
+                                                 args + _summaries(d))
             d.site.output.replace_all_uses_with(sparse)
     if evicted:
         output.args = (tuple(output.args[0]) + tuple(evicted),)

@@ -1,0 +1,88 @@
+"""RocketKVCache: the static-shape fast path of RocketKV for transformers models.
+
+Each layer keeps capacity-sized buffers (K, V, the per-chunk min/max summaries of K that stage 2
+reads), and per sequence its stored length and its logical position. Decode steps write one token
+in place (`rocketkv::append_`, one Triton launch on CUDA that also updates the token's chunk
+summary), so every step has the same shapes and can be captured in a CUDA graph.
+
+Without the ``rocketkv`` backend the cache is exact: the prompt is stored whole with room for
+`max_new_tokens`. Under the backend, the pass turns the prompt store into stage 1: the layer then
+holds the plan's capacity, and decode attention runs stage 2 over the stored slots.
+
+The physical slots hold fewer tokens than the logical sequence after eviction. transformers builds
+one mask per forward from `get_mask_sizes`: with kv_offset = (evicted tokens), its causal rule
+`slot + offset <= position` admits exactly the stored slots. `get_seq_length` is logical, as
+positions need.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .kernels import ops  # noqa: F401  (torch.ops.rocketkv)
+
+
+class RocketKVLayer(CacheLayerMixin):
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, max_new_tokens: int):
+        super().__init__()
+        self.max_new_tokens = max_new_tokens
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            # The prompt: attended exactly, then stored (the rocketkv pass compresses it here).
+            self.lazy_initialization(key_states, value_states)
+            (self.keys, self.values, self.key_min, self.key_max, self.lengths,
+             self.positions) = torch.ops.rocketkv.static_cache(
+                key_states, value_states, key_states.shape[2] + self.max_new_tokens, 0)
+            return key_states, value_states
+        if key_states.shape[2] != 1:
+            raise NotImplementedError("RocketKVCache takes one new token per step after the "
+                                      f"prompt (got {key_states.shape[2]})")
+        torch.ops.rocketkv.append_(self.keys, self.values, self.key_min, self.key_max,
+                                   self.lengths, self.positions, key_states, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        """The logical length (positions continue from it), a 0-dim tensor once filled."""
+        return self.positions[0] if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int):
+        if not self.is_initialized:
+            return query_length, 0
+        return self.keys.shape[2], self.positions[0] - self.lengths[0]
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2] if self.is_initialized else -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
+class RocketKVCache(Cache):
+    """A transformers Cache with RocketKV's static layout, for `generate(past_key_values=...)`.
+
+    max_new_tokens: the tokens that will be generated; each layer has room for them. Pass
+    `disable_compile=True` to generate on CUDA so that it does not wrap the forward in its own
+    torch.compile.
+    """
+
+    def __init__(self, config, max_new_tokens: int):
+        text = config.get_text_config(decoder=True)
+        sliding = [t for t in getattr(text, "layer_types", None) or [] if t != "full_attention"]
+        if sliding:
+            raise NotImplementedError(f"RocketKVCache supports full-attention layers only "
+                                      f"(this model has {sorted(set(sliding))})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"RocketKVCache: max_new_tokens must be an int >= 1 "
+                             f"(got {max_new_tokens!r})")
+        super().__init__(layers=[RocketKVLayer(max_new_tokens)
+                                 for _ in range(text.num_hidden_layers)])

@@ -1,0 +1,146 @@
+"""RocketKVCache: its ops against the reference, and generate() through it against the
+DynamicCache path of the pass and the eager oracle (same tokens)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import VOCAB, tiny_hf
+from oracle import oracle_generate
+from transformers import LlamaConfig
+
+import rkv_compile
+from rkv_compile import RocketKVConfig
+from rkv_compile.backend import make_backend
+from rkv_compile.cache import RocketKVCache
+from rkv_compile.kernels import reference as R
+from rkv_compile.kernels import triton_decode as T
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
+
+
+@settings(deadline=None, max_examples=40 if CUDA else 10)
+@given(B=st.integers(1, 3), H=st.integers(1, 3), D=st.sampled_from([64, 80, 128]),
+       chunk=st.integers(0, 4), stored=st.integers(0, 30), room=st.integers(1, 5),
+       dtype=st.sampled_from([torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])),
+       seed=st.integers(0, 2**16))
+def test_append_matches_reference(B, H, D, chunk, stored, room, dtype, seed):
+    """The Triton append (K/V row, chunk summary, length, position) equals the reference, and the
+    summaries stay those of the stored tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(B, H, stored, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    state = R.static_cache(k, v, stored + room, chunk, stored + 7)
+    want, got = [t.clone() for t in state], [t.clone() for t in state]
+    for _ in range(room):
+        new_k, new_v = (torch.randn(B, H, 1, D, generator=gen).to(dtype).to(DEVICE)
+                        for _ in range(2))
+        R.append(*want, new_k, new_v)
+        T.append(*got, new_k, new_v)
+        k = torch.cat([k, new_k], dim=2)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    keys, _, key_min, key_max, lengths, positions = got
+    assert lengths.tolist() == [stored + room] * B and positions.tolist() == [stored + room + 7] * B
+    assert torch.equal(keys[:, :, : stored + room], k)
+    if chunk:
+        kmin, kmax = R.chunk_bounds(k, chunk)
+        assert torch.equal(key_min[:, :, : kmin.shape[2]], kmin.to(dtype))
+        assert torch.equal(key_max[:, :, : kmax.shape[2]], kmax.to(dtype))
+
+
+def test_full_cache_append_is_an_error():
+    state = R.static_cache(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), 4, 2, 4)
+    with pytest.raises(RuntimeError, match="full"):
+        R.append(*state, torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8))
+
+
+def test_static_cache_layout():
+    k = torch.randn(2, 2, 7, 16)
+    keys, values, key_min, key_max, lengths, positions = R.static_cache(k, k, 10, 3, 40)
+    assert keys.shape == (2, 2, 12, 16) and key_min.shape == (2, 2, 4, 16)  # whole chunks
+    assert torch.equal(keys[:, :, :7], k) and not keys[:, :, 7:].any()
+    assert torch.equal(key_min[:, :, :3], R.chunk_bounds(k, 3)[0])
+    assert torch.isposinf(key_min[:, :, 3]).all() and torch.isneginf(key_max[:, :, 3]).all()
+    assert lengths.tolist() == [7, 7] and positions.tolist() == [40, 40]
+    with pytest.raises(ValueError, match="do not fit"):
+        R.static_cache(k, k, 5, 0, 7)
+
+
+def test_cache_arguments_are_checked():
+    config = LlamaConfig(num_hidden_layers=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        RocketKVCache(config, 0)
+    config.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(NotImplementedError, match="sliding_attention"):
+        RocketKVCache(config, 4)
+
+
+def _generate(model, ids, steps, cache=None, backend=None):
+    forward = model.forward
+    if backend is not None:
+        model.forward = torch.compile(forward, backend=backend)
+    try:
+        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             past_key_values=cache)
+    finally:
+        model.forward = forward
+    return out[0, ids.shape[1]:].tolist()
+
+
+@settings(deadline=None, max_examples=6)
+@given(length=st.integers(20, 320), steps=st.integers(2, 8), seed=st.integers(0, 2**16))
+def test_eager_cache_is_exact(length, steps, seed):
+    """Without the backend a RocketKVCache is a plain exact cache."""
+    model = tiny_hf("llama")
+    ids = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert _generate(model, ids, steps, RocketKVCache(model.config, steps)) == \
+            _generate(model, ids, steps)
+
+
+@settings(deadline=None, max_examples=6)
+@given(arch=st.sampled_from(["llama", "qwen2"]), length=st.integers(40, 400),
+       budget=st.sampled_from([16, 32, 64]), steps=st.integers(2, 8), seed=st.integers(0, 2**16))
+def test_cache_matches_dynamic_cache_path(arch, length, budget, steps, seed):
+    """The property the fast path must keep: generate() through RocketKVCache gives the tokens of
+    the DynamicCache path of the pass, and of the eager oracle; each layer holds the plan's
+    prompt budget and room for the new tokens (whole chunks), filled with the kept prompt and the
+    generated tokens."""
+    torch._dynamo.reset()
+    model = tiny_hf(arch)
+    options = {"token_budget": budget, "max_new_tokens": steps}
+    backend = lambda gm, ex: rewrite_only(gm, ex, options=options)  # noqa: E731
+    ids = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+    cache = RocketKVCache(model.config, steps)
+    with torch.no_grad():
+        tokens = _generate(model, ids, steps, cache, backend)
+        torch._dynamo.reset()
+        dynamic = _generate(model, ids, steps, None, backend)
+    oracle, _ = oracle_generate(model, ids, RocketKVConfig.from_options(options), steps)
+    assert tokens == dynamic == oracle
+    plan = RocketKVConfig.from_options(options).plan(length, 16)
+    kept = min(length, plan.prompt_budget)
+    for layer in cache.layers:
+        assert layer.keys.shape[2] == -(-(plan.prompt_budget + steps) // plan.chunk) * plan.chunk
+        assert layer.lengths.tolist() == [kept + steps - 1]
+        assert layer.positions.tolist() == [length + steps - 1]
+    assert int(cache.get_seq_length()) == length + steps - 1
+
+
+def test_cache_through_inductor_and_explain():
+    """The full backend (Inductor) on a RocketKVCache, and what explain says about its sites."""
+    model = tiny_hf("llama")
+    options = {"token_budget": 64, "max_new_tokens": 6}
+    ids = torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        report = rkv_compile.explain(
+            lambda: model.generate(ids, max_new_tokens=3,
+                                   past_key_values=RocketKVCache(model.config, 6)),
+            options=options)
+        kinds = {(s.kv_source, s.rewritten) for s in report.sites}
+        assert kinds == {("new RocketKVCache", True), ("RocketKVCache", True)}
+        assert "stage 1's 166 tokens in 172-token buffers" in str(report)
+        model.forward = torch.compile(model.forward, backend="rocketkv", options=options)
+        tokens = _generate(model, ids, 6, RocketKVCache(model.config, 6))
+    assert tokens == oracle_generate(model, ids, RocketKVConfig.from_options(options), 6)[0]
