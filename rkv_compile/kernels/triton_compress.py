@@ -4,7 +4,7 @@ A prefix key's vote is the softmax probability that the last w prompt queries gi
 over those w queries and the G query heads of its KV group. The softmax runs over all n keys,
 so the direct way materialises a (w x n) probability matrix per query head; here none is ever
 written. As in flash attention, each probability is recomputed from q.k where it is needed, and
-only two float32 numbers per window query travel between the passes.
+only one float32 number per window query, its log-sum-exp, travels between the passes.
 
 Two kernels, read block by block:
 1. `_window_stats_kernel`: one program per (KV head, block of the group's window rows, split of
@@ -12,10 +12,11 @@ Two kernels, read block by block:
    (G * w, D) matrix, so each K block loaded serves the whole group. Over its key blocks it
    computes the logits q.k * scale under the in-window causal mask (window row i sees keys
    0 .. n - w + i) and keeps the online-softmax running max m and sum of exp(logit - m) per row.
-   A few torch ops merge the splits' (m, l) into one pair per (batch, query head, window row).
+   A few torch ops merge the splits' (m, l) into one log-sum-exp lse = m + log(l) per
+   (batch, query head, window row).
 2. `_votes_kernel`: one program per (KV head, block of prefix keys [0, n - w)). It loads its K
    block once, then walks the group's stacked window rows block by block, recomputes their
-   logits against it, turns them into probabilities exp(logit - m) / l, and sums them down the
+   logits against it, turns them into probabilities exp(logit - lse), and sums them down the
    rows: one vote per prefix key. No causal mask is needed: every window row sees every prefix
    key.
 The max-pool over the votes, the top-k and the gather of the kept tokens then run as in the
