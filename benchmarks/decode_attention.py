@@ -4,8 +4,10 @@ Llama-3.1-8B attention shape (32 query / 8 KV heads, head_dim 128), bf16. For ea
 context and token budget, in one run: dense SDPA with enable_gqa over the full cache; the floor
 for reading that cache once at the copy bandwidth measured here; and stage 2 over the compressed
 cache RocketKV keeps (its plan's capacity): the Triton kernels launched one by one, the same
-replayed as a CUDA graph, and the plain-PyTorch reference. Also stage 1 (reference op) against
-exact causal prefill attention. Medians of triton.testing.do_bench / do_bench_cudagraph.
+replayed as a CUDA graph, the RocketKVCache variants (stage 2 reading the cache's chunk summaries;
+append + stage 2, one whole cache step) as CUDA graphs, and the plain-PyTorch reference. Also
+stage 1 (Triton and reference) against exact causal prefill attention. Medians of
+triton.testing.do_bench / do_bench_cudagraph.
 
     python3 benchmarks/decode_attention.py --out results.json
 """
@@ -23,6 +25,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, ".")
 from rkv_compile.kernels import reference as R  # noqa: E402
+from rkv_compile.kernels import triton_compress as TC  # noqa: E402
 from rkv_compile.kernels import triton_decode as T  # noqa: E402
 from rkv_compile.policies import RocketKV  # noqa: E402
 
@@ -58,11 +61,35 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
         def ours():
             return T.sparse_decode(q, kc, vc, None, scale, plan.chunk, plan.dims, plan.topk)
 
+        # RocketKVCache's step: append the new token (with its chunk summary), then stage 2 over
+        # the filled slots reading the summaries. The lengths are put back after each step so
+        # that replays never fill the cache (one tiny copy kernel, included in the time).
+        state = R.static_cache(kc[:, :, : n - 1], vc[:, :, : n - 1], n, plan.chunk, context)
+        keys, values, key_min, key_max, lengths, positions = state
+        start = lengths.clone()
+        slots = torch.arange(keys.shape[2], device="cuda")
+        new_k, new_v = randn(batch, HKV, 1, D), randn(batch, HKV, 1, D)
+
+        def summaries_only():
+            valid = (slots < n)[None, None, None, :]
+            return T.sparse_decode(q, keys, values, valid, scale, plan.chunk, plan.dims,
+                                   plan.topk, (key_min, key_max))
+
+        def cache_step():
+            T.append(keys, values, key_min, key_max, lengths, positions, new_k, new_v)
+            valid = (slots < n)[None, None, None, :]
+            out = T.sparse_decode(q, keys, values, valid, scale, plan.chunk, plan.dims,
+                                  plan.topk, (key_min, key_max))
+            lengths.copy_(start)
+            return out
+
         want = R.sparse_decode(q.float(), kc.float(), vc.float(), None, scale, plan.chunk,
                                plan.dims, plan.topk)
         error = float((ours().float() - want).norm() / want.norm())
         triton_ms = do_bench(ours, warmup=25, rep=200, return_mode="median")
         graph_ms = do_bench_cudagraph(ours, rep=200, return_mode="median")
+        summaries_ms = do_bench_cudagraph(summaries_only, rep=200, return_mode="median")
+        step_ms = do_bench_cudagraph(cache_step, rep=200, return_mode="median")
         reference_ms = do_bench(lambda: R.sparse_decode(q, kc, vc, None, scale, plan.chunk,
                                                         plan.dims, plan.topk),
                                 warmup=10, rep=100, return_mode="median")
@@ -72,27 +99,38 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
                          chunk=plan.chunk, dims=plan.dims, topk=plan.topk,
                          dense_sdpa_ms=dense, kv_read_floor_ms=floor,
                          stage2_triton_ms=triton_ms, stage2_triton_cudagraph_ms=graph_ms,
+                         stage2_summaries_cudagraph_ms=summaries_ms,
+                         cache_step_cudagraph_ms=step_ms,
                          stage2_reference_ms=reference_ms, stage2_read_floor_ms=ours_floor,
                          stage2_rel_error_vs_fp32_reference=error))
         print(f"B={batch:2} ctx={context // 1024:4}K budget={budget:5} cache={n:5} | dense "
               f"{dense:7.3f} ms  floor {floor:7.3f} | ours triton {triton_ms:7.3f}  graph "
-              f"{graph_ms:7.3f}  reference {reference_ms:7.3f} ms  (err {error:.1e})", flush=True)
+              f"{graph_ms:7.3f}  summaries {summaries_ms:7.3f}  append+stage2 {step_ms:7.3f}  "
+              f"reference {reference_ms:7.3f} ms  (err {error:.1e})", flush=True)
     return rows
 
 
 def stage1_row(context: int, budget: int) -> dict:
     q, k, v = randn(1, HQ, context, D), randn(1, HKV, context, D), randn(1, HKV, context, D)
     plan = RocketKV(budget, NEW_TOKENS).plan(context, D)
+    keep = plan.prompt_budget - 32
     prefill = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                               enable_gqa=True),
                        warmup=5, rep=50, return_mode="median")
-    stage1 = do_bench(lambda: R.compress(q[:, :, -32:], k, v, None, D**-0.5,
-                                         plan.prompt_budget - 32, 63),
-                      warmup=5, rep=50, return_mode="median")
+    reference = do_bench(lambda: R.compress(q[:, :, -32:], k, v, None, D**-0.5, keep, 63),
+                         warmup=5, rep=50, return_mode="median")
+    fused = do_bench(lambda: TC.compress(q[:, :, -32:], k, v, D**-0.5, keep, 63),
+                     warmup=5, rep=50, return_mode="median")
+    same = all(torch.equal(a, b) for a, b in zip(
+        TC.compress(q[:, :, -32:], k, v, D**-0.5, keep, 63),
+        R.compress(q[:, :, -32:], k, v, None, D**-0.5, keep, 63)))
     print(f"stage 1 ctx={context // 1024}K budget={budget}: prefill attention {prefill:.3f} ms,"
-          f" stage 1 (reference op) {stage1:.3f} ms ({100 * stage1 / prefill:.1f}%)", flush=True)
+          f" stage 1 Triton {fused:.3f} ms ({100 * fused / prefill:.1f}%), reference "
+          f"{reference:.3f} ms ({100 * reference / prefill:.1f}%), same tokens kept: {same}",
+          flush=True)
     return dict(context=context, budget=budget, prefill_attention_ms=prefill,
-                stage1_reference_ms=stage1)
+                stage1_triton_ms=fused, stage1_reference_ms=reference,
+                same_kept_as_reference=same)
 
 
 def main():
@@ -101,6 +139,7 @@ def main():
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--contexts", default="16,32,64,128", help="K tokens")
     parser.add_argument("--budgets", default="256,1024,4096")
+    parser.add_argument("--stage1-contexts", default="8,16,32,64,128", help="K tokens")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -109,7 +148,8 @@ def main():
     decode = [row for batch in map(int, args.batches.split(","))
               for context in (int(c) * 1024 for c in args.contexts.split(","))
               for row in decode_row(batch, context, budgets, bandwidth)]
-    stage1 = [stage1_row(int(c) * 1024, 256) for c in args.contexts.split(",")]
+    stage1 = [stage1_row(int(c) * 1024, budget) for c in args.stage1_contexts.split(",")
+              for budget in budgets]
     result = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, triton=triton.__version__,
                   copy_bandwidth_bytes_per_s=bandwidth, command=" ".join(sys.argv),

@@ -1,10 +1,14 @@
-"""The ``rocketkv`` torch.library ops that rewritten graphs call.
+"""The ``rocketkv`` torch.library ops that rewritten graphs and RocketKVCache call.
 
-`compress` and `sparse_decode` are opaque custom ops running the PyTorch reference on any device,
-with fake kernels whose shapes and (contiguous) strides match, so Dynamo, AOTAutograd and Inductor
-can trace around them. `sparse_decode_triton` is a `triton_op`: on CUDA, Inductor traces into it
-and schedules its Triton kernels with the rest of the graph. (Under Triton's CPU interpreter a
-triton_op cannot be traced by torch.compile, so CPU graphs keep the opaque reference ops.)
+- `compress` (stage 1) and `sparse_decode` (stage 2) are opaque custom ops with fake kernels whose
+  shapes and (contiguous) strides match, so Dynamo, AOTAutograd and Inductor trace around them.
+  They run the PyTorch reference; `compress` runs the Triton stage-1 kernels on CUDA.
+- `sparse_decode_triton` is a `triton_op`: on CUDA, Inductor traces into it and schedules its
+  Triton kernels with the rest of the graph. (Under Triton's CPU interpreter a triton_op cannot
+  be traced by torch.compile, so CPU graphs keep the opaque reference ops.)
+- RocketKVCache's state: `static_cache` (an exact prompt store), `compressed_cache` (what the pass
+  puts in its place: stage 1 straight into the cache), and `append_` (one decode token, in place;
+  a triton_op whose CUDA path is one Triton launch).
 """
 from __future__ import annotations
 
@@ -13,13 +17,16 @@ from torch import Tensor
 
 from torch.library import triton_op
 
-from . import reference, triton_decode
+from . import reference, triton_compress, triton_decode
 
 
 @torch.library.custom_op("rocketkv::compress", mutates_args=())
 def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
              keep: int, kernel_size: int) -> tuple[Tensor, Tensor]:
-    """Stage 1: the `keep` best-voted prefix tokens per KV head plus the window, as new caches."""
+    """Stage 1: the `keep` best-voted prefix tokens per KV head plus the window, as new caches.
+    On CUDA without a mask the votes come from the Triton kernels (no w x n matrix written)."""
+    if key.device.type == "cuda" and mask is None:
+        return triton_compress.compress(query_window, key, value, scale, keep, kernel_size)
     return reference.compress(query_window, key, value, mask, scale, keep, kernel_size)
 
 

@@ -71,12 +71,16 @@ def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | No
 
     Returns contiguous key and value caches of `keep + w` tokens, in sequence order.
     """
-    w = query_window.shape[-2]
     votes = snapkv_votes(query_window, key, mask, scale, kernel_size)
-    idx = keep_indices(votes, keep).unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
-    kept_k = torch.cat([key.gather(2, idx), key[:, :, key.shape[2] - w:]], dim=2)
-    kept_v = torch.cat([value.gather(2, idx), value[:, :, value.shape[2] - w:]], dim=2)
-    return kept_k.contiguous(), kept_v.contiguous()
+    return gather_kept(key, value, keep_indices(votes, keep), query_window.shape[-2])
+
+
+def gather_kept(key: Tensor, value: Tensor, index: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """The prefix tokens at `index` (B, Hkv, keep), then the last `window` tokens: contiguous."""
+    n = key.shape[2]
+    kept = [torch.cat([t.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])),
+                       t[:, :, n - window:]], dim=2).contiguous() for t in (key, value)]
+    return kept[0], kept[1]
 
 
 def chunk_bounds(key: Tensor, chunk: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -188,10 +188,6 @@ def compress(query_window: Tensor, key: Tensor, value: Tensor, scale: float, kee
              kernel_size: int) -> tuple[Tensor, Tensor]:
     """Stage 1 eviction, as reference.compress with no mask: the `keep` best-voted prefix tokens
     per KV head, then the whole window, as contiguous caches in sequence order."""
-    w, n = query_window.shape[-2], key.shape[2]
     votes = snapkv_votes(query_window, key, scale, kernel_size)
-    idx = reference.keep_indices(votes, keep).unsqueeze(-1)
-    kept_k = torch.cat([key.gather(2, idx.expand(-1, -1, -1, key.shape[-1])), key[:, :, n - w:]], 2)
-    kept_v = torch.cat([value.gather(2, idx.expand(-1, -1, -1, value.shape[-1])),
-                        value[:, :, n - w:]], 2)
-    return kept_k.contiguous(), kept_v.contiguous()
+    return reference.gather_kept(key, value, reference.keep_indices(votes, keep),
+                                 query_window.shape[-2])

@@ -147,7 +147,9 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
     if d.key.source is KVSource.NEW_ROCKETKV:
         if not (site.is_causal or site.mask is not None) or not _same(d.query_len, k.shape[2]):
             return "not a causal prefill over the whole prompt"
-        prompt, room = int(k.shape[2]), d.key.cache.args[2] - int(k.shape[2])
+        stored = d.key.cache.args[2]   # prompt + the cache's room, maybe a traced size
+        prompt = int(k.shape[2])
+        room = int(value_of(stored) if isinstance(stored, Node) else stored) - prompt
         # The cache says how many tokens will be generated: that sizes its plan.
         d.plan = dataclasses.replace(config, max_new_tokens=room).plan(prompt, int(d.head_dim))
         d.phase = PREFILL

@@ -1,0 +1,67 @@
+"""RocketKVCache on the GPU: Triton decode with chunk summaries and the append kernel, CUDA-graph
+replay (the cudagraphs option), the tokens of the eager oracle, and memory after prefill."""
+import torch
+from models import tiny_hf
+from oracle import oracle_generate
+
+import rkv_compile
+from rkv_compile import RocketKVConfig
+from rkv_compile.cache import RocketKVCache
+
+assert torch.cuda.is_available(), "tests_gpu/ runs on the GPU machine"
+
+
+def _generate(model, ids, steps, options):
+    forward = model.forward
+    model.forward = torch.compile(forward, backend=rkv_compile.rocketkv, options=options)
+    try:
+        cache = RocketKVCache(model.config, steps)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                 past_key_values=cache, disable_compile=True)
+    finally:
+        model.forward = forward
+    return out[0, ids.shape[1]:].tolist(), cache
+
+
+def test_cache_generate_matches_oracle_with_and_without_cudagraphs():
+    model = tiny_hf("llama").cuda()
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(7)).cuda()
+    options = {"token_budget": 64, "max_new_tokens": 10}
+    expected, _ = oracle_generate(model, ids, RocketKVConfig.from_options(options), 10)
+    with torch.no_grad():
+        report = rkv_compile.explain(
+            lambda: model.generate(ids, max_new_tokens=3, disable_compile=True,
+                                   past_key_values=RocketKVCache(model.config, 10)),
+            options=options)
+    decode = [s for s in report.sites if s.query_len == "1"]
+    assert decode and all(s.kv_source == "RocketKVCache" and "triton" in s.action for s in decode)
+    for cudagraphs in (False, True):
+        torch._dynamo.reset()
+        tokens, cache = _generate(model, ids, 10, {**options, "cudagraphs": cudagraphs})
+        assert tokens == expected, cudagraphs
+        plan = RocketKVConfig.from_options(options).plan(400, 16)
+        assert [int(layer.lengths[0]) for layer in cache.layers] == [plan.prompt_budget + 9] * 2
+
+
+def test_memory_after_prefill_is_the_plan():
+    """After prefill the layers hold capacity buffers, not the prompt: memory allocated beyond the
+    model and the logits is the cache state, far below a full KV cache."""
+    model = tiny_hf("llama").cuda()
+    T, steps = 8000, 16
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(8)).cuda()
+    options = {"token_budget": 64, "max_new_tokens": steps}
+    forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
+    cache = RocketKVCache(model.config, steps)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        logits = forward(ids, past_key_values=cache, logits_to_keep=1).logits
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before - logits.numel() * logits.element_size()
+    state = sum(t.numel() * t.element_size() for layer in cache.layers
+                for t in (layer.keys, layer.values, layer.key_min, layer.key_max, layer.lengths,
+                          layer.positions))
+    full_kv = 2 * 2 * T * 16 * 4 * 2   # layers x (K, V) x tokens x head_dim x fp32 x KV heads
+    assert held <= state + 4096, (held, state)
+    assert state < full_kv / 10
