@@ -141,6 +141,6 @@ def test_cache_through_inductor_and_explain():
         kinds = {(s.kv_source, s.rewritten) for s in report.sites}
         assert kinds == {("new RocketKVCache", True), ("RocketKVCache", True)}
         assert "stage 1's 175 tokens in 182-token buffers" in str(report)
-        model.forward = torch.compile(model.forward, backend="rocketkv", options=options)
+        model.forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
         tokens = _generate(model, ids, 6, RocketKVCache(model.config, 6))
     assert tokens == oracle_generate(model, ids, RocketKVConfig.from_options(options), 6)[0]

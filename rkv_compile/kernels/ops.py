@@ -8,7 +8,7 @@
   be traced by torch.compile, so CPU graphs keep the opaque reference ops.)
 - RocketKVCache's state: `static_cache` (an exact prompt store), `compressed_cache` (what the pass
   puts in its place: stage 1 straight into the cache), and `append_` (one decode token, in place;
-  a triton_op whose CUDA path is one Triton launch).
+  an opaque op whose CUDA path is one Triton launch).
 """
 from __future__ import annotations
 
@@ -59,12 +59,14 @@ def sparse_decode_triton(query: Tensor, key: Tensor, value: Tensor, mask: Tensor
     return triton_decode.sparse_decode(query, key, value, mask, scale, chunk, dims, topk, summaries)
 
 
-@triton_op("rocketkv::append_",
-           mutates_args={"keys", "values", "key_min", "key_max", "lengths", "positions"})
+@torch.library.custom_op("rocketkv::append_",
+                         mutates_args=("keys", "values", "key_min", "key_max", "lengths",
+                                       "positions"))
 def append_(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
             positions: Tensor, new_key: Tensor, new_value: Tensor) -> None:
     """One decode token into a RocketKVCache layer (reference.append), in place: on CUDA one
-    Triton launch, elsewhere the reference."""
+    Triton launch, elsewhere the reference. Opaque to Inductor: as a triton_op traced by Inductor
+    (torch 2.11) its in-place writes to graph inputs were lost; an opaque mutating op keeps them."""
     state = (keys, values, key_min, key_max, lengths, positions, new_key, new_value)
     if keys.device.type == "cuda":
         triton_decode.append(*state)

@@ -259,6 +259,13 @@ def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, config: RocketKVCon
     graph.erase_node(store)
 
 
+def _is_impure(node: Node) -> bool:
+    """Kept by dead-code elimination: side effects, and ops that write their inputs (older torch
+    versions' FX does not count custom ops with mutable arguments, e.g. rocketkv.append_)."""
+    op = getattr(node.target, "default", node.target)
+    return node.is_impure() or bool(getattr(getattr(op, "_schema", None), "is_mutable", False))
+
+
 def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig) -> list[str]:
     """Rewrite the sites decided above; returns the names of the sites that evict.
 
@@ -303,7 +310,7 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
             d.site.output.replace_all_uses_with(sparse)
     if evicted:
         output.args = (tuple(output.args[0]) + tuple(evicted),)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
     gm.recompile()
     return evicting
