@@ -7,7 +7,7 @@ and float16 at small shapes; on a CUDA machine the same tests run on the GPU, bf
 from __future__ import annotations
 
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from test_reference import NEAR_TIE
 
@@ -80,6 +80,8 @@ def _random_mask(B, n, chunk, seed):
 
 @SETTINGS
 @given(case=decode_cases(), masked=st.booleans(), from_summaries=st.booleans())
+# On the GPU, a dim's group mean computed twice in two layouts once ranked it below itself.
+@example(case=(1, 1, 5, 80, 1, 1, 1, 1, torch.float32, 2), masked=False, from_summaries=False)
 def test_chunk_logits_match_reference(case, masked, from_summaries):
     B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
     q, k, _ = _inputs(B, Hkv, G, D, n, dtype, seed)

@@ -33,32 +33,31 @@ def _chunk_logits_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_sc,
     stride_vb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, RANK_BLOCK: tl.constexpr,
-    HAS_VALID: tl.constexpr, FROM_KEYS: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, FROM_KEYS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b, h = bh // Hkv, bh % Hkv
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     g_ok, d_ok = g < G, d < D
-    q_base = q_ptr + b * stride_qb + (h * G) * stride_qh
-    q = tl.load(q_base + g[:, None] * stride_qh + d[None, :],
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
 
     # Query prep, per KV head: the sign of each dim's group sum picks max or min bounds; the
-    # r dims of largest group-mean |q| are read (rank by pairwise comparison, ties to the lower
-    # dim); each head's query is scaled by 1 / SparQ's temperature.
+    # r dims of largest group-mean |q| are read; each head's query is scaled by 1 / SparQ's
+    # temperature. The r-th largest mean is found by a search over its bits (means are >= 0, so
+    # their bit patterns order as the floats do); ties at it go to the lower dims. (Comparing
+    # means computed twice, in two layouts, could rank a dim against a differently rounded self.)
     positive = tl.sum(q, axis=0) >= 0
-    weight = tl.sum(tl.abs(q), axis=0) / G
-    rank = tl.zeros((BLOCK_D,), tl.int32)
-    for j0 in tl.static_range(0, BLOCK_D, RANK_BLOCK):
-        dj = j0 + tl.arange(0, RANK_BLOCK)
-        qj = tl.load(q_base + g[:, None] * stride_qh + dj[None, :],
-                     mask=g_ok[:, None] & (dj < D)[None, :], other=0.0).to(tl.float32)
-        wj = tl.sum(tl.abs(qj), axis=0) / G
-        beats = (wj[None, :] > weight[:, None]) | ((wj[None, :] == weight[:, None]) & (dj[None, :] < d[:, None]))
-        rank += tl.sum((beats & (dj < D)[None, :]).to(tl.int32), axis=1)
-    chosen = d_ok & (rank < dims)
+    weight = tl.where(d_ok, (tl.sum(tl.abs(q), axis=0) / G).to(tl.int32, bitcast=True), -1)
+    threshold = 0
+    for bit in tl.static_range(30, -1, -1):
+        candidate = threshold | (1 << bit)
+        count = tl.sum((weight >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(count >= dims, candidate, threshold)
+    tied = (weight == threshold).to(tl.int32)
+    need = dims - tl.sum((weight > threshold).to(tl.int32), axis=0)
+    chosen = (weight > threshold) | ((tied != 0) & (tl.cumsum(tied, axis=0) <= need))
     q_r = tl.where(chosen[None, :], q, 0.0)
     q_norm = tl.where(g_ok, tl.sum(tl.abs(q), axis=1), 1.0)   # padding heads: no 0 / 0
     temperature = tl.maximum(tl.sqrt(D * tl.sum(tl.abs(q_r), axis=1) / q_norm), 1e-6)
@@ -295,7 +294,7 @@ def chunk_logits(query: Tensor, key: Tensor, chunk: int, dims: int, valid: Tenso
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         kmin.stride(0), kmin.stride(1), kmin.stride(2), valid.stride(0) if valid is not None else 0,
         G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
-        RANK_BLOCK=min(32, BLOCK_D), HAS_VALID=valid is not None, FROM_KEYS=summaries is None)
+        HAS_VALID=valid is not None, FROM_KEYS=summaries is None)
     return logits
 
 
