@@ -26,8 +26,8 @@ def main(source: str, target: str) -> None:
         ax.plot(ks, [r["kv_read_floor_ms"] for r in first], "k:", label="full-KV read floor")
         for budget in sorted({r["budget"] for r in mine}):
             pts = sorted((r for r in mine if r["budget"] == budget), key=lambda r: r["context"])
-            line, = ax.plot(ks, [r["stage2_triton_cudagraph_ms"] for r in pts], "-s",
-                            label=f"RocketKV stage 2, B={budget} (Triton, CUDA graph)")
+            line, = ax.plot(ks, [r["cache_step_cudagraph_ms"] for r in pts], "-s",
+                            label=f"RocketKVCache step, B={budget} (append + stage 2, CUDA graph)")
             ax.plot(ks, [r["stage2_reference_ms"] for r in pts], "--", color=line.get_color(),
                     alpha=0.5, label=f"B={budget} PyTorch reference")
         ax.set(xscale="log", yscale="log", xlabel="context (K tokens)", ylabel="ms per layer",

@@ -92,7 +92,7 @@ class RewrittenGraph:
     """A rewritten graph's runtime: moves plans and evictions between the cache tensors."""
 
     def __init__(self, gm: GraphModule, example_inputs: Sequence, config: RocketKVConfig,
-                 decisions: list[SiteDecision], compiler: Compiler):
+                 decisions: list[SiteDecision], compiler: Compiler, decode_compiler: Compiler):
         self.config, self.compiler = config, compiler
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self.num_outputs = len(gm.graph.output_node().args[0])
@@ -119,7 +119,7 @@ class RewrittenGraph:
             # Compiled at its first call, outside Dynamo's trace of the model: Dynamo traces the
             # rewritten graph afresh with dynamic shapes, so the cache length and the plan inputs
             # stay symbolic (a compile_fx here would specialise them).
-            self.compiled = torch.compile(gm, backend=compiler, dynamic=True)
+            self.compiled = torch.compile(gm, backend=decode_compiler, dynamic=True)
         else:
             self.compiled = compiler(gm, example_inputs)
 
@@ -188,8 +188,8 @@ class RewrittenGraph:
 
 
 def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None = None):
-    """A Dynamo backend running the RocketKV pass before `compiler` (by default Inductor, with
-    CUDA graphs if the options ask for them)."""
+    """A Dynamo backend running the RocketKV pass before `compiler` (by default Inductor; for
+    decode graphs with CUDA graphs if the options ask for them)."""
 
     def backend(gm: GraphModule, example_inputs: Sequence, options=None, mode=None):
         config = RocketKVConfig.from_options(options)
@@ -200,10 +200,12 @@ def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None 
             on_analysis(decisions)
         for d in decisions:
             log.debug("rocketkv site %s: %s", d.site.name, d.phase or d.reason)
-        chosen = compiler or functools.partial(inductor, cudagraphs=config.cudagraphs)
+        plain = compiler or inductor
         if not any(d.phase for d in decisions):
-            return chosen(gm, example_inputs)
-        return RewrittenGraph(gm, example_inputs, config, decisions, chosen)
+            return plain(gm, example_inputs)
+        # CUDA graphs only for decode graphs: a prefill runs once per prompt.
+        decode = compiler or functools.partial(inductor, cudagraphs=config.cudagraphs)
+        return RewrittenGraph(gm, example_inputs, config, decisions, plain, decode)
 
     return backend
 

@@ -19,8 +19,9 @@ class RocketKVConfig:
                     their own keys are always kept.
     kernel_size:    width of the max-pool that smooths stage-1 votes (odd).
     policy:         the selection method; "rocketkv" (the baselines come as further policies).
-    cudagraphs:     decode graphs replay as CUDA graphs (Inductor's cudagraph trees); pays off
-                    with RocketKVCache, whose decode steps all have the same shapes.
+    cudagraphs:     compile decode graphs with Inductor's CUDA graphs (for RocketKVCache, whose
+                    decode steps all have the same shapes). Not yet effective: on the H100 no
+                    decode graph was recorded (README, "The fast path").
     """
 
     token_budget: int | None = 256

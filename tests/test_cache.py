@@ -2,7 +2,7 @@
 DynamicCache path of the pass and the eager oracle (same tokens)."""
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from models import VOCAB, tiny_hf
 from oracle import oracle_generate
@@ -77,12 +77,13 @@ def test_cache_arguments_are_checked():
 
 
 def _generate(model, ids, steps, cache=None, backend=None):
+    """Greedy tokens through generate(); no EOS, so exactly `steps` of them, as the oracle."""
     forward = model.forward
     if backend is not None:
         model.forward = torch.compile(forward, backend=backend)
+    model.generation_config.eos_token_id = None
     try:
-        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             past_key_values=cache)
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False, past_key_values=cache)
     finally:
         model.forward = forward
     return out[0, ids.shape[1]:].tolist()
@@ -100,6 +101,8 @@ def test_eager_cache_is_exact(length, steps, seed):
 
 
 @settings(deadline=None, max_examples=6)
+# The model's argmax here is its EOS token: generate must not suppress it (the oracle does not).
+@example(arch="llama", length=205, budget=64, steps=4, seed=27481)
 @given(arch=st.sampled_from(["llama", "qwen2"]), length=st.integers(40, 400),
        budget=st.sampled_from([16, 32, 64]), steps=st.integers(2, 8), seed=st.integers(0, 2**16))
 def test_cache_matches_dynamic_cache_path(arch, length, budget, steps, seed):

@@ -164,6 +164,7 @@ def test_unknown_option_names_the_key(key):
     ("kernel_size", 0), ("kernel_size", 2), ("kernel_size", 64), ("kernel_size", False),
     ("kernel_size", True), ("kernel_size", 3.0),
     ("policy", "snapkv"), ("policy", ""), ("policy", None),
+    ("cudagraphs", 1), ("cudagraphs", "yes"), ("cudagraphs", None),
 ])
 def test_bad_values_name_the_option(name, value):
     with pytest.raises(ValueError, match=name):
