@@ -6,9 +6,8 @@ the sites that read a cache, and give the result to Inductor (``compile_fx``).
 
 State between graphs travels on the cache tensors themselves, as attributes:
 - ``_rocketkv_plan``: the plan (it depends on the prompt length, which a decode graph cannot
-  see). Decode graphs take the plan's ints as extra inputs, so one compiled decode graph serves
-  every plan; it is compiled on its first call, through a nested torch.compile with dynamic
-  shapes, so the cache length and the plan stay symbolic.
+  see). A decode graph is compiled for the plan its first call's caches carry (the backend sees
+  the real inputs), with the cache length symbolic; with another plan it runs uncompiled.
 - ``_rocketkv_evicted``: on a prefill's full cache, the (keys, values) stage 1 kept. The first
   decode step swaps them in, but only if the pass rewrote every decode site: the decode graph is
   where it can be checked that positions do not derive from the stored cache length. So a model
@@ -16,7 +15,8 @@ State between graphs travels on the cache tensors themselves, as attributes:
 - ``_rocketkv_decoded``: the cache came out of a rewritten decode step.
 A decode graph whose mask reads a 2-D padding mask (transformers' attention_mask, laid out by
 logical position) checks it at run time: all ones lines up with any cache; with padding the
-exact graph runs on the full caches (batched, padded generation is not compressed yet).
+exact graph runs, uncompiled, on the full caches (batched, padded generation is not compressed
+yet).
 Cache tensors get their length marked dynamic, so decode graphs are traced with a symbolic length
 (one graph for all steps, and the positions check has a symbol to follow).
 """
@@ -93,7 +93,7 @@ class RewrittenGraph:
 
     def __init__(self, gm: GraphModule, example_inputs: Sequence, config: RocketKVConfig,
                  decisions: list[SiteDecision], compiler: Compiler, decode_compiler: Compiler):
-        self.config, self.compiler = config, compiler
+        self.config = config
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self.num_outputs = len(gm.graph.output_node().args[0])
         self.prefill_plans = {d.site.name: d.plan for d in decisions if d.phase == PREFILL}
@@ -103,9 +103,8 @@ class RewrittenGraph:
         self.length_inputs = _length_inputs(placeholders, decisions)
         self.padding_inputs = sorted({placeholders.index(m) for d in decisions
                                       for m in d.padding_masks})
-        # the exact graph, for decode steps with padding
+        # the exact graph, run as is (not compiled) for decode steps with padding
         self.original = _copy_graph_module(gm) if self.padding_inputs else None
-        self.exact: Callable | None = None
         # site name -> output positions of its (key, value) caches
         self.cache_outputs = {d.site.name: (_output_positions(gm.graph, d.key.cache),
                                             _output_positions(gm.graph, d.value.cache))
@@ -113,15 +112,24 @@ class RewrittenGraph:
         # site name -> output positions of the RocketKVCache layer state its prefill stores
         self.state_outputs = {d.site.name: _state_outputs(gm.graph, d.key.cache)
                               for d in decisions if d.key.source is KVSource.NEW_ROCKETKV}
-        gm = _copy_graph_module(gm)
-        self.evicting = apply(gm, analyse(gm.graph, config), config)
+        rewritten = _copy_graph_module(gm)
+        self.evicting = apply(rewritten, analyse(rewritten.graph, config), config)
+        self.compiled_plans, self.warned = None, False
         if self.decode_inputs:
-            # Compiled at its first call, outside Dynamo's trace of the model: Dynamo traces the
-            # rewritten graph afresh with dynamic shapes, so the cache length and the plan inputs
-            # stay symbolic (a compile_fx here would specialise them).
-            self.compiled = torch.compile(gm, backend=decode_compiler, dynamic=True)
+            # Decode graphs are compiled here, inside Dynamo's compile (so the cache length stays
+            # a symbol), for the plan of the caches this first call received: the plan is then
+            # constant. A later call with another plan (a new prompt length) runs the rewritten
+            # graph uncompiled with the plan as inputs (correct, slower), and says so once.
+            # (A torch.compile nested in the returned callable is never traced: Dynamo runs
+            # compiled graphs with itself disabled.)
+            self.compiled_plans = {name: self._plan_of(example_inputs[k])
+                                   for name, (k, _) in self.decode_inputs.items()}
+            self.uncompiled = rewritten
+            fixed = _copy_graph_module(gm)
+            apply(fixed, analyse(fixed.graph, config), config, plans=self.compiled_plans)
+            self.compiled = decode_compiler(fixed, example_inputs)
         else:
-            self.compiled = compiler(gm, example_inputs)
+            self.compiled = compiler(rewritten, example_inputs)
 
     def _plan_of(self, past: torch.Tensor) -> Plan:
         plan = getattr(past, PLAN_ATTR, None)
@@ -152,21 +160,27 @@ class RewrittenGraph:
         if any(getattr(args[k], DECODED_ATTR, False) for k, _ in self.decode_inputs.values()):
             raise RuntimeError("rocketkv: a padding mask appeared after the cache was evicted; "
                                "padded batches must be padded from the first decode step on")
-        if self.exact is None:
-            self.exact = torch.compile(self.original, backend=self.compiler, dynamic=True)
-        return self.exact(*args)
+        return self.original(*args)
 
     def __call__(self, *args):
         if self.padding_inputs and self._has_padding(args):
             return self._run_exact(args)
         args = list(args)
         plans = dict(self.prefill_plans)
-        for name, (k, _) in self.decode_inputs.items():
-            plans[name] = self._plan_of(args[k])
-            args += [getattr(plans[name], field) for field in PLAN_INPUTS]
+        decode_plans = {name: self._plan_of(args[k]) for name, (k, _) in self.decode_inputs.items()}
+        plans.update(decode_plans)
         if self.length_inputs is not None:
             self._commit_evictions(args)
-        outputs = self.compiled(*args)
+        if decode_plans == (self.compiled_plans or {}):
+            outputs = self.compiled(*args)
+        else:
+            if not self.warned:
+                log.warning("rocketkv: a decode graph compiled for plan %s got plan %s (a new "
+                            "prompt length?): it runs uncompiled", self.compiled_plans,
+                            decode_plans)
+                self.warned = True
+            outputs = self.uncompiled(*args, *[getattr(plan, field) for plan in
+                                               decode_plans.values() for field in PLAN_INPUTS])
         evicted, outputs = outputs[self.num_outputs:], list(outputs[:self.num_outputs])
         for name, positions in self.cache_outputs.items():
             for i in positions[0] + positions[1]:
@@ -178,6 +192,9 @@ class RewrittenGraph:
         for name, positions in self.state_outputs.items():
             for i in positions:
                 setattr(outputs[i], PLAN_ATTR, plans[name])
+                # A new prompt length means new buffer sizes: Dynamo recompiles the decode graph
+                # for its plan instead of generalising the sizes (which would run it uncompiled).
+                torch._dynamo.mark_static(outputs[i])
                 if self.config.cudagraphs:  # fixed buffers, updated in place: no copies per replay
                     torch._dynamo.mark_static_address(outputs[i], guard=False)
         for j, name in enumerate(self.evicting):

@@ -20,8 +20,7 @@ class RocketKVConfig:
     kernel_size:    width of the max-pool that smooths stage-1 votes (odd).
     policy:         the selection method; "rocketkv" (the baselines come as further policies).
     cudagraphs:     compile decode graphs with Inductor's CUDA graphs (for RocketKVCache, whose
-                    decode steps all have the same shapes). Not yet effective: on the H100 no
-                    decode graph was recorded (README, "The fast path").
+                    decode steps all have the same shapes).
     """
 
     token_budget: int | None = 256

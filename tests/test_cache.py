@@ -147,3 +147,27 @@ def test_cache_through_inductor_and_explain():
         model.forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
         tokens = _generate(model, ids, 6, RocketKVCache(model.config, 6))
     assert tokens == oracle_generate(model, ids, RocketKVConfig.from_options(options), 6)[0]
+
+
+def test_each_prompt_length_gets_a_compiled_decode_graph(caplog):
+    """RocketKVCache buffers are sized by the plan: under one compiled forward, a new prompt
+    length recompiles the decode graph for its plan (never the uncompiled fallback), and the
+    tokens stay the oracle's."""
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    options = {"token_budget": 32, "max_new_tokens": 3}
+    forward = model.forward
+    model.forward = torch.compile(forward, backend=lambda gm, ex: rewrite_only(gm, ex,
+                                                                               options=options))
+    try:
+        with torch.no_grad(), caplog.at_level("WARNING", logger="rkv_compile"):
+            for length in (120, 90, 150):
+                ids = torch.randint(0, VOCAB, (1, length),
+                                    generator=torch.Generator().manual_seed(length))
+                out = model.generate(ids, max_new_tokens=3, do_sample=False,
+                                     past_key_values=RocketKVCache(model.config, 3))
+                want = oracle_generate(model, ids, RocketKVConfig.from_options(options), 3)[0]
+                assert out[0, length:].tolist() == want
+    finally:
+        model.forward = forward
+    assert "runs uncompiled" not in caplog.text

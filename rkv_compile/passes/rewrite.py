@@ -266,16 +266,17 @@ def _is_impure(node: Node) -> bool:
     return node.is_impure() or bool(getattr(getattr(op, "_schema", None), "is_mutable", False))
 
 
-def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig) -> list[str]:
+def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig,
+          plans: dict[str, Plan] | None = None) -> list[str]:
     """Rewrite the sites decided above; returns the names of the sites that evict.
 
     A prefill site keeps returning its full cache and gets stage 1 inserted: the evicted keys and
     values are appended to the graph's outputs, two per evicting site, in the order returned.
     Whether they replace the full cache is decided by the decode graph (backend.py), the one
     place that can check that positions do not derive from the stored cache length.
-    A decode site gets stage 2, whose plan (chunk, dims, topk) comes from three new int inputs
-    appended to the graph's inputs, per decode site in graph order: the plan travels with the
-    cache, so one compiled decode graph serves every plan.
+    A decode site gets stage 2, whose plan (chunk, dims, topk) comes from `plans` (site name ->
+    Plan) as constants, or else from three new int inputs appended to the graph's inputs, per
+    decode site in graph order (the plan travels with the cache).
     """
     graph = gm.graph
     output = graph.output_node()
@@ -297,8 +298,11 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                 evicted += [graph.call_function(operator.getitem, (kept, i)) for i in (0, 1)]
             evicting.append(d.site.name)
         elif d.phase == DECODE:
-            with graph.inserting_before(first_op):
-                plan = [graph.placeholder(f"{d.site.name}_{field}") for field in PLAN_INPUTS]
+            if plans is not None:   # compiled for one plan: its ints are constants
+                plan = [getattr(plans[d.site.name], field) for field in PLAN_INPUTS]
+            else:
+                with graph.inserting_before(first_op):
+                    plan = [graph.placeholder(f"{d.site.name}_{field}") for field in PLAN_INPUTS]
             with graph.inserting_before(d.site.output.next):
                 args = (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale,
                         *plan)
