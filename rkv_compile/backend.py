@@ -115,7 +115,14 @@ class RewrittenGraph:
         rewritten = _copy_graph_module(gm)
         self.evicting = apply(rewritten, analyse(rewritten.graph, config), config)
         self.compiled_plans, self.warned = None, False
-        if self.decode_inputs:
+        decode = [d for d in decisions if d.phase == DECODE]
+        # Triton decode over a growing cache would trace the kernels' launch code with a
+        # symbolic length (block sizes from it): not verified yet, so that graph runs uncompiled.
+        growing_triton = any(d.kernel == "triton" and d.key.source is KVSource.GROWN
+                             for d in decode)
+        if decode and growing_triton:
+            self.uncompiled = rewritten
+        elif decode:
             # Decode graphs are compiled here, inside Dynamo's compile (so the cache length stays
             # a symbol), for the plan of the caches this first call received: the plan is then
             # constant. A later call with another plan (a new prompt length) runs the rewritten
@@ -171,10 +178,10 @@ class RewrittenGraph:
         plans.update(decode_plans)
         if self.length_inputs is not None:
             self._commit_evictions(args)
-        if decode_plans == (self.compiled_plans or {}):
+        if not decode_plans or decode_plans == self.compiled_plans:
             outputs = self.compiled(*args)
         else:
-            if not self.warned:
+            if self.compiled_plans is not None and not self.warned:
                 log.warning("rocketkv: a decode graph compiled for plan %s got plan %s (a new "
                             "prompt length?): it runs uncompiled", self.compiled_plans,
                             decode_plans)

@@ -344,11 +344,10 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, slots: Tensor, s
 
 
 def slot_validity(mask: Tensor | None, n: int) -> Tensor | None:
-    """A boolean mask broadcastable to (B, 1, 1, n), True = attend, as a (B or 1, n) uint8 view."""
+    """A boolean mask broadcastable to (B, 1, 1, n), True = attend, as (B or 1, n) uint8."""
     if mask is None:
         return None
-    valid = mask[..., -1, :].reshape(-1, n)
-    return (valid if valid.stride(-1) == 1 else valid.contiguous()).view(torch.uint8)
+    return mask[..., -1, :].reshape(-1, n).to(torch.uint8).contiguous()
 
 
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
