@@ -116,11 +116,11 @@ class RewrittenGraph:
         self.evicting = apply(rewritten, analyse(rewritten.graph, config), config)
         self.compiled_plans, self.warned = None, False
         decode = [d for d in decisions if d.phase == DECODE]
-        # Triton decode over a growing cache would trace the kernels' launch code with a
-        # symbolic length (block sizes from it): not verified yet, so that graph runs uncompiled.
-        growing_triton = any(d.kernel == "triton" and d.key.source is KVSource.GROWN
-                             for d in decode)
-        if decode and growing_triton:
+        # Decode graphs that call the Triton kernels run uncompiled (the kernels launched one by
+        # one) until Inductor's trace of them inside a whole decode graph is verified on a GPU:
+        # a first try failed to lower a bool -> uint8 view (now a cast), and with a growing
+        # cache the launch code would see a symbolic length.
+        if any(d.kernel == "triton" for d in decode):
             self.uncompiled = rewritten
         elif decode:
             # Decode graphs are compiled here, inside Dynamo's compile (so the cache length stays

@@ -19,8 +19,9 @@ class RocketKVConfig:
                     their own keys are always kept.
     kernel_size:    width of the max-pool that smooths stage-1 votes (odd).
     policy:         the selection method; "rocketkv" (the baselines come as further policies).
-    cudagraphs:     compile decode graphs with Inductor's CUDA graphs (for RocketKVCache, whose
-                    decode steps all have the same shapes).
+    cudagraphs:     CUDA graphs for decode graphs (for RocketKVCache, whose decode steps all
+                    have the same shapes). Not effective yet on CUDA: decode graphs with the
+                    Triton kernels run uncompiled (README, "The fast path").
     """
 
     token_budget: int | None = 256
