@@ -24,7 +24,7 @@ class SiteReport:
     def of(cls, graph: int, d: SiteDecision) -> "SiteReport":
         if d.phase == "prefill" and d.key.source is KVSource.NEW_ROCKETKV:
             p = d.plan
-            action = (f"prefill: exact attention; the RocketKVCache stores "
+            action = ("prefill: exact attention; the RocketKVCache stores "
                       + (f"stage 1's {p.prompt_budget} tokens" if d.query_len > p.prompt_budget
                          else "the whole prompt")
                       + f" in {rocketkv_capacity(p, d.query_len)}-token buffers")

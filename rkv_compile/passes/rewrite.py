@@ -143,7 +143,7 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
     """RocketKVCache sites. Its prefill stores the prompt through one op that the pass turns into
     stage 1; its decode mask comes from the cache's own mask sizes (physical slots), and it
     tracks positions itself, so neither the logical-mask nor the length check applies."""
-    site, q, k = d.site, value_of(d.site.query), value_of(d.site.key)
+    site, k = d.site, value_of(d.site.key)
     if d.key.source is KVSource.NEW_ROCKETKV:
         if not (site.is_causal or site.mask is not None) or not _same(d.query_len, k.shape[2]):
             return "not a causal prefill over the whole prompt"
