@@ -116,13 +116,15 @@ class RewrittenGraph:
         self.evicting = apply(rewritten, analyse(rewritten.graph, config), config)
         self.compiled_plans, self.warned = None, False
         decode = [d for d in decisions if d.phase == DECODE]
+        if not decode:
+            self.compiled = compiler(rewritten, example_inputs)
+            return
+        self.uncompiled = rewritten
         # Decode graphs that call the Triton kernels run uncompiled (the kernels launched one by
         # one) until Inductor's trace of them inside a whole decode graph is verified on a GPU:
         # a first try failed to lower a bool -> uint8 view (now a cast), and with a growing
         # cache the launch code would see a symbolic length.
-        if any(d.kernel == "triton" for d in decode):
-            self.uncompiled = rewritten
-        elif decode:
+        if not any(d.kernel == "triton" for d in decode):
             # Decode graphs are compiled here, inside Dynamo's compile (so the cache length stays
             # a symbol), for the plan of the caches this first call received: the plan is then
             # constant. A later call with another plan (a new prompt length) runs the rewritten
@@ -131,12 +133,9 @@ class RewrittenGraph:
             # compiled graphs with itself disabled.)
             self.compiled_plans = {name: self._plan_of(example_inputs[k])
                                    for name, (k, _) in self.decode_inputs.items()}
-            self.uncompiled = rewritten
             fixed = _copy_graph_module(gm)
             apply(fixed, analyse(fixed.graph, config), config, plans=self.compiled_plans)
             self.compiled = decode_compiler(fixed, example_inputs)
-        else:
-            self.compiled = compiler(rewritten, example_inputs)
 
     def _plan_of(self, past: torch.Tensor) -> Plan:
         plan = getattr(past, PLAN_ATTR, None)

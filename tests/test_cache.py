@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from devices import CUDA, DEVICE, DTYPES
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from models import VOCAB, tiny_hf
@@ -17,15 +18,13 @@ from rkv_compile.cache import RocketKVCache
 from rkv_compile.kernels import reference as R
 from rkv_compile.kernels import triton_decode as T
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
 
 
 @settings(deadline=None, max_examples=40 if CUDA else 10)
 @given(B=st.integers(1, 3), H=st.integers(1, 3), D=st.sampled_from([64, 80, 128]),
        chunk=st.integers(0, 4), stored=st.integers(0, 30), room=st.integers(1, 5),
-       dtype=st.sampled_from([torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])),
+       dtype=st.sampled_from(DTYPES),
        seed=st.integers(0, 2**16))
 def test_append_matches_reference(B, H, D, chunk, stored, room, dtype, seed):
     """The Triton append (K/V row, chunk summary, length, position) equals the reference, and the

@@ -8,6 +8,7 @@ bfloat16 included:
 from __future__ import annotations
 
 import torch
+from devices import CUDA, DEVICE, DTYPES, relative_error
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_reference import _clear_boundary, _ranked
@@ -15,9 +16,6 @@ from test_reference import _clear_boundary, _ranked
 from rkv_compile.kernels import reference as R
 from rkv_compile.kernels import triton_compress as T
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # Against float64 on the same rounded inputs. Half-precision products are exact in float32, but
 # tensor cores (fp16/bf16 on the GPU) accumulate them a little less exactly than float32 FMAs.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
@@ -55,10 +53,6 @@ def _inputs(B, Hkv, G, D, w, n, transposed, dtype, seed):
     return q[:, :, w:], k, v
 
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
-
-
 @SETTINGS
 @given(case=stage1_cases())
 def test_window_stats_match_reference(case):
@@ -82,7 +76,7 @@ def test_snapkv_votes_match_reference(case):
     want = R.snapkv_votes(q.double(), k.double(), None, scale, kernel_size)
     got = T.snapkv_votes(q, k, scale, kernel_size)
     assert got.shape == (B, Hkv, n - w) and got.dtype == torch.float32
-    assert _relative_error(got, want) < TOLERANCE[dtype]
+    assert relative_error(got, want) < TOLERANCE[dtype]
 
 
 @SETTINGS

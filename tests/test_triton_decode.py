@@ -7,6 +7,7 @@ and float16 at small shapes; on a CUDA machine the same tests run on the GPU, bf
 from __future__ import annotations
 
 import torch
+from devices import CUDA, DEVICE, DTYPES, relative_error
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from test_reference import NEAR_TIE
@@ -15,9 +16,6 @@ import rkv_compile.kernels  # noqa: F401  (registers torch.ops.rocketkv)
 from rkv_compile.kernels import reference as R
 from rkv_compile.kernels import triton_decode as T
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # bf16/fp16 outputs are rounded once at the end; the kernels accumulate in float32
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 SETTINGS = settings(deadline=None, max_examples=60 if CUDA else 12)
@@ -55,10 +53,6 @@ def _boundary_is_clear(scores: torch.Tensor, topk: int) -> bool:
     return bool(((gaps == 0) | (gaps > NEAR_TIE)).all())
 
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
-
-
 def _check_op(q, k, v, mask, chunk, dims, topk):
     """The triton_op against the float64 reference, where no near-tie decides the selection."""
     assume(_boundary_is_clear(R.approximate_scores(q, k, mask, chunk, dims), topk))
@@ -66,7 +60,7 @@ def _check_op(q, k, v, mask, chunk, dims, topk):
     want = R.sparse_decode(q.double(), k.double(), v.double(), mask, scale, chunk, dims, topk)
     got = torch.ops.rocketkv.sparse_decode_triton(q, k, v, mask, scale, chunk, dims, topk)
     assert got.shape == q.shape and got.dtype == q.dtype
-    assert _relative_error(got, want) < TOLERANCE[q.dtype]
+    assert relative_error(got, want) < TOLERANCE[q.dtype]
 
 
 def _random_mask(B, n, chunk, seed):
@@ -131,7 +125,7 @@ def test_sparse_attention_matches_reference(case):
     want = R.attend_selected(q.double(), k.double(), v.double(), None, scale, slots)
     got = T.sparse_attention(q, k, v, slots.to(torch.int32).contiguous(), scale)
     assert got.shape == q.shape and got.dtype == dtype
-    assert _relative_error(got, want) < TOLERANCE[dtype]
+    assert relative_error(got, want) < TOLERANCE[dtype]
 
 
 @SETTINGS

@@ -93,8 +93,7 @@ def compressed_cache(query_window: Tensor, key: Tensor, value: Tensor, mask: Ten
 
 def _fake_state(key, value, capacity, chunk):
     B, H, _, D = key.shape
-    chunks = -(-capacity // chunk) if chunk else 0
-    capacity = chunks * chunk if chunk else capacity
+    capacity, chunks = reference.state_size(capacity, chunk)
     lengths = key.new_empty(B, dtype=torch.int32)
     return (key.new_empty(B, H, capacity, D), value.new_empty(B, H, capacity, value.shape[-1]),
             key.new_empty(B, H, chunks, D), key.new_empty(B, H, chunks, D), lengths,

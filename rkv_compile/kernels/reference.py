@@ -195,6 +195,13 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
     return attend_selected(query, key, value, mask, scale, index).contiguous()
 
 
+def state_size(capacity: int, chunk: int) -> tuple[int, int]:
+    """(slots, summary chunks) of a RocketKVCache layer: capacity rounded up to whole chunks, or
+    as is with no summaries (chunk 0)."""
+    chunks = -(-capacity // chunk) if chunk else 0
+    return (chunks * chunk if chunk else capacity), chunks
+
+
 def static_cache(key: Tensor, value: Tensor, capacity: int, chunk: int, positions: int
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A RocketKVCache layer's state holding `key`/`value` (B, Hkv, n, D) in slots 0..n-1.
@@ -205,8 +212,7 @@ def static_cache(key: Tensor, value: Tensor, capacity: int, chunk: int, position
     length of each sequence (more than n after eviction).
     """
     B, H, n, D = key.shape
-    chunks = -(-capacity // chunk) if chunk else 0
-    capacity = chunks * chunk if chunk else capacity
+    capacity, chunks = state_size(capacity, chunk)
     if n > capacity:
         raise ValueError(f"rocketkv: {n} tokens do not fit a cache of capacity {capacity}")
     keys = key.new_zeros(B, H, capacity, D)

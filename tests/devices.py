@@ -1,0 +1,15 @@
+"""What the kernel tests share: where they run and the dtypes that can be tested there.
+
+On the CPU, Triton's interpreter (conftest.py) runs float32 and float16; bfloat16 `tl.dot` is
+wrong there, so bfloat16 is tested on a GPU only.
+"""
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| / |want| over the whole tensor, in float64."""
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
