@@ -48,6 +48,13 @@ def inductor(gm: GraphModule, example_inputs: Sequence, cudagraphs: bool = False
                       config_patches={"triton.cudagraphs": True} if cudagraphs else None)
 
 
+def compiles_decode(decode: list[SiteDecision]) -> bool:
+    """Whether a decode graph is compiled. One that calls the Triton kernels over a growing cache
+    runs uncompiled (its kernels launched one by one): their launch code would compute grid and
+    block sizes from the symbolic cache length. Over RocketKVCache every shape is static."""
+    return all(d.kernel != "triton" or d.key.source is KVSource.ROCKETKV for d in decode)
+
+
 def _output_positions(graph: Graph, node) -> list[int]:
     return [i for i, out in enumerate(graph.output_node().args[0]) if out is node]
 
@@ -82,10 +89,21 @@ def _length_inputs(placeholders, decisions: list[SiteDecision]) -> dict | None:
 
 
 def _copy_graph_module(gm: GraphModule) -> GraphModule:
-    """A copy to rewrite: Dynamo still reads the graph it handed us after the backend returns."""
+    """A copy to rewrite: Dynamo still reads the graph it handed us after the backend returns.
+
+    The copy keeps what Dynamo attached for AOTAutograd (the compile id, input sources): without
+    it no input counts as static, and Inductor's CUDA graphs skip a graph that mutates its inputs
+    (RocketKVCache's append) and would copy every weight into the graph at each replay."""
     graph = Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    return GraphModule(gm, graph)
+    copy = GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    for old, new in zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return copy
 
 
 class RewrittenGraph:
@@ -120,11 +138,7 @@ class RewrittenGraph:
             self.compiled = compiler(rewritten, example_inputs)
             return
         self.uncompiled = rewritten
-        # Decode graphs that call the Triton kernels run uncompiled (the kernels launched one by
-        # one) until Inductor's trace of them inside a whole decode graph is verified on a GPU:
-        # a first try failed to lower a bool -> uint8 view (now a cast), and with a growing
-        # cache the launch code would see a symbolic length.
-        if not any(d.kernel == "triton" for d in decode):
+        if compiles_decode(decode):
             # Decode graphs are compiled here, inside Dynamo's compile (so the cache length stays
             # a symbol), for the plan of the caches this first call received: the plan is then
             # constant. A later call with another plan (a new prompt length) runs the rewritten

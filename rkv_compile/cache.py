@@ -22,6 +22,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .kernels import ops  # noqa: F401  (torch.ops.rocketkv)
 
 
+STATE = ("keys", "values", "key_min", "key_max", "lengths", "positions")
+
+
 class RocketKVLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
@@ -60,6 +63,23 @@ class RocketKVLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.keys.shape[2] if self.is_initialized else -1
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each sequence `repeats` times in the batch (several continuations of one prompt)."""
+        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the sequences at `indices`."""
+        self._map_state(lambda t: t[indices])
+
+    def _map_state(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in STATE:
+            old = getattr(self, name)
+            new = fn(old).contiguous()
+            new.__dict__.update(old.__dict__)  # what the backend put on the state: plan, marks
+            setattr(self, name, new)
 
     def reset(self) -> None:
         self.keys = self.values = None

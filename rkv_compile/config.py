@@ -19,9 +19,8 @@ class RocketKVConfig:
                     their own keys are always kept.
     kernel_size:    width of the max-pool that smooths stage-1 votes (odd).
     policy:         the selection method; "rocketkv" (the baselines come as further policies).
-    cudagraphs:     CUDA graphs for decode graphs (for RocketKVCache, whose decode steps all
-                    have the same shapes). Not effective yet on CUDA: decode graphs with the
-                    Triton kernels run uncompiled (README, "The fast path").
+    cudagraphs:     decode graphs replay as CUDA graphs (Inductor's cudagraph trees); for
+                    RocketKVCache, whose decode steps all have the same shapes.
     """
 
     token_budget: int | None = 256

@@ -178,3 +178,62 @@ def test_each_prompt_length_gets_a_compiled_decode_graph():
         logging.getLogger("rkv_compile").removeHandler(handler)
     assert got == want
     assert not [w for w in warnings if "runs uncompiled" in w.getMessage()]
+
+
+def test_compiled_graphs_keep_dynamo_input_metadata():
+    """AOTAutograd finds the static inputs (RocketKVCache's buffers, updated in place, and the
+    weights) from what Dynamo attached to its graph; without it CUDA graphs skip every decode
+    graph. The rewritten graphs handed to the compiler keep it."""
+    model = tiny_hf("llama")
+    options = {"token_budget": 32, "max_new_tokens": 3}
+    compiled = []
+
+    def keep(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    backend = make_backend(compiler=keep)
+    ids = torch.randint(0, VOCAB, (1, 120), generator=torch.Generator().manual_seed(3))
+    _generate(model, ids, 3, RocketKVCache(model.config, 3),
+              lambda gm, ex: backend(gm, ex, options=options))
+    assert len(compiled) == 2   # prefill, decode
+    for gm in compiled:
+        assert "dynamo_compile_id" in gm.meta and hasattr(gm, "_param_name_to_source")
+        assert all(hasattr(p, "_dynamo_source") for p in gm.graph.find_nodes(op="placeholder"))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_batch_repeat_then_select(compressed, caplog):
+    """A prompt prefilled once and repeated in the batch decodes as the prompt alone, in every
+    row (the decode graph is compiled for the new batch: no uncompiled fallback); selecting rows
+    keeps them."""
+    model = tiny_hf("llama")
+    options = {"token_budget": 32, "max_new_tokens": 4}
+    ids = torch.randint(0, VOCAB, (1, 150), generator=torch.Generator().manual_seed(4))
+    forward = model.forward
+    if compressed:
+        forward = torch.compile(forward, backend=lambda gm, ex: rewrite_only(gm, ex,
+                                                                             options=options))
+
+    def decode(cache, logits, steps):
+        tokens = []
+        for _ in range(steps):
+            tokens.append(logits[:, -1].argmax(-1))
+            logits = forward(tokens[-1][:, None], past_key_values=cache).logits
+        return torch.stack(tokens, 1)
+
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="rkv_compile"):
+        cache = RocketKVCache(model.config, 4)
+        logits = forward(ids, past_key_values=cache).logits
+        alone = decode(cache, logits, 2)
+        cache = RocketKVCache(model.config, 4)
+        logits = forward(ids, past_key_values=cache).logits
+        cache.batch_repeat_interleave(3)
+        repeated = decode(cache, logits.repeat(3, 1, 1), 2)
+        assert torch.equal(repeated, alone.expand(3, -1))
+        cache.batch_select_indices(torch.tensor([2]))
+        assert cache.layers[0].keys.shape[0] == 1
+        decode(cache, logits, 1)
+    assert "runs uncompiled" not in caplog.text
+    if compressed:
+        assert cache.layers[0].keys.shape[2] < 150

@@ -2,46 +2,70 @@
 replay (the cudagraphs option), the tokens of the eager oracle, and memory after prefill."""
 import torch
 from models import tiny_hf
+from torch.profiler import ProfilerActivity, profile
 from oracle import oracle_generate
 
 import rkv_compile
 from rkv_compile import RocketKVConfig
+from rkv_compile.backend import RewrittenGraph, make_backend
 from rkv_compile.cache import RocketKVCache
 
 assert torch.cuda.is_available(), "tests_gpu/ runs on the GPU machine"
 
 
 def _generate(model, ids, steps, options):
+    """Generate through the backend; also what it returned for each decode graph, and the CUDA
+    graph launches seen by the profiler."""
+    rocketkv, graphs = make_backend(), []
+
+    def backend(gm, example_inputs, options=None):
+        compiled = rocketkv(gm, example_inputs, options=options)
+        graphs.append(compiled)
+        return compiled
+
+    torch._dynamo.utils.counters.clear()
     forward = model.forward
-    model.forward = torch.compile(forward, backend=rkv_compile.rocketkv, options=options)
+    model.forward = torch.compile(forward, backend=backend, options=options)
     try:
         cache = RocketKVCache(model.config, steps)
-        with torch.no_grad():
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with torch.no_grad(), profile(activities=activities) as prof:
             out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                                  past_key_values=cache, disable_compile=True)
     finally:
         model.forward = forward
-    return out[0, ids.shape[1]:].tolist(), cache
+    decode = [g for g in graphs if isinstance(g, RewrittenGraph) and g.decode_inputs]
+    launches = sum(e.count for e in prof.key_averages() if "cudaGraphLaunch" in e.key)
+    return out[0, ids.shape[1]:].tolist(), cache, decode, launches
 
 
 def test_cache_generate_matches_oracle_with_and_without_cudagraphs():
+    """Decode graphs over RocketKVCache are compiled by Inductor with the Triton kernels inside,
+    and with the cudagraphs option replayed as CUDA graphs; tokens are the oracle's."""
     model = tiny_hf("llama").cuda()
     ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(7)).cuda()
-    options = {"token_budget": 64, "max_new_tokens": 10}
-    expected, _ = oracle_generate(model, ids, RocketKVConfig.from_options(options), 10)
+    steps = 10
+    options = {"token_budget": 64, "max_new_tokens": steps}
+    expected, _ = oracle_generate(model, ids, RocketKVConfig.from_options(options), steps)
     with torch.no_grad():
         report = rkv_compile.explain(
             lambda: model.generate(ids, max_new_tokens=3, disable_compile=True,
-                                   past_key_values=RocketKVCache(model.config, 10)),
+                                   past_key_values=RocketKVCache(model.config, steps)),
             options=options)
-    decode = [s for s in report.sites if s.query_len == "1"]
-    assert decode and all(s.kv_source == "RocketKVCache" and "triton" in s.action for s in decode)
+    decode_sites = [s for s in report.sites if s.query_len == "1"]
+    assert decode_sites and all(s.kv_source == "RocketKVCache" and "triton" in s.action
+                                for s in decode_sites)
+    plan = RocketKVConfig.from_options(options).plan(400, 16)
     for cudagraphs in (False, True):
         torch._dynamo.reset()
-        tokens, cache = _generate(model, ids, 10, {**options, "cudagraphs": cudagraphs})
+        tokens, cache, decode, launches = _generate(model, ids, steps,
+                                                    {**options, "cudagraphs": cudagraphs})
         assert tokens == expected, cudagraphs
-        plan = RocketKVConfig.from_options(options).plan(400, 16)
         assert [int(layer.lengths[0]) for layer in cache.layers] == [plan.prompt_budget + 9] * 2
+        assert len(decode) == 1 and decode[0].compiled_plans is not None
+        assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+        # cudagraph trees: the first step warms up, the second records, the rest replay
+        assert launches >= (steps - 3 if cudagraphs else 0) and (cudagraphs or launches == 0)
 
 
 def test_memory_after_prefill_is_the_plan():
@@ -52,6 +76,8 @@ def test_memory_after_prefill_is_the_plan():
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(8)).cuda()
     options = {"token_budget": 64, "max_new_tokens": steps}
     forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
+    with torch.no_grad():   # compiles, and allocates cuBLAS's workspace (32 MiB on Hopper)
+        forward(ids, past_key_values=RocketKVCache(model.config, steps), logits_to_keep=1)
     cache = RocketKVCache(model.config, steps)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
