@@ -84,7 +84,7 @@ def test_chunk_logits_match_reference(case, masked, from_summaries):
     # Summaries as a cache keeps them: in K's dtype, over every stored slot (no mask).
     summaries = tuple(t.to(dtype) for t in R.chunk_bounds(k, chunk)) if from_summaries else None
     assume(not (masked and from_summaries))
-    got = T.chunk_logits(q, k, chunk, dims, T.slot_validity(mask, n), summaries)
+    got = T.chunk_logits(q, k, chunk, dims, T.slot_validity(mask, B, n), summaries)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -100,7 +100,7 @@ def test_selection_matches_reference(case, masked):
     scores = R.token_scores(logits, mask, chunk, n)
     assume(_boundary_is_clear(scores, topk))
     want = R.select_tokens(scores, topk).sort(-1).values
-    got = T.select_slots(logits, n, chunk, topk, T.slot_validity(mask, n)).long()
+    got = T.select_slots(logits, n, chunk, topk, T.slot_validity(mask, B, n)).long()
     assert torch.equal(got, want)  # the same slots, in slot order
 
 
@@ -144,9 +144,11 @@ def test_dense_limit_equals_sdpa():
 
 
 @SETTINGS
-@given(case=decode_cases())
-def test_boolean_mask_matches_reference(case):
-    """Masked slots (whole chunks too, never all) never reach the output, as in the reference."""
+@given(case=decode_cases(), shared=st.booleans())
+@example(case=(2, 1, 2, 64, 40, 3, 8, 9, torch.float32, 5), shared=True)
+def test_boolean_mask_matches_reference(case, shared):
+    """Masked slots (whole chunks too, never all) never reach the output, as in the reference;
+    also with one mask shared by the batch (the kernels then read its row at batch stride 0)."""
     B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    _check_op(q, k, v, _random_mask(B, n, chunk, seed), chunk, dims, topk)
+    _check_op(q, k, v, _random_mask(1 if shared else B, n, chunk, seed), chunk, dims, topk)

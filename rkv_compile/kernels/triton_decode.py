@@ -343,11 +343,12 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, slots: Tensor, s
     return out
 
 
-def slot_validity(mask: Tensor | None, n: int) -> Tensor | None:
-    """A boolean mask broadcastable to (B, 1, 1, n), True = attend, as (B or 1, n) uint8."""
+def slot_validity(mask: Tensor | None, batch: int, n: int) -> Tensor | None:
+    """A boolean mask broadcastable to (B, 1, 1, n), True = attend, as (B, n) uint8 (a mask
+    shared by the batch keeps batch stride 0: the kernels index rows by that stride)."""
     if mask is None:
         return None
-    return mask[..., -1, :].reshape(-1, n).to(torch.uint8).contiguous()
+    return mask[..., -1, :].reshape(-1, n).to(torch.uint8).contiguous().expand(batch, n)
 
 
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
@@ -355,7 +356,7 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
                   summaries: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Stage 2 for one decode step, as reference.sparse_decode (mask: None or boolean)."""
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    valid = slot_validity(mask, key.shape[2])
+    valid = slot_validity(mask, key.shape[0], key.shape[2])
     logits = chunk_logits(query, key, chunk, dims, valid, summaries)
     slots = select_slots(logits, key.shape[2], chunk, topk, valid)
     return sparse_attention(query, key, value, slots, scale, valid)
