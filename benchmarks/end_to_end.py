@@ -37,7 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 sys.path.insert(0, ".")
 import rkv_compile  # noqa: E402
-from rkv_compile.cache import RocketKVCache  # noqa: E402
+from rkv_compile.cache import STATE, RocketKVCache  # noqa: E402
 
 GIB = 2**30
 WARMUP = 3        # decode steps before timing: compile, CUDA-graph warm-up and recording
@@ -238,9 +238,8 @@ class Bench:
             forward = torch.compile(model.forward, options={"triton.cudagraphs": True})
             step = decode_ms(forward, cache, logits, steps)
             self.record("static", context, 1, prefill, step)
-            state = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-            batch = largest_batch(cache_bytes(state), cache_bytes(state))
-            del state
+            stored = cache_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
+            batch = largest_batch(stored, stored)
             for layer in cache.layers:
                 layer.keys = layer.keys.repeat_interleave(batch, 0)
                 layer.values = layer.values.repeat_interleave(batch, 0)
@@ -268,8 +267,7 @@ class Bench:
             (cache, logits), prefill_ms = timed_ms(prefill)
             stored = int(cache.layers[0].lengths[0])
             step = decode_ms(forward, cache, logits, steps)
-            state = [getattr(layer, name) for layer in cache.layers
-                     for name in ("keys", "values", "key_min", "key_max", "lengths", "positions")]
+            state = [getattr(layer, name) for layer in cache.layers for name in STATE]
             per_sequence = cache_bytes(state)
             self.record(setup, context, 1, prefill_ms, step, first_prefill_ms=round(first_ms),
                         cache_gib=round(per_sequence / GIB, 3), stored_after_prefill=stored)
