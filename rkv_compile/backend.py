@@ -30,6 +30,7 @@ from torch.fx import Graph, GraphModule
 
 from .config import Plan, RocketKVConfig
 from .passes.rewrite import DECODE, PLAN_INPUTS, PREFILL, SiteDecision, analyse, apply
+from .passes.causal_mask import CausalProof, prove_causal
 from .passes.kv_source import KVSource
 from .passes.sites import value_of
 
@@ -130,15 +131,21 @@ class RewrittenGraph:
         # site name -> output positions of the RocketKVCache layer state its prefill stores
         self.state_outputs = {d.site.name: _state_outputs(gm.graph, d.key.cache)
                               for d in decisions if d.key.source is KVSource.NEW_ROCKETKV}
-        rewritten = _copy_graph_module(gm)
-        self.evicting = apply(rewritten, analyse(rewritten.graph, config), config)
-        self.compiled_plans, self.warned = None, False
+        proven = [d for d in decisions if isinstance(d.causal, CausalProof)]
+        causal = frozenset(d.site.name for d in proven)
+        # prefill inputs that must be all ones for the causal masks proven above to hold
+        self.causal_padding = sorted({placeholders.index(m) for d in proven
+                                      for m in d.causal.padding})
+        # The rewritten graph as is (masks kept, plans as inputs), run uncompiled when the
+        # compiled one does not apply: padding under a proven mask, or a decode plan it was
+        # not compiled for.
+        self.uncompiled = _copy_graph_module(gm)
+        self.evicting = apply(self.uncompiled, analyse(self.uncompiled.graph, config), config)
+        self.compiled, self.compiled_plans, self.warned = None, None, set()
         decode = [d for d in decisions if d.phase == DECODE]
-        if not decode:
-            self.compiled = compiler(rewritten, example_inputs)
+        if decode and not compiles_decode(decode):
             return
-        self.uncompiled = rewritten
-        if compiles_decode(decode):
+        if decode:
             # Decode graphs are compiled here, inside Dynamo's compile (so the cache length stays
             # a symbol), for the plan of the caches this first call received: the plan is then
             # constant. A later call with another plan (a new prompt length) runs the rewritten
@@ -147,9 +154,9 @@ class RewrittenGraph:
             # compiled graphs with itself disabled.)
             self.compiled_plans = {name: self._plan_of(example_inputs[k])
                                    for name, (k, _) in self.decode_inputs.items()}
-            fixed = _copy_graph_module(gm)
-            apply(fixed, analyse(fixed.graph, config), config, plans=self.compiled_plans)
-            self.compiled = decode_compiler(fixed, example_inputs)
+        fast = _copy_graph_module(gm)
+        apply(fast, analyse(fast.graph, config), config, plans=self.compiled_plans, causal=causal)
+        self.compiled = (decode_compiler if decode else compiler)(fast, example_inputs)
 
     def _plan_of(self, past: torch.Tensor) -> Plan:
         plan = getattr(past, PLAN_ATTR, None)
@@ -172,8 +179,14 @@ class RewrittenGraph:
         for i, symbol in self.length_inputs["ints"].items():
             args[i] = lengths.get(symbol, args[i])
 
-    def _has_padding(self, args) -> bool:
-        return any(not bool(args[i].all()) for i in self.padding_inputs)
+    @staticmethod
+    def _has_padding(args, inputs: list[int]) -> bool:
+        return any(not bool(args[i].all()) for i in inputs)
+
+    def _warn_once(self, message: str, *args) -> None:
+        if message not in self.warned:
+            log.warning(message, *args)
+            self.warned.add(message)
 
     def _run_exact(self, args):
         """Padding in a decode step: the exact graph, over caches that were never evicted."""
@@ -183,7 +196,7 @@ class RewrittenGraph:
         return self.original(*args)
 
     def __call__(self, *args):
-        if self.padding_inputs and self._has_padding(args):
+        if self.padding_inputs and self._has_padding(args, self.padding_inputs):
             return self._run_exact(args)
         args = list(args)
         plans = dict(self.prefill_plans)
@@ -191,14 +204,18 @@ class RewrittenGraph:
         plans.update(decode_plans)
         if self.length_inputs is not None:
             self._commit_evictions(args)
-        if not decode_plans or decode_plans == self.compiled_plans:
+        padded = self._has_padding(args, self.causal_padding)
+        if self.compiled is not None and not padded and \
+                (not decode_plans or decode_plans == self.compiled_plans):
             outputs = self.compiled(*args)
         else:
-            if self.compiled_plans is not None and not self.warned:
-                log.warning("rocketkv: a decode graph compiled for plan %s got plan %s (a new "
-                            "prompt length?): it runs uncompiled", self.compiled_plans,
-                            decode_plans)
-                self.warned = True
+            if padded:
+                self._warn_once("rocketkv: a padded prompt: the prefill keeps its attention mask "
+                                "and runs uncompiled")
+            elif self.compiled_plans is not None:
+                self._warn_once("rocketkv: a decode graph compiled for plan %s got plan %s (a new "
+                                "prompt length?): it runs uncompiled", self.compiled_plans,
+                                decode_plans)
             outputs = self.uncompiled(*args, *[getattr(plan, field) for plan in
                                                decode_plans.values() for field in PLAN_INPUTS])
         evicted, outputs = outputs[self.num_outputs:], list(outputs[:self.num_outputs])
@@ -233,6 +250,9 @@ def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None 
         if mode not in (None, "default"):
             raise ValueError(f"rocketkv: unsupported mode {mode!r}")
         decisions = analyse(gm.graph, config)
+        for d in decisions:
+            if d.phase == PREFILL and d.site.mask is not None and not d.site.is_causal:
+                d.causal = prove_causal(gm, d.site, example_inputs)
         if on_analysis is not None:
             on_analysis(decisions)
         for d in decisions:

@@ -143,3 +143,52 @@ class Encoder(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+def prefill_mask(recipe: str, padding, length: int, flip=(0, 0), window: int = 4):
+    """A (B, 1, L, L) prefill mask built the way models build theirs, from positions and a 2-D
+    padding mask. Recipes: "causal" (boolean), "additive" (0 / -inf), "lowest" (0 / the dtype's
+    lowest value, transformers' eager convention); not causal: "window" (sliding window),
+    "flipped" (causal with the entry at `flip` toggled)."""
+    rows = torch.arange(length, device=padding.device)[:, None]
+    cols = torch.arange(length, device=padding.device)[None, :]
+    attend = (cols <= rows)[None, None] & padding[:, None, None, :].bool()
+    if recipe == "window":
+        attend = attend & (rows - cols < window)
+    if recipe == "flipped":
+        toggle = (rows == flip[0]) & (cols == flip[1])
+        attend = attend ^ toggle
+    if recipe == "additive":
+        return torch.zeros(attend.shape, device=padding.device).masked_fill(~attend, float("-inf"))
+    if recipe == "lowest":
+        return torch.zeros(attend.shape, device=padding.device).masked_fill(
+            ~attend, torch.finfo(torch.float32).min)
+    return attend
+
+
+class MaskedSDPA(nn.Module):
+    """One SDPA layer (GQA via enable_gqa) whose prefill builds its mask by `prefill_mask` (or,
+    for recipe "input", takes it as an input), and returns its new keys and values as a fresh
+    tuple cache."""
+
+    def __init__(self, recipe: str, dim=64, heads=4, kv_heads=2, flip=(0, 0), seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.recipe, self.flip = recipe, flip
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim)
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, idx, padding, mask=None):
+        B, T = idx.shape
+        q, k, v = self.qkv(self.tok(idx)).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim,
+             self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.recipe != "input":
+            mask = prefill_mask(self.recipe, padding, T, self.flip)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.head(y.transpose(1, 2).reshape(B, T, -1)), (k, v)

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from .causal_mask import CausalProof
 from .kv_source import KVSource
 from .rewrite import SiteDecision, rocketkv_capacity
 
@@ -34,6 +35,8 @@ class SiteReport:
                       "(committed by the first rewritten decode step)"
                       if d.query_len > p.prompt_budget else
                       f"prefill: exact, prompt within the {p.prompt_budget}-token budget: kept whole")
+        if d.phase == "prefill":
+            action += _mask_note(d)
         elif d.phase == "decode":
             action = (f"decode: stage-2 hybrid sparse attention ({d.kernel} kernels; plan "
                       "carried by the cache)")
@@ -41,6 +44,13 @@ class SiteReport:
             action = d.reason
         return cls(graph, d.site.name, d.site.kind, d.key.source.value, str(d.query_len),
                    d.rewritten, action)
+
+
+def _mask_note(d: SiteDecision) -> str:
+    if isinstance(d.causal, CausalProof):
+        return ("; its mask is proven plain causal: SDPA runs is_causal (flash)"
+                + (", while the padding mask is all ones" if d.causal.padding else ""))
+    return f"; its mask is kept: {d.causal}" if d.causal else ""
 
 
 @dataclasses.dataclass

@@ -16,8 +16,9 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..config import Plan, RocketKVConfig
 from ..kernels import ops  # noqa: F401  (torch.ops.rocketkv)
+from .causal_mask import CausalProof
 from .kv_source import KVOrigin, KVSource, kv_origin, returned_nodes
-from .sites import AttentionSite, find_sites, shape_of, value_of
+from .sites import SDPA_SIGNATURE, AttentionSite, find_sites, shape_of, value_of
 
 PREFILL, DECODE = "prefill", "decode"
 PLAN_INPUTS = ("chunk", "dims", "topk")  # the Plan fields a decode site reads at run time
@@ -34,6 +35,7 @@ class SiteDecision:
     query_len: int | None = None
     head_dim: int | None = None
     padding_masks: list[Node] = dataclasses.field(default_factory=list)  # checked at run time
+    causal: CausalProof | str | None = None  # prefill: proof its mask is plain causal, or why not
 
     @property
     def kernel(self) -> str:
@@ -222,6 +224,22 @@ def _mask_arg(graph: Graph, site: AttentionSite) -> Node | None:
     return graph.call_function(torch.logical_not, (site.mask,))
 
 
+def _window_mask(graph: Graph, d: SiteDecision, window: int, causal: frozenset[str]
+                 ) -> Node | None:
+    """The prefill mask's last `window` rows for stage 1; None for a plain causal mask (the ops
+    mask the window causally themselves)."""
+    mask = None if d.site.name in causal else _mask_arg(graph, d.site)
+    return None if mask is None else _last_rows(graph, mask, window)
+
+
+def _make_causal(site: AttentionSite) -> None:
+    """SDPA with its (proven plain causal) mask dropped for is_causal=True: the flash kernel."""
+    bound = SDPA_SIGNATURE.bind(*site.output.args, **site.output.kwargs)
+    arguments = dict(bound.arguments, attn_mask=None, is_causal=True)
+    site.output.args = tuple(arguments.pop(name) for name in ("query", "key", "value"))
+    site.output.kwargs = arguments
+
+
 def _summaries(d: SiteDecision) -> tuple:
     """A RocketKVCache's chunk summaries for the Triton op (a cache stored exactly has none)."""
     if d.key.source is not KVSource.ROCKETKV:
@@ -237,7 +255,8 @@ def rocketkv_capacity(plan: Plan, prompt_len: int) -> int:
     return -(-room // plan.chunk) * plan.chunk
 
 
-def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, config: RocketKVConfig) -> None:
+def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, config: RocketKVConfig,
+                              causal: frozenset[str]) -> None:
     """The cache's exact prompt store becomes the plan's: stage 1 into capacity-sized buffers with
     chunk summaries (or the whole prompt, with summaries, when it fits the prompt budget)."""
     store, plan = d.key.cache, d.plan
@@ -246,12 +265,11 @@ def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, config: RocketKVCon
     with graph.inserting_before(store):
         if d.query_len > plan.prompt_budget:
             w = config.window_size
-            mask = _mask_arg(graph, d.site)
             state = graph.call_function(
                 torch.ops.rocketkv.compressed_cache.default,
                 (_last_rows(graph, d.site.query, w), key, value,
-                 None if mask is None else _last_rows(graph, mask, w), d.scale,
-                 plan.prompt_budget - w, config.kernel_size, capacity, plan.chunk))
+                 _window_mask(graph, d, w, causal), d.scale, plan.prompt_budget - w,
+                 config.kernel_size, capacity, plan.chunk))
         else:
             state = graph.call_function(torch.ops.rocketkv.static_cache.default,
                                         (key, value, capacity, plan.chunk))
@@ -267,7 +285,8 @@ def _is_impure(node: Node) -> bool:
 
 
 def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig,
-          plans: dict[str, Plan] | None = None) -> list[str]:
+          plans: dict[str, Plan] | None = None, causal: frozenset[str] = frozenset()
+          ) -> list[str]:
     """Rewrite the sites decided above; returns the names of the sites that evict.
 
     A prefill site keeps returning its full cache and gets stage 1 inserted: the evicted keys and
@@ -277,6 +296,8 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
     A decode site gets stage 2, whose plan (chunk, dims, topk) comes from `plans` (site name ->
     Plan) as constants, or else from three new int inputs appended to the graph's inputs, per
     decode site in graph order (the plan travels with the cache).
+    The prefill sites named in `causal` (masks proven plain causal) drop their masks for
+    is_causal=True.
     """
     graph = gm.graph
     output = graph.output_node()
@@ -285,16 +306,15 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
     evicting: list[str] = []
     for d in decisions:
         if d.phase == PREFILL and d.key.source is KVSource.NEW_ROCKETKV:
-            _rewrite_rocketkv_prefill(graph, d, config)
+            _rewrite_rocketkv_prefill(graph, d, config, causal)
         elif d.phase == PREFILL and d.query_len > d.plan.prompt_budget:
             w = config.window_size
             with graph.inserting_before(d.site.output.next):
-                mask = _mask_arg(graph, d.site)
                 kept = graph.call_function(
                     torch.ops.rocketkv.compress.default,
                     (_last_rows(graph, d.site.query, w), d.site.key, d.site.value,
-                     None if mask is None else _last_rows(graph, mask, w), d.scale,
-                     d.plan.prompt_budget - w, config.kernel_size))
+                     _window_mask(graph, d, w, causal), d.scale, d.plan.prompt_budget - w,
+                     config.kernel_size))
                 evicted += [graph.call_function(operator.getitem, (kept, i)) for i in (0, 1)]
             evicting.append(d.site.name)
         elif d.phase == DECODE:
@@ -312,6 +332,8 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                     sparse = graph.call_function(torch.ops.rocketkv.sparse_decode_triton.default,
                                                  args + _summaries(d))
             d.site.output.replace_all_uses_with(sparse)
+        if d.phase == PREFILL and d.site.name in causal:
+            _make_causal(d.site)
     if evicted:
         output.args = (tuple(output.args[0]) + tuple(evicted),)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
