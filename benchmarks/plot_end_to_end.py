@@ -1,5 +1,6 @@
 """Plot end_to_end.py JSONs (one run or several, e.g. one per context): batch-1 decode ms/token vs
-context beside the weight-read floor, and decode throughput vs batch.
+context beside the weight-read floor, and decode throughput vs batch. A later file's row replaces
+an earlier one for the same setup, context and batch (a re-run supersedes).
 
     python3 benchmarks/plot_end_to_end.py benchmarks/results/end_to_end_h100.png \
         benchmarks/results/end_to_end_h100_*.json
@@ -16,7 +17,8 @@ import matplotlib.ticker  # noqa: E402
 
 def main(target: str, *sources: str) -> None:
     runs = [json.load(open(s)) for s in sources]
-    rows = [r for run in runs for r in run["rows"] if r["status"] == "ok"]
+    latest = {(r["setup"], r["context"], r["batch"]): r for run in runs for r in run["rows"]}
+    rows = [r for r in latest.values() if r["status"] == "ok"]
     setups = sorted({r["setup"] for r in rows},   # generate, static, then rocketkv by budget
                     key=lambda s: (s.startswith("rocketkv"), int(s.split("-")[-1]) if "-" in s else 0, s))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))

@@ -3,13 +3,15 @@
 The same step as benchmarks/end_to_end.py's rocketkv-B at batch 1 (compiled, CUDA graphs), timed,
 then profiled: GPU time by kind of kernel (the weight GEMVs, RocketKV's attention kernels,
 Inductor's fused kernels, the rest), the bandwidth the GEMVs reach, and the time the GPU sits
-idle in a step. Then again with Inductor's coordinate-descent tuning (gpt-fast's setting).
+idle in a step. Once with the decode graph compiled untuned, once as the backend compiles it
+(Inductor's coordinate-descent tuning, gpt-fast's setting).
 
     python3 benchmarks/profile_decode_step.py [--context 16384] [--budget 256] [--out F.json]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -22,6 +24,7 @@ sys.path.insert(0, "benchmarks")
 import rkv_compile  # noqa: E402
 from decode_attention import copy_bandwidth  # noqa: E402
 from end_to_end import WARMUP, build, greedy, llama_8b, timed_ms  # noqa: E402
+from rkv_compile.backend import inductor, make_backend  # noqa: E402
 from rkv_compile.cache import RocketKVCache  # noqa: E402
 
 KINDS = [   # (kind, kernel-name pattern), first match wins
@@ -46,10 +49,11 @@ def profile_steps(forward, cache, logits, steps: int) -> list:
 
 def measure(model, ids, budget: int, steps: int, weight_bytes: int, tuning: bool) -> dict:
     torch._dynamo.reset()
-    torch._inductor.config.coordinate_descent_tuning = tuning
+    backend = rkv_compile.rocketkv if tuning else make_backend(
+        decode_compiler=functools.partial(inductor, cudagraphs=True))
     room = 2 * (WARMUP + 2 * steps) + 1
     options = {"token_budget": budget, "max_new_tokens": room, "cudagraphs": True}
-    forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
+    forward = torch.compile(model.forward, backend=backend, options=options)
     with torch.no_grad():
         cache = RocketKVCache(model.config, room)
         logits = forward(ids, past_key_values=cache, logits_to_keep=1).logits
