@@ -93,9 +93,8 @@ class OracleGPT(TinyGPT):
             plan = self.plans[layer] = self.config.plan(n, self.head_dim)
             if n > plan.prompt_budget:
                 w = self.config.window_size
-                self.kept[layer] = reference.compress(q[:, :, -w:], k, v, mask[..., -w:, :], scale,
-                                                      plan.prompt_budget - w,
-                                                      self.config.kernel_size)
+                self.kept[layer] = self.config.method.evict(q[:, :, -w:], k, v, mask[..., -w:, :],
+                                                            scale, plan.prompt_budget - w)
             return super().attend(layer, q, k, v, mask)
         plan = self.plans[layer]
         return reference.sparse_decode(q, k, v, mask, scale, plan.chunk, plan.dims, plan.topk)

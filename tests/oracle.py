@@ -1,7 +1,7 @@
 """The eager oracle: greedy decoding of an HF model with RocketKV applied step by step.
 
 It shares no code with the pass: a custom transformers attention function calls the reference
-ops directly (exact attention + stage-1 eviction at prefill, stage 2 at each decode step), and the
+ops directly (exact attention + the policy's eviction at prefill, its decode step), and the
 evicted caches are written into the DynamicCache by hand after prefill.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rkv_compile import RocketKVConfig
-from rkv_compile.kernels import reference
 
 ORACLE = "rkv_oracle"
 
@@ -24,26 +23,27 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     D = query.shape[-1]
     scale = scaling if scaling is not None else D**-0.5
     q_len, n = query.shape[2], key.shape[2]
-    layer = module.layer_idx
-    if q_len == n or not config.compresses:  # exact attention (then eviction at prefill)
+    layer, method = module.layer_idx, config.method
+    out = None
+    if q_len == n or not config.compresses or not method.sparse_decode:  # exact attention
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                              is_causal=attention_mask is None and q_len == n,
                                              scale=scale, enable_gqa=True)
     if not config.compresses:
         return out.transpose(1, 2).contiguous(), None
-    if q_len == n:
+    if q_len == n:   # then eviction
         plan = config.plan(n, D)
         state["plans"][layer] = plan
         if n > plan.prompt_budget:
             w = config.window_size
             mask = None if attention_mask is None else attention_mask[..., -w:, :]
-            state["kept"][layer] = reference.compress(query[:, :, -w:], key, value, mask, scale,
-                                                      plan.prompt_budget - w, config.kernel_size)
-    else:
+            state["kept"][layer] = method.evict(query[:, :, -w:], key, value, mask, scale,
+                                                plan.prompt_budget - w)
+    elif out is None:
         assert q_len == 1
         plan = state["plans"][layer]
-        out = reference.sparse_decode(query, key, value, attention_mask, scale, plan.chunk,
-                                      plan.dims, plan.topk)
+        out = method.decode(query, key, value, attention_mask, scale, plan.chunk, plan.dims,
+                            plan.topk)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -144,7 +144,7 @@ def test_cache_through_inductor_and_explain():
             options=options)
         kinds = {(s.kv_source, s.rewritten) for s in report.sites}
         assert kinds == {("new RocketKVCache", True), ("RocketKVCache", True)}
-        assert "stage 1's 175 tokens in 182-token buffers" in str(report)
+        assert "the 175 tokens rocketkv keeps in 182-token buffers" in str(report)
         model.forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
         tokens = _generate(model, ids, 6, RocketKVCache(model.config, 6))
     assert tokens == oracle_generate(model, ids, RocketKVConfig.from_options(options), 6)[0]

@@ -140,6 +140,14 @@ def test_config_defaults():
         (512, 64, 16, 7)
 
 
+def test_kernel_size_only_for_policies_that_pool():
+    assert RocketKVConfig(policy="snapkv", kernel_size=7).method.kernel_size == 7
+    assert RocketKVConfig(policy="snapkv").method.kernel_size == 5
+    assert RocketKVConfig().method.kernel_size == 63
+    with pytest.raises(ValueError, match="'kernel_size' does not apply to policy 'oracle-topk'"):
+        RocketKVConfig(policy="oracle-topk", kernel_size=7)
+
+
 def test_token_budget_none_turns_compression_off():
     cfg = RocketKVConfig.from_options({"token_budget": None})
     assert cfg.token_budget is None
@@ -163,7 +171,7 @@ def test_unknown_option_names_the_key(key):
     ("window_size", 0), ("window_size", None), ("window_size", 2.0), ("window_size", True),
     ("kernel_size", 0), ("kernel_size", 2), ("kernel_size", 64), ("kernel_size", False),
     ("kernel_size", True), ("kernel_size", 3.0),
-    ("policy", "snapkv"), ("policy", ""), ("policy", None),
+    ("policy", "nope"), ("policy", ""), ("policy", None),
     ("cudagraphs", 1), ("cudagraphs", "yes"), ("cudagraphs", None),
 ])
 def test_bad_values_name_the_option(name, value):

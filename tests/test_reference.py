@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import rkv_compile.kernels  # noqa: F401  (registers torch.ops.rocketkv)
 from rkv_compile.kernels import reference as R
+from rkv_compile.policies import POLICIES, from_spec
 
 SETTINGS = settings(deadline=None, max_examples=30)
 NEAR_TIE = 1e-4  # relative gap under which two different scores count as a rounding-level tie
@@ -426,13 +427,23 @@ COMPRESS_SHAPES = [(1, 1, 4, 4, 20, 16, None), (2, 2, 3, 8, 33, 32, "bool"),
 DECODE_SHAPES = [(1, 1, 4, 20, 16, None), (2, 2, 3, 33, 32, "bool"), (1, 3, 2, 9, 16, "float")]
 
 
+def _spec(name: str, kernel_size: int | None = None) -> str:
+    """A policy's spec for the ops (token_budget and max_new_tokens do not reach them)."""
+    extra = {} if kernel_size is None else {"kernel_size": kernel_size}
+    return POLICIES[name](64, 8, **extra).spec
+
+
+@pytest.mark.parametrize("policy", ["rocketkv", "snapkv"])
 @pytest.mark.parametrize("shape", COMPRESS_SHAPES)
-def test_compress_opcheck(shape):
-    args = _compress_args(3, *shape)
+def test_compress_opcheck(shape, policy):
+    *args, kernel_size = _compress_args(3, *shape)
+    spec = _spec(policy, kernel_size)
+    args = (*args, spec)
     torch.library.opcheck(torch.ops.rocketkv.compress.default, args)
     got = torch.ops.rocketkv.compress(*args)
-    want = R.compress(*args)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, from_spec(spec).evict(*args[:-1]), rtol=0, atol=0)
+    if policy == "rocketkv":
+        torch.testing.assert_close(got, R.compress(*args[:-1], kernel_size), rtol=0, atol=0)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         fk, fv = torch.ops.rocketkv.compress(*fake_args)
@@ -440,12 +451,15 @@ def test_compress_opcheck(shape):
         assert f.shape == real.shape and f.stride() == real.stride() and f.dtype == real.dtype
 
 
+@pytest.mark.parametrize("policy", ["rocketkv", "oracle-topk"])
 @pytest.mark.parametrize("shape", DECODE_SHAPES)
-def test_sparse_decode_opcheck(shape):
-    args = _decode_args(4, *shape)
+def test_sparse_decode_opcheck(shape, policy):
+    args = (*_decode_args(4, *shape), _spec(policy))
     torch.library.opcheck(torch.ops.rocketkv.sparse_decode.default, args)
     got = torch.ops.rocketkv.sparse_decode(*args)
-    torch.testing.assert_close(got, R.sparse_decode(*args), rtol=0, atol=0)
+    torch.testing.assert_close(got, from_spec(args[-1]).decode(*args[:-1]), rtol=0, atol=0)
+    if policy == "rocketkv":
+        torch.testing.assert_close(got, R.sparse_decode(*args[:-1]), rtol=0, atol=0)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         f = torch.ops.rocketkv.sparse_decode(*fake_args)
@@ -455,10 +469,10 @@ def test_sparse_decode_opcheck(shape):
 def test_ops_follow_input_dtype():
     args = list(_decode_args(5, 1, 2, 2, 17, 32, None))
     args[:3] = [a.to(torch.bfloat16) for a in args[:3]]
-    out = torch.ops.rocketkv.sparse_decode(*args)
+    out = torch.ops.rocketkv.sparse_decode(*args, _spec("rocketkv"))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, R.sparse_decode(*args), rtol=0, atol=0)
     cargs = list(_compress_args(5, 1, 2, 2, 4, 17, 32, None))
     cargs[:3] = [a.to(torch.float16) for a in cargs[:3]]
-    kk, vv = torch.ops.rocketkv.compress(*cargs)
+    kk, vv = torch.ops.rocketkv.compress(*cargs[:-1], _spec("rocketkv", cargs[-1]))
     assert kk.dtype == vv.dtype == torch.float16

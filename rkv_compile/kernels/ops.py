@@ -1,8 +1,9 @@
 """The ``rocketkv`` torch.library ops that rewritten graphs and RocketKVCache call.
 
-- `compress` (stage 1) and `sparse_decode` (stage 2) are opaque custom ops with fake kernels whose
-  shapes and (contiguous) strides match, so Dynamo, AOTAutograd and Inductor trace around them.
-  They run the PyTorch reference; `compress` runs the Triton stage-1 kernels on CUDA.
+- `compress` (prompt eviction) and `sparse_decode` (a sparse decode step) are opaque custom ops
+  with fake kernels whose shapes and (contiguous) strides match, so Dynamo, AOTAutograd and
+  Inductor trace around them. They take the policy as its `spec` string and run its PyTorch
+  reference; `compress` runs RocketKV's Triton stage-1 kernels on CUDA.
 - `sparse_decode_triton` is a `triton_op`: on CUDA, Inductor traces into it and schedules its
   Triton kernels with the rest of the graph. (Under Triton's CPU interpreter a triton_op cannot
   be traced by torch.compile, so CPU graphs keep the opaque reference ops.)
@@ -17,21 +18,24 @@ from torch import Tensor
 
 from torch.library import triton_op
 
+from ..policies import base as policies   # a module: policies import the reference ops too
 from . import reference, triton_compress, triton_decode
 
 
 @torch.library.custom_op("rocketkv::compress", mutates_args=())
 def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
-             keep: int, kernel_size: int) -> tuple[Tensor, Tensor]:
-    """Stage 1: the `keep` best-voted prefix tokens per KV head plus the window, as new caches.
-    On CUDA without a mask the votes come from the Triton kernels (no w x n matrix written)."""
-    if key.device.type == "cuda" and mask is None:
-        return triton_compress.compress(query_window, key, value, scale, keep, kernel_size)
-    return reference.compress(query_window, key, value, mask, scale, keep, kernel_size)
+             keep: int, policy: str) -> tuple[Tensor, Tensor]:
+    """Prompt eviction: the `keep` best prefix tokens per KV head by the policy's scores (its
+    `spec`), plus the window, as new caches. RocketKV on CUDA without a mask scores with the
+    Triton kernels (no w x n matrix written)."""
+    method = policies.from_spec(policy)
+    if key.device.type == "cuda" and mask is None and method.name == "rocketkv":
+        return triton_compress.compress(query_window, key, value, scale, keep, method.kernel_size)
+    return method.evict(query_window, key, value, mask, scale, keep)
 
 
 @compress.register_fake
-def _(query_window, key, value, mask, scale, keep, kernel_size):
+def _(query_window, key, value, mask, scale, keep, policy):
     B, H, _, D = key.shape
     kept = keep + query_window.shape[-2]
     return key.new_empty(B, H, kept, D), value.new_empty(B, H, kept, value.shape[-1])
@@ -39,13 +43,14 @@ def _(query_window, key, value, mask, scale, keep, kernel_size):
 
 @torch.library.custom_op("rocketkv::sparse_decode", mutates_args=())
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
-                  chunk: int, dims: int, topk: int) -> Tensor:
-    """Stage 2: hybrid sparse attention of one query token per head over the stored cache."""
-    return reference.sparse_decode(query, key, value, mask, scale, chunk, dims, topk)
+                  chunk: int, dims: int, topk: int, policy: str) -> Tensor:
+    """One sparse decode step of the policy (its `spec`) over the stored cache, on the
+    reference path."""
+    return policies.from_spec(policy).decode(query, key, value, mask, scale, chunk, dims, topk)
 
 
 @sparse_decode.register_fake
-def _(query, key, value, mask, scale, chunk, dims, topk):
+def _(query, key, value, mask, scale, chunk, dims, topk, policy):
     return query.new_empty(*query.shape[:-1], value.shape[-1])
 
 
@@ -83,11 +88,11 @@ def static_cache(key: Tensor, value: Tensor, capacity: int, chunk: int
 
 @torch.library.custom_op("rocketkv::compressed_cache", mutates_args=())
 def compressed_cache(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                     scale: float, keep: int, kernel_size: int, capacity: int, chunk: int
+                     scale: float, keep: int, policy: str, capacity: int, chunk: int
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Stage 1 straight into a RocketKVCache layer's state: the kept prompt tokens, summaries,
-    and positions that continue at the prompt length."""
-    kept_key, kept_value = compress(query_window, key, value, mask, scale, keep, kernel_size)
+    """Prompt eviction straight into a RocketKVCache layer's state: the kept prompt tokens,
+    summaries, and positions that continue at the prompt length."""
+    kept_key, kept_value = compress(query_window, key, value, mask, scale, keep, policy)
     return reference.static_cache(kept_key, kept_value, capacity, chunk, key.shape[2])
 
 
@@ -106,5 +111,5 @@ def _(key, value, capacity, chunk):
 
 
 @compressed_cache.register_fake
-def _(query_window, key, value, mask, scale, keep, kernel_size, capacity, chunk):
+def _(query_window, key, value, mask, scale, keep, policy, capacity, chunk):
     return _fake_state(key, value, capacity, chunk)

@@ -33,13 +33,13 @@ def group_queries(query: Tensor, kv_heads: int) -> Tensor:
 
 
 def snapkv_votes(query_window: Tensor, key: Tensor, mask: Tensor | None, scale: float,
-                 kernel_size: int) -> Tensor:
+                 kernel_size: int, pool: str = "max") -> Tensor:
     """Stage 1 scores (SnapKV++): how much the last w queries attend to each earlier key.
 
     Softmax over all n keys (causal inside the window), the probabilities of the n - w prefix
     keys summed over the window queries and over the query heads of each KV group, then
-    max-pooled along the sequence. Returns (B, Hkv, n - w) float32; a key that every window
-    query masks out scores -inf so it is never kept.
+    pooled along the sequence ("max", or "avg" as SnapKV does). Returns (B, Hkv, n - w)
+    float32; a key that every window query masks out scores -inf so it is never kept.
     """
     B, Hkv, n, D = key.shape
     w = query_window.shape[-2]
@@ -52,7 +52,8 @@ def snapkv_votes(query_window: Tensor, key: Tensor, mask: Tensor | None, scale: 
         logits = logits + extra.unsqueeze(2)                              # B 1 1 w n
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     votes = probs[..., : n - w].sum(dim=(2, 3))                            # B Hkv n-w
-    votes = F.max_pool1d(votes, kernel_size, stride=1, padding=kernel_size // 2)
+    pooling = F.max_pool1d if pool == "max" else F.avg_pool1d
+    votes = pooling(votes, kernel_size, stride=1, padding=kernel_size // 2)
     if extra is not None:
         dead = torch.isneginf(extra[..., : n - w]).all(dim=-2)             # B 1 n-w
         votes = votes.masked_fill(dead, float("-inf"))

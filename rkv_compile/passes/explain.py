@@ -23,23 +23,24 @@ class SiteReport:
 
     @classmethod
     def of(cls, graph: int, d: SiteDecision) -> "SiteReport":
+        p, name = d.plan, d.method.name
         if d.phase == "prefill" and d.key.source is KVSource.NEW_ROCKETKV:
-            p = d.plan
             action = ("prefill: exact attention; the RocketKVCache stores "
-                      + (f"stage 1's {p.prompt_budget} tokens" if d.query_len > p.prompt_budget
-                         else "the whole prompt")
+                      + (f"the {p.prompt_budget} tokens {name} keeps"
+                         if d.query_len > p.prompt_budget else "the whole prompt")
                       + f" in {rocketkv_capacity(p, d.query_len)}-token buffers")
         elif d.phase == "prefill":
-            p = d.plan
-            action = (f"prefill: exact attention, then stage-1 eviction to {p.prompt_budget} tokens "
-                      "(committed by the first rewritten decode step)"
+            action = (f"prefill: exact attention, then {name} eviction to {p.prompt_budget} "
+                      "tokens (committed by the first rewritten decode step)"
                       if d.query_len > p.prompt_budget else
                       f"prefill: exact, prompt within the {p.prompt_budget}-token budget: kept whole")
         if d.phase == "prefill":
             action += _mask_note(d)
+        elif d.phase == "decode" and d.kernel == "exact":
+            action = f"decode: {name}, exact attention over the kept tokens (unchanged)"
         elif d.phase == "decode":
-            action = (f"decode: stage-2 hybrid sparse attention ({d.kernel} kernels; plan "
-                      "carried by the cache)")
+            action = (f"decode: {name}, {d.method.decode_kind} ({d.kernel} kernels; plan carried "
+                      "by the cache)")
         else:
             action = d.reason
         return cls(graph, d.site.name, d.site.kind, d.key.source.value, str(d.query_len),

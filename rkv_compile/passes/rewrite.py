@@ -15,6 +15,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import Plan, RocketKVConfig
+from ..policies import Policy, RocketKV
 from ..kernels import ops  # noqa: F401  (torch.ops.rocketkv)
 from .causal_mask import CausalProof
 from .kv_source import KVOrigin, KVSource, kv_origin, returned_nodes
@@ -34,17 +35,21 @@ class SiteDecision:
     plan: Plan | None = None       # prefill: the plan its prompt length gives
     query_len: int | None = None
     head_dim: int | None = None
+    method: Policy | None = None   # the policy the options select
     padding_masks: list[Node] = dataclasses.field(default_factory=list)  # checked at run time
     causal: CausalProof | str | None = None  # prefill: proof its mask is plain causal, or why not
 
     @property
     def kernel(self) -> str:
-        """What runs a decode site: the Triton kernels (CUDA; no mask or a boolean one) or the
-        reference op (CPU, additive masks)."""
+        """What runs a decode site: "exact" (the policy decodes exactly: the site is kept), the
+        Triton kernels (RocketKV on CUDA; no mask or a boolean one) or the reference op."""
+        if not self.method.sparse_decode:
+            return "exact"
         on_cuda = value_of(self.site.query).device.type == "cuda"
         mask = value_of(self.site.mask)
         boolean = mask is None or self.site.mask_is_fill or mask.dtype == torch.bool
-        return "triton" if on_cuda and boolean else "reference"
+        triton = isinstance(self.method, RocketKV) and on_cuda and boolean
+        return "triton" if triton else "reference"
 
     @property
     def rewritten(self) -> bool:
@@ -57,8 +62,8 @@ class SiteDecision:
 
 def analyse(graph: Graph, config: RocketKVConfig) -> list[SiteDecision]:
     returned = returned_nodes(graph.output_node())
-    decisions = [SiteDecision(site, kv_origin(site.key, returned), kv_origin(site.value, returned))
-                 for site in find_sites(graph)]
+    decisions = [SiteDecision(site, kv_origin(site.key, returned), kv_origin(site.value, returned),
+                              method=config.method) for site in find_sites(graph)]
     # Every stored cache length: eviction shortens them all, so nothing may derive positions
     # from any of them.
     caches = {o.past for d in decisions for o in (d.key, d.value) if o.source is KVSource.GROWN}
@@ -250,9 +255,9 @@ def _summaries(d: SiteDecision) -> tuple:
 
 def rocketkv_capacity(plan: Plan, prompt_len: int) -> int:
     """Slots of a RocketKVCache layer: the prompt budget and every new token (the window can keep
-    more than capacity - max_new_tokens), in whole chunks."""
+    more than capacity - max_new_tokens), in whole chunks (if the policy keeps summaries)."""
     room = plan.prompt_budget + plan.length - prompt_len
-    return -(-room // plan.chunk) * plan.chunk
+    return -(-room // plan.chunk) * plan.chunk if plan.chunk else room
 
 
 def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, config: RocketKVConfig,
@@ -269,7 +274,7 @@ def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, config: RocketKVCon
                 torch.ops.rocketkv.compressed_cache.default,
                 (_last_rows(graph, d.site.query, w), key, value,
                  _window_mask(graph, d, w, causal), d.scale, plan.prompt_budget - w,
-                 config.kernel_size, capacity, plan.chunk))
+                 config.method.spec, capacity, plan.chunk))
         else:
             state = graph.call_function(torch.ops.rocketkv.static_cache.default,
                                         (key, value, capacity, plan.chunk))
@@ -293,9 +298,10 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
     values are appended to the graph's outputs, two per evicting site, in the order returned.
     Whether they replace the full cache is decided by the decode graph (backend.py), the one
     place that can check that positions do not derive from the stored cache length.
-    A decode site gets stage 2, whose plan (chunk, dims, topk) comes from `plans` (site name ->
-    Plan) as constants, or else from three new int inputs appended to the graph's inputs, per
-    decode site in graph order (the plan travels with the cache).
+    A decode site of a sparse-decode policy gets its op, whose plan (chunk, dims, topk) comes
+    from `plans` (site name -> Plan) as constants, or else from three new int inputs appended to
+    the graph's inputs, per decode site in graph order (the plan travels with the cache). Other
+    policies' decode sites keep their exact attention (over the evicted cache).
     The prefill sites named in `causal` (masks proven plain causal) drop their masks for
     is_causal=True.
     """
@@ -314,10 +320,10 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                     torch.ops.rocketkv.compress.default,
                     (_last_rows(graph, d.site.query, w), d.site.key, d.site.value,
                      _window_mask(graph, d, w, causal), d.scale, d.plan.prompt_budget - w,
-                     config.kernel_size))
+                     config.method.spec))
                 evicted += [graph.call_function(operator.getitem, (kept, i)) for i in (0, 1)]
             evicting.append(d.site.name)
-        elif d.phase == DECODE:
+        elif d.phase == DECODE and config.method.sparse_decode:
             if plans is not None:   # compiled for one plan: its ints are constants
                 plan = [getattr(plans[d.site.name], field) for field in PLAN_INPUTS]
             else:
@@ -327,7 +333,8 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                 args = (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale,
                         *plan)
                 if d.kernel != "triton":
-                    sparse = graph.call_function(torch.ops.rocketkv.sparse_decode.default, args)
+                    sparse = graph.call_function(torch.ops.rocketkv.sparse_decode.default,
+                                                 args + (config.method.spec,))
                 else:
                     sparse = graph.call_function(torch.ops.rocketkv.sparse_decode_triton.default,
                                                  args + _summaries(d))

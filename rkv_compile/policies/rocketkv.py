@@ -8,41 +8,29 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..kernels import reference
+from .base import Plan, Policy, register
 
+
+@register
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """Budgets for one sequence.
-
-    capacity:      most tokens a layer's cache holds per KV head (prompt kept + generated).
-    prompt_budget: prompt tokens stage 1 keeps (capacity - max_new_tokens, never below the window).
-    topk:          tokens stage 2 attends to exactly (B // 2).
-    chunk:         consecutive cache slots that share one min/max key summary.
-    dims:          r, the query dims the approximate scores read.
-    """
-
-    token_budget: int
-    length: int
-    capacity: int
-    prompt_budget: int
-    topk: int
-    chunk: int
-    dims: int
-
-
-@dataclasses.dataclass(frozen=True)
-class RocketKV:
+class RocketKV(Policy):
     """RocketKV with token budget B: the plan for a prompt of a given length and head dim.
 
     With L = prompt + max_new_tokens: c = max(1, L/B); alpha = min(0.2 + 0.06 log2 c, 0.8);
     capacity = int(L / c^alpha), at least min(2 max_new_tokens, L); topk = B // 2;
     c2 = max(1, capacity/B); chunk = ceil(sqrt(c2)) (1 if that exceeds c2);
     dims = clamp(int(D * chunk / c2), 1, D).
+    Stage 1 (SnapKV++): window votes summed over each GQA group, max-pooled (kernel_size).
+    Stage 2: chunk-level approximate scores from K's min/max summaries on r query dims, top-k
+    tokens, exact attention over them (reference.sparse_decode).
     """
 
-    token_budget: int
-    max_new_tokens: int
-    window_size: int = 32
     kernel_size: int = 63
+
+    name = "rocketkv"
+    sparse_decode = True
+    decode_kind = "stage-2 hybrid sparse attention"
 
     def plan(self, prompt_len: int, head_dim: int) -> Plan:
         B, M, D = self.token_budget, self.max_new_tokens, head_dim
@@ -57,3 +45,9 @@ class RocketKV:
         dims = min(max(int(D * chunk / c2), 1), D)
         prompt_budget = max(capacity - M, self.window_size)
         return Plan(B, L, capacity, prompt_budget, B // 2, chunk, dims)
+
+    def prompt_scores(self, query_window, key, mask, scale):
+        return reference.snapkv_votes(query_window, key, mask, scale, self.kernel_size)
+
+    def decode(self, query, key, value, mask, scale, chunk, dims, topk):
+        return reference.sparse_decode(query, key, value, mask, scale, chunk, dims, topk)

@@ -1,0 +1,93 @@
+"""What every KV-cache method shares: a plan per prompt, what a prefill keeps, how decode reads.
+
+A method is a frozen dataclass whose fields are its hyperparameters. Most write one method:
+`prompt_scores` (a score per prompt token; the best `prompt_budget` are kept, the observation
+window always) or `decode` (one decode step over the stored cache). The ops receive a method as
+its `spec` string (a custom op takes no Python objects) and rebuild it with `from_spec`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..kernels import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Budgets for one sequence.
+
+    capacity:      most tokens a layer's cache holds per KV head (prompt kept + generated).
+    prompt_budget: prompt tokens the prefill keeps (capacity - max_new_tokens, at least the
+                   window).
+    topk:          tokens a decode step attends to exactly (0: all it stores).
+    chunk:         consecutive cache slots sharing one min/max key summary (0: no summaries).
+    dims:          r, the query dims approximate scores read.
+    """
+
+    token_budget: int
+    length: int
+    capacity: int
+    prompt_budget: int
+    topk: int
+    chunk: int
+    dims: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A KV-cache method on rkv_compile's pipeline (exact prefill, prompt eviction, decode)."""
+
+    token_budget: int
+    max_new_tokens: int = 128
+    window_size: int = 32
+
+    name: ClassVar[str]
+    sparse_decode: ClassVar[bool] = False   # decode sites call `decode`; else they stay exact
+    decode_kind: ClassVar[str] = "exact attention over the kept tokens"
+
+    def plan(self, prompt_len: int, head_dim: int) -> Plan:
+        """Keep `token_budget` prompt tokens (at least the window), attend to all of them."""
+        prompt_budget = max(self.token_budget, self.window_size)
+        capacity = prompt_budget + self.max_new_tokens
+        return Plan(self.token_budget, prompt_len + self.max_new_tokens, capacity, prompt_budget,
+                    0, 0, head_dim)
+
+    def prompt_scores(self, query_window: Tensor, key: Tensor, mask: Tensor | None,
+                      scale: float) -> Tensor:
+        """(B, Hkv, n - w) scores of the prompt tokens before the window: the best are kept."""
+        raise NotImplementedError(f"{self.name} keeps no prompt subset")
+
+    def evict(self, query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+              scale: float, keep: int) -> tuple[Tensor, Tensor]:
+        """The `keep` best-scored prompt tokens per KV head, then the window, in order."""
+        scores = self.prompt_scores(query_window, key, mask, scale)
+        return reference.gather_kept(key, value, reference.keep_indices(scores, keep),
+                                     query_window.shape[-2])
+
+    def decode(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
+               chunk: int, dims: int, topk: int) -> Tensor:
+        """One decode step over the stored cache (sparse_decode policies)."""
+        raise NotImplementedError(f"{self.name} decodes exactly")
+
+    @property
+    def spec(self) -> str:
+        return json.dumps({"policy": self.name, **dataclasses.asdict(self)}, sort_keys=True)
+
+
+REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@functools.lru_cache(maxsize=None)
+def from_spec(spec: str) -> Policy:
+    fields = json.loads(spec)
+    return REGISTRY[fields.pop("policy")](**fields)

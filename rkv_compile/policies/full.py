@@ -1,0 +1,19 @@
+"""Full KV: no compression. The baseline every method is measured against, run through the same
+pass and cache (with RocketKVCache: one static buffer of prompt + new tokens, CUDA graphs)."""
+from __future__ import annotations
+
+import dataclasses
+
+from .base import Plan, Policy, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Full(Policy):
+    """Keeps every prompt token and attends to all of them exactly (token_budget is unused)."""
+
+    name = "full"
+
+    def plan(self, prompt_len: int, head_dim: int) -> Plan:
+        length = prompt_len + self.max_new_tokens
+        return Plan(self.token_budget, length, length, prompt_len, 0, 0, head_dim)

@@ -1,0 +1,39 @@
+"""Oracle top-k: exact attention scores pick the tokens each decode step attends to.
+
+The ceiling for any sparse-attention selection (RocketKV's stage 2, Quest, SparQ) at the same
+number of attended tokens; it reads every key to score, so it saves no memory traffic.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..kernels import reference
+from .base import Plan, Policy, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class OracleTopK(Policy):
+    """No eviction. At each decode step, per KV head: the softmax probabilities of the exact
+    logits q.k * scale, averaged over the group's query heads; the `token_budget` most probable
+    tokens (ties: earlier slot first); exact attention over them."""
+
+    name = "oracle-topk"
+    sparse_decode = True
+    decode_kind = "exact top-k attention (oracle scores)"
+
+    def plan(self, prompt_len: int, head_dim: int) -> Plan:
+        length = prompt_len + self.max_new_tokens
+        return Plan(self.token_budget, length, length, prompt_len, self.token_budget, 0, head_dim)
+
+    def decode(self, query, key, value, mask, scale, chunk, dims, topk):
+        q = reference.group_queries(query, key.shape[1])[:, :, :, -1]         # B Hkv G D
+        logits = torch.einsum("bhgd,bhnd->bhgn", q, key.float()) * scale
+        extra = reference.additive_mask(mask)
+        if extra is not None:
+            logits = logits + extra[:, :, -1:, :]
+        scores = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(2)        # B Hkv n
+        index = reference.select_tokens(scores, topk)
+        return reference.attend_selected(query, key, value, mask, scale, index).contiguous()
