@@ -258,9 +258,13 @@ def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None 
         if mode not in (None, "default"):
             raise ValueError(f"rocketkv: unsupported mode {mode!r}")
         decisions = analyse(gm.graph, config)
+        proofs = {}   # one proof per mask: a model's layers share theirs
         for d in decisions:
             if d.phase == PREFILL and d.site.mask is not None and not d.site.is_causal:
-                d.causal = prove_causal(gm, d.site, example_inputs)
+                key = (d.site.mask, d.site.kind, str(value_of(d.site.query).shape))
+                if key not in proofs:
+                    proofs[key] = prove_causal(gm, d.site, example_inputs)
+                d.causal = proofs[key]
         if on_analysis is not None:
             on_analysis(decisions)
         for d in decisions:

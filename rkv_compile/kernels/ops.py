@@ -29,7 +29,7 @@ def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | No
     `spec`), plus the window, as new caches. RocketKV on CUDA without a mask scores with the
     Triton kernels (no w x n matrix written)."""
     method = policies.from_spec(policy)
-    if key.device.type == "cuda" and mask is None and method.name == "rocketkv":
+    if key.device.type == "cuda" and mask is None and method.triton:
         return triton_compress.compress(query_window, key, value, scale, keep, method.kernel_size)
     return method.evict(query_window, key, value, mask, scale, keep)
 

@@ -40,7 +40,8 @@ def prove_causal(gm: GraphModule, site: AttentionSite, example_inputs) -> Causal
     if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or not _concrete(mask.shape) \
             or not _concrete(q.shape) or tuple(mask.shape[-2:]) != (n, n):
         return "the mask is not a concrete (queries x keys) tensor"
-    inputs = _mask_inputs(site.mask)
+    upstream = _upstream(site.mask)
+    inputs = _mask_inputs(upstream)
     if isinstance(inputs, str):
         return inputs
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -49,7 +50,7 @@ def prove_causal(gm: GraphModule, site: AttentionSite, example_inputs) -> Causal
         example = example_inputs[placeholders.index(node)]
         values.append(torch.ones_like(example) if isinstance(example, torch.Tensor)
                       else value_of(node).node.maybe_as_int())
-    check = _mismatch_module(gm, site, inputs)
+    check = _mismatch_module(gm, site, upstream, inputs)
     if mask.numel() <= EAGER_CHECK_ELEMENTS:
         mismatch = check(*values)[0]
     else:
@@ -64,10 +65,11 @@ def _concrete(shape) -> bool:
     return all(isinstance(s, int) or s.node.maybe_as_int() is not None for s in shape)
 
 
-def _mask_inputs(mask: Node) -> list[Node] | str:
-    """The graph inputs the mask is computed from, if all are concrete sizes or padding masks."""
+def _mask_inputs(upstream: set[Node]) -> list[Node] | str:
+    """The graph inputs the mask is computed from (`upstream`: the nodes it depends on), if all
+    are concrete sizes or padding masks."""
     inputs = []
-    for node in _upstream(mask):
+    for node in upstream:
         if node.op in ("get_attr", "call_module"):
             return f"the mask reads module state ({node.target})"
         if node.op == "placeholder":
@@ -81,12 +83,12 @@ def _mask_inputs(mask: Node) -> list[Node] | str:
     return sorted(inputs, key=lambda node: node.name)
 
 
-def _mismatch_module(gm: GraphModule, site: AttentionSite, inputs: list[Node]) -> GraphModule:
+def _mismatch_module(gm: GraphModule, site: AttentionSite, upstream: set[Node],
+                     inputs: list[Node]) -> GraphModule:
     """A module computing any(mask != causal) from the mask's inputs (one-element tuple)."""
     graph, env = Graph(), {}
     for node in inputs:
         env[node] = graph.placeholder(node.name)
-    upstream = _upstream(site.mask)
     for node in gm.graph.nodes:
         if node in upstream and node.op != "placeholder":
             env[node] = graph.node_copy(node, lambda arg: env[arg])

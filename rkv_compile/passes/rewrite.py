@@ -15,7 +15,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import Plan, RocketKVConfig
-from ..policies import Policy, RocketKV
+from ..policies import Policy
 from ..kernels import ops  # noqa: F401  (torch.ops.rocketkv)
 from .causal_mask import CausalProof
 from .kv_source import KVOrigin, KVSource, kv_origin, returned_nodes
@@ -48,7 +48,7 @@ class SiteDecision:
         on_cuda = value_of(self.site.query).device.type == "cuda"
         mask = value_of(self.site.mask)
         boolean = mask is None or self.site.mask_is_fill or mask.dtype == torch.bool
-        triton = isinstance(self.method, RocketKV) and on_cuda and boolean
+        triton = self.method.triton and on_cuda and boolean
         return "triton" if triton else "reference"
 
     @property
@@ -323,7 +323,7 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                      config.method.spec))
                 evicted += [graph.call_function(operator.getitem, (kept, i)) for i in (0, 1)]
             evicting.append(d.site.name)
-        elif d.phase == DECODE and config.method.sparse_decode:
+        elif d.phase == DECODE and d.kernel != "exact":
             if plans is not None:   # compiled for one plan: its ints are constants
                 plan = [getattr(plans[d.site.name], field) for field in PLAN_INPUTS]
             else:

@@ -48,6 +48,7 @@ class Policy:
 
     name: ClassVar[str]
     sparse_decode: ClassVar[bool] = False   # decode sites call `decode`; else they stay exact
+    triton: ClassVar[bool] = False          # CUDA runs RocketKV's Triton kernels (else: reference)
     decode_kind: ClassVar[str] = "exact attention over the kept tokens"
 
     def plan(self, prompt_len: int, head_dim: int) -> Plan:

@@ -30,6 +30,7 @@ class RocketKV(Policy):
 
     name = "rocketkv"
     sparse_decode = True
+    triton = True
     decode_kind = "stage-2 hybrid sparse attention"
 
     def plan(self, prompt_len: int, head_dim: int) -> Plan:
