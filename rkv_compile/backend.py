@@ -130,6 +130,7 @@ class RewrittenGraph:
                                       for m in d.padding_masks})
         # the exact graph, run as is (not compiled) for decode steps with padding
         self.original = _copy_graph_module(gm) if self.padding_inputs else None
+        self.per_layer_slots = any(d.phase == DECODE and d.method.per_layer for d in decisions)
         # site name -> output positions of its (key, value) caches
         self.cache_outputs = {d.site.name: (_output_positions(gm.graph, d.key.cache),
                                             _output_positions(gm.graph, d.value.cache))
@@ -196,6 +197,9 @@ class RewrittenGraph:
 
     def _run_exact(self, args):
         """Padding in a decode step: the exact graph, over caches that were never evicted."""
+        if self.per_layer_slots:
+            raise NotImplementedError("rocketkv: a padded batch over a RocketKVCache whose layers "
+                                      "keep different numbers of tokens (pyramidkv)")
         if any(getattr(args[k], DECODED_ATTR, False) for k, _ in self.decode_inputs.values()):
             raise RuntimeError("rocketkv: a padding mask appeared after the cache was evicted; "
                                "padded batches must be padded from the first decode step on")

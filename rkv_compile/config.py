@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 from .policies import POLICIES, Plan, Policy
+from .policies.base import SHARED_FIELDS, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,69 +19,67 @@ class RocketKVConfig:
                     planned length L that sizes the compressed cache.
     window_size:    the last prompt queries that vote in stage 1 (SnapKV's observation window);
                     their own keys are always kept.
-    kernel_size:    width of the pooling that smooths prompt votes (odd); None: the policy's own
-                    (RocketKV 63, SnapKV 5). Only for policies that pool.
-    policy:         the method (rkv_compile/policies): "rocketkv", "snapkv", "oracle-topk",
-                    "full" (no compression, through the same pass and cache).
+    policy:         the method, one of rkv_compile/policies: "rocketkv" (default), "snapkv",
+                    "streamingllm", "pyramidkv", "quest", "sparq", "oracle-topk", "full".
     cudagraphs:     decode graphs replay as CUDA graphs (Inductor's cudagraph trees); for
                     RocketKVCache, whose decode steps all have the same shapes.
+    Any other option is a hyperparameter of the selected policy (a field of its dataclass, e.g.
+    "kernel_size" of rocketkv and snapkv, "sink_size" of streamingllm); `from_options` collects
+    them into `policy_options`.
     """
 
     token_budget: int | None = 256
     max_new_tokens: int = 128
     window_size: int = 32
-    kernel_size: int | None = None
     policy: str = "rocketkv"
     cudagraphs: bool = False
+    policy_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.cudagraphs, bool):
             raise ValueError(f"rocketkv option 'cudagraphs' must be True or False "
                              f"(got {self.cudagraphs!r})")
-        _check_int("token_budget", self.token_budget, 2, none_ok=True)
-        _check_int("max_new_tokens", self.max_new_tokens, 1)
-        _check_int("window_size", self.window_size, 1)
-        _check_int("kernel_size", self.kernel_size, 1, none_ok=True)
-        if self.kernel_size is not None and self.kernel_size % 2 == 0:
-            raise ValueError(f"rocketkv option 'kernel_size' must be odd (got {self.kernel_size})")
-        if self.policy not in POLICIES:
+        check_int("token_budget", self.token_budget, 2, none_ok=True)
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_int("window_size", self.window_size, 1)
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise ValueError(f"rocketkv option 'policy' must be one of {sorted(POLICIES)} "
                              f"(got {self.policy!r})")
-        if self.kernel_size is not None and not any(
-                f.name == "kernel_size" for f in dataclasses.fields(POLICIES[self.policy])):
-            raise ValueError(f"rocketkv option 'kernel_size' does not apply to policy "
-                             f"{self.policy!r} (it pools no votes)")
+        own = _own_fields(POLICIES[self.policy])
+        for name, _ in self.policy_options:
+            if name not in own:
+                raise ValueError(f"rocketkv option {name!r} does not apply to policy "
+                                 f"{self.policy!r} (its own options: {sorted(own) or 'none'})")
+        self.method  # the policy checks its hyperparameters
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "RocketKVConfig":
         options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
+        shared = {f.name for f in dataclasses.fields(cls)} - {"policy_options"}
+        any_policy = set().union(*(_own_fields(p) for p in POLICIES.values()))
+        unknown = sorted(set(options) - shared - any_policy)
         if unknown:
-            raise ValueError(
-                f"unknown rocketkv option(s) {unknown}; the options are {sorted(known)}"
-            )
-        return cls(**options)
+            raise ValueError(f"unknown rocketkv option(s) {unknown}; the options are "
+                             f"{sorted(shared)} and the policies' own {sorted(any_policy)}")
+        policy_options = tuple(sorted((k, v) for k, v in options.items() if k not in shared))
+        return cls(**{k: v for k, v in options.items() if k in shared},
+                   policy_options=policy_options)
 
     @property
     def compresses(self) -> bool:
         return self.token_budget is not None
 
-    @property
+    @functools.cached_property
     def method(self) -> Policy:
         """The selected policy, with these options as its hyperparameters."""
-        extra = {} if self.kernel_size is None else {"kernel_size": self.kernel_size}
         return POLICIES[self.policy](self.token_budget, self.max_new_tokens, self.window_size,
-                                     **extra)
+                                     **dict(self.policy_options))
 
-    def plan(self, prompt_len: int, head_dim: int) -> Plan:
-        """The selected policy's plan for a prompt of `prompt_len` tokens."""
-        return self.method.plan(prompt_len, head_dim)
+    def plan(self, prompt_len: int, head_dim: int, layer: int = 0, layers: int = 1) -> Plan:
+        """The selected policy's plan for a prompt of `prompt_len` tokens (at attention layer
+        `layer` of `layers`: some policies budget layers differently)."""
+        return self.method.plan(prompt_len, head_dim, layer, layers)
 
 
-def _check_int(name: str, value: Any, low: int, none_ok: bool = False) -> None:
-    if value is None and none_ok:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        allowed = f"an int >= {low}" + (" or None" if none_ok else "")
-        raise ValueError(f"rocketkv option {name!r} must be {allowed} (got {value!r})")
+def _own_fields(policy: type[Policy]) -> set[str]:
+    return {f.name for f in dataclasses.fields(policy)} - SHARED_FIELDS

@@ -90,7 +90,7 @@ class OracleGPT(TinyGPT):
         scale = 1.0 / math.sqrt(self.head_dim)
         T, n = q.shape[2], k.shape[2]
         if T == n:
-            plan = self.plans[layer] = self.config.plan(n, self.head_dim)
+            plan = self.plans[layer] = self.config.plan(n, self.head_dim, layer, len(self.proj))
             if n > plan.prompt_budget:
                 w = self.config.window_size
                 self.kept[layer] = self.config.method.evict(q[:, :, -w:], k, v, mask[..., -w:, :],

@@ -8,7 +8,7 @@ from devices import CUDA, DEVICE, DTYPES
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from models import VOCAB, tiny_hf
-from oracle import oracle_generate
+from rkv_compile.eager import generate as oracle_generate
 from transformers import LlamaConfig
 
 import rkv_compile

@@ -136,16 +136,22 @@ def test_config_defaults():
     cfg = RocketKVConfig.from_options({"token_budget": 512, "max_new_tokens": 64,
                                        "window_size": 16, "kernel_size": 7,
                                        "policy": "rocketkv"})
-    assert (cfg.token_budget, cfg.max_new_tokens, cfg.window_size, cfg.kernel_size) == \
+    assert (cfg.token_budget, cfg.max_new_tokens, cfg.window_size, cfg.method.kernel_size) == \
         (512, 64, 16, 7)
 
 
-def test_kernel_size_only_for_policies_that_pool():
-    assert RocketKVConfig(policy="snapkv", kernel_size=7).method.kernel_size == 7
+def test_policy_options_go_to_their_policy():
+    assert RocketKVConfig.from_options({"policy": "snapkv", "kernel_size": 7}).method.kernel_size == 7
     assert RocketKVConfig(policy="snapkv").method.kernel_size == 5
     assert RocketKVConfig().method.kernel_size == 63
+    assert RocketKVConfig.from_options({"policy": "streamingllm", "sink_size": 8}).method \
+        .sink_size == 8
     with pytest.raises(ValueError, match="'kernel_size' does not apply to policy 'oracle-topk'"):
-        RocketKVConfig(policy="oracle-topk", kernel_size=7)
+        RocketKVConfig.from_options({"policy": "oracle-topk", "kernel_size": 7})
+    with pytest.raises(ValueError, match="'sink_size' does not apply to policy 'rocketkv'"):
+        RocketKVConfig.from_options({"sink_size": 7})
+    with pytest.raises(ValueError, match="'token_budget' .* must exceed streamingllm's 'sink_size'"):
+        RocketKVConfig.from_options({"policy": "streamingllm", "token_budget": 4})
 
 
 def test_token_budget_none_turns_compression_off():
@@ -169,9 +175,7 @@ def test_unknown_option_names_the_key(key):
     ("max_new_tokens", 0), ("max_new_tokens", -1), ("max_new_tokens", None),
     ("max_new_tokens", True),
     ("window_size", 0), ("window_size", None), ("window_size", 2.0), ("window_size", True),
-    ("kernel_size", 0), ("kernel_size", 2), ("kernel_size", 64), ("kernel_size", False),
-    ("kernel_size", True), ("kernel_size", 3.0),
-    ("policy", "nope"), ("policy", ""), ("policy", None),
+    ("policy", "nope"), ("policy", ""), ("policy", None), ("policy", 3),
     ("cudagraphs", 1), ("cudagraphs", "yes"), ("cudagraphs", None),
 ])
 def test_bad_values_name_the_option(name, value):
@@ -181,9 +185,26 @@ def test_bad_values_name_the_option(name, value):
         RocketKVConfig(**{name: value})
 
 
-@pytest.mark.parametrize("name, value", [
-    ("token_budget", 2), ("max_new_tokens", 1), ("window_size", 1), ("kernel_size", 1),
-    ("kernel_size", 63),
+@pytest.mark.parametrize("policy, name, value", [
+    ("rocketkv", "kernel_size", 0), ("rocketkv", "kernel_size", 2), ("snapkv", "kernel_size", 64),
+    ("rocketkv", "kernel_size", False), ("rocketkv", "kernel_size", True),
+    ("snapkv", "kernel_size", 3.0), ("streamingllm", "sink_size", -1),
+    ("streamingllm", "sink_size", None), ("quest", "page_size", 0), ("pyramidkv", "beta", 0),
 ])
+def test_bad_policy_values_name_the_option(policy, name, value):
+    with pytest.raises(ValueError, match=name):
+        RocketKVConfig.from_options({"policy": policy, name: value})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("token_budget", 2), ("max_new_tokens", 1), ("window_size", 1)])
 def test_edge_values_accepted(name, value):
     assert getattr(RocketKVConfig.from_options({name: value}), name) == value
+
+
+@pytest.mark.parametrize("policy, name, value", [
+    ("rocketkv", "kernel_size", 1), ("rocketkv", "kernel_size", 63), ("snapkv", "kernel_size", 1),
+    ("streamingllm", "sink_size", 0), ("quest", "page_size", 1), ("pyramidkv", "beta", 1)])
+def test_edge_policy_values_accepted(policy, name, value):
+    config = RocketKVConfig.from_options({"policy": policy, name: value})
+    assert getattr(config.method, name) == value

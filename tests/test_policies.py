@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from models import VOCAB, tiny_hf
-from oracle import oracle_generate
+from rkv_compile.eager import generate as oracle_generate
 
+import rkv_compile
 from rkv_compile import RocketKVConfig
 from rkv_compile.backend import make_backend
 from rkv_compile.cache import RocketKVCache
-from rkv_compile.policies import Full, OracleTopK, SnapKV
+from rkv_compile.policies import Full, OracleTopK, PyramidKV, Quest, SnapKV, SparQ, StreamingLLM
 
 rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
 
@@ -84,9 +85,134 @@ def test_oracle_topk_attends_its_best_tokens(B, Hkv, G, n, topk, masked, seed):
                                            rtol=1e-5, atol=1e-6)
 
 
-def test_full_plan_keeps_everything():
-    plan = Full(64, 8).plan(300, 16)
-    assert (plan.prompt_budget, plan.capacity, plan.topk) == (300, 308, 0)
+def _live_mask(seed, B, n, masked):
+    """A boolean decode mask (B, 1, 1, n) with random dead slots (the last always live), or None."""
+    if not masked:
+        return None
+    live = torch.rand(B, 1, 1, n, generator=torch.Generator().manual_seed(seed + 1)) > 0.3
+    live[..., -1] = True
+    return live
+
+
+def _attend(q, k, v, slots, scale):
+    """Exact softmax attention of one query vector over the listed slots."""
+    slots = list(slots)
+    return (q @ k[slots].T * scale).softmax(-1) @ v[slots]
+
+
+@settings(deadline=None, max_examples=20)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.integers(1, 3), n=st.integers(12, 60),
+       w=st.integers(1, 8), sinks=st.integers(0, 6), budget=st.integers(8, 40),
+       masked=st.booleans(), seed=st.integers(0, 2**16))
+def test_streamingllm_keeps_and_attends_sinks_and_recent(B, Hkv, G, n, w, sinks, budget, masked,
+                                                         seed):
+    """Prefill keeps the first `sink_size` and the last `token_budget - sink_size` tokens; a
+    decode step attends exactly to the first `sink_size` and the last `token_budget - sink_size`
+    live slots."""
+    policy = StreamingLLM(budget, 8, window_size=w, sink_size=sinks)
+    q, k, v = _qkv(seed, B, Hkv, G, w, n, 8)
+    keep = min(max(budget, w) - w, n - w)
+    kk, _ = policy.evict(q, k, v, None, 8**-0.5, keep)
+    prefix = list(range(n - w))
+    want = sorted(set(prefix[:sinks][:keep]) | set(prefix[len(prefix) - (keep - min(sinks, keep)):]))
+    want = want + list(range(n - w, n))
+    torch.testing.assert_close(kk, k[:, :, want], rtol=0, atol=0)
+
+    q1 = _qkv(seed + 2, B, Hkv, G, 1, n, 8)[0]
+    live = _live_mask(seed, B, n, masked)
+    out = policy.decode(q1, k, v, live, 8**-0.5, 0, 8, budget)
+    for b in range(B):
+        alive = [i for i in range(n) if live is None or live[b, 0, 0, i]]
+        chosen = sorted(set(alive[:sinks]) | set(alive[max(0, len(alive) - (budget - sinks)):]))
+        for h in range(Hkv * G):
+            torch.testing.assert_close(out[b, h, 0], _attend(q1[b, h, 0], k[b, h // G],
+                                                              v[b, h // G], chosen, 8**-0.5),
+                                       rtol=1e-5, atol=1e-6)
+
+
+@settings(deadline=None, max_examples=20)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.integers(1, 3), n=st.integers(2, 70),
+       page=st.sampled_from([1, 3, 4, 8]), pages=st.integers(1, 6), masked=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_quest_attends_each_heads_best_pages(B, Hkv, G, n, page, pages, masked, seed):
+    """Per query head: pages of `page` slots, scored by sum_d max(q_d min_d, q_d max_d) over
+    their live keys; the best `pages` (ties: earlier page), exact attention over their live
+    slots."""
+    q, k, v = _qkv(seed, B, Hkv, G, 1, n, 8)
+    live = _live_mask(seed, B, n, masked)
+    out = Quest(64, 8).decode(q, k, v, live, 8**-0.5, page, 8, pages * page)
+    for b in range(B):
+        alive = [i for i in range(n) if live is None or live[b, 0, 0, i]]
+        for h in range(Hkv * G):
+            qv, kh, vh = q[b, h, 0], k[b, h // G], v[b, h // G]
+            scored = []
+            for p in range(-(-n // page)):
+                slots = [i for i in range(p * page, min(n, (p + 1) * page)) if i in alive]
+                if slots:
+                    bound = torch.maximum(qv * kh[slots].amin(0), qv * kh[slots].amax(0)).sum()
+                    scored.append((-float(bound), p, slots))
+            chosen = [i for _, _, slots in sorted(scored)[:pages] for i in slots]
+            torch.testing.assert_close(out[b, h, 0], _attend(qv, kh, vh, chosen, 8**-0.5),
+                                       rtol=1e-5, atol=1e-6)
+
+
+@settings(deadline=None, max_examples=20)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.integers(1, 3), n=st.integers(2, 60),
+       dims=st.integers(1, 8), topk=st.integers(1, 70), masked=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_sparq_by_its_three_steps(B, Hkv, G, n, dims, topk, masked, seed):
+    """Per KV head: the r dims of largest group-mean |q|; each head's approximate softmax with
+    SparQ's temperature; the topk tokens of best group-mean approximate score; each head's exact
+    attention over them, mixed with the mean of the live values by the approximate mass."""
+    q, k, v = _qkv(seed, B, Hkv, G, 1, n, 8)
+    live = _live_mask(seed, B, n, masked)
+    out = SparQ(64, 8).decode(q, k, v, live, 8**-0.5, 0, dims, topk)
+    for b in range(B):
+        alive = [i for i in range(n) if live is None or live[b, 0, 0, i]]
+        for h in range(Hkv):
+            heads = range(h * G, (h + 1) * G)
+            r = q[b, list(heads), 0].abs().mean(0).topk(dims).indices
+            approx = {}
+            for qh in heads:
+                qv = q[b, qh, 0]
+                temperature = (8 * qv[r].abs().sum() / qv.abs().sum()).sqrt()
+                logits = torch.full((n,), float("-inf"))
+                logits[alive] = k[b, h][alive][:, r] @ qv[r] / temperature
+                approx[qh] = logits.softmax(-1)
+            mean = torch.stack(list(approx.values())).mean(0)
+            chosen = sorted(range(n), key=lambda i: (-float(mean[i]), i))[:topk]
+            chosen = [i for i in chosen if i in alive]
+            for qh in heads:
+                mass = approx[qh][chosen].sum()
+                want = mass * _attend(q[b, qh, 0], k[b, h], v[b, h], chosen, 8**-0.5) \
+                    + (1 - mass) * v[b, h][alive].mean(0)
+                torch.testing.assert_close(out[b, qh, 0], want, rtol=1e-5, atol=1e-5)
+
+
+@given(budget=st.integers(40, 4096), window=st.integers(1, 32), layers=st.integers(2, 80),
+       beta=st.integers(1, 40))
+def test_pyramidkv_budgets_shrink_with_depth(budget, window, layers, beta):
+    """The authors' arithmetic progression: the first layer keeps 2P - P//beta prompt tokens
+    before the window, the last about P//beta, P per layer on average (steps round down, so the
+    layers may keep up to (layers - 1) / 2 more each)."""
+    policy = PyramidKV(budget, 8, window_size=window, beta=beta)
+    kept = [policy.plan(10_000, 64, i, layers).prompt_budget - window for i in range(layers)]
+    P = budget - window
+    assert kept[0] == 2 * P - P // beta
+    assert kept == sorted(kept, reverse=True)
+    assert P // beta <= kept[-1] <= P // beta + layers - 1
+    assert P * layers <= sum(kept) <= P * layers + layers * (layers - 1) // 2
+
+
+def test_plans_keep_what_their_papers_keep():
+    full = Full(64, 8).plan(300, 16)
+    assert (full.capacity, full.prompt_budget, full.topk) == (308, 300, 0)
+    assert StreamingLLM(64, 8).plan(300, 16).topk == 64
+    quest = Quest(256, 128).plan(8192 - 128, 64)
+    assert (quest.chunk, quest.topk, quest.prompt_budget) == (64, 128, 8192 - 128)
+    assert Quest(1024, 128).plan(4096 - 128, 64).chunk == 16
+    sparq = SparQ(256, 128).plan(8192 - 128, 64)
+    assert (sparq.topk, sparq.dims) == (128, 2)
 
 
 def _generate(model, ids, steps, cache, options):
@@ -101,7 +227,8 @@ def _generate(model, ids, steps, cache, options):
     return out.sequences[0, ids.shape[1]:].tolist(), out.past_key_values
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "oracle-topk", "full"])
+@pytest.mark.parametrize("policy", ["snapkv", "oracle-topk", "full", "streamingllm", "quest",
+                                    "sparq"])
 def test_policy_through_the_pass_matches_the_oracle(policy):
     """DynamicCache and RocketKVCache paths give the eager oracle's tokens, and hold what the
     plan keeps."""
@@ -121,3 +248,27 @@ def test_policy_through_the_pass_matches_the_oracle(policy):
     assert kept == [min(200, plan.prompt_budget)] * 2
     assert [layer.keys.shape[2] for layer in dynamic_cache.layers] == [kept[0] + 5] * 2
     assert [int(layer.lengths[0]) for layer in static_cache.layers] == [kept[0] + 5] * 2
+
+
+def test_pyramidkv_through_rocketkv_cache_matches_the_oracle():
+    """Each layer keeps its own budget; a DynamicCache is left exact, and explain says why."""
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    options = {"policy": "pyramidkv", "token_budget": 64, "max_new_tokens": 6}
+    config = RocketKVConfig.from_options(options)
+    ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(7))
+    budgets = [config.plan(200, 16, layer, 2).prompt_budget for layer in range(2)]
+    assert budgets[0] > 64 > budgets[1]
+    with torch.no_grad():
+        expected, kept = oracle_generate(model, ids, config, 6)
+        torch._dynamo.reset()
+        static, cache = _generate(model, ids, 6, RocketKVCache(model.config, 6), options)
+        torch._dynamo.reset()
+        report = str(rkv_compile.explain(model, ids, options=options))
+        torch._dynamo.reset()
+        dynamic, dynamic_cache = _generate(model, ids, 6, None, options)
+    assert static == expected and kept == budgets
+    assert [int(layer.lengths[0]) for layer in cache.layers] == [b + 5 for b in budgets]
+    assert report.count("pyramidkv budgets each layer differently") == 2
+    assert [layer.keys.shape[2] for layer in dynamic_cache.layers] == [205] * 2
+    assert dynamic == oracle_generate(model, ids, RocketKVConfig(token_budget=None), 6)[0]

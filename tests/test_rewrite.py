@@ -1,7 +1,7 @@
 """The pass end to end on small models: every rewrite checked against eager or the eager oracle."""
 import pytest
 import torch
-from oracle import oracle_generate
+from rkv_compile.eager import generate as oracle_generate
 from models import Encoder, TinyGPT, greedy, oracle_gpt_tokens, tiny_hf, VOCAB
 
 import rkv_compile

@@ -8,7 +8,7 @@ import torch
 
 from .causal_mask import CausalProof
 from .kv_source import KVSource
-from .rewrite import SiteDecision, rocketkv_capacity
+from .rewrite import SiteDecision
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class SiteReport:
             action = ("prefill: exact attention; the RocketKVCache stores "
                       + (f"the {p.prompt_budget} tokens {name} keeps"
                          if d.query_len > p.prompt_budget else "the whole prompt")
-                      + f" in {rocketkv_capacity(p, d.query_len)}-token buffers")
+                      + f" in {d.capacity}-token buffers")
         elif d.phase == "prefill":
             action = (f"prefill: exact attention, then {name} eviction to {p.prompt_budget} "
                       "tokens (committed by the first rewritten decode step)"
@@ -36,11 +36,15 @@ class SiteReport:
                       f"prefill: exact, prompt within the {p.prompt_budget}-token budget: kept whole")
         if d.phase == "prefill":
             action += _mask_note(d)
+        elif d.phase == "decode" and d.method.per_layer and d.key.source is KVSource.ROCKETKV:
+            action = (f"decode: {name}, exact attention over this layer's stored slots (its "
+                      "own length: layers keep different numbers of tokens)")
         elif d.phase == "decode" and d.kernel == "exact":
             action = f"decode: {name}, exact attention over the kept tokens (unchanged)"
         elif d.phase == "decode":
-            action = (f"decode: {name}, {d.method.decode_kind} ({d.kernel} kernels; plan carried "
-                      "by the cache)")
+            runs = ("Triton kernels" if d.kernel == "triton" else "the PyTorch reference op"
+                    + ("" if d.method.triton else f": {name} has no Triton kernel yet"))
+            action = f"decode: {name}, {d.method.decode_kind} ({runs}; plan carried by the cache)"
         else:
             action = d.reason
         return cls(graph, d.site.name, d.site.kind, d.key.source.value, str(d.query_len),

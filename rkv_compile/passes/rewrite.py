@@ -36,6 +36,9 @@ class SiteDecision:
     query_len: int | None = None
     head_dim: int | None = None
     method: Policy | None = None   # the policy the options select
+    layer: int = 0                 # prefill: its layer, of `layers`, in graph order
+    layers: int = 1
+    capacity: int | None = None    # prefill into a RocketKVCache: the slots of its buffers
     padding_masks: list[Node] = dataclasses.field(default_factory=list)  # checked at run time
     causal: CausalProof | str | None = None  # prefill: proof its mask is plain causal, or why not
 
@@ -72,7 +75,11 @@ def analyse(graph: Graph, config: RocketKVConfig) -> list[SiteDecision]:
         length = value_of(past).shape[2] if isinstance(value_of(past), torch.Tensor) else None
         if isinstance(length, torch.SymInt):
             lengths |= length.node.expr.free_symbols
+    # The layers, in graph order: the attention sites over a new cache (some policies budget
+    # layers differently).
+    layers = [id(d) for d in decisions if d.key.source in (KVSource.FRESH, KVSource.NEW_ROCKETKV)]
     for d in decisions:
+        d.layer, d.layers = (layers.index(id(d)), len(layers)) if id(d) in layers else (0, 1)
         d.reason = _refusal(graph, d, config, caches, lengths)
     return decisions
 
@@ -116,9 +123,12 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
             return "is_causal with fewer queries than keys (top-left aligned mask)"
         if not _same(d.query_len, n):
             return f"{d.query_len} queries over {n} new keys: not a prefill from an empty cache"
+        if d.method.per_layer:
+            return (f"{d.method.name} budgets each layer differently, but one traced length "
+                    "serves every layer of a growing cache: pass a RocketKVCache to compress")
         d.phase = PREFILL
         # The plan needs the prompt length: int() specialises a symbolic length (a guard).
-        d.plan = config.plan(int(n), int(d.head_dim))
+        d.plan = config.plan(int(n), int(d.head_dim), d.layer, d.layers)
         return None
     if not _same(d.query_len, 1):
         return (f"{d.query_len} new queries over an existing cache (chunked prefill or a new "
@@ -158,13 +168,25 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
         prompt = int(k.shape[2])
         room = int(value_of(stored) if isinstance(stored, Node) else stored) - prompt
         # The cache says how many tokens will be generated: that sizes its plan.
-        d.plan = dataclasses.replace(config, max_new_tokens=room).plan(prompt, int(d.head_dim))
+        roomy = dataclasses.replace(config, max_new_tokens=room)
+        d.plan = roomy.plan(prompt, int(d.head_dim), d.layer, d.layers)
+        # transformers builds one decode mask, as wide as the first layer's cache, for all
+        # layers: per-layer plans get buffers of one size, the largest (decode then reads each
+        # layer's own stored length).
+        plans = [roomy.plan(prompt, int(d.head_dim), layer, d.layers)
+                 for layer in range(d.layers)] if d.method.per_layer else [d.plan]
+        d.capacity = max(rocketkv_capacity(plan, prompt) for plan in plans)
         d.phase = PREFILL
         return None
     if not _same(d.query_len, 1):
         return f"{d.query_len} new queries over a RocketKVCache: exact"
     if site.mask is None or site.is_causal:
         return "no mask over the RocketKVCache's slots: its empty slots would be attended"
+    if d.method.per_layer:
+        # Decode reads the layer's own stored slots (lengths), not the mask transformers builds
+        # for all layers from the first; a padding mask must then be all ones (run-time check).
+        d.padding_masks = [m for m in _logical_mask_inputs(site, d.query_len, set())
+                           if value_of(m).dim() == 2 and not value_of(m).is_floating_point()]
     d.phase = DECODE
     return None
 
@@ -245,6 +267,25 @@ def _make_causal(site: AttentionSite) -> None:
     site.output.kwargs = arguments
 
 
+def stored_slots_attention(query, key, value, lengths, scale: float):
+    """Exact attention of a decode query over the first `lengths` slots of a RocketKVCache
+    layer: with per-layer budgets the layers store different numbers of tokens, but
+    transformers builds one decode mask for all layers (from the first)."""
+    live = torch.arange(key.shape[2], device=key.device) < lengths.view(-1, 1, 1, 1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=live, scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1])
+
+
+def _attend_stored_slots(graph: Graph, d: SiteDecision) -> None:
+    """A per-layer policy's decode site over a RocketKVCache reads its own layer's lengths."""
+    lengths = d.key.cache.args[4]    # rocketkv.append_(keys, values, kmin, kmax, lengths, ...)
+    with graph.inserting_before(d.site.output.next):
+        exact = graph.call_function(stored_slots_attention, (d.site.query, d.site.key,
+                                                             d.site.value, lengths, d.scale))
+    d.site.output.replace_all_uses_with(exact)
+
+
 def _summaries(d: SiteDecision) -> tuple:
     """A RocketKVCache's chunk summaries for the Triton op (a cache stored exactly has none)."""
     if d.key.source is not KVSource.ROCKETKV:
@@ -266,7 +307,7 @@ def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, config: RocketKVCon
     chunk summaries (or the whole prompt, with summaries, when it fits the prompt budget)."""
     store, plan = d.key.cache, d.plan
     key, value = store.args[:2]
-    capacity = rocketkv_capacity(plan, int(d.query_len))
+    capacity = d.capacity
     with graph.inserting_before(store):
         if d.query_len > plan.prompt_budget:
             w = config.window_size
@@ -323,6 +364,8 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                      config.method.spec))
                 evicted += [graph.call_function(operator.getitem, (kept, i)) for i in (0, 1)]
             evicting.append(d.site.name)
+        elif d.phase == DECODE and d.method.per_layer and d.key.source is KVSource.ROCKETKV:
+            _attend_stored_slots(graph, d)
         elif d.phase == DECODE and d.kernel != "exact":
             if plans is not None:   # compiled for one plan: its ints are constants
                 plan = [getattr(plans[d.site.name], field) for field in PLAN_INPUTS]

@@ -2,7 +2,12 @@
 from .base import REGISTRY as POLICIES, Plan, Policy, from_spec
 from .full import Full
 from .oracle_topk import OracleTopK
+from .pyramidkv import PyramidKV
+from .quest import Quest
 from .rocketkv import RocketKV
 from .snapkv import SnapKV
+from .sparq import SparQ
+from .streamingllm import StreamingLLM
 
-__all__ = ["POLICIES", "Full", "OracleTopK", "Plan", "Policy", "RocketKV", "SnapKV", "from_spec"]
+__all__ = ["POLICIES", "Full", "OracleTopK", "Plan", "Policy", "PyramidKV", "Quest", "RocketKV",
+           "SnapKV", "SparQ", "StreamingLLM", "from_spec"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -49,10 +49,12 @@ class Policy:
     name: ClassVar[str]
     sparse_decode: ClassVar[bool] = False   # decode sites call `decode`; else they stay exact
     triton: ClassVar[bool] = False          # CUDA runs RocketKV's Triton kernels (else: reference)
+    per_layer: ClassVar[bool] = False       # plans differ between layers
     decode_kind: ClassVar[str] = "exact attention over the kept tokens"
 
-    def plan(self, prompt_len: int, head_dim: int) -> Plan:
-        """Keep `token_budget` prompt tokens (at least the window), attend to all of them."""
+    def plan(self, prompt_len: int, head_dim: int, layer: int = 0, layers: int = 1) -> Plan:
+        """The budgets of attention layer `layer` (of `layers`, in graph order) for a prompt.
+        By default: keep `token_budget` prompt tokens (at least the window), attend to all."""
         prompt_budget = max(self.token_budget, self.window_size)
         capacity = prompt_budget + self.max_new_tokens
         return Plan(self.token_budget, prompt_len + self.max_new_tokens, capacity, prompt_budget,
@@ -80,6 +82,7 @@ class Policy:
         return json.dumps({"policy": self.name, **dataclasses.asdict(self)}, sort_keys=True)
 
 
+SHARED_FIELDS = {f.name for f in dataclasses.fields(Policy)}   # the backend's own options
 REGISTRY: dict[str, type[Policy]] = {}
 
 
@@ -92,3 +95,13 @@ def register(cls: type[Policy]) -> type[Policy]:
 def from_spec(spec: str) -> Policy:
     fields = json.loads(spec)
     return REGISTRY[fields.pop("policy")](**fields)
+
+
+def check_int(name: str, value: Any, low: int, none_ok: bool = False, odd: bool = False) -> None:
+    """A ValueError naming rocketkv option `name` unless `value` is an int >= low (or None)."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or \
+            odd and value % 2 == 0:
+        allowed = f"an {'odd ' if odd else ''}int >= {low}" + (" or None" if none_ok else "")
+        raise ValueError(f"rocketkv option {name!r} must be {allowed} (got {value!r})")

@@ -14,6 +14,6 @@ class Full(Policy):
 
     name = "full"
 
-    def plan(self, prompt_len: int, head_dim: int) -> Plan:
+    def plan(self, prompt_len, head_dim, layer=0, layers=1):
         length = prompt_len + self.max_new_tokens
         return Plan(self.token_budget, length, length, prompt_len, 0, 0, head_dim)

@@ -24,7 +24,7 @@ class OracleTopK(Policy):
     sparse_decode = True
     decode_kind = "exact top-k attention (oracle scores)"
 
-    def plan(self, prompt_len: int, head_dim: int) -> Plan:
+    def plan(self, prompt_len, head_dim, layer=0, layers=1):
         length = prompt_len + self.max_new_tokens
         return Plan(self.token_budget, length, length, prompt_len, self.token_budget, 0, head_dim)
 

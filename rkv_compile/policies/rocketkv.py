@@ -9,7 +9,7 @@ import dataclasses
 import math
 
 from ..kernels import reference
-from .base import Plan, Policy, register
+from .base import Plan, Policy, check_int, register
 
 
 @register
@@ -33,7 +33,10 @@ class RocketKV(Policy):
     triton = True
     decode_kind = "stage-2 hybrid sparse attention"
 
-    def plan(self, prompt_len: int, head_dim: int) -> Plan:
+    def __post_init__(self):
+        check_int("kernel_size", self.kernel_size, 1, odd=True)
+
+    def plan(self, prompt_len, head_dim, layer=0, layers=1):
         B, M, D = self.token_budget, self.max_new_tokens, head_dim
         L = prompt_len + M
         c = max(1.0, L / B)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..kernels import reference
-from .base import Policy, register
+from .base import Policy, check_int, register
 
 
 @register
@@ -23,6 +23,9 @@ class SnapKV(Policy):
     kernel_size: int = 5
 
     name = "snapkv"
+
+    def __post_init__(self):
+        check_int("kernel_size", self.kernel_size, 1, odd=True)
 
     def prompt_scores(self, query_window, key, mask, scale):
         # Summed over the group instead of averaged: the same ranking.

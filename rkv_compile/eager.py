@@ -1,0 +1,131 @@
+"""A policy applied eagerly: greedy decoding of an HF model with the policy step by step.
+
+No torch.compile and no pass: a custom transformers attention function runs exact attention for
+the prompt and records what eviction needs (each layer's keys, values and last queries); the
+policy's PyTorch reference then evicts, and decode steps call its reference decode. The tests
+hold the pass to this (the eager oracle). `rkv eval` uses it to sweep policies without compiling
+a graph per configuration, and shares one prefill across them: every policy here prefills
+exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .config import RocketKVConfig
+
+ATTENTION = "rkv_eager"
+
+
+@dataclasses.dataclass
+class Prefill:
+    """An exact prefill (batch 1), per attention layer in order: what any policy evicts from."""
+
+    length: int
+    logits: Tensor                 # (vocab,) at the last prompt position
+    keys: list[Tensor]
+    values: list[Tensor]
+    queries: list[Tensor]          # the last `window` queries
+    masks: list[Tensor | None]     # their mask rows, or None (plain causal)
+    scales: list[float]
+
+
+def _policy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      **kwargs):
+    state = module._rkv_eager
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer = module.layer_idx
+    if "prefill" in state:   # the prompt: exact, and recorded
+        w, record = state["window"], state["prefill"]
+        record.keys.append(key)
+        record.values.append(value)
+        record.queries.append(query[:, :, -w:])
+        record.masks.append(None if attention_mask is None else attention_mask[..., -w:, :])
+        record.scales.append(scale)
+    config, plan = state.get("config"), state.get("plans", {}).get(layer)
+    if plan is None or not config.method.sparse_decode:
+        q_len, n = query.shape[2], key.shape[2]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                             is_causal=attention_mask is None and q_len == n,
+                                             scale=scale, enable_gqa=True)
+    else:
+        out = config.method.decode(query, key, value, attention_mask, scale, plan.chunk,
+                                   plan.dims, plan.topk)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, _policy_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def _attention(model, state: dict):
+    previous = model.config._attn_implementation
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx")]
+    for m in modules:
+        m._rkv_eager = state
+    model.set_attn_implementation(ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        for m in modules:
+            del m._rkv_eager
+
+
+@torch.no_grad()
+def prefill(model, input_ids: Tensor, window: int) -> Prefill:
+    """The exact prefill of one prompt, recorded for `continue_greedy`."""
+    T = input_ids.shape[1]
+    record = Prefill(T, None, [], [], [], [], [])
+    with _attention(model, {"prefill": record, "window": window}):
+        logits = model(input_ids, position_ids=torch.arange(T, device=input_ids.device)[None],
+                       use_cache=False, logits_to_keep=1).logits
+    record.logits = logits[0, -1]
+    return record
+
+
+@torch.no_grad()
+def continue_greedy(model, prompt: Prefill, config: RocketKVConfig, max_new_tokens: int,
+                    stop_tokens: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+    """Greedy tokens after `prompt` with the policy of `config` (up to and including a stop
+    token), and each layer's cache length right after eviction."""
+    T, layers = prompt.length, len(prompt.keys)
+    if prompt.queries and prompt.queries[0].shape[2] < min(config.window_size, T):
+        raise ValueError(f"the prefill recorded {prompt.queries[0].shape[2]} queries; "
+                         f"window_size {config.window_size} needs more")
+    cache, plans = DynamicCache(config=model.config), {}
+    for layer in range(layers):
+        key, value = prompt.keys[layer], prompt.values[layer]
+        if config.compresses:
+            plan = plans[layer] = config.plan(T, key.shape[-1], layer, layers)
+            if T > plan.prompt_budget:
+                key, value = config.method.evict(
+                    prompt.queries[layer][:, :, -config.window_size:], key, value,
+                    prompt.masks[layer], prompt.scales[layer],
+                    plan.prompt_budget - config.window_size)
+        cache.update(key, value, layer)
+    kept = [layer.keys.shape[2] for layer in cache.layers]
+    tokens = [int(prompt.logits.argmax())]
+    device = prompt.logits.device
+    with _attention(model, {"config": config, "plans": plans}):
+        for step in range(max_new_tokens - 1):
+            if tokens[-1] in stop_tokens:
+                break
+            logits = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=cache,
+                           position_ids=torch.tensor([[T + step]], device=device)).logits
+            tokens.append(int(logits[0, -1].argmax()))
+    return tokens, kept
+
+
+def generate(model, input_ids: Tensor, config: RocketKVConfig, max_new_tokens: int,
+             stop_tokens: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+    """`continue_greedy` after this prompt's prefill."""
+    return continue_greedy(model, prefill(model, input_ids, config.window_size), config,
+                           max_new_tokens, stop_tokens)

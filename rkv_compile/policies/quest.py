@@ -1,0 +1,69 @@
+"""Quest: query-aware page selection over the whole cache.
+
+Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference", ICML 2024,
+arXiv 2406.10774.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..kernels import reference
+from .base import Plan, Policy, check_int, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Quest(Policy):
+    """No eviction. The cache is cut into pages of consecutive slots, each summarised by the
+    element-wise min and max of its keys. At each decode step a page's score for a query head is
+    the upper bound of q.k over it, sum_d max(q_d min_d, q_d max_d); each query head attends
+    exactly to the tokens of its best pages (GQA: per query head, as Quest defines it on MHA).
+
+    Budget, in tokens' worth of reads (one token = its key and value): the page summaries cost
+    one token per page and the attended tokens one each. So budget B spends B/2 on B/2 attended
+    tokens and B/2 on summaries: the page size is max(`page_size`, ceil(2 L / B)) for L = prompt
+    + max_new_tokens (Quest's own 16 once the budget allows), as RocketKV's planner splits its
+    budget between approximation and attention.
+    """
+
+    page_size: int = 16
+
+    name = "quest"
+    sparse_decode = True
+    decode_kind = "exact attention over the best pages (per query head)"
+
+    def __post_init__(self):
+        check_int("page_size", self.page_size, 1)
+
+    def plan(self, prompt_len, head_dim, layer=0, layers=1):
+        length = prompt_len + self.max_new_tokens
+        page = max(self.page_size, math.ceil(2 * length / self.token_budget))
+        pages = max(1, self.token_budget // 2 // page)
+        return Plan(self.token_budget, length, length, prompt_len, pages * page, page, head_dim)
+
+    def decode(self, query, key, value, mask, scale, chunk, dims, topk):
+        B, H, n, D = key.shape
+        Hq = query.shape[1]
+        q = query.float()[:, :, -1]                                             # B Hq D
+        # each query head selects its own pages: its group's key and value, repeated
+        key, value = (t.repeat_interleave(Hq // H, dim=1) for t in (key, value))
+        kmin, kmax = reference.chunk_bounds(key, chunk, mask)                   # B Hq P D
+        bound = torch.maximum(q.unsqueeze(2) * kmin, q.unsqueeze(2) * kmax).sum(-1)
+        live = reference.chunk_live_counts(mask, B, n, chunk, key.device) > 0   # B 1 P
+        bound = bound.nan_to_num(0.0).masked_fill(~live, float("-inf"))         # B Hq P
+        pages = reference.select_tokens(bound, topk // chunk)                    # B Hq p
+        slots = (pages.unsqueeze(-1) * chunk + torch.arange(chunk, device=key.device)).flatten(2)
+        index = slots.clamp_max(n - 1)   # the last page may run past the cache: masked below
+        k_sel, v_sel = (t.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])).float()
+                        for t in (key, value))
+        logits = torch.einsum("bhd,bhkd->bhk", q, k_sel) * scale
+        bias = reference.additive_mask(mask)
+        if bias is not None:
+            logits = logits + bias[:, :, -1, :].expand(B, Hq, n).gather(-1, index)
+        logits = logits.masked_fill(slots >= n, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out = torch.einsum("bhk,bhkd->bhd", probs, v_sel)
+        return out.unsqueeze(2).to(query.dtype)
