@@ -15,6 +15,8 @@ import dataclasses
 import random
 from typing import Callable
 
+CLASSIC_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+                  "There and back again. ")
 SENTENCES = (
     "The grass is green and the sky is blue.", "The sun is yellow, here we go.",
     "There and back again, the road goes on.", "A river winds slowly through the valley.",
@@ -79,14 +81,20 @@ def _assemble(tokenizer, context_tokens: int, head: str, needles: list[str], dep
     return head + " ".join(hay) + question
 
 
+PASSKEY_HEAD = ("There is an important piece of information hidden inside a lot of irrelevant "
+                "text. Find it and memorize it.\n")
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def _passkey_needle(key: str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
 def passkey(tokenizer, context_tokens: int, depth: float, seed: int) -> Sample:
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
-    head = ("There is an important piece of information hidden inside a lot of irrelevant "
-            "text. Find it and memorize it.\n")
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    question = "\nWhat is the pass key? The pass key is"
-    prompt = _assemble(tokenizer, context_tokens, head, [needle], depth, question, rng)
+    prompt = _assemble(tokenizer, context_tokens, PASSKEY_HEAD, [_passkey_needle(key)], depth,
+                       PASSKEY_QUESTION, rng)
     return Sample("passkey", prompt, (key,), 12, depth, seed)
 
 
@@ -144,9 +152,12 @@ def common_words(tokenizer, context_tokens: int, depth: float, seed: int) -> Sam
     question = ("\nQuestion: What are the 10 most common words in the above list? Answer: The top "
                 "10 words that appear most often in the list are:")
     words = _words(tokenizer, rng, 1000)
-    trial = " ".join(f"{i + 101}. {w}" for i, w in enumerate(words[:100]))
-    per_word = len(tokenizer(trial).input_ids) / 100    # "N. word": numbers grow, about 5
-    slots = max(int((context_tokens - len(tokenizer(head + question).input_ids)) / per_word), 40)
+    room = context_tokens - len(tokenizer(head + question).input_ids)
+    slots = 100
+    for _ in range(2):   # "N. word" tokens: about 5, more as the numbers grow
+        trial = " ".join(f"{i + slots // 2}. {w}" for i, w in enumerate(words[:100]))
+        per_word = len(tokenizer(trial).input_ids) / 100
+        slots = max(int(room / per_word), 40)
     common_count = max(slots // 40, 4)    # each common word: ~1/40 of the list
     rare = min((slots - 10 * common_count) // 2, len(words) - 10)
     listed = words[:10] * common_count + words[10:10 + rare] * 2
@@ -170,6 +181,14 @@ TASKS: dict[str, Callable[..., Sample]] = {
 
 
 def passkey_prompt(tokenizer, context_tokens: int, depth: float, seed: int) -> tuple[str, str]:
-    """A passkey-retrieval prompt of about `context_tokens` tokens: (prompt, passkey)."""
-    sample = passkey(tokenizer, context_tokens, depth, seed)
-    return sample.prompt, sample.answers[0]
+    """The classic passkey prompt (one filler passage repeated, as in Mohtashami and Jaggi's
+    landmark-attention test) of about `context_tokens` tokens: (prompt, passkey). The demo's."""
+    rng = random.Random(seed)
+    key = str(rng.randint(10000, 99999))
+    needle = _passkey_needle(key) + " "
+    budget = context_tokens - len(tokenizer(PASSKEY_HEAD + needle + PASSKEY_QUESTION).input_ids)
+    repeats = max(1, budget // len(tokenizer(CLASSIC_FILLER).input_ids))
+    at = round(depth * repeats)
+    text = PASSKEY_HEAD + CLASSIC_FILLER * at + needle + CLASSIC_FILLER * (repeats - at) + \
+        PASSKEY_QUESTION
+    return text, key

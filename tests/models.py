@@ -14,9 +14,9 @@ from rkv_compile.kernels import reference
 VOCAB = 128
 
 
-def tiny_hf(arch: str, attn: str = "sdpa", seed: int = 0):
+def tiny_hf(arch: str, attn: str = "sdpa", seed: int = 0, vocab: int = VOCAB):
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   attn_implementation=attn)
     if arch == "llama":

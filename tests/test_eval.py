@@ -1,0 +1,91 @@
+"""`rkv eval`: its tasks, its engines, and the CLI smoke case on the real model."""
+import json
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from models import tiny_hf
+from transformers import AutoTokenizer
+
+from rkv_compile import cli, evaluate
+from rkv_compile.hf import SMOLLM2_GGUF, smollm2_dir
+from rkv_compile.tasks import TASKS, Sample
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+@settings(deadline=None, max_examples=25)
+@given(task=st.sampled_from(sorted(TASKS)), context=st.integers(400, 3000),
+       depth=st.floats(0, 1), seed=st.integers(0, 2**20))
+def test_tasks_hold_their_answers_at_their_length(tokenizer, task, context, depth, seed):
+    sample = TASKS[task](tokenizer, context, depth, seed)
+    length = len(tokenizer(sample.prompt).input_ids)
+    assert (0.8 if task == "common_words" else 0.95) * context <= length <= 1.02 * context + 8
+    for answer in sample.answers:
+        assert answer in sample.prompt
+    if task == "common_words":   # the ten answers appear far more often than any other word
+        listed = [w for w in sample.prompt.split() if w.isalpha() and w.islower()]
+        fewest_common = min(listed.count(a) for a in sample.answers)
+        assert fewest_common > max(listed.count(w) for w in set(listed) - set(sample.answers)
+                                   if w in sample.prompt.split("\n")[1].split())
+    else:   # the needles sit from their depth of the haystack on (the first one there)
+        first = min(sample.prompt.index(a) for a in sample.answers) / len(sample.prompt)
+        assert first > depth - 0.12
+        if task != "multikey":    # (the asked-for key need not be the first needle)
+            assert first < depth + 0.12
+    assert sample == TASKS[task](tokenizer, context, depth, seed)   # seeded
+
+
+def test_score_is_the_fraction_of_answers_found():
+    sample = Sample("t", "", ("12", "AbC", "9"), 4, 0.0, 0)
+    assert sample.score("x 12 abc") == pytest.approx(2 / 3)
+    assert sample.score("") == 0.0
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        evaluate.EvalSettings(["nope"], ["full"], [64], [100], 1)
+    with pytest.raises(ValueError, match="'policy'"):
+        evaluate.EvalSettings(["passkey"], ["nope"], [64], [100], 1)
+    with pytest.raises(ValueError, match="token_budget"):
+        evaluate.EvalSettings(["passkey"], ["rocketkv"], [1], [100], 1)
+
+
+def test_compile_engine_matches_eager_engine(tokenizer):
+    """The product path (generate under backend="rocketkv") gives the outputs of the eager
+    application the sweeps use, on a tiny random model with the real tokenizer."""
+    model = tiny_hf("llama", vocab=len(tokenizer))
+    model.generation_config.eos_token_id = None
+    outputs = {}
+    for engine in ("eager", "compile"):
+        run = evaluate.EvalSettings(["passkey"], ["rocketkv", "streamingllm"], [64], [300], 2,
+                                    engine=engine)
+        outputs[engine] = [r["output"] for r in evaluate.run(model, tokenizer, run, False)["records"]]
+    assert outputs["eager"] == outputs["compile"]
+    assert len(set(outputs["eager"])) > 1
+
+
+def test_smoke_run_on_smollm2(tmp_path, capsys):
+    """What CI runs: every task once at 1K tokens, full KV / rocketkv / snapkv at budget 128."""
+    assert cli.main(["eval", "--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert len(result["records"]) == len(TASKS) * 3
+    scores = {(r["task"], r["policy"]): r["score"] for r in result["records"]}
+    assert scores["passkey", "full"] == 1.0     # the real model retrieves at 1K tokens
+    summary = result["summary"]["1000"]
+    assert set(summary) == set(TASKS) | {"mean"}
+    assert summary["passkey"]["rocketkv"]["128"] == 100 * scores["passkey", "rocketkv"]
+    assert "| rocketkv |" in (tmp_path / "eval.md").read_text()
+    assert "| snapkv |" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "eval.png") or not _has_matplotlib()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
