@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-EVAL_POLICIES = "full,rocketkv,snapkv,streamingllm,pyramidkv,quest,sparq,oracle-topk"
+EVAL_POLICIES = "full,rocketkv,snapkv,pyramidkv,chunkkv,streamingllm,quest,sparq,oracle-topk"
 
 
 def _list(text: str) -> list[str]:

@@ -20,7 +20,8 @@ class RocketKVConfig:
     window_size:    the last prompt queries that vote in stage 1 (SnapKV's observation window);
                     their own keys are always kept.
     policy:         the method, one of rkv_compile/policies: "rocketkv" (default), "snapkv",
-                    "streamingllm", "pyramidkv", "quest", "sparq", "oracle-topk", "full".
+                    "pyramidkv", "chunkkv", "streamingllm", "quest", "sparq", "oracle-topk",
+                    "full".
     cudagraphs:     decode graphs replay as CUDA graphs (Inductor's cudagraph trees); for
                     RocketKVCache, whose decode steps all have the same shapes.
     Any other option is a hyperparameter of the selected policy (a field of its dataclass, e.g.

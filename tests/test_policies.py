@@ -11,7 +11,7 @@ import rkv_compile
 from rkv_compile import RocketKVConfig
 from rkv_compile.backend import make_backend
 from rkv_compile.cache import RocketKVCache
-from rkv_compile.policies import Full, OracleTopK, PyramidKV, Quest, SnapKV, SparQ, StreamingLLM
+from rkv_compile.policies import ChunkKV, Full, OracleTopK, PyramidKV, Quest, SnapKV, SparQ, StreamingLLM
 
 rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
 
@@ -83,6 +83,30 @@ def test_oracle_topk_attends_its_best_tokens(B, Hkv, G, n, topk, masked, seed):
                 weights = (q[b, qh, 0] @ k[b, h, chosen].T * 8**-0.5).softmax(-1)
                 torch.testing.assert_close(out[b, qh, 0], weights @ v[b, h, chosen],
                                            rtol=1e-5, atol=1e-6)
+
+
+@settings(deadline=None, max_examples=20)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.integers(1, 3), n=st.integers(12, 80),
+       w=st.integers(1, 8), keep=st.integers(1, 40), chunk=st.integers(1, 12),
+       seed=st.integers(0, 2**16))
+def test_chunkkv_keeps_its_best_chunks(B, Hkv, G, n, w, keep, chunk, seed):
+    """Per KV head: each chunk's total of the window's causal softmax attention over the
+    group's query heads; chunks kept best first (ties: earlier), token by token up to `keep`."""
+    keep = min(keep, n - w)
+    q, k, v = _qkv(seed, B, Hkv, G, w, n, 8)
+    kk, _ = ChunkKV(64, 8, window_size=w, chunk_size=chunk).evict(q, k, v, None, 8**-0.5, keep)
+    for b in range(B):
+        for h in range(Hkv):
+            votes = 0
+            for qh in range(h * G, (h + 1) * G):
+                logits = q[b, qh] @ k[b, h].T / 8**0.5
+                causal = torch.ones(w, n, dtype=torch.bool).tril(n - w)
+                votes = votes + logits.masked_fill(~causal, float("-inf")).softmax(-1)[:, : n - w].sum(0)
+            starts = range(0, n - w, chunk)
+            order = sorted(starts, key=lambda c: (-float(votes[c:c + chunk].sum()), c))
+            kept = [i for c in order for i in range(c, min(c + chunk, n - w))][:keep]
+            want = sorted(kept) + list(range(n - w, n))
+            torch.testing.assert_close(kk[b, h], k[b, h, want], rtol=0, atol=0)
 
 
 def _live_mask(seed, B, n, masked):
@@ -228,7 +252,7 @@ def _generate(model, ids, steps, cache, options):
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "oracle-topk", "full", "streamingllm", "quest",
-                                    "sparq"])
+                                    "sparq", "chunkkv"])
 def test_policy_through_the_pass_matches_the_oracle(policy):
     """DynamicCache and RocketKVCache paths give the eager oracle's tokens, and hold what the
     plan keeps."""

@@ -1,5 +1,6 @@
 """KV-cache methods, one small class per method (base.py has what they share), by option name."""
 from .base import REGISTRY as POLICIES, Plan, Policy, from_spec
+from .chunkkv import ChunkKV
 from .full import Full
 from .oracle_topk import OracleTopK
 from .pyramidkv import PyramidKV
@@ -9,5 +10,5 @@ from .snapkv import SnapKV
 from .sparq import SparQ
 from .streamingllm import StreamingLLM
 
-__all__ = ["POLICIES", "Full", "OracleTopK", "Plan", "Policy", "PyramidKV", "Quest", "RocketKV",
+__all__ = ["POLICIES", "ChunkKV", "Full", "OracleTopK", "Plan", "Policy", "PyramidKV", "Quest", "RocketKV",
            "SnapKV", "SparQ", "StreamingLLM", "from_spec"]
