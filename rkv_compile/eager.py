@@ -95,7 +95,7 @@ def prefill(model, input_ids: Tensor, window: int) -> Prefill:
 def continue_greedy(model, prompt: Prefill, config: RocketKVConfig, max_new_tokens: int,
                     stop_tokens: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
     """Greedy tokens after `prompt` with the policy of `config` (up to and including a stop
-    token), and each layer's cache length right after eviction."""
+    token after the first token), and each layer's cache length right after eviction."""
     T, layers = prompt.length, len(prompt.keys)
     if prompt.queries and prompt.queries[0].shape[2] < min(config.window_size, T):
         raise ValueError(f"the prefill recorded {prompt.queries[0].shape[2]} queries; "
@@ -116,7 +116,7 @@ def continue_greedy(model, prompt: Prefill, config: RocketKVConfig, max_new_toke
     device = prompt.logits.device
     with _attention(model, {"config": config, "plans": plans}):
         for step in range(max_new_tokens - 1):
-            if tokens[-1] in stop_tokens:
+            if step and tokens[-1] in stop_tokens:
                 break
             logits = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=cache,
                            position_ids=torch.tensor([[T + step]], device=device)).logits

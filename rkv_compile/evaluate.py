@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import eager
+from .backend import rocketkv
 from .config import RocketKVConfig
 from .tasks import TASKS, Sample
 
@@ -72,18 +74,22 @@ def _generate_compiled(model, ids, config: RocketKVConfig, sample: Sample, stop)
     forward = model.forward
     options = dataclasses.asdict(config) | dict(config.policy_options)
     options.pop("policy_options")
-    model.forward = torch.compile(forward, backend="rocketkv", options=options)
+    # the backend object itself: the "rocketkv" name needs the package installed (entry point)
+    model.forward = torch.compile(forward, backend=functools.partial(rocketkv, options=options))
     try:
         out = model.generate(ids, max_new_tokens=sample.max_new_tokens, do_sample=False)
     finally:
         model.forward = forward
     tokens = out[0, ids.shape[1]:].tolist()
-    return tokens[: next((i + 1 for i, t in enumerate(tokens) if t in stop), len(tokens))]
+    return tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop), len(tokens))]
 
 
 def run(model, tokenizer, settings: EvalSettings, progress: bool = True) -> dict:
     """Every sample of every task under every configuration: the records and their summary."""
-    stop = frozenset(t for t in [tokenizer.eos_token_id] if t is not None)
+    # Answers take one line: end of text, or a line break after the first token.
+    stop = frozenset(t for t in [tokenizer.eos_token_id] if t is not None) | frozenset(
+        t for t, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+        if piece is not None and ("\n" in piece or "Ċ" in piece))
     configs = configurations(settings)
     records = []
     total = len(settings.contexts) * len(settings.tasks) * settings.samples * len(configs)

@@ -4,8 +4,8 @@ arXiv 2404.06654): passkey retrieval, multi-key and multi-value needles in a hay
 tracking and common-words extraction.
 
 A task builds a prompt of about `context_tokens` tokens from a seed and a depth (where in the
-haystack its needles start, 0 = start, 1 = end): the haystack is filler sentences drawn from a
-bank in a seeded order, so no two prompts share their filler. Prompts end with the start of the
+haystack its needles start, 0 = start, 1 = end): the haystack repeats a passage of filler
+sentences drawn from a bank by the seed, so prompts differ in their filler. Prompts end with the start of the
 answer (completion style), and a sample scores the fraction of its expected strings found in
 the generated text.
 """
@@ -47,13 +47,14 @@ class Sample:
 
 
 def _haystack(tokenizer, tokens: int, rng: random.Random) -> list[str]:
-    """Filler sentences, about `tokens` tokens of them, in a seeded order."""
-    sizes = {s: len(tokenizer(" " + s).input_ids) for s in SENTENCES}
+    """About `tokens` tokens of filler: a passage of five sentences drawn from the bank (each
+    prompt its own), repeated, as the passkey literature repeats one passage."""
+    passage = rng.sample(SENTENCES, 5)
+    sizes = [len(tokenizer(" " + s).input_ids) for s in passage]
     out, used = [], 0
     while used < tokens:
-        sentence = rng.choice(SENTENCES)
-        out.append(sentence)
-        used += sizes[sentence]
+        out.append(passage[len(out) % 5])
+        used += sizes[(len(out) - 1) % 5]
     return out
 
 
