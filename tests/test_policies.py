@@ -232,9 +232,10 @@ def test_plans_keep_what_their_papers_keep():
     full = Full(64, 8).plan(300, 16)
     assert (full.capacity, full.prompt_budget, full.topk) == (308, 300, 0)
     assert StreamingLLM(64, 8).plan(300, 16).topk == 64
-    quest = Quest(256, 128).plan(8192 - 128, 64)
-    assert (quest.chunk, quest.topk, quest.prompt_budget) == (64, 128, 8192 - 128)
-    assert Quest(1024, 128).plan(4096 - 128, 64).chunk == 16
+    quest = Quest(256, 128).plan(8192 - 128, 64, layer=2, layers=30)
+    assert (quest.chunk, quest.topk, quest.prompt_budget) == (16, 256, 8192 - 128)
+    assert Quest(256, 128).plan(8192 - 128, 64, layer=1, layers=30).topk == 8192
+    assert Quest(16, 128).plan(8192 - 128, 64, layer=2, layers=30).topk == 48
     sparq = SparQ(256, 128).plan(8192 - 128, 64)
     assert (sparq.topk, sparq.dims) == (128, 2)
 
@@ -259,6 +260,8 @@ def test_policy_through_the_pass_matches_the_oracle(policy):
     model = tiny_hf("llama")
     model.generation_config.eos_token_id = None
     options = {"policy": policy, "token_budget": 48, "max_new_tokens": 6}
+    if policy == "quest":   # one sparse layer of the two
+        options["dense_layers"] = 1
     config = RocketKVConfig.from_options(options)
     ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(7))
     plan = config.plan(200, 16)
