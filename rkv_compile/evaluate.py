@@ -147,13 +147,16 @@ def summarise(records: list[dict]) -> dict:
 
 
 def merge(results: list[dict]) -> dict:
-    """Several runs (say, one per task, run side by side) as one result."""
+    """Several runs (say, one per task, run side by side) as one result; a later run's record
+    of a sample under a configuration replaces an earlier run's."""
     settings = dict(results[0]["settings"])
     for key in ("tasks", "policies", "budgets", "contexts"):
         settings[key] = list(dict.fromkeys(v for r in results for v in r["settings"][key]))
     settings["budgets"].sort()
     settings["samples"] = max(r["settings"]["samples"] for r in results)
-    records = [record for r in results for record in r["records"]]
+    latest = {(r["context"], r["task"], r["index"], r["policy"], r["budget"]): r
+              for result in results for r in result["records"]}
+    records = list(latest.values())
     merged = {"settings": settings, "records": records, "summary": summarise(records)}
     if "environment" in results[0]:
         merged["environment"] = results[0]["environment"]
@@ -170,7 +173,8 @@ def table(result: dict) -> str:
                       f"{result['settings']['samples']} samples)\n",
                       "| policy | " + " | ".join(budgets) + " |",
                       "|---|" + "---:|" * len(budgets)]
-            for policy, by_budget in by_policy.items():
+            for policy in _ordered(by_policy, result):
+                by_budget = by_policy[policy]
                 cells = [by_budget.get("full", "")] * len(budgets) if policy == "full" else \
                     [by_budget.get(b, "") for b in budgets]
                 lines.append(f"| {policy} | " + " | ".join(str(c) for c in cells) + " |")
@@ -188,17 +192,20 @@ def plot(result: dict, path: str) -> bool:
     summary = result["summary"]
     contexts, tasks = list(summary), list(next(iter(summary.values())))
     budgets = result["settings"]["budgets"]
+    colors = {p: f"C{i}" for i, p in enumerate(result["settings"]["policies"])}
     fig, axes = plt.subplots(len(contexts), len(tasks), squeeze=False,
                              figsize=(3.2 * len(tasks), 2.8 * len(contexts)))
     for row, context in enumerate(contexts):
         for col, task in enumerate(tasks):
             ax = axes[row][col]
-            for policy, by_budget in summary[context][task].items():
+            for policy in _ordered(summary[context][task], result):
+                by_budget = summary[context][task][policy]
                 if policy == "full":
                     ax.axhline(by_budget["full"], color="black", linestyle="--", label="full")
                 else:
                     ran = [b for b in budgets if str(b) in by_budget]
-                    ax.plot(ran, [by_budget[str(b)] for b in ran], marker="o", label=policy)
+                    ax.plot(ran, [by_budget[str(b)] for b in ran], marker="o", label=policy,
+                            color=colors[policy])
             ax.set_xscale("log", base=2)
             ax.set_ylim(-5, 105)
             ax.set_title(f"{task}, {context} tokens", fontsize=9)
@@ -209,6 +216,11 @@ def plot(result: dict, path: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _ordered(by_policy: dict, result: dict) -> list[str]:
+    """The policies of a summary in the order the settings list them (runs merge in any order)."""
+    return [p for p in result["settings"]["policies"] if p in by_policy]
 
 
 def write(result: dict, out: str) -> None:

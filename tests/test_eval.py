@@ -89,3 +89,19 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_merge_lets_later_runs_replace_rows():
+    def result(policy, score, tasks):
+        records = [{"context": 100, "task": t, "index": 0, "policy": policy, "budget": 64,
+                    "score": score} for t in tasks]
+        settings = {"tasks": tasks, "policies": [policy], "budgets": [64], "contexts": [100],
+                    "samples": 1}
+        return {"settings": settings, "records": records}
+
+    merged = evaluate.merge([result("quest", 0.0, ["a", "b"]), result("full", 1.0, ["a"]),
+                             result("quest", 0.5, ["b"])])
+    summary = merged["summary"]["100"]
+    assert summary["a"] == {"quest": {"64": 0.0}, "full": {"64": 100.0}}
+    assert summary["b"] == {"quest": {"64": 50.0}}
+    assert merged["settings"]["tasks"] == ["a", "b"] and len(merged["records"]) == 3
