@@ -191,3 +191,18 @@ class MaskedSDPA(nn.Module):
             mask = prefill_mask(self.recipe, padding, T, self.flip)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.head(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
+
+
+def generate(model, ids, steps: int, cache=None, backend=None):
+    """Greedy tokens through generate() (no EOS, so exactly `steps` of them, as the oracle gives)
+    under torch.compile with `backend` if given, and the cache it leaves."""
+    forward = model.forward
+    if backend is not None:
+        model.forward = torch.compile(forward, backend=backend)
+    model.generation_config.eos_token_id = None
+    try:
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False, past_key_values=cache,
+                             return_dict_in_generate=True)
+    finally:
+        model.forward = forward
+    return out.sequences[0, ids.shape[1]:].tolist(), out.past_key_values

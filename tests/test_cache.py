@@ -7,7 +7,7 @@ import torch
 from devices import CUDA, DEVICE, DTYPES
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from models import VOCAB, tiny_hf
+from models import VOCAB, generate, tiny_hf
 from rkv_compile.eager import generate as oracle_generate
 from transformers import LlamaConfig
 
@@ -77,19 +77,6 @@ def test_cache_arguments_are_checked():
         RocketKVCache(config, 4)
 
 
-def _generate(model, ids, steps, cache=None, backend=None):
-    """Greedy tokens through generate(); no EOS, so exactly `steps` of them, as the oracle."""
-    forward = model.forward
-    if backend is not None:
-        model.forward = torch.compile(forward, backend=backend)
-    model.generation_config.eos_token_id = None
-    try:
-        out = model.generate(ids, max_new_tokens=steps, do_sample=False, past_key_values=cache)
-    finally:
-        model.forward = forward
-    return out[0, ids.shape[1]:].tolist()
-
-
 @settings(deadline=None, max_examples=6)
 @given(length=st.integers(20, 320), steps=st.integers(2, 8), seed=st.integers(0, 2**16))
 def test_eager_cache_is_exact(length, steps, seed):
@@ -97,8 +84,8 @@ def test_eager_cache_is_exact(length, steps, seed):
     model = tiny_hf("llama")
     ids = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        assert _generate(model, ids, steps, RocketKVCache(model.config, steps)) == \
-            _generate(model, ids, steps)
+        assert generate(model, ids, steps, RocketKVCache(model.config, steps))[0] == \
+            generate(model, ids, steps)[0]
 
 
 @settings(deadline=None, max_examples=6)
@@ -118,9 +105,9 @@ def test_cache_matches_dynamic_cache_path(arch, length, budget, steps, seed):
     ids = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
     cache = RocketKVCache(model.config, steps)
     with torch.no_grad():
-        tokens = _generate(model, ids, steps, cache, backend)
+        tokens = generate(model, ids, steps, cache, backend)[0]
         torch._dynamo.reset()
-        dynamic = _generate(model, ids, steps, None, backend)
+        dynamic = generate(model, ids, steps, None, backend)[0]
     oracle, _ = oracle_generate(model, ids, RocketKVConfig.from_options(options), steps)
     assert tokens == dynamic == oracle
     plan = RocketKVConfig.from_options(options).plan(length, 16)
@@ -146,7 +133,7 @@ def test_cache_through_inductor_and_explain():
         assert kinds == {("new RocketKVCache", True), ("RocketKVCache", True)}
         assert "the 175 tokens rocketkv keeps in 182-token buffers" in str(report)
         model.forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
-        tokens = _generate(model, ids, 6, RocketKVCache(model.config, 6))
+        tokens = generate(model, ids, 6, RocketKVCache(model.config, 6))[0]
     assert tokens == oracle_generate(model, ids, RocketKVConfig.from_options(options), 6)[0]
 
 
@@ -194,8 +181,8 @@ def test_compiled_graphs_keep_dynamo_input_metadata():
 
     backend = make_backend(compiler=keep)
     ids = torch.randint(0, VOCAB, (1, 120), generator=torch.Generator().manual_seed(3))
-    _generate(model, ids, 3, RocketKVCache(model.config, 3),
-              lambda gm, ex: backend(gm, ex, options=options))
+    generate(model, ids, 3, RocketKVCache(model.config, 3),
+             lambda gm, ex: backend(gm, ex, options=options))
     assert len(compiled) == 2   # prefill, decode
     for gm in compiled:
         assert "dynamo_compile_id" in gm.meta and hasattr(gm, "_param_name_to_source")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
-from models import VOCAB, tiny_hf
+from models import VOCAB, generate, tiny_hf
 from rkv_compile.eager import generate as oracle_generate
 
 import rkv_compile
@@ -240,16 +240,8 @@ def test_plans_keep_what_their_papers_keep():
     assert (sparq.topk, sparq.dims) == (128, 2)
 
 
-def _generate(model, ids, steps, cache, options):
-    forward = model.forward
-    model.forward = torch.compile(forward, backend=lambda gm, ex: rewrite_only(gm, ex,
-                                                                               options=options))
-    try:
-        out = model.generate(ids, max_new_tokens=steps, do_sample=False, past_key_values=cache,
-                             return_dict_in_generate=True)
-    finally:
-        model.forward = forward
-    return out.sequences[0, ids.shape[1]:].tolist(), out.past_key_values
+def _rewrite(options):
+    return lambda gm, example_inputs: rewrite_only(gm, example_inputs, options=options)
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "oracle-topk", "full", "streamingllm", "quest",
@@ -268,9 +260,10 @@ def test_policy_through_the_pass_matches_the_oracle(policy):
     with torch.no_grad():
         expected, kept = oracle_generate(model, ids, config, 6)
         torch._dynamo.reset()
-        dynamic, dynamic_cache = _generate(model, ids, 6, None, options)
+        dynamic, dynamic_cache = generate(model, ids, 6, None, _rewrite(options))
         torch._dynamo.reset()
-        static, static_cache = _generate(model, ids, 6, RocketKVCache(model.config, 6), options)
+        static, static_cache = generate(model, ids, 6, RocketKVCache(model.config, 6),
+                                        _rewrite(options))
     assert dynamic == static == expected
     assert kept == [min(200, plan.prompt_budget)] * 2
     assert [layer.keys.shape[2] for layer in dynamic_cache.layers] == [kept[0] + 5] * 2
@@ -289,11 +282,11 @@ def test_pyramidkv_through_rocketkv_cache_matches_the_oracle():
     with torch.no_grad():
         expected, kept = oracle_generate(model, ids, config, 6)
         torch._dynamo.reset()
-        static, cache = _generate(model, ids, 6, RocketKVCache(model.config, 6), options)
+        static, cache = generate(model, ids, 6, RocketKVCache(model.config, 6), _rewrite(options))
         torch._dynamo.reset()
         report = str(rkv_compile.explain(model, ids, options=options))
         torch._dynamo.reset()
-        dynamic, dynamic_cache = _generate(model, ids, 6, None, options)
+        dynamic, dynamic_cache = generate(model, ids, 6, None, _rewrite(options))
     assert static == expected and kept == budgets
     assert [int(layer.lengths[0]) for layer in cache.layers] == [b + 5 for b in budgets]
     assert report.count("pyramidkv budgets each layer differently") == 2
