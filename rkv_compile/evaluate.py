@@ -34,7 +34,7 @@ from .tasks import TASKS, Sample
 @dataclasses.dataclass
 class EvalSettings:
     tasks: list[str]
-    policies: list[str]       # "full" runs once, at no budget
+    policies: list[str]       # "full" runs once, at no budget; "name:key=value" sets options
     budgets: list[int]
     contexts: list[int]
     samples: int              # per task and context; needle depths spread over 0..1
@@ -49,7 +49,16 @@ class EvalSettings:
                 raise ValueError(f"rkv eval: unknown task {name!r}; the tasks are {sorted(TASKS)}")
         for policy in self.policies:   # each policy with each budget must be a valid config
             for budget in ([None] if policy == "full" else self.budgets):
-                RocketKVConfig(token_budget=budget, policy=policy, window_size=self.window_size)
+                self.config(policy, budget, 1)
+
+    def config(self, policy: str, budget: int | None, max_new_tokens: int) -> RocketKVConfig:
+        """The backend options of one configuration. `policy` may carry the policy's own
+        options: "rocketkv:stages=stage1:kernel_size=31"."""
+        name, *own = policy.split(":")
+        options = {k: int(v) if v.isdigit() else v for k, v in (o.split("=", 1) for o in own)}
+        return RocketKVConfig.from_options(dict(options, policy=name, token_budget=budget,
+                                                max_new_tokens=max_new_tokens,
+                                                window_size=self.window_size))
         if self.engine not in ("eager", "compile"):
             raise ValueError(f"rkv eval: engine must be 'eager' or 'compile' (got {self.engine!r})")
         if self.samples < 1:
@@ -103,9 +112,7 @@ def run(model, tokenizer, settings: EvalSettings, progress: bool = True) -> dict
                 prompt = None if settings.engine == "compile" else \
                     eager.prefill(model, ids, settings.window_size)
                 for policy, budget in configs:
-                    config = RocketKVConfig(token_budget=budget, policy=policy,
-                                            max_new_tokens=sample.max_new_tokens,
-                                            window_size=settings.window_size)
+                    config = settings.config(policy, budget, sample.max_new_tokens)
                     if prompt is None:
                         tokens = _generate_compiled(model, ids, config, sample, stop)
                     else:

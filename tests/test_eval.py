@@ -105,3 +105,14 @@ def test_merge_lets_later_runs_replace_rows():
     assert summary["a"] == {"quest": {"64": 0.0}, "full": {"64": 100.0}}
     assert summary["b"] == {"quest": {"64": 50.0}}
     assert merged["settings"]["tasks"] == ["a", "b"] and len(merged["records"]) == 3
+
+
+def test_policy_entries_carry_their_own_options():
+    settings = evaluate.EvalSettings(["passkey"], ["full", "rocketkv:stages=stage1:kernel_size=31"],
+                                     [64], [100], 1)
+    config = settings.config("rocketkv:stages=stage1:kernel_size=31", 64, 8)
+    assert (config.method.stages, config.method.kernel_size, config.token_budget) == \
+        ("stage1", 31, 64)
+    assert not settings.config("full", None, 8).compresses
+    with pytest.raises(ValueError, match="'sink_size' does not apply"):
+        evaluate.EvalSettings(["passkey"], ["rocketkv:sink_size=3"], [64], [100], 1)

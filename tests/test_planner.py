@@ -190,6 +190,7 @@ def test_bad_values_name_the_option(name, value):
     ("rocketkv", "kernel_size", False), ("rocketkv", "kernel_size", True),
     ("snapkv", "kernel_size", 3.0), ("streamingllm", "sink_size", -1),
     ("streamingllm", "sink_size", None), ("quest", "page_size", 0), ("quest", "dense_layers", -1),
+    ("rocketkv", "stages", "stage3"),
     ("pyramidkv", "beta", 0),
 ])
 def test_bad_policy_values_name_the_option(policy, name, value):

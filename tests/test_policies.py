@@ -244,16 +244,17 @@ def _rewrite(options):
     return lambda gm, example_inputs: rewrite_only(gm, example_inputs, options=options)
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "oracle-topk", "full", "streamingllm", "quest",
-                                    "sparq", "chunkkv"])
-def test_policy_through_the_pass_matches_the_oracle(policy):
+@pytest.mark.parametrize("policy, own", [
+    ("snapkv", {}), ("oracle-topk", {}), ("full", {}), ("streamingllm", {}),
+    ("quest", {"dense_layers": 1}),   # one sparse layer of the two
+    ("sparq", {}), ("chunkkv", {}), ("rocketkv", {"stages": "stage1"}),
+    ("rocketkv", {"stages": "stage2"})])
+def test_policy_through_the_pass_matches_the_oracle(policy, own):
     """DynamicCache and RocketKVCache paths give the eager oracle's tokens, and hold what the
     plan keeps."""
     model = tiny_hf("llama")
     model.generation_config.eos_token_id = None
-    options = {"policy": policy, "token_budget": 48, "max_new_tokens": 6}
-    if policy == "quest":   # one sparse layer of the two
-        options["dense_layers"] = 1
+    options = {"policy": policy, "token_budget": 48, "max_new_tokens": 6, **own}
     config = RocketKVConfig.from_options(options)
     ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(7))
     plan = config.plan(200, 16)

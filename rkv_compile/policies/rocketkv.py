@@ -24,24 +24,34 @@ class RocketKV(Policy):
     Stage 1 (SnapKV++): window votes summed over each GQA group, max-pooled (kernel_size).
     Stage 2: chunk-level approximate scores from K's min/max summaries on r query dims, top-k
     tokens, exact attention over them (reference.sparse_decode).
+    `stages` runs one stage alone, to tell their losses apart: "stage1" evicts to the capacity
+    and decodes exactly over it; "stage2" keeps the whole cache (capacity = L) and plans stage 2
+    over it with the formulas above.
     """
 
     kernel_size: int = 63
+    stages: str = "both"
 
     name = "rocketkv"
-    sparse_decode = True
     triton = True
     decode_kind = "stage-2 hybrid sparse attention"
 
     def __post_init__(self):
         check_int("kernel_size", self.kernel_size, 1, odd=True)
+        if self.stages not in ("both", "stage1", "stage2"):
+            raise ValueError(f"rocketkv option 'stages' must be 'both', 'stage1' or 'stage2' "
+                             f"(got {self.stages!r})")
+
+    @property
+    def sparse_decode(self) -> bool:
+        return self.stages != "stage1"
 
     def plan(self, prompt_len, head_dim, layer=0, layers=1):
         B, M, D = self.token_budget, self.max_new_tokens, head_dim
         L = prompt_len + M
         c = max(1.0, L / B)
         alpha = min(0.2 + 0.06 * math.log2(c), 0.8)
-        capacity = max(int(L / c**alpha), min(2 * M, L))
+        capacity = max(int(L / c**alpha), min(2 * M, L)) if self.stages != "stage2" else L
         c2 = max(1.0, capacity / B)
         chunk = math.ceil(math.sqrt(c2))
         if chunk > c2:
