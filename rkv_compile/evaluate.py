@@ -47,6 +47,10 @@ class EvalSettings:
         for name in self.tasks:
             if name not in TASKS:
                 raise ValueError(f"rkv eval: unknown task {name!r}; the tasks are {sorted(TASKS)}")
+        if self.engine not in ("eager", "compile"):
+            raise ValueError(f"rkv eval: engine must be 'eager' or 'compile' (got {self.engine!r})")
+        if self.samples < 1:
+            raise ValueError(f"rkv eval: samples must be >= 1 (got {self.samples})")
         for policy in self.policies:   # each policy with each budget must be a valid config
             for budget in ([None] if policy == "full" else self.budgets):
                 self.config(policy, budget, 1)
@@ -59,10 +63,6 @@ class EvalSettings:
         return RocketKVConfig.from_options(dict(options, policy=name, token_budget=budget,
                                                 max_new_tokens=max_new_tokens,
                                                 window_size=self.window_size))
-        if self.engine not in ("eager", "compile"):
-            raise ValueError(f"rkv eval: engine must be 'eager' or 'compile' (got {self.engine!r})")
-        if self.samples < 1:
-            raise ValueError(f"rkv eval: samples must be >= 1 (got {self.samples})")
 
 
 def configurations(settings: EvalSettings) -> list[tuple[str, int | None]]:

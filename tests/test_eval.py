@@ -52,6 +52,10 @@ def test_bad_settings_are_named():
         evaluate.EvalSettings(["passkey"], ["nope"], [64], [100], 1)
     with pytest.raises(ValueError, match="token_budget"):
         evaluate.EvalSettings(["passkey"], ["rocketkv"], [1], [100], 1)
+    with pytest.raises(ValueError, match="engine must be"):
+        evaluate.EvalSettings(["passkey"], ["full"], [64], [100], 1, engine="jit")
+    with pytest.raises(ValueError, match="samples must be"):
+        evaluate.EvalSettings(["passkey"], ["full"], [64], [100], 0)
 
 
 def test_compile_engine_matches_eager_engine(tokenizer):
