@@ -49,7 +49,7 @@ class Policy:
     name: ClassVar[str]
     sparse_decode: ClassVar[bool] = False   # decode sites call `decode`; else they stay exact
     triton: ClassVar[bool] = False          # CUDA runs RocketKV's Triton kernels (else: reference)
-    per_layer: ClassVar[bool] = False       # plans differ between layers
+    per_layer: ClassVar[bool] = False       # layers keep different numbers of tokens
     decode_kind: ClassVar[str] = "exact attention over the kept tokens"
 
     def plan(self, prompt_len: int, head_dim: int, layer: int = 0, layers: int = 1) -> Plan:

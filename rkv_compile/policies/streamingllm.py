@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from ..kernels import reference
-from .base import Plan, Policy, check_int, register
+from .base import Policy, check_int, register
 
 
 @register
@@ -38,10 +38,8 @@ class StreamingLLM(Policy):
                              f"streamingllm's 'sink_size' ({self.sink_size})")
 
     def plan(self, prompt_len, head_dim, layer=0, layers=1):
-        prompt_budget = max(self.token_budget, self.window_size)
-        return Plan(self.token_budget, prompt_len + self.max_new_tokens,
-                    prompt_budget + self.max_new_tokens, prompt_budget, self.token_budget, 0,
-                    head_dim)
+        # the base plan's prompt budget, and decode reads `token_budget` of the stored tokens
+        return dataclasses.replace(super().plan(prompt_len, head_dim), topk=self.token_budget)
 
     def prompt_scores(self, query_window, key, mask, scale):
         # Recency, the sinks (the first live tokens) above everything; masked tokens never.
