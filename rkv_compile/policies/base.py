@@ -60,6 +60,11 @@ class Policy:
         return Plan(self.token_budget, prompt_len + self.max_new_tokens, capacity, prompt_budget,
                     0, 0, head_dim)
 
+    def keep_all(self, prompt_len: int, topk: int = 0, chunk: int = 0, dims: int = 0) -> Plan:
+        """The plan of a policy that evicts nothing: every prompt and new token is stored."""
+        length = prompt_len + self.max_new_tokens
+        return Plan(self.token_budget, length, length, prompt_len, topk, chunk, dims)
+
     def prompt_scores(self, query_window: Tensor, key: Tensor, mask: Tensor | None,
                       scale: float) -> Tensor:
         """(B, Hkv, n - w) scores of the prompt tokens before the window: the best are kept."""

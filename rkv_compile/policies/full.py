@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import Plan, Policy, register
+from .base import Policy, register
 
 
 @register
@@ -15,5 +15,4 @@ class Full(Policy):
     name = "full"
 
     def plan(self, prompt_len, head_dim, layer=0, layers=1):
-        length = prompt_len + self.max_new_tokens
-        return Plan(self.token_budget, length, length, prompt_len, 0, 0, head_dim)
+        return self.keep_all(prompt_len, dims=head_dim)

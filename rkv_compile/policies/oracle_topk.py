@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from ..kernels import reference
-from .base import Plan, Policy, register
+from .base import Policy, register
 
 
 @register
@@ -25,8 +25,7 @@ class OracleTopK(Policy):
     decode_kind = "exact top-k attention (oracle scores)"
 
     def plan(self, prompt_len, head_dim, layer=0, layers=1):
-        length = prompt_len + self.max_new_tokens
-        return Plan(self.token_budget, length, length, prompt_len, self.token_budget, 0, head_dim)
+        return self.keep_all(prompt_len, topk=self.token_budget, dims=head_dim)
 
     def decode(self, query, key, value, mask, scale, chunk, dims, topk):
         q = reference.group_queries(query, key.shape[1])[:, :, :, -1]         # B Hkv G D

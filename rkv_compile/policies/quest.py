@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from ..kernels import reference
-from .base import Plan, Policy, check_int, register
+from .base import Policy, check_int, register
 
 
 @register
@@ -41,8 +41,7 @@ class Quest(Policy):
         length = prompt_len + self.max_new_tokens
         pages = -(-length // self.page_size) if layer < self.dense_layers else \
             max(3, self.token_budget // self.page_size)
-        return Plan(self.token_budget, length, length, prompt_len, pages * self.page_size,
-                    self.page_size, head_dim)
+        return self.keep_all(prompt_len, pages * self.page_size, self.page_size, head_dim)
 
     def decode(self, query, key, value, mask, scale, chunk, dims, topk):
         B, H, n, D = key.shape

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 from ..kernels import reference
-from .base import Plan, Policy, register
+from .base import Policy, register
 
 
 @register
@@ -33,7 +33,7 @@ class SparQ(Policy):
     def plan(self, prompt_len, head_dim, layer=0, layers=1):
         length = prompt_len + self.max_new_tokens
         dims = min(max(round(self.token_budget * head_dim / length), 1), head_dim)
-        return Plan(self.token_budget, length, length, prompt_len, self.token_budget // 2, 0, dims)
+        return self.keep_all(prompt_len, topk=self.token_budget // 2, dims=dims)
 
     def decode(self, query, key, value, mask, scale, chunk, dims, topk):
         B, H, n, D = key.shape
