@@ -8,10 +8,13 @@ State between graphs travels on the cache tensors themselves, as attributes:
 - ``_rocketkv_plan``: the plan (it depends on the prompt length, which a decode graph cannot
   see). A decode graph is compiled for the plan its first call's caches carry (the backend sees
   the real inputs), with the cache length symbolic; with another plan it runs uncompiled.
-- ``_rocketkv_evicted``: on a prefill's full cache, the (keys, values) stage 1 kept. The first
-  decode step swaps them in, but only if the pass rewrote every decode site: the decode graph is
-  where it can be checked that positions do not derive from the stored cache length. So a model
-  that would mis-position tokens after eviction keeps its full cache and stays exact.
+- ``_rocketkv_evicted``: on a prefill's full cache, the (keys, values) the policy stores (stage 1
+  kept them, or quantized them). The first decode step swaps them in, but only if the pass
+  rewrote every decode site: the decode graph is where it can be checked that positions do not
+  derive from the stored cache length. So a model that would mis-position tokens after eviction
+  keeps its full cache and stays exact.
+- ``_rocketkv_state``: on a stored key cache of a policy that evicts as it decodes (H2O), the
+  score of every stored slot; each decode step reads it and writes the next.
 - ``_rocketkv_decoded``: the cache came out of a rewritten decode step.
 A decode graph whose mask reads a 2-D padding mask (transformers' attention_mask, laid out by
 logical position) checks it at run time: all ones lines up with any cache; with padding the
@@ -39,6 +42,7 @@ PLAN_ATTR = "_rocketkv_plan"
 GROWING = (KVSource.FRESH, KVSource.GROWN)   # caches that grow by cat (DynamicCache, tuples)
 EVICTED_ATTR = "_rocketkv_evicted"
 DECODED_ATTR = "_rocketkv_decoded"   # written by a rewritten decode step (so maybe evicted)
+STATE_ATTR = "_rocketkv_state"
 Compiler = Callable[[GraphModule, Sequence], Callable]
 
 
@@ -58,8 +62,11 @@ def inductor(gm: GraphModule, example_inputs: Sequence, decode: bool = False,
 def compiles_decode(decode: list[SiteDecision]) -> bool:
     """Whether a decode graph is compiled. One that calls the Triton kernels over a growing cache
     runs uncompiled (its kernels launched one by one): their launch code would compute grid and
-    block sizes from the symbolic cache length. Over RocketKVCache every shape is static."""
-    return all(d.kernel != "triton" or d.key.source is KVSource.ROCKETKV for d in decode)
+    block sizes from the symbolic cache length. Over RocketKVCache every shape is static. One
+    that carries a state between steps (H2O) runs uncompiled too: the state is an input Dynamo
+    never saw, so Inductor has no symbolic length for it."""
+    return all(not d.method.decode_state and
+               (d.kernel != "triton" or d.key.source is KVSource.ROCKETKV) for d in decode)
 
 
 def _output_positions(graph: Graph, node) -> list[int]:
@@ -125,6 +132,8 @@ class RewrittenGraph:
         self.decode_inputs = {d.site.name: (placeholders.index(d.key.past),
                                             placeholders.index(d.value.past))
                               for d in decisions if d.phase == DECODE}
+        self.stateful = {d.site.name for d in decisions
+                         if d.phase == DECODE and d.method.decode_state}
         self.length_inputs = _length_inputs(placeholders, decisions)
         self.padding_inputs = sorted({placeholders.index(m) for d in decisions
                                       for m in d.padding_masks})
@@ -147,7 +156,7 @@ class RewrittenGraph:
         # compiled one does not apply: padding under a proven mask, or a decode plan it was
         # not compiled for.
         self.uncompiled = _copy_graph_module(gm)
-        self.evicting = apply(self.uncompiled, analyse(self.uncompiled.graph, config), config)
+        self.storing = apply(self.uncompiled, analyse(self.uncompiled.graph, config), config)
         self.compiled, self.compiled_plans, self.warned = None, None, set()
         decode = [d for d in decisions if d.phase == DECODE]
         if decode and not compiles_decode(decode):
@@ -170,6 +179,13 @@ class RewrittenGraph:
         if plan is None:  # a cache we did not prefill: plan as if its tokens were the prompt
             plan = self.config.plan(past.shape[2], past.shape[3])
         return plan
+
+    @staticmethod
+    def _state_of(past: torch.Tensor) -> torch.Tensor:
+        state = getattr(past, STATE_ATTR, None)
+        if state is None:  # a cache we did not prefill: every stored token starts at 0
+            state = torch.zeros(past.shape[:3], device=past.device)
+        return state
 
     def _commit_evictions(self, args: list) -> None:
         """Swap prefill evictions in for the full caches, and their lengths for the old ones."""
@@ -226,9 +242,13 @@ class RewrittenGraph:
                 self._warn_once("rocketkv: a decode graph compiled for plan %s got plan %s (a new "
                                 "prompt length?): it runs uncompiled", self.compiled_plans,
                                 decode_plans)
-            outputs = self.uncompiled(*args, *[getattr(plan, field) for plan in
-                                               decode_plans.values() for field in PLAN_INPUTS])
-        evicted, outputs = outputs[self.num_outputs:], list(outputs[:self.num_outputs])
+            extra = []
+            for name, plan in decode_plans.items():
+                extra += [getattr(plan, field) for field in PLAN_INPUTS]
+                if name in self.stateful:
+                    extra.append(self._state_of(args[self.decode_inputs[name][0]]))
+            outputs = self.uncompiled(*args, *extra)
+        stored, outputs = outputs[self.num_outputs:], list(outputs[:self.num_outputs])
         for name, positions in self.cache_outputs.items():
             for i in positions[0] + positions[1]:
                 # Contiguous, as every later cat will be: decode graphs then see one layout.
@@ -244,10 +264,17 @@ class RewrittenGraph:
                 torch._dynamo.mark_static(outputs[i])
                 if self.config.cudagraphs:  # fixed buffers, updated in place: no copies per replay
                     torch._dynamo.mark_static_address(outputs[i], guard=False)
-        for j, name in enumerate(self.evicting):
-            for kind in (0, 1):
+        for j, name in enumerate(self.storing):
+            key, value, state = stored[3 * j: 3 * j + 3]
+            if state.numel():
+                setattr(key, STATE_ATTR, state)
+            for kind, kept in enumerate((key, value)):
                 for i in self.cache_outputs[name][kind]:
-                    setattr(outputs[i], EVICTED_ATTR, evicted[2 * j + kind])
+                    setattr(outputs[i], EVICTED_ATTR, kept)
+        states = stored[3 * len(self.storing):]
+        for name, state in zip([n for n in self.decode_inputs if n in self.stateful], states):
+            for i in self.cache_outputs[name][0]:
+                setattr(outputs[i], STATE_ATTR, state)
         return outputs
 
 

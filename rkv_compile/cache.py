@@ -43,7 +43,8 @@ class RocketKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
             (self.keys, self.values, self.key_min, self.key_max, self.lengths,
              self.positions) = torch.ops.rocketkv.static_cache(
-                key_states, value_states, key_states.shape[2] + self.max_new_tokens, 0)
+                key_states, value_states, key_states.shape[2] + self.max_new_tokens, 0,
+                key_states.shape[2])
             return key_states, value_states
         if key_states.shape[2] != 1:
             raise NotImplementedError("RocketKVCache takes one new token per step after the "

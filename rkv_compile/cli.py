@@ -5,7 +5,8 @@ import argparse
 import os
 import sys
 
-EVAL_POLICIES = "full,rocketkv,snapkv,pyramidkv,chunkkv,streamingllm,quest,sparq,oracle-topk"
+EVAL_POLICIES = ("full,rocketkv,snapkv,pyramidkv,chunkkv,h2o,shotkv,streamingllm,quest,sparq,"
+                 "oracle-topk,kvquant,kvquant:kv_bits=4,rocketkv:kv_bits=4")
 
 
 def _list(text: str) -> list[str]:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--out", default="eval-results", help="folder for eval.json/.md/.png")
     evaluate.add_argument("--smoke", action="store_true",
                           help="a few prompts: 1K tokens, one sample per task, budget 128, "
-                               "full/rocketkv/snapkv (what CI runs)")
+                               "full/rocketkv/snapkv/h2o/kvquant 4-bit (what CI runs)")
     evaluate.add_argument("--plot-from", metavar="JSON", nargs="+",
                           help="only redraw the tables and plot of earlier eval.json files "
                                "(merged: e.g. runs of different tasks)")
@@ -80,7 +81,7 @@ def _eval(args) -> int:
     else:
         if args.smoke:
             args.contexts, args.samples, args.budgets = [1000], 1, [128]
-            args.policies = ["full", "rocketkv", "snapkv"]
+            args.policies = ["full", "rocketkv", "snapkv", "h2o", "kvquant:kv_bits=4"]
         dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         settings = evaluate.EvalSettings(args.tasks, args.policies, args.budgets, args.contexts,
                                          args.samples, args.device, dtype, args.engine)

@@ -20,13 +20,13 @@ class RocketKVConfig:
     window_size:    the last prompt queries that vote in stage 1 (SnapKV's observation window);
                     their own keys are always kept.
     policy:         the method, one of rkv_compile/policies: "rocketkv" (default), "snapkv",
-                    "pyramidkv", "chunkkv", "streamingllm", "quest", "sparq", "oracle-topk",
-                    "full".
+                    "pyramidkv", "chunkkv", "h2o", "shotkv", "streamingllm", "quest", "sparq",
+                    "oracle-topk", "kvquant", "full".
     cudagraphs:     decode graphs replay as CUDA graphs (Inductor's cudagraph trees); for
                     RocketKVCache, whose decode steps all have the same shapes.
     Any other option is a hyperparameter of the selected policy (a field of its dataclass, e.g.
-    "kernel_size" of rocketkv and snapkv, "sink_size" of streamingllm); `from_options` collects
-    them into `policy_options`.
+    "kernel_size" of rocketkv and snapkv, "sink_size" of streamingllm, and every policy's
+    "kv_bits" and "kv_group_size"); `from_options` collects them into `policy_options`.
     """
 
     token_budget: int | None = 256

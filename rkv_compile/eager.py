@@ -49,11 +49,14 @@ def _policy_attention(module, query, key, value, attention_mask, scaling=None, d
         record.masks.append(None if attention_mask is None else attention_mask[..., -w:, :])
         record.scales.append(scale)
     config, plan = state.get("config"), state.get("plans", {}).get(layer)
-    if plan is None or not config.method.sparse_decode:
+    if plan is None or not (config.method.sparse_decode or config.method.decode_state):
         q_len, n = query.shape[2], key.shape[2]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                              is_causal=attention_mask is None and q_len == n,
                                              scale=scale, enable_gqa=True)
+    elif config.method.decode_state:
+        out, state["states"][layer] = config.method.evicting_decode(
+            query, key, value, attention_mask, scale, plan.topk, state["states"][layer])
     else:
         out = config.method.decode(query, key, value, attention_mask, scale, plan.chunk,
                                    plan.dims, plan.topk)
@@ -96,25 +99,31 @@ def continue_greedy(model, prompt: Prefill, config: RocketKVConfig, max_new_toke
                     stop_tokens: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
     """Greedy tokens after `prompt` with the policy of `config` (up to and including a stop
     token after the first token), and each layer's cache length right after eviction."""
-    T, layers = prompt.length, len(prompt.keys)
-    if prompt.queries and prompt.queries[0].shape[2] < min(config.window_size, T):
+    T, layers, method = prompt.length, len(prompt.keys), config.method
+    observed = method.observed_queries(T)
+    if prompt.queries and prompt.queries[0].shape[2] < observed:
         raise ValueError(f"the prefill recorded {prompt.queries[0].shape[2]} queries; "
-                         f"window_size {config.window_size} needs more")
-    cache, plans = DynamicCache(config=model.config), {}
+                         f"{method.name} reads {observed}")
+    cache, plans, positions, states = DynamicCache(config=model.config), {}, {}, {}
     for layer in range(layers):
         key, value = prompt.keys[layer], prompt.values[layer]
         if config.compresses:
             plan = plans[layer] = config.plan(T, key.shape[-1], layer, layers)
-            if T > plan.prompt_budget:
-                key, value = config.method.evict(
-                    prompt.queries[layer][:, :, -config.window_size:], key, value,
-                    prompt.masks[layer], prompt.scales[layer],
-                    plan.prompt_budget - config.window_size)
+            source = method.reuses(layer)
+            if source is not None and source in positions:
+                positions[layer] = positions[source]
+                key, value = method.store(key, value, positions[layer])
+            elif method.rewrites_prompt(T, plan):
+                mask = prompt.masks[layer]
+                key, value, positions[layer], states[layer] = method.compress(
+                    prompt.queries[layer][:, :, -observed:], key, value,
+                    None if mask is None else mask[..., -observed:, :], prompt.scales[layer],
+                    min(plan.prompt_budget, T))
         cache.update(key, value, layer)
     kept = [layer.keys.shape[2] for layer in cache.layers]
     tokens = [int(prompt.logits.argmax())]
     device = prompt.logits.device
-    with _attention(model, {"config": config, "plans": plans}):
+    with _attention(model, {"config": config, "plans": plans, "states": states}):
         for step in range(max_new_tokens - 1):
             if step and tokens[-1] in stop_tokens:
                 break
@@ -127,5 +136,6 @@ def continue_greedy(model, prompt: Prefill, config: RocketKVConfig, max_new_toke
 def generate(model, input_ids: Tensor, config: RocketKVConfig, max_new_tokens: int,
              stop_tokens: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
     """`continue_greedy` after this prompt's prefill."""
-    return continue_greedy(model, prefill(model, input_ids, config.window_size), config,
-                           max_new_tokens, stop_tokens)
+    observed = config.method.observed_queries(input_ids.shape[1])
+    return continue_greedy(model, prefill(model, input_ids, observed), config, max_new_tokens,
+                           stop_tokens)

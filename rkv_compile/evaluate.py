@@ -7,9 +7,9 @@ is the same at every budget and runs once. With `engine="compile"` each configur
 runs `generate` under ``torch.compile(backend="rocketkv")``: the product path, one compile per
 configuration (slow; for spot checks).
 
-Writes `<out>/eval.json` (settings, every sample's output and score, the summary), `eval.md`
-(tables of mean accuracy, in %, per task: policy x budget) and `eval.png` (accuracy vs budget per
-task, if matplotlib is installed).
+Writes `<out>/eval.json` (settings, every sample's output, score and KV cache size, the summary),
+`eval.md` (tables of mean accuracy, in %, per task: policy x budget; and of the mean KV cache
+size) and `eval.png` (accuracy vs budget per task, if matplotlib is installed).
 """
 from __future__ import annotations
 
@@ -28,13 +28,15 @@ from tqdm import tqdm
 from . import eager
 from .backend import rocketkv
 from .config import RocketKVConfig
+from .policies import POLICIES
 from .tasks import TASKS, Sample
 
 
 @dataclasses.dataclass
 class EvalSettings:
     tasks: list[str]
-    policies: list[str]       # "full" runs once, at no budget; "name:key=value" sets options
+    policies: list[str]       # "name:key=value" sets options; those that keep every token
+                              # ("full", "kvquant") run once, at no budget
     budgets: list[int]
     contexts: list[int]
     samples: int              # per task and context; needle depths spread over 0..1
@@ -51,22 +53,29 @@ class EvalSettings:
             raise ValueError(f"rkv eval: engine must be 'eager' or 'compile' (got {self.engine!r})")
         if self.samples < 1:
             raise ValueError(f"rkv eval: samples must be >= 1 (got {self.samples})")
-        for policy in self.policies:   # each policy with each budget must be a valid config
-            for budget in ([None] if policy == "full" else self.budgets):
-                self.config(policy, budget, 1)
+        for policy, budget in configurations(self):   # each must be a valid config
+            self.config(policy, budget, 1)
 
     def config(self, policy: str, budget: int | None, max_new_tokens: int) -> RocketKVConfig:
         """The backend options of one configuration. `policy` may carry the policy's own
         options: "rocketkv:stages=stage1:kernel_size=31"."""
         name, *own = policy.split(":")
         options = {k: int(v) if v.isdigit() else v for k, v in (o.split("=", 1) for o in own)}
+        if budget is None and name != "full":   # a policy that keeps every token: any budget
+            budget = min(self.budgets)
         return RocketKVConfig.from_options(dict(options, policy=name, token_budget=budget,
                                                 max_new_tokens=max_new_tokens,
                                                 window_size=self.window_size))
 
 
 def configurations(settings: EvalSettings) -> list[tuple[str, int | None]]:
-    return [(p, b) for p in settings.policies for b in ([None] if p == "full" else settings.budgets)]
+    """(policy, budget) pairs; None for a policy that keeps every token (budget-independent)."""
+    return [(p, b) for p in settings.policies
+            for b in (settings.budgets if _budgeted(p) else [None])]
+
+
+def _budgeted(policy: str) -> bool:
+    return getattr(POLICIES.get(policy.split(":")[0]), "budgeted", True)
 
 
 def _seed(task: str, context: int, index: int) -> int:
@@ -109,30 +118,48 @@ def run(model, tokenizer, settings: EvalSettings, progress: bool = True) -> dict
                 sample = TASKS[task](tokenizer, context, _depth(index, settings.samples),
                                      _seed(task, context, index))
                 ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(settings.device)
+                # the prefill records the queries the most demanding policy reads (H2O: all)
+                observed = max(settings.config(p, b, 1).method.observed_queries(ids.shape[1])
+                               for p, b in configs)
                 prompt = None if settings.engine == "compile" else \
-                    eager.prefill(model, ids, settings.window_size)
+                    eager.prefill(model, ids, observed)
                 for policy, budget in configs:
                     config = settings.config(policy, budget, sample.max_new_tokens)
                     if prompt is None:
-                        tokens = _generate_compiled(model, ids, config, sample, stop)
+                        tokens, kv_mib = _generate_compiled(model, ids, config, sample, stop), None
                     else:
-                        tokens, _ = eager.continue_greedy(model, prompt, config,
-                                                          sample.max_new_tokens, stop)
+                        tokens, kept = eager.continue_greedy(model, prompt, config,
+                                                             sample.max_new_tokens, stop)
+                        kv_mib = _kv_mib(config, prompt, kept, len(tokens) - 1)
                     text = tokenizer.decode(tokens, skip_special_tokens=True)
                     records.append({"context": context, "task": task, "index": index,
                                     "depth": sample.depth, "prompt_tokens": ids.shape[1],
                                     "policy": policy, "budget": budget,
                                     "score": sample.score(text), "answers": sample.answers,
-                                    "output": text})
+                                    "output": text, "kv_mib": kv_mib})
                     bar.update()
                 del prompt
     bar.close()
     return {"settings": dataclasses.asdict(settings), "records": records,
-            "summary": summarise(records)}
+            "summary": summarise(records), "kv_mib": memory(records)}
+
+
+def _kv_mib(config: RocketKVConfig, prompt: eager.Prefill, kept: list[int], generated: int
+            ) -> float:
+    """MiB the cache holds after generation, all layers and KV heads: the stored prompt tokens
+    (as packed codes and scales if quantized: Policy.kv_bytes) and the generated ones. Slots a
+    policy evicts during decode are counted: they stay allocated here."""
+    total = 0
+    for layer, stored in enumerate(kept):
+        _, heads, _, dim = prompt.keys[layer].shape
+        total += heads * config.method.kv_bytes(stored, generated, dim,
+                                                prompt.keys[layer].element_size())
+    return round(total / 2**20, 3)
 
 
 def summarise(records: list[dict]) -> dict:
-    """Mean score in % per context -> task -> policy -> budget ("full" for full KV)."""
+    """Mean score in % per context -> task -> policy -> budget ("full" for a policy that keeps
+    every token)."""
     sums: dict = {}
     for r in records:
         key = (str(r["context"]), r["task"], r["policy"], str(r["budget"] or "full"))
@@ -153,6 +180,21 @@ def summarise(records: list[dict]) -> dict:
     return summary
 
 
+def memory(records: list[dict]) -> dict:
+    """Mean KV cache size in MiB after generation, per context -> policy -> budget (eager
+    engine records only: the compiled one does not report it)."""
+    sizes: dict = {}
+    for r in records:
+        if r.get("kv_mib") is not None:
+            key = (str(r["context"]), r["policy"], str(r["budget"] or "full"))
+            sizes.setdefault(key, []).append(r["kv_mib"])
+    summary: dict = {}
+    for (context, policy, budget), values in sizes.items():
+        summary.setdefault(context, {}).setdefault(policy, {})[budget] = \
+            round(sum(values) / len(values), 2)
+    return summary
+
+
 def merge(results: list[dict]) -> dict:
     """Several runs (say, one per task, run side by side) as one result; a later run's record
     of a sample under a configuration replaces an earlier run's."""
@@ -164,27 +206,33 @@ def merge(results: list[dict]) -> dict:
     latest = {(r["context"], r["task"], r["index"], r["policy"], r["budget"]): r
               for result in results for r in result["records"]}
     records = list(latest.values())
-    merged = {"settings": settings, "records": records, "summary": summarise(records)}
+    merged = {"settings": settings, "records": records, "summary": summarise(records),
+              "kv_mib": memory(records)}
     if "environment" in results[0]:
         merged["environment"] = results[0]["environment"]
     return merged
 
 
 def table(result: dict) -> str:
-    """Markdown tables: per context and task, a row per policy, a column per budget."""
+    """Markdown tables: per context and task, a row per policy, a column per budget; then the
+    mean KV cache size per context."""
+    samples = result["settings"]["samples"]
+    sections = [(f"{task}, {context}-token prompts** (accuracy %, {samples} samples)", by_policy)
+                for context, tasks in result["summary"].items()
+                for task, by_policy in tasks.items()]
+    sections += [(f"KV cache after generation, {context}-token prompts** (MiB, all layers; "
+                  "quantized prompts as packed codes and scales)", by_policy)
+                 for context, by_policy in result.get("kv_mib", {}).items()]
     budgets = [str(b) for b in result["settings"]["budgets"]]
     lines = []
-    for context, tasks in result["summary"].items():
-        for task, by_policy in tasks.items():
-            lines += [f"\n**{task}, {context}-token prompts** (accuracy %, "
-                      f"{result['settings']['samples']} samples)\n",
-                      "| policy | " + " | ".join(budgets) + " |",
-                      "|---|" + "---:|" * len(budgets)]
-            for policy in _ordered(by_policy, result):
-                by_budget = by_policy[policy]
-                cells = [by_budget.get("full", "")] * len(budgets) if policy == "full" else \
-                    [by_budget.get(b, "") for b in budgets]
-                lines.append(f"| {policy} | " + " | ".join(str(c) for c in cells) + " |")
+    for title, by_policy in sections:
+        lines += [f"\n**{title}\n", "| policy | " + " | ".join(budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        for policy in _ordered(by_policy, result):
+            by_budget = by_policy[policy]
+            cells = [by_budget["full"]] * len(budgets) if "full" in by_budget else \
+                [by_budget.get(b, "") for b in budgets]
+            lines.append(f"| {policy} | " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -207,8 +255,9 @@ def plot(result: dict, path: str) -> bool:
             ax = axes[row][col]
             for policy in _ordered(summary[context][task], result):
                 by_budget = summary[context][task][policy]
-                if policy == "full":
-                    ax.axhline(by_budget["full"], color="black", linestyle="--", label="full")
+                if "full" in by_budget:   # keeps every token: the same at every budget
+                    ax.axhline(by_budget["full"], linestyle="--", label=policy,
+                               color="black" if policy == "full" else colors[policy])
                 else:
                     ran = [b for b in budgets if str(b) in by_budget]
                     ax.plot(ran, [by_budget[str(b)] for b in ran], marker="o", label=policy,

@@ -91,10 +91,11 @@ class OracleGPT(TinyGPT):
         T, n = q.shape[2], k.shape[2]
         if T == n:
             plan = self.plans[layer] = self.config.plan(n, self.head_dim, layer, len(self.proj))
-            if n > plan.prompt_budget:
-                w = self.config.window_size
-                self.kept[layer] = self.config.method.evict(q[:, :, -w:], k, v, mask[..., -w:, :],
-                                                            scale, plan.prompt_budget - w)
+            method = self.config.method
+            if method.rewrites_prompt(n, plan):
+                seen = method.observed_queries(n)
+                self.kept[layer] = method.compress(q[:, :, -seen:], k, v, mask[..., -seen:, :],
+                                                   scale, min(plan.prompt_budget, n))[:2]
             return super().attend(layer, q, k, v, mask)
         plan = self.plans[layer]
         return reference.sparse_decode(q, k, v, mask, scale, plan.chunk, plan.dims, plan.topk)

@@ -65,7 +65,8 @@ def test_compile_engine_matches_eager_engine(tokenizer):
     model.generation_config.eos_token_id = None
     outputs = {}
     for engine in ("eager", "compile"):
-        run = evaluate.EvalSettings(["passkey"], ["rocketkv", "streamingllm"], [64], [300], 2,
+        run = evaluate.EvalSettings(["passkey"], ["rocketkv", "streamingllm", "h2o",
+                                                  "kvquant:kv_bits=4"], [64], [300], 2,
                                     engine=engine)
         outputs[engine] = [r["output"] for r in evaluate.run(model, tokenizer, run, False)["records"]]
     assert outputs["eager"] == outputs["compile"]
@@ -73,10 +74,19 @@ def test_compile_engine_matches_eager_engine(tokenizer):
 
 
 def test_smoke_run_on_smollm2(tmp_path, capsys):
-    """What CI runs: every task once at 1K tokens, full KV / rocketkv / snapkv at budget 128."""
+    """What CI runs: every task once at 1K tokens, full KV / rocketkv / snapkv / h2o at budget
+    128 and 4-bit kvquant; the KV cache each leaves, quantized as packed codes and scales."""
     assert cli.main(["eval", "--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert len(result["records"]) == len(TASKS) * 3
+    assert len(result["records"]) == len(TASKS) * 5
+    memory = result["kv_mib"]["1000"]
+    layers, heads, dim = 30, 3, 64   # SmolLM2-135M, float32 on the CPU
+    full_mib = memory["full"]["full"]
+    prompt = next(r["prompt_tokens"] for r in result["records"])
+    assert full_mib > layers * heads * 2 * prompt * dim * 4 / 2**20
+    assert memory["kvquant:kv_bits=4"]["full"] < 0.2 * full_mib   # 4 of 32 bits, plus scales
+    assert memory["rocketkv"]["128"] < 0.5 * full_mib and memory["h2o"]["128"] < 0.5 * full_mib
+    assert "KV cache after generation" in (tmp_path / "eval.md").read_text()
     scores = {(r["task"], r["policy"]): r["score"] for r in result["records"]}
     assert scores["passkey", "full"] == 1.0     # the real model retrieves at 1K tokens
     summary = result["summary"]["1000"]

@@ -11,7 +11,9 @@ import rkv_compile
 from rkv_compile import RocketKVConfig
 from rkv_compile.backend import make_backend
 from rkv_compile.cache import RocketKVCache
-from rkv_compile.policies import ChunkKV, Full, OracleTopK, PyramidKV, Quest, SnapKV, SparQ, StreamingLLM
+from rkv_compile.kernels import reference
+from rkv_compile.policies import (H2O, ChunkKV, Full, KVQuant, OracleTopK, PyramidKV, Quest, ShotKV,
+                                  SnapKV, SparQ, StreamingLLM)
 
 rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
 
@@ -52,7 +54,7 @@ def test_snapkv_keeps_what_its_definition_keeps(B, Hkv, G, n, w, keep, seed):
     keep = min(keep, n - w)
     q, k, v = _qkv(seed, B, Hkv, G, w, n, 8)
     policy = SnapKV(64, 8, window_size=w)
-    kk, vv = policy.evict(q, k, v, None, 8**-0.5, keep)
+    kk, vv = policy.compress(q, k, v, None, 8**-0.5, keep + w)[:2]
     index = snapkv_by_definition(q, k, keep, policy.kernel_size)
     want_k = torch.cat([k.gather(2, index[..., None].expand(-1, -1, -1, 8)), k[:, :, n - w:]], 2)
     want_v = torch.cat([v.gather(2, index[..., None].expand(-1, -1, -1, 8)), v[:, :, n - w:]], 2)
@@ -94,7 +96,8 @@ def test_chunkkv_keeps_its_best_chunks(B, Hkv, G, n, w, keep, chunk, seed):
     group's query heads; chunks kept best first (ties: earlier), token by token up to `keep`."""
     keep = min(keep, n - w)
     q, k, v = _qkv(seed, B, Hkv, G, w, n, 8)
-    kk, _ = ChunkKV(64, 8, window_size=w, chunk_size=chunk).evict(q, k, v, None, 8**-0.5, keep)
+    policy = ChunkKV(64, 8, window_size=w, chunk_size=chunk)
+    kk, _ = policy.compress(q, k, v, None, 8**-0.5, keep + w)[:2]
     for b in range(B):
         for h in range(Hkv):
             votes = 0
@@ -136,7 +139,7 @@ def test_streamingllm_keeps_and_attends_sinks_and_recent(B, Hkv, G, n, w, sinks,
     policy = StreamingLLM(budget, 8, window_size=w, sink_size=sinks)
     q, k, v = _qkv(seed, B, Hkv, G, w, n, 8)
     keep = min(max(budget, w) - w, n - w)
-    kk, _ = policy.evict(q, k, v, None, 8**-0.5, keep)
+    kk, _ = policy.compress(q, k, v, None, 8**-0.5, keep + w)[:2]
     prefix = list(range(n - w))
     want = sorted(set(prefix[:sinks][:keep]) | set(prefix[len(prefix) - (keep - min(sinks, keep)):]))
     want = want + list(range(n - w, n))
@@ -293,3 +296,214 @@ def test_pyramidkv_through_rocketkv_cache_matches_the_oracle():
     assert report.count("pyramidkv budgets each layer differently") == 2
     assert [layer.keys.shape[2] for layer in dynamic_cache.layers] == [205] * 2
     assert dynamic == oracle_generate(model, ids, RocketKVConfig(token_budget=None), 6)[0]
+
+
+def _quantize_by_definition(x, bits, group, dim):
+    """Entry by entry: each run of `group` entries along `dim` (of a 4-D tensor) maps to
+    round((x - lo) / s) * s + lo, s = (hi - lo) / (2^bits - 1), lo and s as fp16."""
+    out = torch.empty_like(x)
+    moved, result = x.movedim(dim, -1), out.movedim(dim, -1)
+    m = moved.shape[-1]
+    for index in torch.cartesian_prod(*(torch.arange(s) for s in moved.shape[:-1])):
+        row = moved[tuple(index)]
+        for start in range(0, m, group):
+            run = row[start:start + group]
+            lo = run.min().half().float()
+            step = ((run.max() - lo) / (2**bits - 1)).half().float()
+            codes = ((run - lo) / step).round().clamp(0, 2**bits - 1) if step > 0 else 0 * run
+            result[tuple(index)][start:start + group] = codes * step + lo
+    return out
+
+
+@settings(deadline=None, max_examples=15)
+@given(B=st.integers(1, 2), H=st.integers(1, 2), n=st.integers(1, 20), D=st.integers(1, 12),
+       bits=st.sampled_from([2, 4, 8]), group=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_kvquant_stores_keys_per_channel_and_values_per_token(B, H, n, D, bits, group, seed):
+    """Keys share a scale per channel over runs of tokens, values per token over runs of
+    channels; every entry within half a step of its original."""
+    _, k, v = _qkv(seed, B, H, 1, 1, n, D)
+    policy = RocketKVConfig.from_options({"policy": "kvquant", "kv_bits": bits,
+                                          "kv_group_size": group}).method
+    index = torch.arange(n).expand(B, H, n)
+    kk, vv = policy.store(k, v, index)
+    torch.testing.assert_close(kk, _quantize_by_definition(k, bits, group, 2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(vv, _quantize_by_definition(v, bits, group, 3), rtol=0, atol=1e-6)
+    for x, q, dim in ((k, kk, 2), (v, vv, 3)):
+        runs = x.movedim(dim, -1)
+        spread = max(float((runs[..., s:s + group].amax(-1) - runs[..., s:s + group].amin(-1))
+                           .max()) for s in range(0, runs.shape[-1], group))
+        assert float((q - x).abs().max()) <= spread / (2**bits - 1) / 2 + 1e-2 * spread + 1e-3
+
+
+def test_kv_bytes_count_codes_scales_and_exact_new_tokens():
+    """Per KV head and layer: 2 n D bits/8 of codes; fp16 scale + zero point per key channel per
+    run of G tokens and per value token per run of G channels; new tokens at full width."""
+    plain = Full(64, 8)
+    assert plain.kv_bytes(100, 8, 64, 2) == 2 * 108 * 64 * 2
+    quant = KVQuant(64, 8, kv_bits=4, kv_group_size=32)
+    codes = 2 * 100 * 64 * 4 // 8
+    scales = 4 * (4 * 64 + 100 * 2)   # 4 token runs x 64 channels; 100 tokens x 2 channel runs
+    assert quant.kv_bytes(100, 8, 64, 2) == codes + scales + 2 * 8 * 64 * 2
+    assert quant.kv_bytes(100, 8, 64, 2) < 0.4 * plain.kv_bytes(100, 8, 64, 2)
+
+
+def _group_probs(q, k, b, h, G, rows, n, scale):
+    """Summed over the group's heads: causal softmax attention of query rows `rows` (positions
+    n - S .. n - 1 of S queries) to the n keys."""
+    S = q.shape[2]
+    total = torch.zeros(n)
+    for qh in range(h * G, (h + 1) * G):
+        for r in rows:
+            logits = q[b, qh, r] @ k[b, h].T * scale
+            logits[n - S + r + 1:] = float("-inf")
+            total += logits.softmax(-1)
+    return total
+
+
+@settings(deadline=None, max_examples=15)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.integers(1, 3), n=st.integers(4, 40),
+       budget=st.integers(2, 30), recent=st.integers(0, 10), seed=st.integers(0, 2**16))
+def test_h2o_keeps_heavy_hitters_and_recent_tokens(B, Hkv, G, n, budget, recent, seed):
+    """Prefill: every prompt query votes (causal softmax, summed over the group); the last
+    `recent_size` tokens and the most-voted of the rest are kept, with their votes as state."""
+    recent = min(recent, budget)
+    policy = H2O(budget, 8, recent_size=recent)
+    q, k, v = _qkv(seed, B, Hkv, G, n, n, 8)
+    keep = min(budget, n)
+    kk, _, index, state = policy.compress(q, k, v, None, 8**-0.5, keep)
+    for b in range(B):
+        for h in range(Hkv):
+            votes = _group_probs(q, k, b, h, G, range(n), n, 8**-0.5)
+            tail = list(range(n - min(recent, keep), n))
+            rest = sorted(range(n - len(tail)), key=lambda i: (-float(votes[i]), i))
+            want = sorted(rest[:keep - len(tail)]) + tail
+            assert index[b, h].tolist() == want
+            torch.testing.assert_close(state[b, h], votes[want], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(kk[b, h], k[b, h, want], rtol=0, atol=0)
+
+
+@settings(deadline=None, max_examples=15)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.integers(1, 3), n=st.integers(3, 30),
+       limit=st.integers(1, 30), recent=st.integers(0, 6), masked=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_evicting_decode_by_h2o_rule(B, Hkv, G, n, limit, recent, masked, seed):
+    """The new token joins at score 0; the query attends exactly to the live slots; scores grow
+    by the group's summed probabilities; then the lowest-scored live slots outside the `recent`
+    newest (and the never-evicted, +inf) go until `limit` are live (ties: the later goes)."""
+    q, k, v = _qkv(seed, B, Hkv, G, 1, n, 8)
+    g = torch.Generator().manual_seed(seed + 3)
+    state = torch.rand(B, Hkv, n - 1, generator=g)
+    state[torch.rand(B, Hkv, n - 1, generator=g) < 0.2] = float("-inf")
+    state[torch.rand(B, Hkv, n - 1, generator=g) < 0.1] = float("inf")
+    live = _live_mask(seed, B, n, masked)
+    out, new = reference.evicting_decode(q, k, v, live, 8**-0.5, state, limit, recent)
+    for b in range(B):
+        for h in range(Hkv):
+            scores = torch.cat([state[b, h], torch.zeros(1)])
+            alive = [i for i in range(n) if scores[i] > float("-inf")
+                     and (live is None or live[b, 0, 0, i])]
+            probs = {}
+            for qh in range(h * G, (h + 1) * G):
+                weights = (q[b, qh, 0] @ k[b, h, alive].T * 8**-0.5).softmax(-1)
+                torch.testing.assert_close(out[b, qh, 0], weights @ v[b, h, alive],
+                                           rtol=1e-5, atol=1e-5)
+                for i, p in zip(alive, weights):
+                    probs[i] = probs.get(i, 0.0) + float(p)
+            for i in alive:
+                scores[i] += probs[i]
+            spared = set(alive[len(alive) - recent:] if recent else []) | \
+                {i for i in alive if scores[i] == float("inf")}
+            others = sorted((i for i in alive if i not in spared),
+                            key=lambda i: (-float(scores[i]), i))
+            gone = others[max(limit - len(spared), 0):]
+            scores[gone] = float("-inf")
+            torch.testing.assert_close(new[b, h], scores, rtol=1e-5, atol=1e-6)
+
+
+@settings(deadline=None, max_examples=15)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.integers(1, 3), n=st.integers(12, 80),
+       w=st.integers(1, 8), keep=st.integers(1, 40), shot=st.integers(1, 12),
+       seed=st.integers(0, 2**16))
+def test_shotkv_keeps_best_shots_whole_and_never_evicts_them(B, Hkv, G, n, w, keep, shot, seed):
+    """Shots (runs of `shot_size`) ranked by the window's votes averaged over their tokens; kept
+    best first (ties: earlier) up to the budget; the kept prompt tokens' state is +inf."""
+    keep = min(keep, n - w)
+    q, k, v = _qkv(seed, B, Hkv, G, w, n, 8)
+    policy = ShotKV(64, 8, window_size=w, shot_size=shot)
+    kk, _, index, state = policy.compress(q, k, v, None, 8**-0.5, keep + w)
+    assert torch.isposinf(state).all() and state.shape == index.shape
+    for b in range(B):
+        for h in range(Hkv):
+            votes = _group_probs(q, k, b, h, G, range(w), n, 8**-0.5)
+            starts = range(0, n - w, shot)
+            order = sorted(starts, key=lambda c: (-float(votes[c:min(c + shot, n - w)].mean()), c))
+            kept = [i for c in order for i in range(c, min(c + shot, n - w))][:keep]
+            want = sorted(kept) + list(range(n - w, n))
+            assert index[b, h].tolist() == want
+            torch.testing.assert_close(kk[b, h], k[b, h, want], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy, own", [
+    ("h2o", {}), ("h2o", {"recent_size": 8}), ("shotkv", {"decode_budget": 3}),
+    ("kvquant", {"kv_bits": 4}), ("rocketkv", {"kv_bits": 4}), ("snapkv", {"kv_bits": 2}),
+    ("chunkkv", {"reuse_layers": 2})])
+def test_new_policies_through_the_pass_match_the_oracle(policy, own):
+    """The DynamicCache path gives the eager oracle's tokens; the state of a policy that evicts
+    as it decodes leaves exactly its live budget; on RocketKVCache such a policy stays exact and
+    explain says why."""
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    options = {"policy": policy, "token_budget": 48, "max_new_tokens": 6, **own}
+    config = RocketKVConfig.from_options(options)
+    method = config.method
+    ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected, kept = oracle_generate(model, ids, config, 6)
+        exact = oracle_generate(model, ids, RocketKVConfig(token_budget=None), 6)[0]
+        torch._dynamo.reset()
+        dynamic, dynamic_cache = generate(model, ids, 6, None, _rewrite(options))
+        torch._dynamo.reset()
+        static, _ = generate(model, ids, 6, RocketKVCache(model.config, 6), _rewrite(options))
+        torch._dynamo.reset()
+        report = str(rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=3),
+                                         options=options))
+        torch._dynamo.reset()
+        static_report = str(rkv_compile.explain(
+            lambda: model.generate(ids, max_new_tokens=3,
+                                   past_key_values=RocketKVCache(model.config, 3)),
+            options=options))
+    assert dynamic == expected
+    assert [layer.keys.shape[2] for layer in dynamic_cache.layers] == [k + 5 for k in kept]
+    if method.decode_state:
+        assert static == exact and static_report.count("RocketKVCache has no buffer") == 4
+        live = config.plan(200, 16).topk
+        for layer in dynamic_cache.layers:
+            state = getattr(layer.keys, "_rocketkv_state")
+            assert state.shape == (1, 2, kept[0] + 5)
+            assert (~torch.isneginf(state)).sum(-1).tolist() == [[min(live, kept[0] + 5)] * 2]
+        assert report.count("graph uncompiled") == 2
+    else:
+        assert static == expected
+    if method.kv_bits:
+        assert report.count(f"quantized to {method.kv_bits} bits") == 2
+
+
+def test_chunkkv_layers_reuse_their_groups_first_selection():
+    """reuse_layers=2: the second layer stores its own keys at the positions the first layer
+    selected (a selection of its own would differ on this model)."""
+    model = tiny_hf("llama")
+    ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        _, full = generate(model, ids, 2)
+        positions = {}
+        for reuse in (1, 2):
+            options = {"policy": "chunkkv", "token_budget": 48, "max_new_tokens": 2,
+                       "reuse_layers": reuse}
+            torch._dynamo.reset()
+            _, cache = generate(model, ids, 2, None, _rewrite(options))
+            for layer in range(2):
+                kept = cache.layers[layer].keys[0, :, :48]
+                prompt = full.layers[layer].keys[0, :, :200]
+                positions[reuse, layer] = [[int((prompt[h] == row).all(-1).nonzero())
+                                            for row in kept[h]] for h in range(2)]
+    assert positions[2, 0] == positions[2, 1] == positions[1, 0] != positions[1, 1]

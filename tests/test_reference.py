@@ -433,22 +433,50 @@ def _spec(name: str, kernel_size: int | None = None) -> str:
     return POLICIES[name](64, 8, **extra).spec
 
 
-@pytest.mark.parametrize("policy", ["rocketkv", "snapkv"])
+@pytest.mark.parametrize("policy", ["rocketkv", "snapkv", "chunkkv", "h2o", "shotkv", "kvquant"])
 @pytest.mark.parametrize("shape", COMPRESS_SHAPES)
 def test_compress_opcheck(shape, policy):
-    *args, kernel_size = _compress_args(3, *shape)
-    spec = _spec(policy, kernel_size)
-    args = (*args, spec)
+    """The op stores what its policy keeps (rocketkv: stage 1's reference), with a fake of the
+    same shapes, strides and dtypes; with `reuse`, the given positions."""
+    qw, k, v, mask, scale, keep, kernel_size = _compress_args(3, *shape)
+    spec = _spec(policy, kernel_size if policy in ("rocketkv", "snapkv") else None)
+    stored = k.shape[2] if policy == "kvquant" else keep + qw.shape[2]   # kvquant keeps all
+    args = (qw, k, v, mask, scale, stored, spec)
     torch.library.opcheck(torch.ops.rocketkv.compress.default, args)
     got = torch.ops.rocketkv.compress(*args)
-    torch.testing.assert_close(got, from_spec(spec).evict(*args[:-1]), rtol=0, atol=0)
+    torch.testing.assert_close(got, from_spec(spec).compress(*args[:-1]), rtol=0, atol=0)
     if policy == "rocketkv":
-        torch.testing.assert_close(got, R.compress(*args[:-1], kernel_size), rtol=0, atol=0)
+        torch.testing.assert_close(got[:2], R.compress(*args[:5], keep, kernel_size), rtol=0,
+                                   atol=0)
+    reused = torch.ops.rocketkv.compress(*args, got[2].flip(-1).contiguous())
+    torch.testing.assert_close(reused[2], got[2].flip(-1), rtol=0, atol=0)
+    torch.testing.assert_close(reused[0], from_spec(spec).store(k, v, got[2].flip(-1))[0],
+                               rtol=0, atol=0)
+    for outputs in ((qw, k, v, mask, scale, stored, spec), (*args, got[2])):
+        real = torch.ops.rocketkv.compress(*outputs)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                         for a in outputs]
+            fake = torch.ops.rocketkv.compress(*fake_args)
+        for f, r in zip(fake, real):
+            assert f.shape == r.shape and f.stride() == r.stride() and f.dtype == r.dtype
+
+
+@pytest.mark.parametrize("policy", ["h2o", "shotkv"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+def test_evicting_decode_opcheck(shape, policy):
+    q, k, v, mask, scale, *_ = _decode_args(4, *shape)
+    state = torch.rand(*k.shape[:2], k.shape[2] - 1)
+    args = (q, k, v, mask, scale, k.shape[2] // 2, state, _spec(policy))
+    torch.library.opcheck(torch.ops.rocketkv.evicting_decode.default, args)
+    got = torch.ops.rocketkv.evicting_decode(*args)
+    torch.testing.assert_close(got, from_spec(args[-1]).evicting_decode(*args[:-1]), rtol=0,
+                               atol=0)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        fk, fv = torch.ops.rocketkv.compress(*fake_args)
-    for f, real in zip((fk, fv), got):
-        assert f.shape == real.shape and f.stride() == real.stride() and f.dtype == real.dtype
+        fake = torch.ops.rocketkv.evicting_decode(*fake_args)
+    for f, r in zip(fake, got):
+        assert f.shape == r.shape and f.stride() == r.stride() and f.dtype == r.dtype
 
 
 @pytest.mark.parametrize("policy", ["rocketkv", "oracle-topk"])
@@ -474,5 +502,6 @@ def test_ops_follow_input_dtype():
     torch.testing.assert_close(out, R.sparse_decode(*args), rtol=0, atol=0)
     cargs = list(_compress_args(5, 1, 2, 2, 4, 17, 32, None))
     cargs[:3] = [a.to(torch.float16) for a in cargs[:3]]
-    kk, vv = torch.ops.rocketkv.compress(*cargs[:-1], _spec("rocketkv", cargs[-1]))
+    kk, vv, _, _ = torch.ops.rocketkv.compress(*cargs[:-2], cargs[-2] + 4,
+                                               _spec("rocketkv", cargs[-1]))
     assert kk.dtype == vv.dtype == torch.float16

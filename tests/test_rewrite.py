@@ -146,7 +146,7 @@ def test_explain_table_lists_every_site():
     with torch.no_grad():
         report = rkv_compile.explain(model, prompt(300), options=BUDGET)
     text = str(report)
-    assert text.count("rocketkv eviction to") == 2
+    assert text.count("the cache stores the 173 tokens rocketkv keeps") == 2
     assert "kv source" in text.splitlines()[0]
 
 

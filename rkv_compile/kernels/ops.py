@@ -1,15 +1,16 @@
 """The ``rocketkv`` torch.library ops that rewritten graphs and RocketKVCache call.
 
-- `compress` (prompt eviction) and `sparse_decode` (a sparse decode step) are opaque custom ops
-  with fake kernels whose shapes and (contiguous) strides match, so Dynamo, AOTAutograd and
-  Inductor trace around them. They take the policy as its `spec` string and run its PyTorch
-  reference; `compress` runs RocketKV's Triton stage-1 kernels on CUDA.
+- `compress` (what a prefill stores), `sparse_decode` (a sparse decode step) and
+  `evicting_decode` (a decode step that evicts) are opaque custom ops with fake kernels whose
+  shapes and (contiguous) strides match, so Dynamo, AOTAutograd and Inductor trace around them.
+  They take the policy as its `spec` string and run its PyTorch reference (RocketKV's stage-1
+  scores: the Triton kernels on CUDA).
 - `sparse_decode_triton` is a `triton_op`: on CUDA, Inductor traces into it and schedules its
   Triton kernels with the rest of the graph. (Under Triton's CPU interpreter a triton_op cannot
   be traced by torch.compile, so CPU graphs keep the opaque reference ops.)
-- RocketKVCache's state: `static_cache` (an exact prompt store), `compressed_cache` (what the pass
-  puts in its place: stage 1 straight into the cache), and `append_` (one decode token, in place;
-  an opaque op whose CUDA path is one Triton launch).
+- RocketKVCache's state: `static_cache` (a prompt store: the whole prompt, or after the pass what
+  `compress` kept of it) and `append_` (one decode token, in place; an opaque op whose CUDA path
+  is one Triton launch).
 """
 from __future__ import annotations
 
@@ -19,26 +20,31 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ..policies import base as policies   # a module: policies import the reference ops too
-from . import reference, triton_compress, triton_decode
+from . import reference, triton_decode
 
 
 @torch.library.custom_op("rocketkv::compress", mutates_args=())
 def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
-             keep: int, policy: str) -> tuple[Tensor, Tensor]:
-    """Prompt eviction: the `keep` best prefix tokens per KV head by the policy's scores (its
-    `spec`), plus the window, as new caches. RocketKV on CUDA without a mask scores with the
-    Triton kernels (no w x n matrix written)."""
+             keep: int, policy: str, reuse: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What a prefill stores under the policy (its `spec`): (keys, values, positions, state) of
+    the `keep` prompt tokens it selects (Policy.compress), or of the positions `reuse` (another
+    layer's selection). State: the kept tokens' scores, for a policy that evicts during decode
+    (else empty)."""
     method = policies.from_spec(policy)
-    if key.device.type == "cuda" and mask is None and method.triton:
-        return triton_compress.compress(query_window, key, value, scale, keep, method.kernel_size)
-    return method.evict(query_window, key, value, mask, scale, keep)
+    if reuse is None:
+        return method.compress(query_window, key, value, mask, scale, keep)
+    return *method.store(key, value, reuse), reuse.clone(memory_format=torch.contiguous_format), key.new_empty(0, dtype=torch.float32)
 
 
 @compress.register_fake
-def _(query_window, key, value, mask, scale, keep, policy):
+def _(query_window, key, value, mask, scale, keep, policy, reuse=None):
     B, H, _, D = key.shape
-    kept = keep + query_window.shape[-2]
-    return key.new_empty(B, H, kept, D), value.new_empty(B, H, kept, value.shape[-1])
+    stateful = reuse is None and policies.from_spec(policy).decode_state
+    return (key.new_empty(B, H, keep, D), value.new_empty(B, H, keep, value.shape[-1]),
+            key.new_empty(B, H, keep, dtype=torch.int64),
+            key.new_empty(B, H, keep, dtype=torch.float32) if stateful else
+            key.new_empty(0, dtype=torch.float32))
 
 
 @torch.library.custom_op("rocketkv::sparse_decode", mutates_args=())
@@ -52,6 +58,20 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
 @sparse_decode.register_fake
 def _(query, key, value, mask, scale, chunk, dims, topk, policy):
     return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+
+@torch.library.custom_op("rocketkv::evicting_decode", mutates_args=())
+def evicting_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
+                    topk: int, state: Tensor, policy: str) -> tuple[Tensor, Tensor]:
+    """One decode step of a policy that evicts as it decodes (H2O): (output, the stored slots'
+    new state), on the reference path."""
+    return policies.from_spec(policy).evicting_decode(query, key, value, mask, scale, topk, state)
+
+
+@evicting_decode.register_fake
+def _(query, key, value, mask, scale, topk, state, policy):
+    return (query.new_empty(*query.shape[:-1], value.shape[-1]),
+            state.new_empty(*key.shape[:3]))
 
 
 @triton_op("rocketkv::sparse_decode_triton", mutates_args=())
@@ -80,20 +100,11 @@ def append_(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, leng
 
 
 @torch.library.custom_op("rocketkv::static_cache", mutates_args=())
-def static_cache(key: Tensor, value: Tensor, capacity: int, chunk: int
+def static_cache(key: Tensor, value: Tensor, capacity: int, chunk: int, prompt_len: int
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """A RocketKVCache layer's state holding the whole prompt (what an exact prefill stores)."""
-    return reference.static_cache(key, value, capacity, chunk, key.shape[2])
-
-
-@torch.library.custom_op("rocketkv::compressed_cache", mutates_args=())
-def compressed_cache(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                     scale: float, keep: int, policy: str, capacity: int, chunk: int
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Prompt eviction straight into a RocketKVCache layer's state: the kept prompt tokens,
-    summaries, and positions that continue at the prompt length."""
-    kept_key, kept_value = compress(query_window, key, value, mask, scale, keep, policy)
-    return reference.static_cache(kept_key, kept_value, capacity, chunk, key.shape[2])
+    """A RocketKVCache layer's state holding `key`/`value` (the prompt, or what a policy kept of
+    it), with positions continuing at `prompt_len`."""
+    return reference.static_cache(key, value, capacity, chunk, prompt_len)
 
 
 def _fake_state(key, value, capacity, chunk):
@@ -106,10 +117,5 @@ def _fake_state(key, value, capacity, chunk):
 
 
 @static_cache.register_fake
-def _(key, value, capacity, chunk):
-    return _fake_state(key, value, capacity, chunk)
-
-
-@compressed_cache.register_fake
-def _(query_window, key, value, mask, scale, keep, policy, capacity, chunk):
+def _(key, value, capacity, chunk, prompt_len):
     return _fake_state(key, value, capacity, chunk)

@@ -73,15 +73,110 @@ def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | No
     Returns contiguous key and value caches of `keep + w` tokens, in sequence order.
     """
     votes = snapkv_votes(query_window, key, mask, scale, kernel_size)
-    return gather_kept(key, value, keep_indices(votes, keep), query_window.shape[-2])
+    index = kept_positions(votes, keep + query_window.shape[-2], key.shape[2])
+    return gather_tokens(key, index), gather_tokens(value, index)
 
 
-def gather_kept(key: Tensor, value: Tensor, index: Tensor, window: int) -> tuple[Tensor, Tensor]:
-    """The prefix tokens at `index` (B, Hkv, keep), then the last `window` tokens: contiguous."""
-    n = key.shape[2]
-    kept = [torch.cat([t.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])),
-                       t[:, :, n - window:]], dim=2).contiguous() for t in (key, value)]
-    return kept[0], kept[1]
+def chunk_scores(votes: Tensor, size: int, mean: bool = False) -> Tensor:
+    """Each token's score as its chunk's total of `votes` (runs of `size` tokens; the last may
+    be shorter), or its mean; tokens voted -inf (masked) stay -inf. A stable top-k over these
+    keeps whole chunks, best first."""
+    n = votes.shape[-1]
+    chunks = -(-n // size)
+    padded = F.pad(votes.nan_to_num(0.0, neginf=0.0), (0, chunks * size - n))
+    totals = padded.view(*votes.shape[:-1], chunks, size).sum(-1)
+    if mean:
+        totals = totals / F.pad(votes.new_ones(n), (0, chunks * size - n)).view(chunks, size).sum(-1)
+    scores = totals.repeat_interleave(size, dim=-1)[..., :n]
+    return scores.masked_fill(votes.isneginf(), float("-inf"))
+
+
+def kept_positions(scores: Tensor, keep: int, n: int) -> Tensor:
+    """Positions (B, Hkv, keep) in sequence order of `keep` of n tokens: every token after the
+    scored prefix (scores cover the first scores.shape[-1]), and the best-scored of the prefix."""
+    prefix = scores.shape[-1]
+    tail = torch.arange(prefix, n, device=scores.device).expand(*scores.shape[:-1], -1)
+    return torch.cat([keep_indices(scores, keep - (n - prefix)), tail], dim=-1)
+
+
+def gather_tokens(t: Tensor, index: Tensor) -> Tensor:
+    """The tokens of t (B, Hkv, n, D) at `index` (B, Hkv, k), contiguous."""
+    return t.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])).contiguous()
+
+
+def fake_quantize(x: Tensor, bits: int, group_size: int, dim: int) -> Tensor:
+    """x through `bits`-bit codes and back (what a quantized cache reads): each run of
+    `group_size` consecutive entries along `dim` (the last run may be shorter) shares a scale and
+    a zero point, its min, both stored as fp16; asymmetric, round to nearest. Keys take dim 2
+    (one scale per channel over a run of tokens), values dim 3 (per token over a run of
+    channels), as KIVI quantizes them."""
+    moved = x.float().movedim(dim, -1)
+    m = moved.shape[-1]
+    pad = -m % group_size   # the last run, padded with its last entry: min and max unchanged
+    groups = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], -1) \
+        .unflatten(-1, (-1, group_size))
+    low = groups.amin(-1, keepdim=True).half().float()
+    step = ((groups.amax(-1, keepdim=True) - low) / (2**bits - 1)).half().float()
+    codes = ((groups - low) / step).round().clamp(0, 2**bits - 1)
+    codes = torch.where(step > 0, codes, 0.0)   # a constant run: every entry is its zero point
+    return (codes * step + low).flatten(-2)[..., :m].movedim(-1, dim).to(x.dtype).contiguous()
+
+
+def accumulated_attention(query: Tensor, key: Tensor, mask: Tensor | None, scale: float,
+                          block: int = 512) -> Tensor:
+    """H2O's scores: each key's softmax probability summed over the queries (the last q_len
+    positions of the n, causal) and over the query heads of its GQA group: (B, Hkv, n) float32.
+    Computed `block` query rows at a time (no q_len x n matrix per head is held)."""
+    B, Hkv, n, _ = key.shape
+    q = group_queries(query, Hkv)                                          # B Hkv G S D
+    S = q.shape[3]
+    extra = additive_mask(mask)
+    total = torch.zeros(B, Hkv, n, device=key.device)
+    for start in range(0, S, block):
+        rows = slice(start, min(start + block, S))
+        logits = torch.einsum("bhgsd,bhnd->bhgsn", q[:, :, :, rows], key.float()) * scale
+        position = torch.arange(rows.start, rows.stop, device=key.device) + n - S
+        causal = torch.arange(n, device=key.device) <= position[:, None]
+        logits = logits.masked_fill(~causal, float("-inf"))
+        if extra is not None:
+            logits = logits + extra[:, :, rows].unsqueeze(2)
+        total += torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=(2, 3))
+    return total
+
+
+def evicting_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                    scale: float, state: Tensor, live_limit: int, recent: int
+                    ) -> tuple[Tensor, Tensor]:
+    """One decode step that evicts by accumulated attention (H2O's rule), per KV head.
+
+    state (B, Hkv, m <= n): each stored slot's score, -inf once evicted, +inf if it is never to
+    be evicted; slots past m (the new token) start at 0. The query attends exactly to the live
+    slots (not evicted, not masked); each live slot's probability, summed over the group's query
+    heads, is added to its score. Then, while more than `live_limit` slots are live, the
+    lowest-scored is evicted, sparing the `recent` most recent live slots (ties: the later slot
+    goes). Returns (output (B, Hq, 1, Dv), state (B, Hkv, n)).
+    """
+    B, H, n, _ = key.shape
+    state = F.pad(state, (0, n - state.shape[-1]))
+    bias = additive_mask(mask)
+    bias = torch.zeros(B, 1, n, device=key.device) if bias is None else \
+        bias[:, :, -1, :].expand(B, 1, n)
+    live = ~torch.isneginf(bias) & ~torch.isneginf(state)                 # B Hkv n
+    q = group_queries(query, H)[:, :, :, -1]                               # B Hkv G D
+    logits = torch.einsum("bhgd,bhnd->bhgn", q, key.float()) * scale + bias.unsqueeze(2)
+    probs = torch.softmax(logits.masked_fill(~live.unsqueeze(2), float("-inf")), -1).nan_to_num(0.0)
+    out = torch.einsum("bhgn,bhnd->bhgd", probs, value.float())
+    state = state + probs.sum(2)
+    recent_rank = live.flip(-1).cumsum(-1).flip(-1)                        # 1: the newest live
+    spared = live & ((recent_rank <= recent) | torch.isposinf(state))
+    candidates = live & ~spared
+    room = (live_limit - spared.sum(-1, keepdim=True)).clamp_min(0)
+    order = torch.sort(state.masked_fill(~candidates, float("-inf")), dim=-1, descending=True,
+                       stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=key.device)
+                                            .expand_as(order))
+    state = state.masked_fill(candidates & (rank >= room), float("-inf"))
+    return out.reshape(*query.shape[:-1], value.shape[-1]).to(query.dtype), state
 
 
 def chunk_bounds(key: Tensor, chunk: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -189,5 +189,5 @@ def compress(query_window: Tensor, key: Tensor, value: Tensor, scale: float, kee
     """Stage 1 eviction, as reference.compress with no mask: the `keep` best-voted prefix tokens
     per KV head, then the whole window, as contiguous caches in sequence order."""
     votes = snapkv_votes(query_window, key, scale, kernel_size)
-    return reference.gather_kept(key, value, reference.keep_indices(votes, keep),
-                                 query_window.shape[-2])
+    index = reference.kept_positions(votes, keep + query_window.shape[-2], key.shape[2])
+    return reference.gather_tokens(key, index), reference.gather_tokens(value, index)

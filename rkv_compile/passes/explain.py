@@ -24,16 +24,17 @@ class SiteReport:
     @classmethod
     def of(cls, graph: int, d: SiteDecision) -> "SiteReport":
         p, name = d.plan, d.method.name
+        if d.phase == "prefill":
+            rewrites = d.method.rewrites_prompt(d.query_len, p)
+            kept = (f"the {min(p.prompt_budget, d.query_len)} tokens {name} keeps"
+                    + (f", quantized to {d.method.kv_bits} bits" if d.method.kv_bits else "")
+                    if rewrites else "the whole prompt (within the budget)")
         if d.phase == "prefill" and d.key.source is KVSource.NEW_ROCKETKV:
-            action = ("prefill: exact attention; the RocketKVCache stores "
-                      + (f"the {p.prompt_budget} tokens {name} keeps"
-                         if d.query_len > p.prompt_budget else "the whole prompt")
-                      + f" in {d.capacity}-token buffers")
+            action = (f"prefill: exact attention; the RocketKVCache stores {kept} in "
+                      f"{d.capacity}-token buffers")
         elif d.phase == "prefill":
-            action = (f"prefill: exact attention, then {name} eviction to {p.prompt_budget} "
-                      "tokens (committed by the first rewritten decode step)"
-                      if d.query_len > p.prompt_budget else
-                      f"prefill: exact, prompt within the {p.prompt_budget}-token budget: kept whole")
+            action = (f"prefill: exact attention; the cache stores {kept}"
+                      + (" (committed by the first rewritten decode step)" if rewrites else ""))
         if d.phase == "prefill":
             action += _mask_note(d)
         elif d.phase == "decode" and d.method.per_layer and d.key.source is KVSource.ROCKETKV:
@@ -41,6 +42,10 @@ class SiteReport:
                       "own length: layers keep different numbers of tokens)")
         elif d.phase == "decode" and d.kernel == "exact":
             action = f"decode: {name}, exact attention over the kept tokens (unchanged)"
+        elif d.phase == "decode" and d.method.decode_state:
+            action = (f"decode: {name}, {d.method.decode_kind} (the PyTorch reference op, the "
+                      "graph uncompiled: its state, a score per stored token, enters as an input "
+                      "Dynamo never traced; plan and state carried by the cache)")
         elif d.phase == "decode":
             runs = ("Triton kernels" if d.kernel == "triton" else "the PyTorch reference op"
                     + ("" if d.method.triton else f": {name} has no Triton kernel yet"))

@@ -46,7 +46,7 @@ class SiteDecision:
     def kernel(self) -> str:
         """What runs a decode site: "exact" (the policy decodes exactly: the site is kept), the
         Triton kernels (RocketKV on CUDA; no mask or a boolean one) or the reference op."""
-        if not self.method.sparse_decode:
+        if not (self.method.sparse_decode or self.method.decode_state):
             return "exact"
         on_cuda = value_of(self.site.query).device.type == "cuda"
         mask = value_of(self.site.mask)
@@ -161,6 +161,9 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
     stage 1; its decode mask comes from the cache's own mask sizes (physical slots), and it
     tracks positions itself, so neither the logical-mask nor the length check applies."""
     site, k = d.site, value_of(d.site.key)
+    if d.method.decode_state:
+        return (f"{d.method.name} evicts during decode by a score it keeps per stored token, "
+                "and RocketKVCache has no buffer for it: pass a DynamicCache to compress")
     if d.key.source is KVSource.NEW_ROCKETKV:
         if not (site.is_causal or site.mask is not None) or not _same(d.query_len, k.shape[2]):
             return "not a causal prefill over the whole prompt"
@@ -301,24 +304,36 @@ def rocketkv_capacity(plan: Plan, prompt_len: int) -> int:
     return -(-room // plan.chunk) * plan.chunk if plan.chunk else room
 
 
-def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, config: RocketKVConfig,
-                              causal: frozenset[str]) -> None:
-    """The cache's exact prompt store becomes the plan's: stage 1 into capacity-sized buffers with
-    chunk summaries (or the whole prompt, with summaries, when it fits the prompt budget)."""
+def _prompt_store(graph: Graph, d: SiteDecision, key: Node, value: Node, causal: frozenset[str],
+                  selections: dict[int, Node]) -> Node:
+    """The compress op of a prefill site: what its layer stores of the prompt `key`/`value`.
+    Records the positions it selects in `selections` (layer -> node) for layers that reuse
+    them."""
+    method, n = d.method, int(d.query_len)
+    observed = method.observed_queries(n)
+    source = method.reuses(d.layer)
+    store = graph.call_function(
+        torch.ops.rocketkv.compress.default,
+        (_last_rows(graph, d.site.query, observed), key, value,
+         _window_mask(graph, d, observed, causal), d.scale, min(d.plan.prompt_budget, n),
+         method.spec, selections.get(source)))
+    selections[d.layer] = graph.call_function(operator.getitem, (store, 2))
+    return store
+
+
+def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, causal: frozenset[str],
+                              selections: dict[int, Node]) -> None:
+    """The cache's exact prompt store becomes the plan's: what the policy keeps (when it changes
+    the prompt) in capacity-sized buffers, with chunk summaries and positions that continue at
+    the prompt length."""
     store, plan = d.key.cache, d.plan
     key, value = store.args[:2]
-    capacity = d.capacity
     with graph.inserting_before(store):
-        if d.query_len > plan.prompt_budget:
-            w = config.window_size
-            state = graph.call_function(
-                torch.ops.rocketkv.compressed_cache.default,
-                (_last_rows(graph, d.site.query, w), key, value,
-                 _window_mask(graph, d, w, causal), d.scale, plan.prompt_budget - w,
-                 config.method.spec, capacity, plan.chunk))
-        else:
-            state = graph.call_function(torch.ops.rocketkv.static_cache.default,
-                                        (key, value, capacity, plan.chunk))
+        if d.method.rewrites_prompt(d.query_len, plan):
+            kept = _prompt_store(graph, d, key, value, causal, selections)
+            key, value = (graph.call_function(operator.getitem, (kept, i)) for i in (0, 1))
+        state = graph.call_function(torch.ops.rocketkv.static_cache.default,
+                                    (key, value, d.capacity, plan.chunk, int(d.query_len)))
     store.replace_all_uses_with(state)
     graph.erase_node(store)
 
@@ -333,37 +348,38 @@ def _is_impure(node: Node) -> bool:
 def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig,
           plans: dict[str, Plan] | None = None, causal: frozenset[str] = frozenset()
           ) -> list[str]:
-    """Rewrite the sites decided above; returns the names of the sites that evict.
+    """Rewrite the sites decided above; returns the names of the prefill sites that change
+    what is stored.
 
-    A prefill site keeps returning its full cache and gets stage 1 inserted: the evicted keys and
-    values are appended to the graph's outputs, two per evicting site, in the order returned.
-    Whether they replace the full cache is decided by the decode graph (backend.py), the one
-    place that can check that positions do not derive from the stored cache length.
+    A prefill site keeps returning its full cache and gets the policy's compress op inserted:
+    the keys, values and decode state it stores are appended to the graph's outputs, three per
+    such site, in the order returned. Whether they replace the full cache is decided by the
+    decode graph (backend.py), the one place that can check that positions do not derive from
+    the stored cache length.
     A decode site of a sparse-decode policy gets its op, whose plan (chunk, dims, topk) comes
     from `plans` (site name -> Plan) as constants, or else from three new int inputs appended to
-    the graph's inputs, per decode site in graph order (the plan travels with the cache). Other
-    policies' decode sites keep their exact attention (over the evicted cache).
+    the graph's inputs, per decode site in graph order (the plan travels with the cache). A
+    policy that evicts as it decodes also takes its state (a score per stored slot) as a fourth
+    input, and its new state is appended to the outputs, one per such site. Other policies'
+    decode sites keep their exact attention (over the evicted cache).
     The prefill sites named in `causal` (masks proven plain causal) drop their masks for
     is_causal=True.
     """
     graph = gm.graph
     output = graph.output_node()
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
-    evicted: list[Node] = []
-    evicting: list[str] = []
+    stored: list[Node] = []
+    storing: list[str] = []
+    states: list[Node] = []
+    selections: dict[int, Node] = {}
     for d in decisions:
         if d.phase == PREFILL and d.key.source is KVSource.NEW_ROCKETKV:
-            _rewrite_rocketkv_prefill(graph, d, config, causal)
-        elif d.phase == PREFILL and d.query_len > d.plan.prompt_budget:
-            w = config.window_size
+            _rewrite_rocketkv_prefill(graph, d, causal, selections)
+        elif d.phase == PREFILL and d.method.rewrites_prompt(d.query_len, d.plan):
             with graph.inserting_before(d.site.output.next):
-                kept = graph.call_function(
-                    torch.ops.rocketkv.compress.default,
-                    (_last_rows(graph, d.site.query, w), d.site.key, d.site.value,
-                     _window_mask(graph, d, w, causal), d.scale, d.plan.prompt_budget - w,
-                     config.method.spec))
-                evicted += [graph.call_function(operator.getitem, (kept, i)) for i in (0, 1)]
-            evicting.append(d.site.name)
+                kept = _prompt_store(graph, d, d.site.key, d.site.value, causal, selections)
+                stored += [graph.call_function(operator.getitem, (kept, i)) for i in (0, 1, 3)]
+            storing.append(d.site.name)
         elif d.phase == DECODE and d.method.per_layer and d.key.source is KVSource.ROCKETKV:
             _attend_stored_slots(graph, d)
         elif d.phase == DECODE and d.kernel != "exact":
@@ -372,21 +388,27 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
             else:
                 with graph.inserting_before(first_op):
                     plan = [graph.placeholder(f"{d.site.name}_{field}") for field in PLAN_INPUTS]
+                    if d.method.decode_state:
+                        state = graph.placeholder(f"{d.site.name}_state")
             with graph.inserting_before(d.site.output.next):
-                args = (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale,
-                        *plan)
-                if d.kernel != "triton":
+                args = (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale)
+                if d.method.decode_state:
+                    step = graph.call_function(torch.ops.rocketkv.evicting_decode.default,
+                                               args + (plan[2], state, config.method.spec))
+                    sparse = graph.call_function(operator.getitem, (step, 0))
+                    states.append(graph.call_function(operator.getitem, (step, 1)))
+                elif d.kernel != "triton":
                     sparse = graph.call_function(torch.ops.rocketkv.sparse_decode.default,
-                                                 args + (config.method.spec,))
+                                                 args + (*plan, config.method.spec))
                 else:
                     sparse = graph.call_function(torch.ops.rocketkv.sparse_decode_triton.default,
-                                                 args + _summaries(d))
+                                                 args + (*plan, *_summaries(d)))
             d.site.output.replace_all_uses_with(sparse)
         if d.phase == PREFILL and d.site.name in causal:
             _make_causal(d.site)
-    if evicted:
-        output.args = (tuple(output.args[0]) + tuple(evicted),)
+    if stored or states:
+        output.args = (tuple(output.args[0]) + tuple(stored) + tuple(states),)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
     gm.recompile()
-    return evicting
+    return storing

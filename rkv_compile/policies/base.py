@@ -2,8 +2,11 @@
 
 A method is a frozen dataclass whose fields are its hyperparameters. Most write one method:
 `prompt_scores` (a score per prompt token; the best `prompt_budget` are kept, the observation
-window always) or `decode` (one decode step over the stored cache). The ops receive a method as
-its `spec` string (a custom op takes no Python objects) and rebuild it with `from_spec`.
+window always) or `decode` (one decode step over the stored cache). Methods that evict during
+decode (`decode_state`) write `select` and `evicting_decode`, and carry a score per stored token
+from step to step. The ops receive a method as its `spec` string (a custom op takes no Python
+objects) and rebuild it with `from_spec`. Every method composes with lossy KV quantization
+(`kv_bits`): what the prefill stores is quantized.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import functools
 import json
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from ..kernels import reference
@@ -45,12 +49,22 @@ class Policy:
     token_budget: int
     max_new_tokens: int = 128
     window_size: int = 32
+    kv_bits: int | None = None   # quantize the stored prompt (kvquant.py says how); None: exact
+    kv_group_size: int = 32      # entries sharing one scale and zero point
 
     name: ClassVar[str]
     sparse_decode: ClassVar[bool] = False   # decode sites call `decode`; else they stay exact
+    decode_state: ClassVar[bool] = False    # decode evicts, by a score per stored token
+    budgeted: ClassVar[bool] = True         # token_budget matters (not: every token is kept)
     triton: ClassVar[bool] = False          # CUDA runs RocketKV's Triton kernels (else: reference)
     per_layer: ClassVar[bool] = False       # layers keep different numbers of tokens
     decode_kind: ClassVar[str] = "exact attention over the kept tokens"
+
+    def __post_init__(self):
+        check_int("kv_bits", self.kv_bits, 2, none_ok=True)
+        if self.kv_bits is not None and self.kv_bits > 8:
+            raise ValueError(f"rocketkv option 'kv_bits' must be at most 8 (got {self.kv_bits})")
+        check_int("kv_group_size", self.kv_group_size, 1)
 
     def plan(self, prompt_len: int, head_dim: int, layer: int = 0, layers: int = 1) -> Plan:
         """The budgets of attention layer `layer` (of `layers`, in graph order) for a prompt.
@@ -70,24 +84,72 @@ class Policy:
         """(B, Hkv, n - w) scores of the prompt tokens before the window: the best are kept."""
         raise NotImplementedError(f"{self.name} keeps no prompt subset")
 
-    def evict(self, query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-              scale: float, keep: int) -> tuple[Tensor, Tensor]:
-        """The `keep` best-scored prompt tokens per KV head, then the window, in order."""
-        scores = self.prompt_scores(query_window, key, mask, scale)
-        return reference.gather_kept(key, value, reference.keep_indices(scores, keep),
-                                     query_window.shape[-2])
+    def observed_queries(self, prompt_len: int) -> int:
+        """How many of the last prompt queries the prompt selection reads."""
+        return min(self.window_size, prompt_len)
+
+    def rewrites_prompt(self, prompt_len: int, plan: Plan) -> bool:
+        """Whether the prefill stores something other than the exact prompt."""
+        return prompt_len > plan.prompt_budget or self.kv_bits is not None or self.decode_state
+
+    def reuses(self, layer: int) -> int | None:
+        """The earlier layer whose selected positions layer `layer` keeps, if any."""
+        return None
+
+    def select(self, query_window: Tensor, key: Tensor, mask: Tensor | None, scale: float,
+               keep: int) -> tuple[Tensor, Tensor]:
+        """(positions, state): the `keep` prompt tokens stored, (B, Hkv, keep) in sequence
+        order: the best-scored before the window, then the window; and their decode state
+        ((B, Hkv, keep) if `decode_state`, else empty)."""
+        B, H, n = key.shape[:3]
+        if keep >= n:
+            index = torch.arange(n, device=key.device).expand(B, H, n).contiguous()
+        else:
+            scores = self.prompt_scores(query_window, key, mask, scale)
+            index = reference.kept_positions(scores, keep, n)
+        return index, key.new_empty(0, dtype=torch.float32)
+
+    def store(self, key: Tensor, value: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The tokens at `index`, contiguous, as the cache stores them (quantized if kv_bits)."""
+        key, value = (reference.gather_tokens(t, index) for t in (key, value))
+        if self.kv_bits is None:
+            return key, value
+        return (reference.fake_quantize(key, self.kv_bits, self.kv_group_size, dim=2),
+                reference.fake_quantize(value, self.kv_bits, self.kv_group_size, dim=3))
+
+    def compress(self, query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                 scale: float, keep: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What the prefill stores: (keys, values, positions, decode state) of `keep` tokens."""
+        index, state = self.select(query_window, key, mask, scale, keep)
+        return *self.store(key, value, index), index, state
+
+    def kv_bytes(self, stored: int, generated: int, head_dim: int, itemsize: int) -> int:
+        """Bytes one KV head of one layer holds: `stored` prompt tokens as the prefill stores
+        them (codes, plus fp16 scales and zero points if kv_bits) and `generated` exact ones."""
+        exact = 2 * (stored + generated) * head_dim * itemsize
+        if self.kv_bits is None:
+            return exact
+        groups = -(-stored // self.kv_group_size) * head_dim \
+            + stored * -(-head_dim // self.kv_group_size)   # keys per channel, values per token
+        return -(-2 * stored * head_dim * self.kv_bits // 8) + 4 * groups \
+            + 2 * generated * head_dim * itemsize
 
     def decode(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
                chunk: int, dims: int, topk: int) -> Tensor:
         """One decode step over the stored cache (sparse_decode policies)."""
         raise NotImplementedError(f"{self.name} decodes exactly")
 
+    def evicting_decode(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                        scale: float, topk: int, state: Tensor) -> tuple[Tensor, Tensor]:
+        """One decode step of a `decode_state` policy: (output, state of every stored slot)."""
+        raise NotImplementedError(f"{self.name} does not evict during decode")
+
     @property
     def spec(self) -> str:
         return json.dumps({"policy": self.name, **dataclasses.asdict(self)}, sort_keys=True)
 
 
-SHARED_FIELDS = {f.name for f in dataclasses.fields(Policy)}   # the backend's own options
+SHARED_FIELDS = {"token_budget", "max_new_tokens", "window_size"}   # the backend's own options
 REGISTRY: dict[str, type[Policy]] = {}
 
 

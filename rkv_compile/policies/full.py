@@ -13,6 +13,7 @@ class Full(Policy):
     """Keeps every prompt token and attends to all of them exactly (token_budget is unused)."""
 
     name = "full"
+    budgeted = False
 
     def plan(self, prompt_len, head_dim, layer=0, layers=1):
         return self.keep_all(prompt_len, dims=head_dim)

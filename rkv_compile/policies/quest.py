@@ -34,6 +34,7 @@ class Quest(Policy):
     decode_kind = "exact attention over the best pages (per query head)"
 
     def __post_init__(self):
+        super().__post_init__()
         check_int("page_size", self.page_size, 1)
         check_int("dense_layers", self.dense_layers, 0)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..kernels import reference
+from ..kernels import reference, triton_compress
 from .base import Plan, Policy, check_int, register
 
 
@@ -37,6 +37,7 @@ class RocketKV(Policy):
     decode_kind = "stage-2 hybrid sparse attention"
 
     def __post_init__(self):
+        super().__post_init__()
         check_int("kernel_size", self.kernel_size, 1, odd=True)
         if self.stages not in ("both", "stage1", "stage2"):
             raise ValueError(f"rocketkv option 'stages' must be 'both', 'stage1' or 'stage2' "
@@ -61,6 +62,8 @@ class RocketKV(Policy):
         return Plan(B, L, capacity, prompt_budget, B // 2, chunk, dims)
 
     def prompt_scores(self, query_window, key, mask, scale):
+        if key.is_cuda and mask is None:   # the Triton kernels: no w x n matrix is written
+            return triton_compress.snapkv_votes(query_window, key, scale, self.kernel_size)
         return reference.snapkv_votes(query_window, key, mask, scale, self.kernel_size)
 
     def decode(self, query, key, value, mask, scale, chunk, dims, topk):

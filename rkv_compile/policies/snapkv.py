@@ -25,6 +25,7 @@ class SnapKV(Policy):
     name = "snapkv"
 
     def __post_init__(self):
+        super().__post_init__()
         check_int("kernel_size", self.kernel_size, 1, odd=True)
 
     def prompt_scores(self, query_window, key, mask, scale):

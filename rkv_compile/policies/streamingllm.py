@@ -32,6 +32,7 @@ class StreamingLLM(Policy):
     decode_kind = "exact attention over the sinks and the recent window"
 
     def __post_init__(self):
+        super().__post_init__()
         check_int("sink_size", self.sink_size, 0)
         if self.token_budget is not None and self.token_budget <= self.sink_size:
             raise ValueError(f"rocketkv option 'token_budget' ({self.token_budget}) must exceed "

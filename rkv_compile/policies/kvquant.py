@@ -1,0 +1,39 @@
+"""KV quantization: every token kept, stored through low-bit codes.
+
+In the spirit of KVComp (Jiang et al., "KVComp: A High-Performance, LLM-Aware, Lossy Compression
+Framework for KV Cache", arXiv 2509.00579: block-wise, channel-specific quantization), with the
+grouping of KIVI (Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
+ICML 2024, arXiv 2402.02750): keys per channel, values per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .base import register
+from .full import Full
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class KVQuant(Full):
+    """No eviction; the prompt's keys and values are stored through `kv_bits`-bit codes
+    (asymmetric, round to nearest): keys with one fp16 scale and zero point per channel over each
+    run of `kv_group_size` tokens, values per token over each run of `kv_group_size` channels.
+    Decode attends exactly over them. Any policy takes `kv_bits` too, and then quantizes what it
+    keeps: {"policy": "rocketkv", "kv_bits": 4}.
+
+    Stated plainly: the cache holds the dequantized values in the model's dtype (transformers'
+    caches and the attention kernels read that dtype), so this measures the accuracy of the
+    quantized cache, not its memory; `Policy.kv_bytes` gives what a packed store would hold,
+    scales and zero points included, and `rkv eval` reports that. Generated tokens are stored
+    exactly (KIVI's full-precision residual, here up to max_new_tokens long) and counted so."""
+
+    kv_bits: int | None = 8
+
+    name = "kvquant"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kv_bits is None:
+            raise ValueError("rocketkv option 'kv_bits' of policy 'kvquant' must be an int "
+                             "(2..8), not None")
