@@ -1,12 +1,13 @@
 """What only a CUDA machine can check: Inductor traces the triton_op, and decode graphs on CUDA
 run the Triton kernels and generate the tokens of the eager oracle."""
+import pytest
 import torch
 from models import tiny_hf
 from transformers import DynamicCache
-from oracle import oracle_generate
 
 import rkv_compile
 from rkv_compile import RocketKVConfig
+from rkv_compile.eager import generate as oracle_generate
 from rkv_compile.kernels import triton_decode as T
 
 assert torch.cuda.is_available(), "tests_gpu/ runs on the GPU machine"
@@ -44,12 +45,26 @@ def test_cuda_decode_runs_triton_and_matches_oracle():
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(300)).cuda()
     report = rkv_compile.explain(hf_greedy, model.forward, model.config, ids, 3, options=BUDGET)
     decode = [s for s in report.sites if s.query_len == "1"]
-    assert decode and all("triton kernels" in s.action for s in decode)
+    assert decode and all("Triton kernels" in s.action for s in decode)
     forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=BUDGET)
     tokens, cache = hf_greedy(forward, model.config, ids, 8)
     expected, _ = oracle_generate(model, ids, config, 8)
     assert tokens == expected
     assert cache == [config.plan(300, 16).prompt_budget + 7] * 2
+
+
+@pytest.mark.parametrize("options", [
+    {"policy": "h2o"}, {"policy": "shotkv", "decode_budget": 4},
+    {"policy": "rocketkv", "kv_bits": 4}, {"policy": "chunkkv", "reuse_layers": 2}])
+def test_cuda_policies_through_inductor_match_oracle(options):
+    """The policies of the reference path on CUDA, through the whole backend (Inductor)."""
+    options = {**BUDGET, **options}
+    model = tiny_hf("llama").cuda()
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(302)).cuda()
+    forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
+    tokens, cache = hf_greedy(forward, model.config, ids, 8)
+    expected, kept = oracle_generate(model, ids, RocketKVConfig.from_options(options), 8)
+    assert tokens == expected and cache == [k + 7 for k in kept]
 
 
 def test_cuda_generate_matches_oracle():
@@ -59,7 +74,7 @@ def test_cuda_generate_matches_oracle():
     with torch.no_grad():
         report = rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=3), options=BUDGET)
     decode = [s for s in report.sites if s.query_len == "1"]
-    assert decode and all("triton kernels" in s.action for s in decode)
+    assert decode and all("Triton kernels" in s.action for s in decode)
     forward = model.forward
     model.forward = torch.compile(forward, backend=rkv_compile.rocketkv, options=BUDGET)
     try:
