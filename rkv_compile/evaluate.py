@@ -247,9 +247,10 @@ def plot(result: dict, path: str) -> bool:
     summary = result["summary"]
     contexts, tasks = list(summary), list(next(iter(summary.values())))
     budgets = result["settings"]["budgets"]
-    colors = {p: f"C{i}" for i, p in enumerate(result["settings"]["policies"])}
+    palette = plt.get_cmap("tab20").colors   # 20 distinct colours: every policy its own
+    colors = {p: palette[i % 20] for i, p in enumerate(result["settings"]["policies"])}
     fig, axes = plt.subplots(len(contexts), len(tasks), squeeze=False,
-                             figsize=(3.2 * len(tasks), 2.8 * len(contexts)))
+                             figsize=(3.2 * len(tasks) + 2, 2.8 * len(contexts)))
     for row, context in enumerate(contexts):
         for col, task in enumerate(tasks):
             ax = axes[row][col]
@@ -267,8 +268,8 @@ def plot(result: dict, path: str) -> bool:
             ax.set_title(f"{task}, {context} tokens", fontsize=9)
             ax.set_xlabel("token budget", fontsize=8)
             ax.set_ylabel("accuracy %", fontsize=8)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.legend(*axes[0][-1].get_legend_handles_labels(), fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 2 / (3.2 * len(tasks) + 2), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
