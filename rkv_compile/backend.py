@@ -16,10 +16,13 @@ State between graphs travels on the cache tensors themselves, as attributes:
 - ``_rocketkv_state``: on a stored key cache of a policy that evicts as it decodes (H2O), the
   score of every stored slot; each decode step reads it and writes the next.
 - ``_rocketkv_decoded``: the cache came out of a rewritten decode step.
+- ``_rocketkv_shortened``: the cache holds fewer tokens than its sequence (eviction was
+  committed). A graph that feeds several new tokens over such a cache (a new turn, a chunked
+  prefill) is refused at run time: transformers derives their positions from the stored length.
 A decode graph whose mask reads a 2-D padding mask (transformers' attention_mask, laid out by
 logical position) checks it at run time: all ones lines up with any cache; with padding the
 exact graph runs, uncompiled, on the full caches (batched, padded generation is not compressed
-yet).
+yet). A padded prompt into a RocketKVCache is refused at run time.
 Cache tensors get their length marked dynamic, so decode graphs are traced with a symbolic length
 (one graph for all steps, and the positions check has a symbol to follow).
 """
@@ -32,6 +35,7 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from .config import Plan, RocketKVConfig
+from .kernels.reference import additive_mask
 from .passes.rewrite import DECODE, PLAN_INPUTS, PREFILL, SiteDecision, analyse, apply
 from .passes.causal_mask import CausalProof, prove_causal
 from .passes.kv_source import KVSource
@@ -42,6 +46,7 @@ PLAN_ATTR = "_rocketkv_plan"
 GROWING = (KVSource.FRESH, KVSource.GROWN)   # caches that grow by cat (DynamicCache, tuples)
 EVICTED_ATTR = "_rocketkv_evicted"
 DECODED_ATTR = "_rocketkv_decoded"   # written by a rewritten decode step (so maybe evicted)
+SHORTENED_ATTR = "_rocketkv_shortened"
 STATE_ATTR = "_rocketkv_state"
 Compiler = Callable[[GraphModule, Sequence], Callable]
 
@@ -136,7 +141,10 @@ class RewrittenGraph:
                          if d.phase == DECODE and d.method.decode_state}
         self.length_inputs = _length_inputs(placeholders, decisions)
         self.padding_inputs = sorted({placeholders.index(m) for d in decisions
-                                      for m in d.padding_masks})
+                                      if d.phase == DECODE for m in d.padding_masks})
+        # masks of prompts stored in a RocketKVCache: a padded batch is refused
+        self.padded_store_inputs = sorted({placeholders.index(m) for d in decisions
+                                           if d.phase == PREFILL for m in d.padding_masks})
         # the exact graph, run as is (not compiled) for decode steps with padding
         self.original = _copy_graph_module(gm) if self.padding_inputs else None
         self.per_layer_slots = any(d.phase == DECODE and d.method.per_layer for d in decisions)
@@ -152,6 +160,7 @@ class RewrittenGraph:
         # prefill inputs that must be all ones for the causal masks proven above to hold
         self.causal_padding = sorted({placeholders.index(m) for d in proven
                                       for m in d.causal.padding})
+
         # The rewritten graph as is (masks kept, plans as inputs), run uncompiled when the
         # compiled one does not apply: padding under a proven mask, or a decode plan it was
         # not compiled for.
@@ -187,8 +196,9 @@ class RewrittenGraph:
             state = torch.zeros(past.shape[:3], device=past.device)
         return state
 
-    def _commit_evictions(self, args: list) -> None:
-        """Swap prefill evictions in for the full caches, and their lengths for the old ones."""
+    def _commit_evictions(self, args: list) -> bool:
+        """Swap prefill evictions in for the full caches, and their lengths for the old ones;
+        whether any cache is shorter than its sequence."""
         lengths = {}
         for k, v in self.decode_inputs.values():
             for i in (k, v):
@@ -201,10 +211,19 @@ class RewrittenGraph:
                     args[i] = evicted
         for i, symbol in self.length_inputs["ints"].items():
             args[i] = lengths.get(symbol, args[i])
+        return bool(lengths) or any(getattr(args[i], SHORTENED_ATTR, False)
+                                    for k, v in self.decode_inputs.values() for i in (k, v))
 
     @staticmethod
     def _has_padding(args, inputs: list[int]) -> bool:
-        return any(not bool(args[i].all()) for i in inputs)
+        """Whether a padding mask input masks a key: a 0 in a 2-D attention_mask, or a masked
+        key in the last query row of a 4-D mask (a causal mask lets that row see every key)."""
+        for i in inputs:
+            mask = args[i][..., -1, :] if args[i].dim() == 4 else args[i]
+            masked = torch.isneginf(additive_mask(mask)) if mask.is_floating_point() else mask == 0
+            if bool(masked.any()):
+                return True
+        return False
 
     def _warn_once(self, message: str, *args) -> None:
         if message not in self.warned:
@@ -222,14 +241,19 @@ class RewrittenGraph:
         return self.original(*args)
 
     def __call__(self, *args):
+        if self.padded_store_inputs and self._has_padding(args, self.padded_store_inputs):
+            raise NotImplementedError(
+                "rocketkv: a padded batch into a RocketKVCache is not supported yet (transformers "
+                "masks its stored slots with one offset for every row, so an evicted row would "
+                "be masked by another row's padding): pass a DynamicCache (padded batches run "
+                "exactly there) or one prompt per call")
         if self.padding_inputs and self._has_padding(args, self.padding_inputs):
             return self._run_exact(args)
         args = list(args)
         plans = dict(self.prefill_plans)
         decode_plans = {name: self._plan_of(args[k]) for name, (k, _) in self.decode_inputs.items()}
         plans.update(decode_plans)
-        if self.length_inputs is not None:
-            self._commit_evictions(args)
+        shortened = self.length_inputs is not None and self._commit_evictions(args)
         padded = self._has_padding(args, self.causal_padding)
         if self.compiled is not None and not padded and \
                 (not decode_plans or decode_plans == self.compiled_plans):
@@ -255,6 +279,7 @@ class RewrittenGraph:
                 outputs[i] = outputs[i].contiguous()
                 setattr(outputs[i], PLAN_ATTR, plans[name])
                 setattr(outputs[i], DECODED_ATTR, name in self.decode_inputs)
+                setattr(outputs[i], SHORTENED_ATTR, shortened)
                 torch._dynamo.maybe_mark_dynamic(outputs[i], 2)
         for name, positions in self.state_outputs.items():
             for i in positions:
@@ -276,6 +301,29 @@ class RewrittenGraph:
             for i in self.cache_outputs[name][0]:
                 setattr(outputs[i], STATE_ATTR, state)
         return outputs
+
+
+def _refusing_shortened(compiled: Callable, gm: GraphModule, decisions: list[SiteDecision]
+                        ) -> Callable:
+    """`compiled`, refusing at run time to feed several new tokens (a new turn, a chunked
+    prefill) over a cache that eviction shortened: transformers derives their positions from
+    the stored length, which no longer counts the evicted tokens."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    inputs = sorted({placeholders.index(d.key.past) for d in decisions
+                     if d.key.source is KVSource.GROWN and
+                     (isinstance(d.query_len, torch.SymInt) or (d.query_len or 1) > 1)})
+    if not inputs:
+        return compiled
+
+    def run(*args):
+        if any(getattr(args[i], SHORTENED_ATTR, False) for i in inputs):
+            raise NotImplementedError(
+                "rocketkv: new tokens over a cache that eviction shortened (a new turn or a "
+                "chunked prefill) are not supported yet: transformers would derive their "
+                "positions from the stored length. Generate each turn from a new cache")
+        return compiled(*args)
+
+    return run
 
 
 def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None = None,
@@ -302,7 +350,7 @@ def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None 
             log.debug("rocketkv site %s: %s", d.site.name, d.phase or d.reason)
         plain = compiler or inductor
         if not any(d.phase for d in decisions):
-            return plain(gm, example_inputs)
+            return _refusing_shortened(plain(gm, example_inputs), gm, decisions)
         # CUDA graphs only for decode graphs: a prefill runs once per prompt.
         decode = decode_compiler or compiler or functools.partial(
             inductor, decode=True, cudagraphs=config.cudagraphs)

@@ -105,13 +105,17 @@ def continue_greedy(model, prompt: Prefill, config: RocketKVConfig, max_new_toke
         raise ValueError(f"the prefill recorded {prompt.queries[0].shape[2]} queries; "
                          f"{method.name} reads {observed}")
     cache, plans, positions, states = DynamicCache(config=model.config), {}, {}, {}
+    # sliding-window layers keep their own last tokens: the pass leaves them exact
+    types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+    full = [layer for layer in range(layers) if types is None or types[layer] == "full_attention"]
     for layer in range(layers):
         key, value = prompt.keys[layer], prompt.values[layer]
-        if config.compresses:
-            plan = plans[layer] = config.plan(T, key.shape[-1], layer, layers)
-            source = method.reuses(layer)
-            if source is not None and source in positions:
-                positions[layer] = positions[source]
+        if config.compresses and layer in full:
+            index = full.index(layer)   # the layer's place among the compressed ones
+            plan = plans[layer] = config.plan(T, key.shape[-1], index, len(full))
+            source = method.reuses(index)
+            if source is not None and full[source] in positions:
+                positions[layer] = positions[full[source]]
                 key, value = method.store(key, value, positions[layer])
             elif method.rewrites_prompt(T, plan):
                 mask = prompt.masks[layer]

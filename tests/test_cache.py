@@ -224,3 +224,27 @@ def test_batch_repeat_then_select(compressed, caplog):
     assert "runs uncompiled" not in caplog.text
     if compressed:
         assert cache.layers[0].keys.shape[2] < 150
+
+
+def test_padded_batch_into_rocketkv_cache_is_refused():
+    """One mask offset serves every row of a RocketKVCache: a padded batch is refused with a
+    clear error, never evicted and mis-masked. An unpadded batch: each row as it alone."""
+    model = tiny_hf("llama")
+    ids = torch.randint(0, VOCAB, (2, 300), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :120] = 0
+    options = {"token_budget": 64, "max_new_tokens": 4}
+    model.forward = torch.compile(
+        model.forward, backend=lambda gm, inputs: rewrite_only(gm, inputs, options=options))
+    try:
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="padded batch into a"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                           past_key_values=RocketKVCache(model.config, 4))
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                 do_sample=False, past_key_values=RocketKVCache(model.config, 4))
+    finally:
+        del model.forward
+    config = RocketKVConfig.from_options(options)
+    for row in range(2):
+        assert out[row, 300:].tolist() == oracle_generate(model, ids[row:row + 1], config, 4)[0]

@@ -1,6 +1,7 @@
 """The pass end to end on small models: every rewrite checked against eager or the eager oracle."""
 import pytest
 import torch
+from transformers import DynamicCache
 from rkv_compile.eager import generate as oracle_generate
 from models import Encoder, TinyGPT, greedy, oracle_gpt_tokens, tiny_hf, VOCAB
 
@@ -207,3 +208,28 @@ def test_all_ones_attention_mask_is_compressed():
     expected, _ = oracle_generate(model, ids, config, 8)
     assert tokens == expected
     assert [layer.keys.shape[2] for layer in cache.layers] == [config.plan(300, 16).prompt_budget + 7] * 2
+
+
+def test_new_turn_over_an_evicted_cache_is_refused():
+    """A second generate() on the same DynamicCache feeds the new turn's tokens at positions
+    transformers takes from the stored length: after eviction that is refused with a clear
+    error; when the prompt fit the budget (nothing evicted) the new turn runs, exactly."""
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    model.forward = compiled(model.forward, BUDGET, inductor=False)
+    try:
+        with torch.no_grad():
+            for length, evicted in ((300, True), (40, False)):
+                ids, cache = prompt(length), DynamicCache(config=model.config)
+                first = model.generate(ids, past_key_values=cache, **kwargs)
+                turn = torch.cat([first, prompt(12, seed=9)], dim=1)
+                if evicted:
+                    with pytest.raises(NotImplementedError, match="eviction shortened"):
+                        model.generate(turn, past_key_values=cache, **kwargs)
+                else:
+                    second = model.generate(turn, past_key_values=cache, **kwargs)
+    finally:
+        del model.forward
+    with torch.no_grad():
+        assert torch.equal(second, model.generate(turn, **kwargs))

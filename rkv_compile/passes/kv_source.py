@@ -4,12 +4,14 @@ Only a site whose K/V are a cache that this graph writes back can be compressed:
 (prefill: the graph returns the new keys, e.g. HF DynamicCache's first `cat` or a tuple cache's
 `present`) or a grown one (decode: `cat([past, new])` with `past` a graph input, returned as the
 new cache), and RocketKVCache's own ops (a new one at prefill, its buffers at decode). Other
-buffers written in place (static caches) and keys that are no cache stay exact.
+buffers written in place (static caches), sliding-window caches (the graph returns their last
+tokens, a slice of the keys attended) and keys that are no cache stay exact.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 
 import torch
 from torch.fx import Node
@@ -26,6 +28,7 @@ class KVSource(enum.Enum):
     IN_PLACE = "written in place into a buffer"
     EXTERNAL = "graph input, not written"
     NONE = "no cache"
+    WINDOW = "a sliding-window cache"
     NEW_ROCKETKV = "new RocketKVCache"
     ROCKETKV = "RocketKVCache"
 
@@ -54,6 +57,13 @@ def _calls(node: Node, op) -> bool:
     return node.op == "call_function" and node.target in (op, op.default)
 
 
+def _windowed(node: Node, returned: set[Node]) -> bool:
+    """Is a slice of `node`, not node itself, what the graph stores (a sliding-window cache)?"""
+    return node not in returned and any(
+        user in returned and user.op == "call_function" and user.target is operator.getitem
+        for user in node.users)
+
+
 def kv_origin(node: Node, returned: set[Node]) -> KVOrigin:
     # RocketKVCache (cache.py) stores a prompt through rocketkv.static_cache and appends to its
     # buffers through rocketkv.append_: `cache` is that call.
@@ -66,6 +76,8 @@ def kv_origin(node: Node, returned: set[Node]) -> KVOrigin:
     if _is_call(node, (torch.cat,)) and len(node.args[0]) == 2 and \
             (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) in (2, -2):
         past, new = node.args[0]
+        if _windowed(node, returned):
+            return KVOrigin(KVSource.WINDOW, node)
         if node not in returned:
             return KVOrigin(KVSource.NONE, node)
         if isinstance(value_of(past), torch.Tensor) and value_of(past).numel() == 0:
@@ -79,4 +91,6 @@ def kv_origin(node: Node, returned: set[Node]) -> KVOrigin:
         return KVOrigin(KVSource.EXTERNAL, node)
     if node in returned:
         return KVOrigin(KVSource.FRESH, node, new=node)
+    if _windowed(node, returned):
+        return KVOrigin(KVSource.WINDOW, node)
     return KVOrigin(KVSource.NONE, node)

@@ -104,7 +104,9 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
     if not rocketkv_cache and d.key.source not in (KVSource.FRESH, KVSource.GROWN):
         return f"keys are {d.key.source.value}: nothing to compress" + (
             " (static in-place caches are not rewritten on this path)"
-            if d.key.source is KVSource.IN_PLACE else "")
+            if d.key.source is KVSource.IN_PLACE else
+            " (it keeps its own last tokens; this layer stays exact)"
+            if d.key.source is KVSource.WINDOW else "")
     if q.shape[1] % k.shape[1] or q.shape[0] != k.shape[0]:
         return f"{q.shape[1]} query heads cannot be grouped over {k.shape[1]} KV heads"
     if site.mask is not None:
@@ -179,6 +181,10 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
         plans = [roomy.plan(prompt, int(d.head_dim), layer, d.layers)
                  for layer in range(d.layers)] if d.method.per_layer else [d.plan]
         d.capacity = max(rocketkv_capacity(plan, prompt) for plan in plans)
+        # transformers masks the stored slots with one offset for every row (cache.py): a
+        # padded batch is refused at run time
+        d.padding_masks = [m for m in _mask_inputs(site) if value_of(m).dim() == 4] + \
+            _padding_inputs(_mask_inputs(site)) if site.mask is not None else []
         d.phase = PREFILL
         return None
     if not _same(d.query_len, 1):
@@ -188,8 +194,7 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
     if d.method.per_layer:
         # Decode reads the layer's own stored slots (lengths), not the mask transformers builds
         # for all layers from the first; a padding mask must then be all ones (run-time check).
-        d.padding_masks = [m for m in _logical_mask_inputs(site, d.query_len, set())
-                           if value_of(m).dim() == 2 and not value_of(m).is_floating_point()]
+        d.padding_masks = _padding_inputs(_logical_mask_inputs(site, d.query_len, set()))
     d.phase = DECODE
     return None
 
@@ -202,6 +207,20 @@ def _same(a, b) -> bool:
         return False
 
 
+def _mask_inputs(site: AttentionSite) -> list[Node]:
+    """The graph's tensor inputs the site's mask is built from."""
+    seen, stack, found = set(), [site.mask], []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack += node.all_input_nodes
+        if node.op == "placeholder" and isinstance(value_of(node), torch.Tensor):
+            found.append(node)
+    return found
+
+
 def _logical_mask_inputs(site: AttentionSite, query_len, caches: set[Node]) -> list[Node]:
     """The graph inputs the decode mask is built from that are neither caches nor per-query data.
 
@@ -210,18 +229,13 @@ def _logical_mask_inputs(site: AttentionSite, query_len, caches: set[Node]) -> l
     current step) and the caches themselves (their sizes) are fine.
     """
     batch = value_of(site.query).shape[0]
-    seen, stack, found = set(), [site.mask], []
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        stack += node.all_input_nodes
-        v = value_of(node)
-        if node.op == "placeholder" and isinstance(v, torch.Tensor) and node not in caches:
-            if not _same(v.numel() <= batch * query_len, True):
-                found.append(node)
-    return found
+    return [node for node in _mask_inputs(site) if node not in caches
+            and not _same(value_of(node).numel() <= batch * query_len, True)]
+
+
+def _padding_inputs(inputs: list[Node]) -> list[Node]:
+    """Of a mask's inputs, the 2-D integer ones (transformers' attention_mask)."""
+    return [m for m in inputs if value_of(m).dim() == 2 and not value_of(m).is_floating_point()]
 
 
 def _depends_on_length(graph: Graph, symbols: set, targets) -> bool:
