@@ -29,6 +29,7 @@ Cache tensors get their length marked dynamic, so decode graphs are traced with 
 import functools
 import logging
 import operator
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -36,7 +37,8 @@ from torch.fx import Graph, GraphModule
 
 from .config import Plan, RocketKVConfig
 from .kernels.reference import additive_mask
-from .passes.rewrite import DECODE, PLAN_INPUTS, PREFILL, SiteDecision, analyse, apply
+from .passes.rewrite import (DECODE, PLAN_INPUTS, PREFILL, UNSUPPORTED, SiteDecision, analyse,
+                             apply)
 from .passes.causal_mask import CausalProof, prove_causal
 from .passes.kv_source import KVSource
 from .passes.sites import value_of
@@ -49,6 +51,7 @@ DECODED_ATTR = "_rocketkv_decoded"   # written by a rewritten decode step (so ma
 SHORTENED_ATTR = "_rocketkv_shortened"
 STATE_ATTR = "_rocketkv_state"
 Compiler = Callable[[GraphModule, Sequence], Callable]
+_WARNED: set[str] = set()   # unsupported-input warnings already given
 
 
 def inductor(gm: GraphModule, example_inputs: Sequence, decode: bool = False,
@@ -348,6 +351,10 @@ def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None 
             on_analysis(decisions)
         for d in decisions:
             log.debug("rocketkv site %s: %s", d.site.name, d.phase or d.reason)
+        for reason in sorted({d.reason for d in decisions if d.reason and
+                              d.reason.startswith(UNSUPPORTED)} - _WARNED):
+            _WARNED.add(reason)   # once per process: a prefill and a decode graph share it
+            warnings.warn(f"rocketkv: {reason}", RuntimeWarning, stacklevel=2)
         plain = compiler or inductor
         if not any(d.phase for d in decisions):
             return _refusing_shortened(plain(gm, example_inputs), gm, decisions)

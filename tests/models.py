@@ -34,10 +34,14 @@ class TinyGPT(nn.Module):
     hand-written decoders do: the pass must then refuse to compress.
     """
 
-    def __init__(self, dim=64, heads=4, kv_heads=2, layers=2, positions_from_cache=False, seed=0):
+    def __init__(self, dim=64, heads=4, kv_heads=2, layers=2, positions_from_cache=False, seed=0,
+                 scale=None):
         super().__init__()
+        self.init_kwargs = dict(dim=dim, heads=heads, kv_heads=kv_heads, layers=layers,
+                                positions_from_cache=positions_from_cache, seed=seed, scale=scale)
         torch.manual_seed(seed)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.positions_from_cache = positions_from_cache
         self.tok = nn.Embedding(VOCAB, dim)
         self.pos = nn.Embedding(2048, dim)
@@ -50,7 +54,7 @@ class TinyGPT(nn.Module):
         group = self.heads // self.kv_heads
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        att = (q @ k.transpose(-2, -1)) * self.scale
         att = att.masked_fill(~mask, float("-inf"))
         att = F.softmax(att, dim=-1)
         return att @ v
@@ -87,7 +91,7 @@ class OracleGPT(TinyGPT):
         self.config, self.plans, self.kept = config, {}, {}
 
     def attend(self, layer, q, k, v, mask):
-        scale = 1.0 / math.sqrt(self.head_dim)
+        scale = self.scale
         T, n = q.shape[2], k.shape[2]
         if T == n:
             plan = self.plans[layer] = self.config.plan(n, self.head_dim, layer, len(self.proj))
@@ -117,8 +121,10 @@ def greedy(forward, idx, steps: int, on_prefill=None):
     return tokens, [k.shape[2] for k, _ in past]
 
 
-def oracle_gpt_tokens(model: TinyGPT, idx, config: RocketKVConfig, steps: int):
-    oracle = OracleGPT(config)
+def oracle_gpt_tokens(model: TinyGPT, idx, config: RocketKVConfig, steps: int,
+                      oracle_class=None):
+    """The eager oracle's tokens for `model` (oracle_class: an OracleGPT for its class)."""
+    oracle = (oracle_class or OracleGPT)(config, **model.init_kwargs)
     oracle.load_state_dict(model.state_dict())
     oracle.eval()
 

@@ -23,6 +23,8 @@ from .sites import SDPA_SIGNATURE, AttentionSite, find_sites, shape_of, value_of
 
 PREFILL, DECODE = "prefill", "decode"
 PLAN_INPUTS = ("chunk", "dims", "topk")  # the Plan fields a decode site reads at run time
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+UNSUPPORTED = "unsupported:"   # a reason the backend also warns about
 
 
 @dataclasses.dataclass
@@ -94,6 +96,9 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
     d.query_len, d.head_dim = q.shape[2], k.shape[3]
     if not config.compresses:
         return "token_budget=None: compression is off"
+    if q.dtype not in SUPPORTED_DTYPES or q.device.type not in ("cpu", "cuda"):
+        return (f"{UNSUPPORTED} {q.dtype} on {q.device.type} (the ops take float32, float16 or "
+                "bfloat16 on cpu or cuda): attention stays exact")
     if any(t.requires_grad for t in (q, k, v)):
         return "the graph needs gradients (training): attention stays exact"
     if site.dropout > 0:
