@@ -154,7 +154,9 @@ def test_explain_table_lists_every_site():
 @pytest.mark.parametrize("options,name", [
     ({"token_budget": 0}, "token_budget"), ({"max_new_tokens": -1}, "max_new_tokens"),
     ({"kernel_size": 4}, "kernel_size"), ({"policy": "nope"}, "policy"),
-    ({"budget": 64}, "budget")])
+    ({"budget": 64}, "budget"), ({"kv_bits": 9}, "kv_bits"),
+    ({"policy": "h2o", "recent_size": 300}, "recent_size"),
+    ({"policy": "shotkv", "decode_budget": 0}, "decode_budget")])
 def test_bad_options_name_the_option(options, name):
     with pytest.raises(ValueError, match=name):
         RocketKVConfig.from_options(options)

@@ -33,7 +33,8 @@ class H2O(Policy):
     def __post_init__(self):
         super().__post_init__()
         check_int("recent_size", self.recent_size, 0, none_ok=True)
-        if self.recent_size is not None and self.recent_size > self.token_budget:
+        if self.recent_size is not None and self.token_budget is not None and \
+                self.recent_size > self.token_budget:
             raise ValueError(f"rocketkv option 'recent_size' ({self.recent_size}) must not "
                              f"exceed 'token_budget' ({self.token_budget})")
 
