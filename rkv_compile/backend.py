@@ -163,7 +163,6 @@ class RewrittenGraph:
         # prefill inputs that must be all ones for the causal masks proven above to hold
         self.causal_padding = sorted({placeholders.index(m) for d in proven
                                       for m in d.causal.padding})
-
         # The rewritten graph as is (masks kept, plans as inputs), run uncompiled when the
         # compiled one does not apply: padding under a proven mask, or a decode plan it was
         # not compiled for.

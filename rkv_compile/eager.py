@@ -113,16 +113,12 @@ def continue_greedy(model, prompt: Prefill, config: RocketKVConfig, max_new_toke
         if config.compresses and layer in full:
             index = full.index(layer)   # the layer's place among the compressed ones
             plan = plans[layer] = config.plan(T, key.shape[-1], index, len(full))
-            source = method.reuses(index)
-            if source is not None and full[source] in positions:
-                positions[layer] = positions[full[source]]
-                key, value = method.store(key, value, positions[layer])
-            elif method.rewrites_prompt(T, plan):
-                mask = prompt.masks[layer]
+            if method.rewrites_prompt(T, plan):
+                source, mask = method.reuses(index), prompt.masks[layer]
                 key, value, positions[layer], states[layer] = method.compress(
                     prompt.queries[layer][:, :, -observed:], key, value,
                     None if mask is None else mask[..., -observed:, :], prompt.scales[layer],
-                    min(plan.prompt_budget, T))
+                    min(plan.prompt_budget, T), None if source is None else positions[full[source]])
         cache.update(key, value, layer)
     kept = [layer.keys.shape[2] for layer in cache.layers]
     tokens = [int(prompt.logits.argmax())]

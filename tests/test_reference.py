@@ -433,6 +433,16 @@ def _spec(name: str, kernel_size: int | None = None) -> str:
     return POLICIES[name](64, 8, **extra).spec
 
 
+def _assert_fake_matches(op, args):
+    """The op's fake kernel gives outputs of the real ones' shapes, strides and dtypes."""
+    real = op(*args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    real, fake = ((t,) if isinstance(t, torch.Tensor) else t for t in (real, fake))
+    for f, r in zip(fake, real, strict=True):
+        assert f.shape == r.shape and f.stride() == r.stride() and f.dtype == r.dtype
+
+
 @pytest.mark.parametrize("policy", ["rocketkv", "snapkv", "chunkkv", "h2o", "shotkv", "kvquant"])
 @pytest.mark.parametrize("shape", COMPRESS_SHAPES)
 def test_compress_opcheck(shape, policy):
@@ -452,14 +462,8 @@ def test_compress_opcheck(shape, policy):
     torch.testing.assert_close(reused[2], got[2].flip(-1), rtol=0, atol=0)
     torch.testing.assert_close(reused[0], from_spec(spec).store(k, v, got[2].flip(-1))[0],
                                rtol=0, atol=0)
-    for outputs in ((qw, k, v, mask, scale, stored, spec), (*args, got[2])):
-        real = torch.ops.rocketkv.compress(*outputs)
-        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
-                         for a in outputs]
-            fake = torch.ops.rocketkv.compress(*fake_args)
-        for f, r in zip(fake, real):
-            assert f.shape == r.shape and f.stride() == r.stride() and f.dtype == r.dtype
+    for op_args in (args, (*args, got[2])):
+        _assert_fake_matches(torch.ops.rocketkv.compress, op_args)
 
 
 @pytest.mark.parametrize("policy", ["h2o", "shotkv"])
@@ -472,11 +476,7 @@ def test_evicting_decode_opcheck(shape, policy):
     got = torch.ops.rocketkv.evicting_decode(*args)
     torch.testing.assert_close(got, from_spec(args[-1]).evicting_decode(*args[:-1]), rtol=0,
                                atol=0)
-    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        fake = torch.ops.rocketkv.evicting_decode(*fake_args)
-    for f, r in zip(fake, got):
-        assert f.shape == r.shape and f.stride() == r.stride() and f.dtype == r.dtype
+    _assert_fake_matches(torch.ops.rocketkv.evicting_decode, args)
 
 
 @pytest.mark.parametrize("policy", ["rocketkv", "oracle-topk"])
@@ -488,10 +488,7 @@ def test_sparse_decode_opcheck(shape, policy):
     torch.testing.assert_close(got, from_spec(args[-1]).decode(*args[:-1]), rtol=0, atol=0)
     if policy == "rocketkv":
         torch.testing.assert_close(got, R.sparse_decode(*args[:-1]), rtol=0, atol=0)
-    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        f = torch.ops.rocketkv.sparse_decode(*fake_args)
-    assert f.shape == got.shape and f.stride() == got.stride() and f.dtype == got.dtype
+    _assert_fake_matches(torch.ops.rocketkv.sparse_decode, args)
 
 
 def test_ops_follow_input_dtype():

@@ -31,10 +31,7 @@ def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | No
     the `keep` prompt tokens it selects (Policy.compress), or of the positions `reuse` (another
     layer's selection). State: the kept tokens' scores, for a policy that evicts during decode
     (else empty)."""
-    method = policies.from_spec(policy)
-    if reuse is None:
-        return method.compress(query_window, key, value, mask, scale, keep)
-    return *method.store(key, value, reuse), reuse.clone(memory_format=torch.contiguous_format), key.new_empty(0, dtype=torch.float32)
+    return policies.from_spec(policy).compress(query_window, key, value, mask, scale, keep, reuse)
 
 
 @compress.register_fake

@@ -118,9 +118,15 @@ class Policy:
                 reference.fake_quantize(value, self.kv_bits, self.kv_group_size, dim=3))
 
     def compress(self, query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                 scale: float, keep: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """What the prefill stores: (keys, values, positions, decode state) of `keep` tokens."""
-        index, state = self.select(query_window, key, mask, scale, keep)
+                 scale: float, keep: int, reuse: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What the prefill stores: (keys, values, positions, decode state) of the `keep` tokens
+        it selects, or of the positions `reuse` (another layer's selection; no state)."""
+        if reuse is None:
+            index, state = self.select(query_window, key, mask, scale, keep)
+        else:   # a copy: a custom op's outputs may not alias its inputs
+            index = reuse.clone(memory_format=torch.contiguous_format)
+            state = key.new_empty(0, dtype=torch.float32)
         return *self.store(key, value, index), index, state
 
     def kv_bytes(self, stored: int, generated: int, head_dim: int, itemsize: int) -> int:
