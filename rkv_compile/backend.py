@@ -39,7 +39,7 @@ from .config import Plan, RocketKVConfig
 from .kernels.reference import additive_mask
 from .passes.rewrite import (DECODE, PLAN_INPUTS, PREFILL, UNSUPPORTED, SiteDecision, analyse,
                              apply)
-from .passes.causal_mask import CausalProof, prove_causal
+from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
 from .passes.kv_source import KVSource
 from .passes.sites import value_of
 
@@ -166,8 +166,12 @@ class RewrittenGraph:
         # The rewritten graph as is (masks kept, plans as inputs), run uncompiled when the
         # compiled one does not apply: padding under a proven mask, or a decode plan it was
         # not compiled for.
+        # Copies are analysed again (their own nodes); refusals beyond the graph's structure
+        # (masks evaluated as not causal) carry over by site name.
+        refused = {d.site.name: d.reason for d in decisions if not d.rewritten}
         self.uncompiled = _copy_graph_module(gm)
-        self.storing = apply(self.uncompiled, analyse(self.uncompiled.graph, config), config)
+        self.storing = apply(self.uncompiled, analyse(self.uncompiled.graph, config, refused),
+                             config)
         self.compiled, self.compiled_plans, self.warned = None, None, set()
         decode = [d for d in decisions if d.phase == DECODE]
         if decode and not compiles_decode(decode):
@@ -182,7 +186,8 @@ class RewrittenGraph:
             self.compiled_plans = {name: self._plan_of(example_inputs[k])
                                    for name, (k, _) in self.decode_inputs.items()}
         fast = _copy_graph_module(gm)
-        apply(fast, analyse(fast.graph, config), config, plans=self.compiled_plans, causal=causal)
+        apply(fast, analyse(fast.graph, config, refused), config, plans=self.compiled_plans,
+              causal=causal)
         self.compiled = (decode_compiler if decode else compiler)(fast, example_inputs)
 
     def _plan_of(self, past: torch.Tensor) -> Plan:
@@ -346,6 +351,8 @@ def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None 
                 if key not in proofs:
                     proofs[key] = prove_causal(gm, d.site, example_inputs)
                 d.causal = proofs[key]
+            if d.causal == NOT_CAUSAL:
+                d.refuse(NOT_CAUSAL_PREFILL)
         if on_analysis is not None:
             on_analysis(decisions)
         for d in decisions:

@@ -1,4 +1,5 @@
-"""Small models for the tests: tiny random HF configs and hand-written attention models."""
+"""Small models for the tests (tiny random HF configs, hand-written attention models) and the
+loops and compile helpers that run them."""
 from __future__ import annotations
 
 import math
@@ -9,9 +10,22 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rkv_compile import RocketKVConfig
+from rkv_compile.backend import make_backend
 from rkv_compile.kernels import reference
 
 VOCAB = 128
+_rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
+
+
+def compiled(fn, options, inductor: bool):
+    """fn under the rocketkv backend, through Inductor or with the rewritten graphs run as FX."""
+    if inductor:
+        return torch.compile(fn, backend="rocketkv", options=options)
+    return torch.compile(fn, backend=lambda gm, ex: _rewrite_only(gm, ex, options=options))
+
+
+def prompt(length: int, seed: int = 1):
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_hf(arch: str, attn: str = "sdpa", seed: int = 0, vocab: int = VOCAB):
@@ -31,18 +45,19 @@ class TinyGPT(nn.Module):
     repeat_interleave, a tuple cache returned as new `past` tensors, explicit positions.
 
     `positions_from_cache=True` derives positions from the stored cache length instead, as some
-    hand-written decoders do: the pass must then refuse to compress.
+    hand-written decoders do: the pass must then refuse to compress. `dropout` drops attention
+    probabilities in training mode.
     """
 
     def __init__(self, dim=64, heads=4, kv_heads=2, layers=2, positions_from_cache=False, seed=0,
-                 scale=None):
+                 scale=None, dropout=0.0):
         super().__init__()
         self.init_kwargs = dict(dim=dim, heads=heads, kv_heads=kv_heads, layers=layers,
                                 positions_from_cache=positions_from_cache, seed=seed, scale=scale)
         torch.manual_seed(seed)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
-        self.positions_from_cache = positions_from_cache
+        self.positions_from_cache, self.dropout = positions_from_cache, dropout
         self.tok = nn.Embedding(VOCAB, dim)
         self.pos = nn.Embedding(2048, dim)
         self.qkv = nn.ModuleList(nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim)
@@ -57,6 +72,7 @@ class TinyGPT(nn.Module):
         att = (q @ k.transpose(-2, -1)) * self.scale
         att = att.masked_fill(~mask, float("-inf"))
         att = F.softmax(att, dim=-1)
+        att = F.dropout(att, self.dropout, training=self.training)
         return att @ v
 
     def forward(self, idx, positions=None, past=None):
@@ -132,6 +148,55 @@ def oracle_gpt_tokens(model: TinyGPT, idx, config: RocketKVConfig, steps: int,
         return tuple(oracle.kept.get(i, kv) for i, kv in enumerate(past))
 
     return greedy(oracle, idx, steps, on_prefill=evict)
+
+
+class GPTFast(nn.Module):
+    """gpt-fast-style decoder: static KV buffers written in place at explicit positions
+    (`k_cache[:, :, input_pos] = k`), a causal-mask buffer indexed by position, SDPA with GQA.
+    The pass cannot shrink buffers it does not own: it must leave this model exact."""
+
+    def __init__(self, dim=64, heads=4, kv_heads=2, layers=2, max_len=320, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        self.qkv = nn.ModuleList(nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim)
+                                 for _ in range(layers))
+        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.head = nn.Linear(dim, VOCAB)
+        shape = (1, kv_heads, max_len, self.head_dim)
+        for i in range(layers):
+            self.register_buffer(f"k_cache{i}", torch.zeros(shape))
+            self.register_buffer(f"v_cache{i}", torch.zeros(shape))
+        self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril())
+
+    def forward(self, idx, input_pos):
+        B, T = idx.shape
+        x = self.tok(idx) + self.pos(input_pos)[None]
+        mask = self.causal[None, None, input_pos]
+        for i, (qkv, proj) in enumerate(zip(self.qkv, self.proj)):
+            q, k, v = qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                    self.kv_heads * self.head_dim], dim=-1)
+            q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+            k_cache, v_cache = getattr(self, f"k_cache{i}"), getattr(self, f"v_cache{i}")
+            k_cache[:, :, input_pos] = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            v_cache[:, :, input_pos] = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+                                               enable_gqa=True)
+            x = x + proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.head(x)
+
+
+@torch.no_grad()
+def gpt_fast_greedy(forward, idx, steps: int) -> list[int]:
+    """gpt-fast's loop: prefill at positions 0..T-1, then one token per step at its position."""
+    T = idx.shape[1]
+    tokens = [int(forward(idx, torch.arange(T))[0, -1].argmax())]
+    for step in range(steps - 1):
+        logits = forward(torch.tensor([[tokens[-1]]]), torch.tensor([T + step]))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens
 
 
 class Encoder(nn.Module):

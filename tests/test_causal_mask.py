@@ -11,7 +11,7 @@ from models import MaskedSDPA, VOCAB, prefill_mask, tiny_hf
 import rkv_compile
 from rkv_compile.backend import make_backend
 from rkv_compile.passes import causal_mask
-from rkv_compile.passes.causal_mask import CausalProof
+from rkv_compile.passes.causal_mask import NOT_CAUSAL_PREFILL, CausalProof
 from rkv_compile.passes.sites import find_sites
 
 OPTIONS = {"token_budget": 16}
@@ -55,6 +55,7 @@ def test_verdict_matches_the_mask_and_outputs_match_eager(recipe, length, batch,
             torch.testing.assert_close(got[0], expected[0], equal_nan=True)
     (d,) = decisions
     assert isinstance(d.causal, CausalProof) == causal, d.causal
+    assert d.rewritten == causal   # a prefill whose mask is not causal stays exact
     if causal:
         assert sdpa_masks(graphs[0]) == [(None, True)]
         assert [n.name for n in d.causal.padding] == ["l_padding_"]
@@ -120,5 +121,4 @@ def test_explain_says_what_happens_to_the_mask(recipe):
         report = rkv_compile.explain(model, ids, torch.ones_like(ids), options=OPTIONS)
     (site,) = report.sites
     assert ("proven plain causal" in site.action) == (recipe == "causal")
-    assert ("its mask is kept: the mask is not the causal mask" in site.action) == (
-        recipe == "window")
+    assert (site.action == NOT_CAUSAL_PREFILL) == (recipe == "window") != site.rewritten

@@ -3,24 +3,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 from rkv_compile.eager import generate as oracle_generate
-from models import Encoder, TinyGPT, greedy, oracle_gpt_tokens, tiny_hf, VOCAB
+from models import compiled, prompt, tiny_hf
 
 import rkv_compile
 from rkv_compile import RocketKVConfig
-from rkv_compile.backend import make_backend
 
 BUDGET = {"token_budget": 64, "max_new_tokens": 8}
-rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
-
-
-def compiled(fn, options, inductor: bool):
-    if inductor:
-        return torch.compile(fn, backend="rocketkv", options=options)
-    return torch.compile(fn, backend=lambda gm, ex: rewrite_only(gm, ex, options=options))
-
-
-def prompt(length: int, seed: int = 1):
-    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 def hf_generate(model, ids, options, inductor, steps=8):
@@ -81,65 +69,6 @@ def test_prompt_within_budget_is_exact():
     assert cache == [100 + 7] * 2
     full, _ = hf_generate(model, ids, {"token_budget": None}, inductor=False)
     assert tokens[:1] == full[:1]   # prefill is exact; decode is sparse but over all tokens
-
-
-@pytest.mark.parametrize("inductor", [False, True])
-def test_hand_written_attention_tuple_cache(inductor):
-    model = TinyGPT().eval()
-    config = RocketKVConfig.from_options(BUDGET)
-    ids = prompt(200)
-    tokens, kept = greedy(compiled(model, BUDGET, inductor), ids, 8)
-    expected, expected_kept = oracle_gpt_tokens(model, ids, config, 8)
-    plan = config.plan(200, 16)
-    assert expected_kept == [plan.prompt_budget + 7] * 2
-    assert kept == expected_kept
-    assert tokens == expected
-    report = rkv_compile.explain(greedy, model, ids, 3, options=BUDGET)
-    assert report.sites and not report.exact
-    assert {(s.kind, s.query_len) for s in report.sites} == {("manual", "200"), ("manual", "1")}
-
-
-def test_hand_written_no_budget_equals_eager():
-    model = TinyGPT().eval()
-    ids = prompt(60)
-    assert greedy(compiled(model, {"token_budget": None}, True), ids, 6) == greedy(model, ids, 6)
-
-
-def test_positions_from_cache_length_stay_exact():
-    """Eviction would shift this model's positions: decode stays dense and the cache whole."""
-    model = TinyGPT(positions_from_cache=True).eval()
-    ids = prompt(200)
-    report = rkv_compile.explain(greedy, model, ids, 3, options=BUDGET)
-    decode = [s for s in report.sites if s.query_len == "1"]
-    assert len(decode) >= 2 and not any(s.rewritten for s in decode)
-    assert all("positions" in s.action for s in decode)
-    tokens, cache = greedy(compiled(model, BUDGET, True), ids, 6)
-    assert (tokens, cache) == greedy(model, ids, 6)
-    assert cache == [200 + 5] * 2
-
-
-def test_encoder_is_left_exact():
-    model = Encoder().eval()
-    x = torch.randn(2, 50, 64)
-    report = rkv_compile.explain(model, x, options=BUDGET)
-    assert len(report.sites) == 1 and not report.rewritten
-    assert report.sites[0].kv_source == "no cache"
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(model, BUDGET, True)(x), model(x), atol=1e-5, rtol=1e-5)
-
-
-def test_training_step_is_left_exact():
-    model = tiny_hf("llama").train()
-    ids = prompt(40)
-    report = rkv_compile.explain(lambda i: model(i, labels=i).loss, ids, options=BUDGET)
-    assert report.sites and not report.rewritten
-    model.zero_grad()
-    model(ids, labels=ids).loss.backward()
-    expected = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled(lambda i: model(i, labels=i).loss, BUDGET, True)(ids).backward()
-    for got, want in zip([p.grad for p in model.parameters()], expected):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_explain_table_lists_every_site():

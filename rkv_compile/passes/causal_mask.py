@@ -22,6 +22,13 @@ from torch.fx import Graph, GraphModule, Node
 
 from .sites import AttentionSite, value_of
 
+NOT_CAUSAL = "the mask is not the causal mask (with no padding)"
+# A prefill whose mask is evaluated as not causal stays exact: its keys may not be the queries'
+# own tokens (cross-attention), and later steps' masks are laid out by position.
+NOT_CAUSAL_PREFILL = ("the prefill mask is not causal (cross-attention, a bidirectional prefix or a "
+                      "window): what stage 1 kept could not be lined up with the masks of later "
+                      "steps, which are laid out by position; attention stays exact")
+
 # Masks with more elements than this are checked by a compiled reduction, not materialised.
 EAGER_CHECK_ELEMENTS = 1 << 26
 
@@ -57,7 +64,7 @@ def prove_causal(gm: GraphModule, site: AttentionSite, example_inputs) -> Causal
         from torch._inductor.compile_fx import compile_fx
         mismatch = compile_fx(check, values)(*values)[0]
     if bool(mismatch):
-        return "the mask is not the causal mask (with no padding)"
+        return NOT_CAUSAL
     return CausalProof([node for node in inputs if isinstance(value_of(node), torch.Tensor)])
 
 

@@ -19,7 +19,7 @@ from torch.fx import Node
 from ..kernels import ops  # noqa: F401  (torch.ops.rocketkv)
 from .sites import _is_call, value_of
 
-IN_PLACE_WRITES = {"index_copy_", "index_put_", "copy_", "scatter_", "__setitem__"}
+IN_PLACE_WRITES = {"index_copy_", "index_put_", "copy_", "scatter_", "__setitem__", "setitem"}
 
 
 class KVSource(enum.Enum):
@@ -51,6 +51,18 @@ def returned_nodes(output: Node) -> set[Node]:
 def _is_in_place_write(node: Node) -> bool:
     return node.op == "call_method" and node.target in IN_PLACE_WRITES or (
         node.op == "call_function" and getattr(node.target, "__name__", "") in IN_PLACE_WRITES)
+
+
+def _written_in_place(node: Node) -> bool:
+    """Is `node`, or the buffer it slices (a static cache read up to its length), written in
+    place?"""
+    while True:
+        if _is_in_place_write(node) or any(_is_in_place_write(u) for u in node.users):
+            return True
+        if not (node.op == "call_function" and node.target is operator.getitem
+                and isinstance(node.args[0], Node)):
+            return False
+        node = node.args[0]
 
 
 def _calls(node: Node, op) -> bool:
@@ -85,7 +97,7 @@ def kv_origin(node: Node, returned: set[Node]) -> KVOrigin:
         if past.op == "placeholder":
             return KVOrigin(KVSource.GROWN, node, new=new, past=past)
         return KVOrigin(KVSource.NONE, node)
-    if _is_in_place_write(node) or any(_is_in_place_write(u) for u in node.users):
+    if _written_in_place(node):
         return KVOrigin(KVSource.IN_PLACE, node)
     if node.op == "placeholder":
         return KVOrigin(KVSource.EXTERNAL, node)

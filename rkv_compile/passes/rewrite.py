@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from typing import Mapping
 
 import torch
 from torch.fx import Graph, GraphModule, Node
@@ -60,12 +61,19 @@ class SiteDecision:
     def rewritten(self) -> bool:
         return self.reason is None
 
+    def refuse(self, reason: str) -> None:
+        """Keep the site exact after all, for `reason`."""
+        self.phase, self.plan, self.reason = None, None, reason
+
     @property
     def scale(self) -> float:
         return self.site.scale if self.site.scale is not None else 1.0 / math.sqrt(self.head_dim)
 
 
-def analyse(graph: Graph, config: RocketKVConfig) -> list[SiteDecision]:
+def analyse(graph: Graph, config: RocketKVConfig, refused: Mapping[str, str] | None = None
+            ) -> list[SiteDecision]:
+    """Every attention site's decision. `refused` (site name -> reason) keeps sites exact that a
+    check beyond the graph's structure refused (a prefill mask evaluated as not causal)."""
     returned = returned_nodes(graph.output_node())
     decisions = [SiteDecision(site, kv_origin(site.key, returned), kv_origin(site.value, returned),
                               method=config.method) for site in find_sites(graph)]
@@ -83,6 +91,8 @@ def analyse(graph: Graph, config: RocketKVConfig) -> list[SiteDecision]:
     for d in decisions:
         d.layer, d.layers = (layers.index(id(d)), len(layers)) if id(d) in layers else (0, 1)
         d.reason = _refusal(graph, d, config, caches, lengths)
+        if d.rewritten and d.site.name in (refused or {}):
+            d.refuse(refused[d.site.name])
     return decisions
 
 
@@ -108,7 +118,8 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
     rocketkv_cache = d.key.source in (KVSource.ROCKETKV, KVSource.NEW_ROCKETKV)
     if not rocketkv_cache and d.key.source not in (KVSource.FRESH, KVSource.GROWN):
         return f"keys are {d.key.source.value}: nothing to compress" + (
-            " (static in-place caches are not rewritten on this path)"
+            (" (a static cache written in place is not compressed; with transformers, pass "
+             "a RocketKVCache for static shapes)")
             if d.key.source is KVSource.IN_PLACE else
             " (it keeps its own last tokens; this layer stays exact)"
             if d.key.source is KVSource.WINDOW else "")
