@@ -15,10 +15,15 @@ State between graphs travels on the cache tensors themselves, as attributes:
   keeps its full cache and stays exact.
 - ``_rocketkv_state``: on a stored key cache of a policy that evicts as it decodes (H2O), the
   score of every stored slot; each decode step reads it and writes the next.
+- ``_rocketkv_view``: on a full key cache of a policy that keeps the history (rocketkv-mt), the
+  (keys, values, positions) view that decode reads: what the last prefill kept, and every token
+  decoded since. The cache itself is never evicted, so a new turn's positions stay right.
 - ``_rocketkv_decoded``: the cache came out of a rewritten decode step.
 - ``_rocketkv_shortened``: the cache holds fewer tokens than its sequence (eviction was
-  committed). A graph that feeds several new tokens over such a cache (a new turn, a chunked
-  prefill) is refused at run time: transformers derives their positions from the stored length.
+  committed). A graph that feeds several new tokens over such a cache (a new turn) is refused at
+  run time: transformers derives their positions from the stored length. Over a cache not
+  shortened, such a graph (a prompt's later chunk) is a prefill of the whole cache: its eviction
+  replaces the earlier chunk's, and the first decode step commits the last one.
 A decode graph whose mask reads a 2-D padding mask (transformers' attention_mask, laid out by
 logical position) checks it at run time: all ones lines up with any cache; with padding the
 exact graph runs, uncompiled, on the full caches (batched, padded generation is not compressed
@@ -50,6 +55,7 @@ EVICTED_ATTR = "_rocketkv_evicted"
 DECODED_ATTR = "_rocketkv_decoded"   # written by a rewritten decode step (so maybe evicted)
 SHORTENED_ATTR = "_rocketkv_shortened"
 STATE_ATTR = "_rocketkv_state"
+VIEW_ATTR = "_rocketkv_view"
 Compiler = Callable[[GraphModule, Sequence], Callable]
 _WARNED: set[str] = set()   # unsupported-input warnings already given
 
@@ -71,9 +77,9 @@ def compiles_decode(decode: list[SiteDecision]) -> bool:
     """Whether a decode graph is compiled. One that calls the Triton kernels over a growing cache
     runs uncompiled (its kernels launched one by one): their launch code would compute grid and
     block sizes from the symbolic cache length. Over RocketKVCache every shape is static. One
-    that carries a state between steps (H2O) runs uncompiled too: the state is an input Dynamo
-    never saw, so Inductor has no symbolic length for it."""
-    return all(not d.method.decode_state and
+    that carries a state or a view between steps (H2O, rocketkv-mt) runs uncompiled too: they
+    are inputs Dynamo never saw, so Inductor has no symbolic length for them."""
+    return all(not (d.method.decode_state or d.method.keeps_history) and
                (d.kernel != "triton" or d.key.source is KVSource.ROCKETKV) for d in decode)
 
 
@@ -142,7 +148,10 @@ class RewrittenGraph:
                               for d in decisions if d.phase == DECODE}
         self.stateful = {d.site.name for d in decisions
                          if d.phase == DECODE and d.method.decode_state}
+        self.viewing = [d.site.name for d in decisions
+                        if d.phase == DECODE and d.method.keeps_history]
         self.length_inputs = _length_inputs(placeholders, decisions)
+        self.continued = _continued_caches(gm, decisions)
         self.padding_inputs = sorted({placeholders.index(m) for d in decisions
                                       if d.phase == DECODE for m in d.padding_masks})
         # masks of prompts stored in a RocketKVCache: a padded batch is refused
@@ -197,6 +206,15 @@ class RewrittenGraph:
         return plan
 
     @staticmethod
+    def _view_of(key: torch.Tensor, value: torch.Tensor) -> tuple:
+        view = getattr(key, VIEW_ATTR, None)
+        if view is None:   # nothing was selected (the prompt fit the budget): the whole cache
+            B, H, n = key.shape[:3]
+            positions = torch.arange(n, device=key.device).expand(B, H, n).contiguous()
+            view = (key, value, positions)
+        return view
+
+    @staticmethod
     def _state_of(past: torch.Tensor) -> torch.Tensor:
         state = getattr(past, STATE_ATTR, None)
         if state is None:  # a cache we did not prefill: every stored token starts at 0
@@ -248,6 +266,7 @@ class RewrittenGraph:
         return self.original(*args)
 
     def __call__(self, *args):
+        _refuse_shortened(args, self.continued)
         if self.padded_store_inputs and self._has_padding(args, self.padded_store_inputs):
             raise NotImplementedError(
                 "rocketkv: a padded batch into a RocketKVCache is not supported yet (transformers "
@@ -278,6 +297,8 @@ class RewrittenGraph:
                 extra += [getattr(plan, field) for field in PLAN_INPUTS]
                 if name in self.stateful:
                     extra.append(self._state_of(args[self.decode_inputs[name][0]]))
+                if name in self.viewing:
+                    extra += self._view_of(*(args[i] for i in self.decode_inputs[name]))
             outputs = self.uncompiled(*args, *extra)
         stored, outputs = outputs[self.num_outputs:], list(outputs[:self.num_outputs])
         for name, positions in self.cache_outputs.items():
@@ -297,37 +318,55 @@ class RewrittenGraph:
                 if self.config.cudagraphs:  # fixed buffers, updated in place: no copies per replay
                     torch._dynamo.mark_static_address(outputs[i], guard=False)
         for j, name in enumerate(self.storing):
-            key, value, state = stored[3 * j: 3 * j + 3]
+            key, value, positions, state = stored[4 * j: 4 * j + 4]
+            if self.config.method.keeps_history:   # the cache stays whole; decode reads a view
+                for i in self.cache_outputs[name][0]:
+                    setattr(outputs[i], VIEW_ATTR, (key, value, positions))
+                continue
             if state.numel():
                 setattr(key, STATE_ATTR, state)
             for kind, kept in enumerate((key, value)):
                 for i in self.cache_outputs[name][kind]:
                     setattr(outputs[i], EVICTED_ATTR, kept)
-        states = stored[3 * len(self.storing):]
-        for name, state in zip([n for n in self.decode_inputs if n in self.stateful], states):
+        stored = stored[4 * len(self.storing):]
+        stateful = [n for n in self.decode_inputs if n in self.stateful]
+        for name, state in zip(stateful, stored):
             for i in self.cache_outputs[name][0]:
                 setattr(outputs[i], STATE_ATTR, state)
+        views = stored[len(stateful):]
+        for j, name in enumerate(self.viewing):
+            for i in self.cache_outputs[name][0]:
+                setattr(outputs[i], VIEW_ATTR, tuple(views[3 * j: 3 * j + 3]))
         return outputs
+
+
+def _continued_caches(gm: GraphModule, decisions: list[SiteDecision]) -> list[int]:
+    """The inputs of caches that get several new tokens (a new turn, a prompt's later chunk)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    return sorted({placeholders.index(d.key.past) for d in decisions
+                   if d.key.source is KVSource.GROWN and
+                   (isinstance(d.query_len, torch.SymInt) or (d.query_len or 1) > 1)})
+
+
+def _refuse_shortened(args, inputs: list[int]) -> None:
+    """New tokens over a cache that eviction shortened are refused: transformers derives their
+    positions from the stored length, which no longer counts the evicted tokens."""
+    if any(getattr(args[i], SHORTENED_ATTR, False) for i in inputs):
+        raise NotImplementedError(
+            "rocketkv: new tokens over a cache that eviction shortened (a new turn or a chunked "
+            "prefill after decoding) are not supported: transformers would derive their "
+            "positions from the stored length. Generate each turn from a new cache")
 
 
 def _refusing_shortened(compiled: Callable, gm: GraphModule, decisions: list[SiteDecision]
                         ) -> Callable:
-    """`compiled`, refusing at run time to feed several new tokens (a new turn, a chunked
-    prefill) over a cache that eviction shortened: transformers derives their positions from
-    the stored length, which no longer counts the evicted tokens."""
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    inputs = sorted({placeholders.index(d.key.past) for d in decisions
-                     if d.key.source is KVSource.GROWN and
-                     (isinstance(d.query_len, torch.SymInt) or (d.query_len or 1) > 1)})
+    """`compiled`, refusing at run time new tokens over a shortened cache."""
+    inputs = _continued_caches(gm, decisions)
     if not inputs:
         return compiled
 
     def run(*args):
-        if any(getattr(args[i], SHORTENED_ATTR, False) for i in inputs):
-            raise NotImplementedError(
-                "rocketkv: new tokens over a cache that eviction shortened (a new turn or a "
-                "chunked prefill) are not supported yet: transformers would derive their "
-                "positions from the stored length. Generate each turn from a new cache")
+        _refuse_shortened(args, inputs)
         return compiled(*args)
 
     return run

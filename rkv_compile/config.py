@@ -19,7 +19,8 @@ class RocketKVConfig:
                     planned length L that sizes the compressed cache.
     window_size:    the last prompt queries that vote in stage 1 (SnapKV's observation window);
                     their own keys are always kept.
-    policy:         the method, one of rkv_compile/policies: "rocketkv" (default), "snapkv",
+    policy:         the method, one of rkv_compile/policies: "rocketkv" (default),
+                    "rocketkv-mt" (multi-turn), "snapkv",
                     "pyramidkv", "chunkkv", "h2o", "shotkv", "streamingllm", "quest", "sparq",
                     "oracle-topk", "kvquant", "full".
     cudagraphs:     decode graphs replay as CUDA graphs (Inductor's cudagraph trees); for

@@ -54,6 +54,11 @@ def _policy_attention(module, query, key, value, attention_mask, scaling=None, d
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                              is_causal=attention_mask is None and q_len == n,
                                              scale=scale, enable_gqa=True)
+    elif config.method.keeps_history:
+        out, *view = config.method.view_decode(query, key, value, attention_mask, scale,
+                                               plan.chunk, plan.dims, plan.topk,
+                                               *state["views"][layer])
+        state["views"][layer] = view
     elif config.method.decode_state:
         out, state["states"][layer] = config.method.evicting_decode(
             query, key, value, attention_mask, scale, plan.topk, state["states"][layer])
@@ -104,12 +109,14 @@ def continue_greedy(model, prompt: Prefill, config: RocketKVConfig, max_new_toke
     if prompt.queries and prompt.queries[0].shape[2] < observed:
         raise ValueError(f"the prefill recorded {prompt.queries[0].shape[2]} queries; "
                          f"{method.name} reads {observed}")
-    cache, plans, positions, states = DynamicCache(config=model.config), {}, {}, {}
+    cache, plans, positions, states, views = DynamicCache(config=model.config), {}, {}, {}, {}
     # sliding-window layers keep their own last tokens: the pass leaves them exact
     types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
     full = [layer for layer in range(layers) if types is None or types[layer] == "full_attention"]
     for layer in range(layers):
-        key, value = prompt.keys[layer], prompt.values[layer]
+        key, value = whole = prompt.keys[layer], prompt.values[layer]
+        B, H = key.shape[:2]
+        views[layer] = (*whole, torch.arange(T, device=key.device).expand(B, H, T))
         if config.compresses and layer in full:
             index = full.index(layer)   # the layer's place among the compressed ones
             plan = plans[layer] = config.plan(T, key.shape[-1], index, len(full))
@@ -119,11 +126,14 @@ def continue_greedy(model, prompt: Prefill, config: RocketKVConfig, max_new_toke
                     prompt.queries[layer][:, :, -observed:], key, value,
                     None if mask is None else mask[..., -observed:, :], prompt.scales[layer],
                     min(plan.prompt_budget, T), None if source is None else positions[full[source]])
+                views[layer] = (key, value, positions[layer])
+        if method.keeps_history:   # the cache keeps every token; decode reads the view
+            key, value = whole
         cache.update(key, value, layer)
     kept = [layer.keys.shape[2] for layer in cache.layers]
     tokens = [int(prompt.logits.argmax())]
     device = prompt.logits.device
-    with _attention(model, {"config": config, "plans": plans, "states": states}):
+    with _attention(model, {"config": config, "plans": plans, "states": states, "views": views}):
         for step in range(max_new_tokens - 1):
             if step and tokens[-1] in stop_tokens:
                 break
@@ -139,3 +149,44 @@ def generate(model, input_ids: Tensor, config: RocketKVConfig, max_new_tokens: i
     observed = config.method.observed_queries(input_ids.shape[1])
     return continue_greedy(model, prefill(model, input_ids, observed), config, max_new_tokens,
                            stop_tokens)
+
+
+@torch.no_grad()
+def multi_turn(model, turns: list[Tensor], config: RocketKVConfig, max_new_tokens: int
+               ) -> list[list[int]]:
+    """A conversation under a policy that keeps the history (rocketkv-mt): the greedy reply of
+    `max_new_tokens` tokens to each turn (batch 1), as `generate` continuing one cache gives.
+
+    Each turn's tokens (after the last reply's final token, which the cache has not seen) are
+    prefilled exactly over the whole cache; the policy's selection then runs over every stored
+    token, voted by the turn's last queries, into each layer's view, which decode reads."""
+    method, cache, replies, length = config.method, DynamicCache(config=model.config), [], 0
+    device = turns[0].device
+    for turn in turns:
+        new = turn if not replies else torch.cat(
+            [torch.tensor([[replies[-1][-1]]], device=device), turn], dim=1)
+        record = Prefill(0, None, [], [], [], [], [])
+        observed = method.observed_queries(length + new.shape[1])
+        with _attention(model, {"prefill": record, "window": observed}):
+            positions = torch.arange(length, length + new.shape[1], device=device)[None]
+            logits = model(new, past_key_values=cache, position_ids=positions).logits
+        length += new.shape[1]
+        plans, views = {}, {}
+        for layer, (key, value) in enumerate(zip(record.keys, record.values)):
+            plan = plans[layer] = config.plan(length, key.shape[-1], layer, len(record.keys))
+            if method.rewrites_prompt(length, plan):
+                views[layer] = method.compress(record.queries[layer], key, value,
+                                               record.masks[layer], record.scales[layer],
+                                               min(plan.prompt_budget, length))[:3]
+            else:
+                B, H = key.shape[:2]
+                views[layer] = (key, value, torch.arange(length, device=device).expand(B, H, -1))
+        tokens = [int(logits[0, -1].argmax())]
+        with _attention(model, {"config": config, "plans": plans, "views": views}):
+            for _ in range(max_new_tokens - 1):
+                logits = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=cache,
+                               position_ids=torch.tensor([[length]], device=device)).logits
+                length += 1
+                tokens.append(int(logits[0, -1].argmax()))
+        replies.append(tokens)
+    return replies

@@ -25,13 +25,16 @@ class SiteReport:
     def of(cls, graph: int, d: SiteDecision) -> "SiteReport":
         p, name = d.plan, d.method.name
         if d.phase == "prefill":
-            rewrites = d.method.rewrites_prompt(d.query_len, p)
-            kept = (f"the {min(p.prompt_budget, d.query_len)} tokens {name} keeps"
+            rewrites = d.method.rewrites_prompt(d.prompt_len, p)
+            kept = (f"the {min(p.prompt_budget, d.prompt_len)} tokens {name} keeps"
                     + (f", quantized to {d.method.kv_bits} bits" if d.method.kv_bits else "")
                     if rewrites else "the whole prompt (within the budget)")
         if d.phase == "prefill" and d.key.source is KVSource.NEW_ROCKETKV:
             action = (f"prefill: exact attention; the RocketKVCache stores {kept} in "
                       f"{d.capacity}-token buffers")
+        elif d.phase == "prefill" and d.method.keeps_history:
+            action = (f"prefill: exact attention; the cache keeps every token, and decode reads "
+                      f"a view of {kept}")
         elif d.phase == "prefill":
             action = (f"prefill: exact attention; the cache stores {kept}"
                       + (" (committed by the first rewritten decode step)" if rewrites else ""))
@@ -42,6 +45,9 @@ class SiteReport:
                       "own length: layers keep different numbers of tokens)")
         elif d.phase == "decode" and d.kernel == "exact":
             action = f"decode: {name}, exact attention over the kept tokens (unchanged)"
+        elif d.phase == "decode" and d.method.keeps_history:
+            action = (f"decode: {name}, {d.method.decode_kind} (the PyTorch reference op, the "
+                      "graph uncompiled: the view enters as inputs Dynamo never traced)")
         elif d.phase == "decode" and d.method.decode_state:
             action = (f"decode: {name}, {d.method.decode_kind} (the PyTorch reference op, the "
                       "graph uncompiled: its state, a score per stored token, enters as an input "

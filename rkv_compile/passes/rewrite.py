@@ -16,7 +16,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import Plan, RocketKVConfig
-from ..policies import Policy
+from ..policies import Policy, from_spec
 from ..kernels import ops  # noqa: F401  (torch.ops.rocketkv)
 from .causal_mask import CausalProof
 from .kv_source import KVOrigin, KVSource, kv_origin, returned_nodes
@@ -37,6 +37,7 @@ class SiteDecision:
     reason: str | None = None      # why the site stays exact
     plan: Plan | None = None       # prefill: the plan its prompt length gives
     query_len: int | None = None
+    prompt_len: int | None = None  # prefill: the tokens it stores from (past ones included)
     head_dim: int | None = None
     method: Policy | None = None   # the policy the options select
     layer: int = 0                 # prefill: its layer, of `layers`, in graph order
@@ -85,9 +86,10 @@ def analyse(graph: Graph, config: RocketKVConfig, refused: Mapping[str, str] | N
         length = value_of(past).shape[2] if isinstance(value_of(past), torch.Tensor) else None
         if isinstance(length, torch.SymInt):
             lengths |= length.node.expr.free_symbols
-    # The layers, in graph order: the attention sites over a new cache (some policies budget
-    # layers differently).
-    layers = [id(d) for d in decisions if d.key.source in (KVSource.FRESH, KVSource.NEW_ROCKETKV)]
+    # The layers, in graph order: the attention sites over a cache this graph writes (some
+    # policies budget layers differently, or reuse another layer's selection).
+    layers = [id(d) for d in decisions
+              if d.key.source in (KVSource.FRESH, KVSource.NEW_ROCKETKV, KVSource.GROWN)]
     for d in decisions:
         d.layer, d.layers = (layers.index(id(d)), len(layers)) if id(d) in layers else (0, 1)
         d.reason = _refusal(graph, d, config, caches, lengths)
@@ -141,16 +143,9 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
             return "is_causal with fewer queries than keys (top-left aligned mask)"
         if not _same(d.query_len, n):
             return f"{d.query_len} queries over {n} new keys: not a prefill from an empty cache"
-        if d.method.per_layer:
-            return (f"{d.method.name} budgets each layer differently, but one traced length "
-                    "serves every layer of a growing cache: pass a RocketKVCache to compress")
-        d.phase = PREFILL
-        # The plan needs the prompt length: int() specialises a symbolic length (a guard).
-        d.plan = config.plan(int(n), int(d.head_dim), d.layer, d.layers)
-        return None
+        return _prefill(d, config, n)
     if not _same(d.query_len, 1):
-        return (f"{d.query_len} new queries over an existing cache (chunked prefill or a new "
-                "turn): exact")
+        return _continuation_refusal(d, config, n)
     if site.is_causal:
         return "is_causal with one query over a cache masks all but the first key"
     if not isinstance(value_of(d.key.past).shape[2], torch.SymInt):
@@ -174,6 +169,35 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
     return None
 
 
+def _prefill(d: SiteDecision, config: RocketKVConfig, stored) -> str | None:
+    """The site is a prefill into a growing cache that will hold `stored` tokens: plan it."""
+    if d.method.per_layer:
+        return (f"{d.method.name} budgets each layer differently, but one traced length "
+                "serves every layer of a growing cache: pass a RocketKVCache to compress")
+    d.phase = PREFILL
+    # The plan needs the prompt length: int() specialises a symbolic length (a guard).
+    d.prompt_len = int(stored)
+    d.plan = config.plan(d.prompt_len, int(d.head_dim), d.layer, d.layers)
+    return None
+
+
+def _continuation_refusal(d: SiteDecision, config: RocketKVConfig, n) -> str | None:
+    """Several new queries over a grown cache: a prompt's later chunk (chunked prefill) or a new
+    turn. It is a prefill of the whole cache: exact attention, then the policy's selection over
+    every stored token, voted by this chunk's last queries, as one prefill of the whole prompt
+    would (the backend refuses at run time a cache that eviction already shortened)."""
+    site, chunk = d.site, int(d.query_len)
+    if site.is_causal or site.mask is None:
+        return (f"{chunk} new queries over an existing cache " + (
+            "with is_causal (a top-left aligned mask)" if site.is_causal else "with no mask"))
+    observed = d.method.observed_queries(int(n))
+    if observed > chunk:
+        return (f"{chunk} new queries over an existing cache: {d.method.name} selects by the "
+                f"last {observed} queries of the prompt, more than this chunk has; the cache is "
+                "kept whole")
+    return _prefill(d, config, n)
+
+
 def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
     """RocketKVCache sites. Its prefill stores the prompt through one op that the pass turns into
     stage 1; its decode mask comes from the cache's own mask sizes (physical slots), and it
@@ -182,6 +206,9 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
     if d.method.decode_state:
         return (f"{d.method.name} evicts during decode by a score it keeps per stored token, "
                 "and RocketKVCache has no buffer for it: pass a DynamicCache to compress")
+    if d.method.keeps_history:
+        return (f"{d.method.name} keeps every token beside a compressed view, and RocketKVCache "
+                "holds only what stage 1 keeps: pass a DynamicCache to compress")
     if d.key.source is KVSource.NEW_ROCKETKV:
         if not (site.is_causal or site.mask is not None) or not _same(d.query_len, k.shape[2]):
             return "not a causal prefill over the whole prompt"
@@ -190,6 +217,7 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
         room = int(value_of(stored) if isinstance(stored, Node) else stored) - prompt
         # The cache says how many tokens will be generated: that sizes its plan.
         roomy = dataclasses.replace(config, max_new_tokens=room)
+        d.prompt_len = prompt
         d.plan = roomy.plan(prompt, int(d.head_dim), d.layer, d.layers)
         # transformers builds one decode mask, as wide as the first layer's cache, for all
         # layers: per-layer plans get buffers of one size, the largest (decode then reads each
@@ -319,6 +347,13 @@ def _attend_stored_slots(graph: Graph, d: SiteDecision) -> None:
     d.site.output.replace_all_uses_with(exact)
 
 
+def view_decode(query, key, value, mask, scale, chunk, dims, topk, view_key, view_value,
+                view_positions, policy: str):
+    """A keeps_history policy's decode step (rocketkv-mt): its view_decode, from its spec."""
+    return from_spec(policy).view_decode(query, key, value, mask, scale, chunk, dims, topk,
+                                         view_key, view_value, view_positions)
+
+
 def _summaries(d: SiteDecision) -> tuple:
     """A RocketKVCache's chunk summaries for the Triton op (a cache stored exactly has none)."""
     if d.key.source is not KVSource.ROCKETKV:
@@ -339,7 +374,7 @@ def _prompt_store(graph: Graph, d: SiteDecision, key: Node, value: Node, causal:
     """The compress op of a prefill site: what its layer stores of the prompt `key`/`value`.
     Records the positions it selects in `selections` (layer -> node) for layers that reuse
     them."""
-    method, n = d.method, int(d.query_len)
+    method, n = d.method, d.prompt_len
     observed = method.observed_queries(n)
     source = method.reuses(d.layer)
     store = graph.call_function(
@@ -359,11 +394,11 @@ def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, causal: frozenset[s
     store, plan = d.key.cache, d.plan
     key, value = store.args[:2]
     with graph.inserting_before(store):
-        if d.method.rewrites_prompt(d.query_len, plan):
+        if d.method.rewrites_prompt(d.prompt_len, plan):
             kept = _prompt_store(graph, d, key, value, causal, selections)
             key, value = (graph.call_function(operator.getitem, (kept, i)) for i in (0, 1))
         state = graph.call_function(torch.ops.rocketkv.static_cache.default,
-                                    (key, value, d.capacity, plan.chunk, int(d.query_len)))
+                                    (key, value, d.capacity, plan.chunk, d.prompt_len))
     store.replace_all_uses_with(state)
     graph.erase_node(store)
 
@@ -382,16 +417,18 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
     what is stored.
 
     A prefill site keeps returning its full cache and gets the policy's compress op inserted:
-    the keys, values and decode state it stores are appended to the graph's outputs, three per
-    such site, in the order returned. Whether they replace the full cache is decided by the
+    the keys, values, positions and decode state it stores are appended to the graph's outputs,
+    four per such site, in the order returned. Whether they replace the full cache is decided by the
     decode graph (backend.py), the one place that can check that positions do not derive from
     the stored cache length.
     A decode site of a sparse-decode policy gets its op, whose plan (chunk, dims, topk) comes
     from `plans` (site name -> Plan) as constants, or else from three new int inputs appended to
     the graph's inputs, per decode site in graph order (the plan travels with the cache). A
     policy that evicts as it decodes also takes its state (a score per stored slot) as a fourth
-    input, and its new state is appended to the outputs, one per such site. Other policies'
-    decode sites keep their exact attention (over the evicted cache).
+    input, and its new state is appended to the outputs, one per such site. A policy that keeps
+    the history (rocketkv-mt) decodes from a view (keys, values, positions: three more inputs
+    per site), and its new view is appended to the outputs after the states, three per site.
+    Other policies' decode sites keep their exact attention (over the evicted cache).
     The prefill sites named in `causal` (masks proven plain causal) drop their masks for
     is_causal=True.
     """
@@ -401,14 +438,15 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
     stored: list[Node] = []
     storing: list[str] = []
     states: list[Node] = []
+    views: list[Node] = []
     selections: dict[int, Node] = {}
     for d in decisions:
         if d.phase == PREFILL and d.key.source is KVSource.NEW_ROCKETKV:
             _rewrite_rocketkv_prefill(graph, d, causal, selections)
-        elif d.phase == PREFILL and d.method.rewrites_prompt(d.query_len, d.plan):
+        elif d.phase == PREFILL and d.method.rewrites_prompt(d.prompt_len, d.plan):
             with graph.inserting_before(d.site.output.next):
                 kept = _prompt_store(graph, d, d.site.key, d.site.value, causal, selections)
-                stored += [graph.call_function(operator.getitem, (kept, i)) for i in (0, 1, 3)]
+                stored += [graph.call_function(operator.getitem, (kept, i)) for i in range(4)]
             storing.append(d.site.name)
         elif d.phase == DECODE and d.method.per_layer and d.key.source is KVSource.ROCKETKV:
             _attend_stored_slots(graph, d)
@@ -420,9 +458,17 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                     plan = [graph.placeholder(f"{d.site.name}_{field}") for field in PLAN_INPUTS]
                     if d.method.decode_state:
                         state = graph.placeholder(f"{d.site.name}_state")
+                    if d.method.keeps_history:
+                        view = [graph.placeholder(f"{d.site.name}_view_{part}")
+                                for part in ("key", "value", "positions")]
             with graph.inserting_before(d.site.output.next):
                 args = (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale)
-                if d.method.decode_state:
+                if d.method.keeps_history:
+                    step = graph.call_function(view_decode, args + (*plan, *view,
+                                                                    config.method.spec))
+                    sparse = graph.call_function(operator.getitem, (step, 0))
+                    views += [graph.call_function(operator.getitem, (step, i)) for i in (1, 2, 3)]
+                elif d.method.decode_state:
                     step = graph.call_function(torch.ops.rocketkv.evicting_decode.default,
                                                args + (plan[2], state, config.method.spec))
                     sparse = graph.call_function(operator.getitem, (step, 0))
@@ -436,8 +482,8 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
             d.site.output.replace_all_uses_with(sparse)
         if d.phase == PREFILL and d.site.name in causal:
             _make_causal(d.site)
-    if stored or states:
-        output.args = (tuple(output.args[0]) + tuple(stored) + tuple(states),)
+    if stored or states or views:
+        output.args = (tuple(output.args[0]) + tuple(stored) + tuple(states) + tuple(views),)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
     gm.recompile()

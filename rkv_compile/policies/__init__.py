@@ -8,11 +8,12 @@ from .oracle_topk import OracleTopK
 from .pyramidkv import PyramidKV
 from .quest import Quest
 from .rocketkv import RocketKV
+from .rocketkv_mt import RocketKVMultiTurn
 from .shotkv import ShotKV
 from .snapkv import SnapKV
 from .sparq import SparQ
 from .streamingllm import StreamingLLM
 
 __all__ = ["POLICIES", "ChunkKV", "Full", "H2O", "KVQuant", "OracleTopK", "Plan", "Policy",
-           "PyramidKV", "Quest", "RocketKV", "ShotKV", "SnapKV", "SparQ", "StreamingLLM",
+           "PyramidKV", "Quest", "RocketKV", "RocketKVMultiTurn", "ShotKV", "SnapKV", "SparQ", "StreamingLLM",
            "from_spec"]

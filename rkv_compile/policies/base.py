@@ -58,6 +58,7 @@ class Policy:
     budgeted: ClassVar[bool] = True         # token_budget matters (not: every token is kept)
     triton: ClassVar[bool] = False          # CUDA runs RocketKV's Triton kernels (else: reference)
     per_layer: ClassVar[bool] = False       # layers keep different numbers of tokens
+    keeps_history: ClassVar[bool] = False   # the cache keeps every token; decode reads a view
     decode_kind: ClassVar[str] = "exact attention over the kept tokens"
 
     def __post_init__(self):
