@@ -6,6 +6,7 @@ the prompt's window, so the kept set is one prefill's, provided that chunk holds
 """
 import pytest
 import torch
+from devices import DEVICE
 from models import prompt, tiny_hf
 
 from rkv_compile import RocketKVConfig
@@ -35,9 +36,9 @@ def chunked_generate(model, ids, chunk: int, inductor: bool, decisions: list):
 
 @pytest.mark.parametrize("chunk, inductor", [(128, True), (100, False), (PROMPT, False)])
 def test_chunks_keep_what_one_prefill_keeps(chunk, inductor):
-    model = tiny_hf("llama")
+    model = tiny_hf("llama").to(DEVICE)   # on a GPU machine: Inductor's CUDA path
     model.generation_config.eos_token_id = None
-    ids = prompt(PROMPT)
+    ids = prompt(PROMPT).to(DEVICE)
     decisions = []
     tokens, cache = chunked_generate(model, ids, chunk, inductor, decisions)
     expected, kept = oracle_generate(model, ids, RocketKVConfig.from_options(BUDGET), STEPS)
