@@ -42,6 +42,7 @@ from torch.fx import Graph, GraphModule
 
 from .config import Plan, RocketKVConfig
 from .kernels.reference import additive_mask
+from .policies.rocketkv_mt import whole_view
 from .passes.rewrite import (DECODE, PLAN_INPUTS, PREFILL, UNSUPPORTED, SiteDecision, analyse,
                              apply)
 from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
@@ -208,11 +209,7 @@ class RewrittenGraph:
     @staticmethod
     def _view_of(key: torch.Tensor, value: torch.Tensor) -> tuple:
         view = getattr(key, VIEW_ATTR, None)
-        if view is None:   # nothing was selected (the prompt fit the budget): the whole cache
-            B, H, n = key.shape[:3]
-            positions = torch.arange(n, device=key.device).expand(B, H, n).contiguous()
-            view = (key, value, positions)
-        return view
+        return whole_view(key, value) if view is None else view
 
     @staticmethod
     def _state_of(past: torch.Tensor) -> torch.Tensor:

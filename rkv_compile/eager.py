@@ -19,6 +19,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .config import RocketKVConfig
+from .policies.rocketkv_mt import whole_view
 
 ATTENTION = "rkv_eager"
 
@@ -115,8 +116,7 @@ def continue_greedy(model, prompt: Prefill, config: RocketKVConfig, max_new_toke
     full = [layer for layer in range(layers) if types is None or types[layer] == "full_attention"]
     for layer in range(layers):
         key, value = whole = prompt.keys[layer], prompt.values[layer]
-        B, H = key.shape[:2]
-        views[layer] = (*whole, torch.arange(T, device=key.device).expand(B, H, T))
+        views[layer] = whole_view(*whole)
         if config.compresses and layer in full:
             index = full.index(layer)   # the layer's place among the compressed ones
             plan = plans[layer] = config.plan(T, key.shape[-1], index, len(full))
@@ -179,8 +179,7 @@ def multi_turn(model, turns: list[Tensor], config: RocketKVConfig, max_new_token
                                                record.masks[layer], record.scales[layer],
                                                min(plan.prompt_budget, length))[:3]
             else:
-                B, H = key.shape[:2]
-                views[layer] = (key, value, torch.arange(length, device=device).expand(B, H, -1))
+                views[layer] = whole_view(key, value)
         tokens = [int(logits[0, -1].argmax())]
         with _attention(model, {"config": config, "plans": plans, "views": views}):
             for _ in range(max_new_tokens - 1):

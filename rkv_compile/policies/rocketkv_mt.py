@@ -16,6 +16,13 @@ from .base import register
 from .rocketkv import RocketKV
 
 
+def whole_view(key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The view of a cache nothing was selected from (its prompt fit the budget): every token,
+    at its own position."""
+    B, H, n = key.shape[:3]
+    return key, value, torch.arange(n, device=key.device).expand(B, H, n).contiguous()
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class RocketKVMultiTurn(RocketKV):
