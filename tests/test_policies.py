@@ -411,7 +411,7 @@ def test_evicting_decode_by_h2o_rule(B, Hkv, G, n, limit, recent, masked, seed):
                     probs[i] = probs.get(i, 0.0) + float(p)
             for i in alive:
                 scores[i] += probs[i]
-            spared = set(alive[len(alive) - recent:] if recent else []) | \
+            spared = set(alive[max(len(alive) - recent, 0):] if recent else []) | \
                 {i for i in alive if scores[i] == float("inf")}
             others = sorted((i for i in alive if i not in spared),
                             key=lambda i: (-float(scores[i]), i))
