@@ -23,7 +23,9 @@ State between graphs travels on the cache tensors themselves, as attributes:
   committed). A graph that feeds several new tokens over such a cache (a new turn) is refused at
   run time: transformers derives their positions from the stored length. Over a cache not
   shortened, such a graph (a prompt's later chunk) is a prefill of the whole cache: its eviction
-  replaces the earlier chunk's, and the first decode step commits the last one.
+  replaces the earlier chunk's, and the first decode step commits the last one. A RocketKVCache
+  keeps logical positions itself: a new turn into it is evicted again (its graph runs
+  uncompiled, planned at run time from the conversation's length).
 A decode graph whose mask reads a 2-D padding mask (transformers' attention_mask, laid out by
 logical position) checks it at run time: all ones lines up with any cache; with padding the
 exact graph runs, uncompiled, on the full caches (batched, padded generation is not compressed
@@ -31,6 +33,7 @@ yet). A padded prompt into a RocketKVCache is refused at run time.
 Cache tensors get their length marked dynamic, so decode graphs are traced with a symbolic length
 (one graph for all steps, and the positions check has a symbol to follow).
 """
+import dataclasses
 import functools
 import logging
 import operator
@@ -43,8 +46,8 @@ from torch.fx import Graph, GraphModule
 from .config import Plan, RocketKVConfig
 from .kernels.reference import additive_mask
 from .policies.rocketkv_mt import whole_view
-from .passes.rewrite import (DECODE, PLAN_INPUTS, PREFILL, UNSUPPORTED, SiteDecision, analyse,
-                             apply)
+from .passes.rewrite import (DECODE, PLAN_INPUTS, PREFILL, TURN, UNSUPPORTED, SiteDecision,
+                             analyse, apply, rocketkv_capacity)
 from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
 from .passes.kv_source import KVSource
 from .passes.sites import value_of
@@ -52,6 +55,7 @@ from .passes.sites import value_of
 log = logging.getLogger("rkv_compile")
 PLAN_ATTR = "_rocketkv_plan"
 GROWING = (KVSource.FRESH, KVSource.GROWN)   # caches that grow by cat (DynamicCache, tuples)
+ROCKETKV_STORES = (KVSource.NEW_ROCKETKV, KVSource.ROCKETKV_TURN)   # new RocketKVCache state
 EVICTED_ATTR = "_rocketkv_evicted"
 DECODED_ATTR = "_rocketkv_decoded"   # written by a rewritten decode step (so maybe evicted)
 SHORTENED_ATTR = "_rocketkv_shortened"
@@ -151,13 +155,19 @@ class RewrittenGraph:
                          if d.phase == DECODE and d.method.decode_state}
         self.viewing = [d.site.name for d in decisions
                         if d.phase == DECODE and d.method.keeps_history]
+        # site name -> (input of its logical positions, query length, head dim, layer, layers,
+        # the cache's room) of a new turn into a RocketKVCache: what plans it at run time
+        self.turns = {d.site.name: (placeholders.index(d.key.cache.args[5]), int(d.query_len),
+                                    int(d.head_dim), d.layer, d.layers, d.key.cache.args[8])
+                      for d in decisions if d.phase == TURN}
         self.length_inputs = _length_inputs(placeholders, decisions)
         self.continued = _continued_caches(gm, decisions)
         self.padding_inputs = sorted({placeholders.index(m) for d in decisions
                                       if d.phase == DECODE for m in d.padding_masks})
         # masks of prompts stored in a RocketKVCache: a padded batch is refused
         self.padded_store_inputs = sorted({placeholders.index(m) for d in decisions
-                                           if d.phase == PREFILL for m in d.padding_masks})
+                                           if d.phase in (PREFILL, TURN)
+                                           for m in d.padding_masks})
         # the exact graph, run as is (not compiled) for decode steps with padding
         self.original = _copy_graph_module(gm) if self.padding_inputs else None
         self.per_layer_slots = any(d.phase == DECODE and d.method.per_layer for d in decisions)
@@ -167,7 +177,8 @@ class RewrittenGraph:
                               for d in decisions if d.phase and d.key.source in GROWING}
         # site name -> output positions of the RocketKVCache layer state its prefill stores
         self.state_outputs = {d.site.name: _state_outputs(gm.graph, d.key.cache)
-                              for d in decisions if d.key.source is KVSource.NEW_ROCKETKV}
+                              for d in decisions if d.phase in (PREFILL, TURN)
+                              and d.key.source in ROCKETKV_STORES}
         proven = [d for d in decisions if isinstance(d.causal, CausalProof)]
         causal = frozenset(d.site.name for d in proven)
         # prefill inputs that must be all ones for the causal masks proven above to hold
@@ -184,7 +195,8 @@ class RewrittenGraph:
                              config)
         self.compiled, self.compiled_plans, self.warned = None, None, set()
         decode = [d for d in decisions if d.phase == DECODE]
-        if decode and not compiles_decode(decode):
+        if decode and not compiles_decode(decode) or self.turns:
+            # (a new turn's plan and buffer size are values known at run time: it runs uncompiled)
             return
         if decode:
             # Decode graphs are compiled here, inside Dynamo's compile (so the cache length stays
@@ -290,6 +302,11 @@ class RewrittenGraph:
                                 "prompt length?): it runs uncompiled", self.compiled_plans,
                                 decode_plans)
             extra = []
+            for name, (positions, turn, head_dim, layer, layers, room) in self.turns.items():
+                length = int(args[positions][0]) + turn   # the conversation's, after the turn
+                roomy = dataclasses.replace(self.config, max_new_tokens=room)
+                plan = plans[name] = roomy.plan(length, head_dim, layer, layers)
+                extra += [plan, rocketkv_capacity(plan, length)]
             for name, plan in decode_plans.items():
                 extra += [getattr(plan, field) for field in PLAN_INPUTS]
                 if name in self.stateful:
@@ -307,13 +324,7 @@ class RewrittenGraph:
                 setattr(outputs[i], SHORTENED_ATTR, shortened)
                 torch._dynamo.maybe_mark_dynamic(outputs[i], 2)
         for name, positions in self.state_outputs.items():
-            for i in positions:
-                setattr(outputs[i], PLAN_ATTR, plans[name])
-                # A new prompt length means new buffer sizes: Dynamo recompiles the decode graph
-                # for its plan instead of generalising the sizes (which would run it uncompiled).
-                torch._dynamo.mark_static(outputs[i])
-                if self.config.cudagraphs:  # fixed buffers, updated in place: no copies per replay
-                    torch._dynamo.mark_static_address(outputs[i], guard=False)
+            _mark_state([outputs[i] for i in positions], plans[name], self.config)
         for j, name in enumerate(self.storing):
             key, value, positions, state = stored[4 * j: 4 * j + 4]
             if self.config.method.keeps_history:   # the cache stays whole; decode reads a view
@@ -337,6 +348,38 @@ class RewrittenGraph:
         return outputs
 
 
+def _mark_state(state: list[torch.Tensor], plan: Plan, config: RocketKVConfig) -> None:
+    """A RocketKVCache layer's new state: it carries its plan."""
+    for tensor in state:
+        setattr(tensor, PLAN_ATTR, plan)
+        # A new prompt length means new buffer sizes: Dynamo recompiles the decode graph for its
+        # plan instead of generalising the sizes (which would run it uncompiled).
+        torch._dynamo.mark_static(tensor)
+        if config.cudagraphs:  # fixed buffers, updated in place: no copies per replay
+            torch._dynamo.mark_static_address(tensor, guard=False)
+
+
+def _keeping_plans(compiled: Callable, gm: GraphModule, decisions: list[SiteDecision],
+                   config: RocketKVConfig) -> Callable:
+    """`compiled`, where a new turn into a RocketKVCache stays exact (every stored token kept):
+    its new buffers carry the plan the old ones had (their summaries' chunk is the plan's)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    turns = [(placeholders.index(d.key.past), _state_outputs(gm.graph, d.key.cache))
+             for d in decisions if d.key.source is KVSource.ROCKETKV_TURN]
+    if not turns:
+        return compiled
+
+    def run(*args):
+        outputs = compiled(*args)
+        for past, state in turns:
+            plan = getattr(args[past], PLAN_ATTR, None)
+            if plan is not None:
+                _mark_state([outputs[i] for i in state], plan, config)
+        return outputs
+
+    return run
+
+
 def _continued_caches(gm: GraphModule, decisions: list[SiteDecision]) -> list[int]:
     """The inputs of caches that get several new tokens (a new turn, a prompt's later chunk)."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -352,7 +395,8 @@ def _refuse_shortened(args, inputs: list[int]) -> None:
         raise NotImplementedError(
             "rocketkv: new tokens over a cache that eviction shortened (a new turn or a chunked "
             "prefill after decoding) are not supported: transformers would derive their "
-            "positions from the stored length. Generate each turn from a new cache")
+            "positions from the stored length. Pass a RocketKVCache (it keeps each sequence's "
+            "logical length: a new turn is evicted again) or use policy 'rocketkv-mt'")
 
 
 def _refusing_shortened(compiled: Callable, gm: GraphModule, decisions: list[SiteDecision]
@@ -399,7 +443,8 @@ def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None 
             warnings.warn(f"rocketkv: {reason}", RuntimeWarning, stacklevel=2)
         plain = compiler or inductor
         if not any(d.phase for d in decisions):
-            return _refusing_shortened(plain(gm, example_inputs), gm, decisions)
+            return _keeping_plans(_refusing_shortened(plain(gm, example_inputs), gm, decisions),
+                                  gm, decisions, config)
         # CUDA graphs only for decode graphs: a prefill runs once per prompt.
         decode = decode_compiler or compiler or functools.partial(
             inductor, decode=True, cudagraphs=config.cudagraphs)

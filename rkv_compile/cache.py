@@ -3,7 +3,10 @@
 Each layer keeps capacity-sized buffers (K, V, the per-chunk min/max summaries of K that stage 2
 reads), and per sequence its stored length and its logical position. Decode steps write one token
 in place (`rocketkv::append_`, one Triton launch on CUDA that also updates the token's chunk
-summary), so every step has the same shapes and can be captured in a CUDA graph.
+summary), so every step has the same shapes and can be captured in a CUDA graph. A new turn
+(several tokens after decoding: `generate` again with the conversation so far) goes into new
+buffers holding the stored tokens and the turn's (`rocketkv::extend_cache`); under the backend,
+stage 1 then runs again over them (plain rocketkv's multi-turn).
 
 Without the ``rocketkv`` backend the cache is exact: the prompt is stored whole with room for
 `max_new_tokens`. Under the backend, the pass turns the prompt store into stage 1: the layer then
@@ -20,6 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .kernels import ops  # noqa: F401  (torch.ops.rocketkv)
+from .kernels.reference import extended_size
 
 
 STATE = ("keys", "values", "key_min", "key_max", "lengths", "positions")
@@ -47,8 +51,13 @@ class RocketKVLayer(CacheLayerMixin):
                 key_states.shape[2])
             return key_states, value_states
         if key_states.shape[2] != 1:
-            raise NotImplementedError("RocketKVCache takes one new token per step after the "
-                                      f"prompt (got {key_states.shape[2]})")
+            # A new turn: the stored tokens and the turn's, attended exactly (the rocketkv pass
+            # then runs stage 1 over them into the plan's buffers).
+            (self.keys, self.values, self.key_min, self.key_max, self.lengths,
+             self.positions) = torch.ops.rocketkv.extend_cache(
+                self.keys, self.values, self.key_min, self.key_max, self.lengths, self.positions,
+                key_states, value_states, self.max_new_tokens)
+            return self.keys, self.values
         torch.ops.rocketkv.append_(self.keys, self.values, self.key_min, self.key_max,
                                    self.lengths, self.positions, key_states, value_states)
         return self.keys, self.values
@@ -60,7 +69,9 @@ class RocketKVLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int):
         if not self.is_initialized:
             return query_length, 0
-        return self.keys.shape[2], self.positions[0] - self.lengths[0]
+        slots = extended_size(self.keys, self.key_min, query_length, self.max_new_tokens)[0] \
+            if query_length > 1 else self.keys.shape[2]   # a new turn: its new buffers
+        return slots, self.positions[0] - self.lengths[0]
 
     def get_max_length(self) -> int:
         return self.keys.shape[2] if self.is_initialized else -1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -152,37 +153,55 @@ def generate(model, input_ids: Tensor, config: RocketKVConfig, max_new_tokens: i
 
 
 @torch.no_grad()
-def multi_turn(model, turns: list[Tensor], config: RocketKVConfig, max_new_tokens: int
-               ) -> list[list[int]]:
-    """A conversation under a policy that keeps the history (rocketkv-mt): the greedy reply of
-    `max_new_tokens` tokens to each turn (batch 1), as `generate` continuing one cache gives.
+def multi_turn(model, turns: list[Tensor], config: RocketKVConfig,
+               max_new_tokens: int | Sequence[int]) -> list[list[int]]:
+    """A conversation under the policy of `config`: the greedy reply of `max_new_tokens` tokens
+    (or as many as its entry for each turn; 0: the turn is a prompt's chunk, fed and not
+    answered) to each turn (batch 1), as `generate` continuing one cache gives.
 
     Each turn's tokens (after the last reply's final token, which the cache has not seen) are
-    prefilled exactly over the whole cache; the policy's selection then runs over every stored
-    token, voted by the turn's last queries, into each layer's view, which decode reads."""
+    prefilled exactly over the cache. The policy's selection then runs over every stored token,
+    voted by the turn's last queries (if it has as many as the selection reads; else every
+    token is kept), with the plan of the conversation's length so far: into
+    each layer's view, which decode reads, for a policy that keeps the history (rocketkv-mt);
+    into the cache itself otherwise (rocketkv: the kept history and the turn are evicted
+    again)."""
     method, cache, replies, length = config.method, DynamicCache(config=model.config), [], 0
+    plans = {}
     device = turns[0].device
-    for turn in turns:
-        new = turn if not replies else torch.cat(
+    counts = [max_new_tokens] * len(turns) if isinstance(max_new_tokens, int) else max_new_tokens
+    for turn, count in zip(turns, counts):
+        new = turn if not (replies and replies[-1]) else torch.cat(
             [torch.tensor([[replies[-1][-1]]], device=device), turn], dim=1)
         record = Prefill(0, None, [], [], [], [], [])
-        observed = method.observed_queries(length + new.shape[1])
+        stored = cache.get_seq_length() + new.shape[1]
+        observed = method.observed_queries(stored)
         with _attention(model, {"prefill": record, "window": observed}):
             positions = torch.arange(length, length + new.shape[1], device=device)[None]
             logits = model(new, past_key_values=cache, position_ids=positions).logits
         length += new.shape[1]
-        plans, views = {}, {}
+        # A turn with fewer tokens than the selection reads queries keeps every stored token;
+        # where the cache itself was evicted, decode keeps its plan (the plan of its summaries).
+        short = new.shape[1] < observed
+        views, selections = {}, {}
         for layer, (key, value) in enumerate(zip(record.keys, record.values)):
-            plan = plans[layer] = config.plan(length, key.shape[-1], layer, len(record.keys))
-            if method.rewrites_prompt(length, plan):
-                views[layer] = method.compress(record.queries[layer], key, value,
-                                               record.masks[layer], record.scales[layer],
-                                               min(plan.prompt_budget, length))[:3]
+            plan = config.plan(length, key.shape[-1], layer, len(record.keys))
+            if not (short and layer in plans and not method.keeps_history):
+                plans[layer] = plan
+            kept = whole_view(key, value)
+            if method.rewrites_prompt(stored, plan) and not short:
+                source = method.reuses(layer)
+                kept = method.compress(record.queries[layer], key, value, record.masks[layer],
+                                       record.scales[layer], min(plan.prompt_budget, stored),
+                                       None if source is None else selections[source])[:3]
+            selections[layer] = kept[2]
+            if method.keeps_history:
+                views[layer] = kept
             else:
-                views[layer] = whole_view(key, value)
-        tokens = [int(logits[0, -1].argmax())]
+                cache.layers[layer].keys, cache.layers[layer].values = kept[:2]
+        tokens = [int(logits[0, -1].argmax())] if count else []
         with _attention(model, {"config": config, "plans": plans, "views": views}):
-            for _ in range(max_new_tokens - 1):
+            for _ in range(count - 1):
                 logits = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=cache,
                                position_ids=torch.tensor([[length]], device=device)).logits
                 length += 1

@@ -3,7 +3,9 @@
 For every context length, task and sample, one exact prefill is shared by all policies and
 budgets (every policy here prefills exactly); each then evicts and decodes greedily through
 `rkv_compile.eager` (the policies' PyTorch references, which the tests hold the pass to). Full KV
-is the same at every budget and runs once. With `engine="compile"` each configuration instead
+is the same at every budget and runs once. A two-turn task (`passkey-2turn`, ...) runs each
+configuration's conversation through `eager.multi_turn` (no prefill is shared: the second turn
+is prefilled over what each policy kept); its KV cache size is not reported. With `engine="compile"` each configuration instead
 runs `generate` under ``torch.compile(backend="rocketkv")``: the product path, one compile per
 configuration (slow; for spot checks).
 
@@ -29,7 +31,9 @@ from . import eager
 from .backend import rocketkv
 from .config import RocketKVConfig
 from .policies import POLICIES
-from .tasks import TASKS, Sample
+from .tasks import FIRST_TURN_TOKENS, TASKS, TWO_TURN_TASKS, Sample
+
+ALL_TASKS = TASKS | TWO_TURN_TASKS
 
 
 @dataclasses.dataclass
@@ -47,8 +51,16 @@ class EvalSettings:
 
     def __post_init__(self):
         for name in self.tasks:
-            if name not in TASKS:
-                raise ValueError(f"rkv eval: unknown task {name!r}; the tasks are {sorted(TASKS)}")
+            if name not in ALL_TASKS:
+                raise ValueError(f"rkv eval: unknown task {name!r}; the tasks are "
+                                 f"{sorted(ALL_TASKS)}")
+        two_turn = [name for name in self.tasks if name in TWO_TURN_TASKS]
+        if two_turn and self.engine != "eager":
+            raise ValueError(f"rkv eval: two-turn tasks {two_turn} run on the eager engine")
+        evicting = [p for p in self.policies if POLICIES[p.split(":")[0]].decode_state]
+        if two_turn and evicting:
+            raise ValueError(f"rkv eval: two-turn tasks {two_turn} do not run policies that "
+                             f"evict during decode ({evicting})")
         if self.engine not in ("eager", "compile"):
             raise ValueError(f"rkv eval: engine must be 'eager' or 'compile' (got {self.engine!r})")
         if self.samples < 1:
@@ -115,9 +127,14 @@ def run(model, tokenizer, settings: EvalSettings, progress: bool = True) -> dict
     for context in settings.contexts:
         for task in settings.tasks:
             for index in range(settings.samples):
-                sample = TASKS[task](tokenizer, context, _depth(index, settings.samples),
-                                     _seed(task, context, index))
+                sample = ALL_TASKS[task](tokenizer, context, _depth(index, settings.samples),
+                                         _seed(task.removesuffix("-2turn"), context, index))
                 ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(settings.device)
+                if sample.follow_up is not None:
+                    records += _conversations(model, tokenizer, settings, sample, ids, stop,
+                                              configs, context, index)
+                    bar.update(len(configs))
+                    continue
                 # the prefill records the queries the most demanding policy reads (H2O: all)
                 observed = max(settings.config(p, b, 1).method.observed_queries(ids.shape[1])
                                for p, b in configs)
@@ -142,6 +159,27 @@ def run(model, tokenizer, settings: EvalSettings, progress: bool = True) -> dict
     bar.close()
     return {"settings": dataclasses.asdict(settings), "records": records,
             "summary": summarise(records), "kv_mib": memory(records)}
+
+
+def _conversations(model, tokenizer, settings: EvalSettings, sample: Sample, ids, stop,
+                   configs, context: int, index: int) -> list[dict]:
+    """A two-turn sample under every configuration: the second reply is scored."""
+    follow_up = tokenizer(sample.follow_up, add_special_tokens=False,
+                          return_tensors="pt").input_ids.to(settings.device)
+    records = []
+    for policy, budget in configs:
+        config = settings.config(policy, budget, sample.max_new_tokens)
+        _, tokens = eager.multi_turn(model, [ids, follow_up], config,
+                                     [FIRST_TURN_TOKENS, sample.max_new_tokens])
+        tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop),
+                               len(tokens))]
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        records.append({"context": context, "task": sample.task, "index": index,
+                        "depth": sample.depth,
+                        "prompt_tokens": ids.shape[1] + 1 + follow_up.shape[1],
+                        "policy": policy, "budget": budget, "score": sample.score(text),
+                        "answers": sample.answers, "output": text, "kv_mib": None})
+    return records
 
 
 def _kv_mib(config: RocketKVConfig, prompt: eager.Prefill, kept: list[int], generated: int

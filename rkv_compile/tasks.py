@@ -1,7 +1,7 @@
 """Long-context tasks generated locally (no datasets are downloaded), after RULER's synthetic
 tasks (Hsieh et al., "RULER: What's the Real Context Size of Your Long-Context Language Models?",
 arXiv 2404.06654): passkey retrieval, multi-key and multi-value needles in a haystack, variable
-tracking and common-words extraction.
+tracking and common-words extraction; and a two-turn variant of each (`TWO_TURN_TASKS`).
 
 A task builds a prompt of about `context_tokens` tokens from a seed and a depth (where in the
 haystack its needles start, 0 = start, 1 = end): the haystack repeats a passage of filler
@@ -39,6 +39,8 @@ class Sample:
     max_new_tokens: int
     depth: float
     seed: int
+    follow_up: str | None = None  # a two-turn sample's second turn (the question); `prompt` is
+                                  # then the first turn, answered and not scored
 
     def score(self, generated: str) -> float:
         """The fraction of the answers in `generated` (case-insensitive), as RULER scores."""
@@ -179,6 +181,26 @@ TASKS: dict[str, Callable[..., Sample]] = {
     "passkey": passkey, "multikey": multikey_needle, "multivalue": multivalue_needle,
     "variables": variable_tracking, "common_words": common_words,
 }
+
+FIRST_TURN_QUESTION = "\nIn one word, what is the text above mostly about? It is mostly about"
+FIRST_TURN_TOKENS = 4   # the first turn's reply (not scored)
+
+
+def two_turn(task: Callable[..., Sample]) -> Callable[..., Sample]:
+    """A task's two-turn variant: the first turn is its context with an unrelated question (as
+    if the user asked something else first), the second its own question. A policy that evicts
+    by the first turn's queries keeps what that question needed; rocketkv-mt selects again for
+    the second."""
+    def build(tokenizer, context_tokens: int, depth: float, seed: int) -> Sample:
+        sample = task(tokenizer, context_tokens, depth, seed)
+        context, question = sample.prompt.rsplit("\n", 1)
+        return dataclasses.replace(sample, task=f"{sample.task}-2turn",
+                                   prompt=context + FIRST_TURN_QUESTION,
+                                   follow_up="\n" + question)
+    return build
+
+
+TWO_TURN_TASKS = {f"{name}-2turn": two_turn(task) for name, task in TASKS.items()}
 
 
 def passkey_prompt(tokenizer, context_tokens: int, depth: float, seed: int) -> tuple[str, str]:

@@ -50,6 +50,40 @@ def test_append_matches_reference(B, H, D, chunk, stored, room, dtype, seed):
         assert torch.equal(key_max[:, :, : kmax.shape[2]], kmax.to(dtype))
 
 
+@settings(deadline=None, max_examples=15)
+@given(B=st.integers(1, 3), H=st.integers(1, 2), chunk=st.integers(0, 4),
+       stored=st.lists(st.integers(0, 12), min_size=3, max_size=3), new=st.integers(2, 9),
+       room=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_extend_cache_appends_a_turn_to_each_sequence(B, H, chunk, stored, new, room, seed):
+    """A new turn (the op RocketKVCache calls for several new tokens): each sequence's stored
+    slots, then its new tokens, in buffers with room for `room` more in whole chunks, summaries
+    of the stored tokens, lengths and positions grown by the turn; as the fake kernel says."""
+    gen = torch.Generator().manual_seed(seed)
+    capacity, D = max(stored) + 3, 8
+    k, v = (torch.randn(B, H, capacity, D, generator=gen) for _ in range(2))
+    state = list(R.static_cache(k, v, capacity, chunk, 0))
+    state[4] = torch.tensor(stored[:B], dtype=torch.int32)
+    state[5] = torch.tensor(stored[:B]) + 5
+    new_k, new_v = (torch.randn(B, H, new, D, generator=gen) for _ in range(2))
+    out = torch.ops.rocketkv.extend_cache(*state, new_k, new_v, room)
+    keys, values, key_min, key_max, lengths, positions = out
+    slots, capacity = keys.shape[2], state[0].shape[2]   # (whole chunks)
+    assert slots >= capacity + new + room and (not chunk or slots % chunk == 0)
+    assert slots - (capacity + new + room) < max(chunk, 1)
+    assert lengths.tolist() == [n + new for n in stored[:B]]
+    assert positions.tolist() == [n + 5 + new for n in stored[:B]]
+    for b, n in enumerate(stored[:B]):
+        want = torch.cat([k[b, :, :n], new_k[b]], 1)
+        assert torch.equal(keys[b, :, :n + new], want) and not keys[b, :, n + new:].any()
+        assert torch.equal(values[b, :, :n + new], torch.cat([v[b, :, :n], new_v[b]], 1))
+        if chunk:
+            kmin, kmax = R.chunk_bounds(want[None], chunk)
+            assert torch.equal(key_min[b:b + 1, :, :kmin.shape[2]], kmin)
+            assert torch.equal(key_max[b:b + 1, :, :kmax.shape[2]], kmax)
+    torch.library.opcheck(torch.ops.rocketkv.extend_cache, (*state, new_k, new_v, room),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_full_cache_append_is_an_error():
     state = R.static_cache(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), 4, 2, 4)
     with pytest.raises(RuntimeError, match="full"):

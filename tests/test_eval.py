@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from rkv_compile import cli, evaluate
 from rkv_compile.hf import SMOLLM2_GGUF, smollm2_dir
-from rkv_compile.tasks import TASKS, Sample
+from rkv_compile.eager import multi_turn
+from rkv_compile.tasks import FIRST_TURN_QUESTION, FIRST_TURN_TOKENS, TASKS, TWO_TURN_TASKS, Sample
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,43 @@ def test_compile_engine_matches_eager_engine(tokenizer):
         outputs[engine] = [r["output"] for r in evaluate.run(model, tokenizer, run, False)["records"]]
     assert outputs["eager"] == outputs["compile"]
     assert len(set(outputs["eager"])) > 1
+
+
+@settings(deadline=None, max_examples=10)
+@given(task=st.sampled_from(sorted(TASKS)), seed=st.integers(0, 2**20))
+def test_two_turn_variant_asks_its_question_second(tokenizer, task, seed):
+    """The first turn is the task's context with an unrelated question; the second its own."""
+    one = TASKS[task](tokenizer, 600, 0.5, seed)
+    two = TWO_TURN_TASKS[f"{task}-2turn"](tokenizer, 600, 0.5, seed)
+    assert two.prompt == one.prompt[: one.prompt.rindex("\n")] + FIRST_TURN_QUESTION
+    assert one.prompt.endswith(two.follow_up) and two.follow_up.startswith("\n")
+    assert (two.task, two.answers) == (f"{task}-2turn", one.answers)
+
+
+def test_two_turn_tasks_run_conversations(tokenizer):
+    """A two-turn task's record is the second reply of `eager.multi_turn` under the
+    configuration (cut at a line break); the first turn's reply is not scored."""
+    model = tiny_hf("llama", vocab=len(tokenizer))
+    model.generation_config.eos_token_id = None
+    run = evaluate.EvalSettings(["passkey-2turn"], ["full", "rocketkv", "rocketkv-mt"], [64],
+                                [300], 1)
+    records = evaluate.run(model, tokenizer, run, False)["records"]
+    sample = TWO_TURN_TASKS["passkey-2turn"](tokenizer, 300, 0.5, evaluate._seed("passkey", 300, 0))
+    ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+    follow_up = tokenizer(sample.follow_up, add_special_tokens=False, return_tensors="pt").input_ids
+    assert [(r["task"], r["policy"], r["budget"]) for r in records] == [
+        ("passkey-2turn", "full", None), ("passkey-2turn", "rocketkv", 64),
+        ("passkey-2turn", "rocketkv-mt", 64)]
+    for r in records:
+        config = run.config(r["policy"], r["budget"], sample.max_new_tokens)
+        reply = multi_turn(model, [ids, follow_up], config, [FIRST_TURN_TOKENS, 12])[1]
+        assert tokenizer.decode(reply, skip_special_tokens=True).startswith(r["output"])
+        assert r["kv_mib"] is None
+    assert len({r["output"] for r in records}) > 1   # the policies differ on the second turn
+    with pytest.raises(ValueError, match="eager engine"):
+        evaluate.EvalSettings(["passkey-2turn"], ["full"], [64], [300], 1, engine="compile")
+    with pytest.raises(ValueError, match=r"evict during decode \(\['h2o'\]\)"):
+        evaluate.EvalSettings(["passkey-2turn"], ["full", "h2o"], [64], [300], 1)
 
 
 def test_smoke_run_on_smollm2(tmp_path, capsys):

@@ -11,12 +11,15 @@ from rkv_compile.eager import generate as oracle_generate, multi_turn
 
 MT = {"token_budget": 64, "max_new_tokens": 6, "policy": "rocketkv-mt"}
 TURNS = [(200, 1), (60, 2), (40, 3)]   # (tokens, seed) of each user turn
+# the second turn is shorter than the window (32): it is not selected from
+SHORT_TURN = [(200, 1), (10, 2), (60, 3)]
 
 
-def conversation(model, forward, turns=TURNS):
-    """The reply to each turn, generate() continuing one cache; the cache lengths after each."""
+def conversation(model, forward, turns=TURNS, cache=None):
+    """The reply to each turn, generate() continuing one cache (a DynamicCache unless given);
+    the stored lengths of its layers after each."""
     model.forward, replies, lengths, seq = forward, [], [], None
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     try:
         with torch.no_grad():
             for tokens, seed in turns:
@@ -24,7 +27,8 @@ def conversation(model, forward, turns=TURNS):
                 seq = model.generate(ids, past_key_values=cache, max_new_tokens=6,
                                      min_new_tokens=6, do_sample=False)
                 replies.append(seq[0, ids.shape[1]:].tolist())
-                lengths.append([layer.keys.shape[2] for layer in cache.layers])
+                lengths.append([int(layer.lengths[0]) if isinstance(cache, RocketKVCache)
+                                else layer.keys.shape[2] for layer in cache.layers])
     finally:
         del model.forward
     return replies, lengths
@@ -80,11 +84,86 @@ def test_rocketkv_mt_on_rocketkv_cache_stays_exact():
     assert all("pass a DynamicCache" in s.action for s in report.sites if s.query_len == "200")
 
 
-def test_plain_rocketkv_new_turn_after_eviction_is_refused():
-    """Plain rocketkv evicts from the cache itself: transformers would position a new turn by the
-    stored length, so the second turn is refused (rocketkv-mt is the multi-turn policy)."""
+def test_rocketkv_cache_takes_new_turns_exactly():
+    """Without the backend a RocketKVCache takes a new turn (new buffers holding the stored
+    tokens and the turn's) as a DynamicCache does: transformers' masks and positions agree."""
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    cache = RocketKVCache(model.config, 6)
+    assert conversation(model, model.forward, SHORT_TURN, cache)[0] == \
+        conversation(model, model.forward, SHORT_TURN)[0]
+
+
+def test_plain_rocketkv_turns_on_rocketkv_cache_as_the_eager_reference():
+    """Plain rocketkv over three turns into a RocketKVCache (through Inductor): each turn is
+    attended exactly over the kept history, then stage 1 runs again over every stored token,
+    planned for the conversation's length; a turn shorter than the window keeps every stored
+    token and the last plan. The eager reference agrees; full KV does not."""
     model = tiny_hf("llama")
     model.generation_config.eos_token_id = None
     options = dict(MT, policy="rocketkv")
-    with pytest.raises(NotImplementedError, match="eviction shortened"):
+    replies, lengths = conversation(model, compiled(model.forward, options, inductor=True),
+                                    SHORT_TURN, RocketKVCache(model.config, 6))
+    expected = multi_turn(model, [prompt(n, s) for n, s in SHORT_TURN],
+                          RocketKVConfig.from_options(options), 6)
+    assert replies == expected
+    # stored after each turn (logical 205, 221, 287): 138 kept + 5 decoded; + 11 + 5; 164 + 10
+    assert [length[0] for length in lengths] == [143, 159, 174]
+    assert replies != conversation(model, model.forward, SHORT_TURN)[0]
+
+
+def test_chunked_prefill_into_rocketkv_cache_is_a_turn_per_chunk():
+    """A RocketKVCache stores the first chunk compressed at once, so each later chunk is a new
+    turn: stage 1 runs again over the kept tokens and the chunk. The kept set then differs from
+    one prefill's (a DynamicCache keeps one prefill's); the tokens equal the eager reference's
+    conversation of the chunks, unanswered but the last."""
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    options = dict(MT, policy="rocketkv")
+    ids, cache = prompt(200), RocketKVCache(model.config, 6)
+    model.forward = compiled(model.forward, options, inductor=False)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=6, min_new_tokens=6,
+                                 do_sample=False, prefill_chunk_size=100)
+    finally:
+        del model.forward
+    config = RocketKVConfig.from_options(options)
+    chunks = multi_turn(model, [ids[:, :100], ids[:, 100:]], config, [0, 6])
+    assert out[0, 200:].tolist() == chunks[1] and chunks[0] == []
+    assert out[0, 200:].tolist() != oracle_generate(model, ids, config, 6)[0]
+    assert int(cache.layers[0].lengths[0]) == 143 and int(cache.layers[0].positions[0]) == 205
+
+
+def test_new_turn_into_rocketkv_cache_explain():
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    options = dict(MT, policy="rocketkv")
+
+    def two_turns(second):
+        cache = RocketKVCache(model.config, 3)
+        seq = model.generate(prompt(200), past_key_values=cache, max_new_tokens=3)
+        model.generate(torch.cat([seq, prompt(second, 2)], 1), past_key_values=cache,
+                       max_new_tokens=3)
+
+    with torch.no_grad():
+        long, short = (rkv_compile.explain(two_turns, n, options=options) for n in (40, 10))
+    turn = [s for s in long.sites if s.kv_source == "RocketKVCache, new turn"]
+    assert turn and all(s.rewritten and "rocketkv selects again over them all (the kept history "
+                        "and the turn), voted by the turn's last 32 queries" in s.action
+                        for s in turn)
+    turn = [s for s in short.sites if s.kv_source == "RocketKVCache, new turn"]
+    assert turn and all(not s.rewritten and "selects by the last 32 queries, more than this "
+                        "turn has; the RocketKVCache keeps every stored token" in s.action
+                        for s in turn)
+
+
+def test_plain_rocketkv_new_turn_after_eviction_is_refused():
+    """Plain rocketkv evicts from a DynamicCache itself: transformers would position a new turn
+    by the stored length, so the second turn is refused, naming what works (a RocketKVCache,
+    or rocketkv-mt)."""
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    options = dict(MT, policy="rocketkv")
+    with pytest.raises(NotImplementedError, match="eviction shortened.*Pass a RocketKVCache"):
         conversation(model, compiled(model.forward, options, inductor=False))

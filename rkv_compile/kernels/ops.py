@@ -9,8 +9,9 @@
   Triton kernels with the rest of the graph. (Under Triton's CPU interpreter a triton_op cannot
   be traced by torch.compile, so CPU graphs keep the opaque reference ops.)
 - RocketKVCache's state: `static_cache` (a prompt store: the whole prompt, or after the pass what
-  `compress` kept of it) and `append_` (one decode token, in place; an opaque op whose CUDA path
-  is one Triton launch).
+  `compress` kept of it), `append_` (one decode token, in place; an opaque op whose CUDA path
+  is one Triton launch) and `extend_cache` (a new turn: the stored tokens and the turn's, in new
+  buffers).
 """
 from __future__ import annotations
 
@@ -102,6 +103,22 @@ def static_cache(key: Tensor, value: Tensor, capacity: int, chunk: int, prompt_l
     """A RocketKVCache layer's state holding `key`/`value` (the prompt, or what a policy kept of
     it), with positions continuing at `prompt_len`."""
     return reference.static_cache(key, value, capacity, chunk, prompt_len)
+
+
+@torch.library.custom_op("rocketkv::extend_cache", mutates_args=())
+def extend_cache(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
+                 positions: Tensor, new_key: Tensor, new_value: Tensor, room: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A RocketKVCache layer's state with several new tokens per sequence after its stored ones
+    (a new turn), in new buffers with `room` more slots."""
+    return reference.extend_cache(keys, values, key_min, key_max, lengths, positions, new_key,
+                                  new_value, room)
+
+
+@extend_cache.register_fake
+def _(keys, values, key_min, key_max, lengths, positions, new_key, new_value, room):
+    return _fake_state(keys, values,
+                       *reference.extended_size(keys, key_min, new_key.shape[2], room))
 
 
 def _fake_state(key, value, capacity, chunk):

@@ -323,6 +323,28 @@ def static_cache(key: Tensor, value: Tensor, capacity: int, chunk: int, position
     return keys, values, key_min, key_max, lengths, torch.full_like(lengths, positions, dtype=torch.int64)
 
 
+def extended_size(keys: Tensor, key_min: Tensor, new: int, room: int) -> tuple[int, int]:
+    """(slots, chunk) of a RocketKVCache layer's buffers after `new` tokens per sequence: room
+    for its slots, the new tokens and `room` more, in whole chunks of its summaries' size."""
+    chunk = keys.shape[2] // key_min.shape[2] if key_min.shape[2] else 0
+    return state_size(keys.shape[2] + new + room, chunk)[0], chunk
+
+
+def extend_cache(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
+                 positions: Tensor, new_key: Tensor, new_value: Tensor, room: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A RocketKVCache layer's state after several new tokens per sequence (a new turn):
+    static_cache of each sequence's stored slots followed by new_key/new_value (B, Hkv, q, D), in
+    buffers of `extended_size` slots; positions grow by q."""
+    capacity, chunk = extended_size(keys, key_min, new_key.shape[2], room)
+    rows = [static_cache(torch.cat([keys[b:b + 1, :, :n], new_key[b:b + 1]], 2),
+                         torch.cat([values[b:b + 1, :, :n], new_value[b:b + 1]], 2),
+                         capacity, chunk, 0)
+            for b, n in enumerate(lengths.tolist())]
+    *state, _ = (torch.cat(parts) for parts in zip(*rows))
+    return (*state, positions + new_key.shape[2])
+
+
 def append(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
            positions: Tensor, new_key: Tensor, new_value: Tensor) -> None:
     """Store one new token per sequence at slot lengths[b] of a static cache, in place.

@@ -40,6 +40,12 @@ class SiteReport:
                       + (" (committed by the first rewritten decode step)" if rewrites else ""))
         if d.phase == "prefill":
             action += _mask_note(d)
+        elif d.phase == "turn":
+            action = (f"new turn: exact attention over the stored tokens and the turn's; then "
+                      f"{name} selects again over them all (the kept history and the turn), "
+                      f"voted by the turn's last {d.method.observed_queries(int(d.query_len))} "
+                      "queries, into buffers the conversation's length sizes (planned at run "
+                      "time: the graph runs uncompiled)")
         elif d.phase == "decode" and d.method.per_layer and d.key.source is KVSource.ROCKETKV:
             action = (f"decode: {name}, exact attention over this layer's stored slots (its "
                       "own length: layers keep different numbers of tokens)")

@@ -3,7 +3,8 @@
 Only a site whose K/V are a cache that this graph writes back can be compressed: a fresh cache
 (prefill: the graph returns the new keys, e.g. HF DynamicCache's first `cat` or a tuple cache's
 `present`) or a grown one (decode: `cat([past, new])` with `past` a graph input, returned as the
-new cache), and RocketKVCache's own ops (a new one at prefill, its buffers at decode). Other
+new cache), and RocketKVCache's own ops (a new one at prefill, its buffers at decode, new
+buffers for a new turn). Other
 buffers written in place (static caches), sliding-window caches (the graph returns their last
 tokens, a slice of the keys attended) and keys that are no cache stay exact.
 """
@@ -31,6 +32,7 @@ class KVSource(enum.Enum):
     WINDOW = "a sliding-window cache"
     NEW_ROCKETKV = "new RocketKVCache"
     ROCKETKV = "RocketKVCache"
+    ROCKETKV_TURN = "RocketKVCache, new turn"
 
 
 @dataclasses.dataclass
@@ -77,8 +79,15 @@ def _windowed(node: Node, returned: set[Node]) -> bool:
 
 
 def kv_origin(node: Node, returned: set[Node]) -> KVOrigin:
-    # RocketKVCache (cache.py) stores a prompt through rocketkv.static_cache and appends to its
-    # buffers through rocketkv.append_: `cache` is that call.
+    # RocketKVCache (cache.py) stores a prompt through rocketkv.static_cache, appends to its
+    # buffers through rocketkv.append_ and stores a new turn through rocketkv.extend_cache (whose
+    # new buffers the turn attends to): `cache` is that call.
+    if node.op == "call_function" and node.target is operator.getitem and \
+            isinstance(node.args[0], Node) and node.args[1] in (0, 1) and \
+            _calls(node.args[0], torch.ops.rocketkv.extend_cache):
+        extend = node.args[0]
+        return KVOrigin(KVSource.ROCKETKV_TURN, extend, new=extend.args[6 + node.args[1]],
+                        past=extend.args[node.args[1]])
     for user in node.users:
         if _calls(user, torch.ops.rocketkv.static_cache) and user.args[:2].count(node):
             return KVOrigin(KVSource.NEW_ROCKETKV, user, new=node)

@@ -2,8 +2,9 @@
 
 `analyse` decides, site by site, what may change: a prefill site (fresh cache, every query of the
 prompt) keeps its exact attention and gets stage-1 eviction inserted after it; a decode site (one
-query over a grown cache) has its attention replaced by stage-2 sparse attention. Anything the
-pass cannot prove safe keeps its exact attention, and the decision says why.
+query over a grown cache) has its attention replaced by stage-2 sparse attention; a new turn into
+a RocketKVCache keeps its exact attention and gets stage 1 again over every stored token. Anything
+the pass cannot prove safe keeps its exact attention, and the decision says why.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..config import Plan, RocketKVConfig
 from ..policies import Policy, from_spec
-from ..kernels import ops  # noqa: F401  (torch.ops.rocketkv)
+from ..kernels import ops, reference  # noqa: F401  (ops: torch.ops.rocketkv)
 from .causal_mask import CausalProof
 from .kv_source import KVOrigin, KVSource, kv_origin, returned_nodes
 from .sites import SDPA_SIGNATURE, AttentionSite, find_sites, shape_of, value_of
 
-PREFILL, DECODE = "prefill", "decode"
+PREFILL, DECODE, TURN = "prefill", "decode", "turn"
 PLAN_INPUTS = ("chunk", "dims", "topk")  # the Plan fields a decode site reads at run time
+TURN_INPUTS = ("plan", "capacity")       # what a new turn's stage 1 reads at run time
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 UNSUPPORTED = "unsupported:"   # a reason the backend also warns about
 
@@ -33,7 +35,7 @@ class SiteDecision:
     site: AttentionSite
     key: KVOrigin
     value: KVOrigin
-    phase: str | None = None       # PREFILL or DECODE when rewritten
+    phase: str | None = None       # PREFILL, DECODE or TURN when rewritten
     reason: str | None = None      # why the site stays exact
     plan: Plan | None = None       # prefill: the plan its prompt length gives
     query_len: int | None = None
@@ -88,8 +90,8 @@ def analyse(graph: Graph, config: RocketKVConfig, refused: Mapping[str, str] | N
             lengths |= length.node.expr.free_symbols
     # The layers, in graph order: the attention sites over a cache this graph writes (some
     # policies budget layers differently, or reuse another layer's selection).
-    layers = [id(d) for d in decisions
-              if d.key.source in (KVSource.FRESH, KVSource.NEW_ROCKETKV, KVSource.GROWN)]
+    layers = [id(d) for d in decisions if d.key.source in (
+        KVSource.FRESH, KVSource.NEW_ROCKETKV, KVSource.GROWN, KVSource.ROCKETKV_TURN)]
     for d in decisions:
         d.layer, d.layers = (layers.index(id(d)), len(layers)) if id(d) in layers else (0, 1)
         d.reason = _refusal(graph, d, config, caches, lengths)
@@ -117,7 +119,8 @@ def _refusal(graph: Graph, d: SiteDecision, config: RocketKVConfig, caches: set[
         return f"attention dropout p={site.dropout}"
     if d.key.source != d.value.source:
         return f"keys ({d.key.source.value}) and values ({d.value.source.value}) differ in origin"
-    rocketkv_cache = d.key.source in (KVSource.ROCKETKV, KVSource.NEW_ROCKETKV)
+    rocketkv_cache = d.key.source in (KVSource.ROCKETKV, KVSource.NEW_ROCKETKV,
+                                      KVSource.ROCKETKV_TURN)
     if not rocketkv_cache and d.key.source not in (KVSource.FRESH, KVSource.GROWN):
         return f"keys are {d.key.source.value}: nothing to compress" + (
             (" (a static cache written in place is not compressed; with transformers, pass "
@@ -231,8 +234,8 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
             _padding_inputs(_mask_inputs(site)) if site.mask is not None else []
         d.phase = PREFILL
         return None
-    if not _same(d.query_len, 1):
-        return f"{d.query_len} new queries over a RocketKVCache: exact"
+    if d.key.source is KVSource.ROCKETKV_TURN:
+        return _turn_refusal(d)
     if site.mask is None or site.is_causal:
         return "no mask over the RocketKVCache's slots: its empty slots would be attended"
     if d.method.per_layer:
@@ -240,6 +243,28 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
         # for all layers from the first; a padding mask must then be all ones (run-time check).
         d.padding_masks = _padding_inputs(_logical_mask_inputs(site, d.query_len, set()))
     d.phase = DECODE
+    return None
+
+
+def _turn_refusal(d: SiteDecision) -> str | None:
+    """A new turn into a RocketKVCache (its new buffers hold the stored tokens and the turn's):
+    exact attention, then the policy's selection over every stored token, voted by the turn's
+    last queries, as one prefill of the kept history and the turn would. Its plan depends on the
+    conversation's length, a value in the cache, not a shape: the backend plans at run time."""
+    site, turn = d.site, int(d.query_len)
+    if site.mask is None or site.is_causal:
+        return "no mask over the RocketKVCache's slots: its empty slots would be attended"
+    if d.key.cache.args[5].op != "placeholder":
+        return "the RocketKVCache's positions are not a graph input: the turn cannot be planned"
+    if d.method.per_layer:
+        return (f"{d.method.name} budgets each layer differently: a new turn into a "
+                "RocketKVCache keeps every stored token")
+    observed = d.method.observed_queries(int(value_of(d.key.past).shape[2]) + turn)
+    if observed > turn:
+        return (f"{turn} new tokens: {d.method.name} selects by the last {observed} queries, "
+                "more than this turn has; the RocketKVCache keeps every stored token")
+    d.padding_masks = _padding_inputs(_mask_inputs(site))  # one offset for every row: checked
+    d.phase = TURN
     return None
 
 
@@ -354,6 +379,27 @@ def view_decode(query, key, value, mask, scale, chunk, dims, topk, view_key, vie
                                          view_key, view_value, view_positions)
 
 
+def turn_store(query_window, keys, values, lengths, positions, mask, scale, plan: Plan,
+               capacity: int, policy: str, reuse=None) -> tuple:
+    """A new turn's RocketKVCache state under a policy (its spec): per sequence, the tokens its
+    selection keeps of the stored ones (the kept history and the turn, `lengths` of them), voted
+    by the turn's last queries, in `capacity` slots; and the positions kept (for layers that reuse
+    them)."""
+    method, rows = from_spec(policy), []
+    for b, n in enumerate(lengths.tolist()):
+        key, value = keys[b:b + 1, :, :n], values[b:b + 1, :, :n]
+        index = torch.arange(n, device=keys.device).expand(1, key.shape[1], n)
+        if method.rewrites_prompt(n, plan):
+            row_mask = None if mask is None else \
+                (mask[b:b + 1] if mask.shape[0] > 1 else mask)[..., :n]
+            key, value, index, _ = method.compress(
+                query_window[b:b + 1], key, value, row_mask, scale, min(plan.prompt_budget, n),
+                None if reuse is None else reuse[b:b + 1])
+        rows.append((*reference.static_cache(key, value, capacity, plan.chunk, 0), index))
+    *state, _, index = (torch.cat(parts) for parts in zip(*rows))
+    return (*state, positions.clone(), index)
+
+
 def _summaries(d: SiteDecision) -> tuple:
     """A RocketKVCache's chunk summaries for the Triton op (a cache stored exactly has none)."""
     if d.key.source is not KVSource.ROCKETKV:
@@ -403,6 +449,26 @@ def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, causal: frozenset[s
     graph.erase_node(store)
 
 
+def _rewrite_rocketkv_turn(graph: Graph, d: SiteDecision, first_op: Node,
+                           selections: dict[int, Node]) -> None:
+    """A new turn's stored state becomes `turn_store`'s; its plan and buffer size are inputs."""
+    extend, output = d.key.cache, graph.output_node()
+    with graph.inserting_before(first_op):
+        plan = [graph.placeholder(f"{d.site.name}_{field}") for field in TURN_INPUTS]
+    observed = d.method.observed_queries(int(d.query_len))
+    with graph.inserting_before(d.site.output.next):
+        lengths, positions = (graph.call_function(operator.getitem, (extend, i)) for i in (4, 5))
+        store = graph.call_function(turn_store, (
+            _last_rows(graph, d.site.query, observed), d.site.key, d.site.value, lengths,
+            positions, _window_mask(graph, d, observed, frozenset()), d.scale, *plan,
+            d.method.spec, selections.get(d.method.reuses(d.layer))))
+        selections[d.layer] = graph.call_function(operator.getitem, (store, 6))
+        stored = {i: graph.call_function(operator.getitem, (store, i)) for i in range(6)}
+    output.args = (tuple(stored[out.args[1]] if isinstance(out, Node) and
+                         out.target is operator.getitem and out.args[0] is extend else out
+                         for out in output.args[0]),)
+
+
 def _is_impure(node: Node) -> bool:
     """Kept by dead-code elimination: side effects, and ops that write their inputs (older torch
     versions' FX does not count custom ops with mutable arguments, e.g. rocketkv.append_)."""
@@ -428,6 +494,8 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
     input, and its new state is appended to the outputs, one per such site. A policy that keeps
     the history (rocketkv-mt) decodes from a view (keys, values, positions: three more inputs
     per site), and its new view is appended to the outputs after the states, three per site.
+    A new turn into a RocketKVCache returns `turn_store`'s state in place of the extended one;
+    it takes its plan and buffer size as two new inputs per site (TURN_INPUTS).
     Other policies' decode sites keep their exact attention (over the evicted cache).
     The prefill sites named in `causal` (masks proven plain causal) drop their masks for
     is_causal=True.
@@ -443,6 +511,8 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
     for d in decisions:
         if d.phase == PREFILL and d.key.source is KVSource.NEW_ROCKETKV:
             _rewrite_rocketkv_prefill(graph, d, causal, selections)
+        elif d.phase == TURN:
+            _rewrite_rocketkv_turn(graph, d, first_op, selections)
         elif d.phase == PREFILL and d.method.rewrites_prompt(d.prompt_len, d.plan):
             with graph.inserting_before(d.site.output.next):
                 kept = _prompt_store(graph, d, d.site.key, d.site.value, causal, selections)
