@@ -57,7 +57,8 @@ class EvalSettings:
         two_turn = [name for name in self.tasks if name in TWO_TURN_TASKS]
         if two_turn and self.engine != "eager":
             raise ValueError(f"rkv eval: two-turn tasks {two_turn} run on the eager engine")
-        evicting = [p for p in self.policies if POLICIES[p.split(":")[0]].decode_state]
+        evicting = [p for p in self.policies
+                    if getattr(POLICIES.get(p.split(":")[0]), "decode_state", False)]
         if two_turn and evicting:
             raise ValueError(f"rkv eval: two-turn tasks {two_turn} do not run policies that "
                              f"evict during decode ({evicting})")

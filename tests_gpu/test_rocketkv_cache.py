@@ -90,3 +90,28 @@ def test_memory_after_prefill_is_the_plan():
     full_kv = 2 * 2 * T * 16 * 4 * 2   # layers x (K, V) x tokens x head_dim x fp32 x KV heads
     assert held <= state + 4096, (held, state)
     assert state < full_kv / 10
+
+
+def test_plain_rocketkv_turns_on_cuda_as_the_eager_reference():
+    """Three turns into a RocketKVCache on CUDA (decode through the Triton kernels, over the
+    summaries each turn's stage 1 rebuilt; CUDA graphs on): the eager reference's replies."""
+    from rkv_compile.eager import multi_turn
+
+    model = tiny_hf("llama").cuda()
+    model.generation_config.eos_token_id = None
+    options = {"token_budget": 64, "max_new_tokens": 6, "cudagraphs": True}
+    turns = [torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(s)).cuda()
+             for n, s in ((200, 1), (10, 2), (60, 3))]
+    forward, cache, seq, replies = model.forward, RocketKVCache(model.config, 6), None, []
+    model.forward = torch.compile(forward, backend="rocketkv", options=options)
+    try:
+        with torch.no_grad():
+            for turn in turns:
+                ids = turn if seq is None else torch.cat([seq, turn], 1)
+                seq = model.generate(ids, past_key_values=cache, max_new_tokens=6,
+                                     min_new_tokens=6, do_sample=False, disable_compile=True)
+                replies.append(seq[0, ids.shape[1]:].tolist())
+    finally:
+        model.forward = forward
+    assert replies == multi_turn(model, turns, RocketKVConfig.from_options(options), 6)
+    assert int(cache.layers[0].lengths[0]) < int(cache.layers[0].positions[0])
