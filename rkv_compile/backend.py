@@ -26,10 +26,16 @@ State between graphs travels on the cache tensors themselves, as attributes:
   replaces the earlier chunk's, and the first decode step commits the last one. A RocketKVCache
   keeps logical positions itself: a new turn into it is evicted again (its graph runs
   uncompiled, planned at run time from the conversation's length).
-A decode graph whose mask reads a 2-D padding mask (transformers' attention_mask, laid out by
-logical position) checks it at run time: all ones lines up with any cache; with padding the
-exact graph runs, uncompiled, on the full caches (batched, padded generation is not compressed
-yet). A padded prompt into a RocketKVCache is refused at run time.
+- ``_rocketkv_rows``: on the caches of a padded batch evicted row by row, (each row's prompt
+  length, the empty slots before its stored ones).
+A padded batch (a 2-D attention_mask with zeros, laid out by logical position) is evicted and
+decoded row by row, as each prompt alone would be, where the policy allows (`rowwise`): its
+prefill, whose mask was proven causal but for the padding, runs a copy of the graph whose
+stores select each row over its own tokens with its own plan, right-aligned; each decode step
+then gets a per-row mask of the stored slots in place of the logical attention_mask, and its
+sparse sites decode each row with its own plan (uncompiled). Otherwise a decode step with
+padding runs the exact graph, uncompiled, on the full caches. A padded prompt into a
+RocketKVCache is refused at run time.
 Cache tensors get their length marked dynamic, so decode graphs are traced with a symbolic length
 (one graph for all steps, and the positions check has a symbol to follow).
 """
@@ -47,7 +53,7 @@ from .config import Plan, RocketKVConfig
 from .kernels.reference import additive_mask
 from .policies.rocketkv_mt import whole_view
 from .passes.rewrite import (DECODE, PLAN_INPUTS, PREFILL, TURN, UNSUPPORTED, SiteDecision,
-                             analyse, apply, rocketkv_capacity)
+                             analyse, apply, rocketkv_capacity, row_keeps, rowwise)
 from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
 from .passes.kv_source import KVSource
 from .passes.sites import value_of
@@ -61,6 +67,7 @@ DECODED_ATTR = "_rocketkv_decoded"   # written by a rewritten decode step (so ma
 SHORTENED_ATTR = "_rocketkv_shortened"
 STATE_ATTR = "_rocketkv_state"
 VIEW_ATTR = "_rocketkv_view"
+ROWS_ATTR = "_rocketkv_rows"
 Compiler = Callable[[GraphModule, Sequence], Callable]
 _WARNED: set[str] = set()   # unsupported-input warnings already given
 
@@ -193,6 +200,16 @@ class RewrittenGraph:
         self.uncompiled = _copy_graph_module(gm)
         self.storing = apply(self.uncompiled, analyse(self.uncompiled.graph, config, refused),
                              config)
+        # A padded batch, row by row (its own copy, masks kept, uncompiled).
+        self.by_row, self.row_sites = None, 0
+        if rowwise(config.method, decisions) and (self.padding_inputs or self.causal_padding):
+            self.by_row = _copy_graph_module(gm)
+            rows = analyse(self.by_row.graph, config, refused)
+            apply(self.by_row, rows, config, by_row=True)
+            self.row_sites = sum(d.phase == DECODE and d.kernel != "exact" for d in rows)
+            stores = [d for d in decisions if d.phase == PREFILL]
+            self.store_shape = (int(stores[0].head_dim), stores[0].layer, stores[0].layers) \
+                if stores else None
         self.compiled, self.compiled_plans, self.warned = None, None, set()
         decode = [d for d in decisions if d.phase == DECODE]
         if decode and not compiles_decode(decode) or self.turns:
@@ -264,6 +281,20 @@ class RewrittenGraph:
             log.warning(message, *args)
             self.warned.add(message)
 
+    def _rows(self, args) -> tuple | None:
+        """A padded decode step's rows, if its prefill evicted them row by row."""
+        return next((getattr(args[k], ROWS_ATTR) for k, _ in self.decode_inputs.values()
+                     if hasattr(args[k], ROWS_ATTR)), None) if self.by_row is not None else None
+
+    def _stored_rows(self, args) -> tuple:
+        """(prompt lengths, empty slots before each row's stored ones) of a padded prefill."""
+        mask = next(args[i] for i in self.causal_padding if args[i].dim() == 2)
+        lengths = (mask != 0).sum(-1).tolist()
+        if not self.storing:   # nothing evicted: the cache keeps the batch's own padding
+            return lengths, [mask.shape[1] - n for n in lengths]
+        keeps = row_keeps(self.config.method, lengths, *self.store_shape)
+        return lengths, [max(keeps) - keep for keep in keeps]
+
     def _run_exact(self, args):
         """Padding in a decode step: the exact graph, over caches that were never evicted."""
         if self.per_layer_slots:
@@ -282,15 +313,27 @@ class RewrittenGraph:
                 "masks its stored slots with one offset for every row, so an evicted row would "
                 "be masked by another row's padding): pass a DynamicCache (padded batches run "
                 "exactly there) or one prompt per call")
+        rows = None
         if self.padding_inputs and self._has_padding(args, self.padding_inputs):
-            return self._run_exact(args)
+            rows = self._rows(args)
+            if rows is None:
+                return self._run_exact(args)
         args = list(args)
         plans = dict(self.prefill_plans)
         decode_plans = {name: self._plan_of(args[k]) for name, (k, _) in self.decode_inputs.items()}
         plans.update(decode_plans)
         shortened = self.length_inputs is not None and self._commit_evictions(args)
         padded = self._has_padding(args, self.causal_padding)
-        if self.compiled is not None and not padded and \
+        if rows is not None:   # a padded batch's decode step, row by row
+            for i in self.padding_inputs:   # each row's stored slots, not its logical positions
+                args[i] = torch.ones_like(args[i])
+                for b, empty in enumerate(rows[1]):
+                    args[i][b, :empty] = 0
+            outputs = self.by_row(*args, *[rows[0]] * self.row_sites)
+        elif padded and self.by_row is not None and not self.decode_inputs:
+            outputs = self.by_row(*args)
+            rows = self._stored_rows(args)
+        elif self.compiled is not None and not padded and \
                 (not decode_plans or decode_plans == self.compiled_plans):
             outputs = self.compiled(*args)
         else:
@@ -322,6 +365,8 @@ class RewrittenGraph:
                 setattr(outputs[i], PLAN_ATTR, plans[name])
                 setattr(outputs[i], DECODED_ATTR, name in self.decode_inputs)
                 setattr(outputs[i], SHORTENED_ATTR, shortened)
+                if rows is not None:
+                    setattr(outputs[i], ROWS_ATTR, rows)
                 torch._dynamo.maybe_mark_dynamic(outputs[i], 2)
         for name, positions in self.state_outputs.items():
             _mark_state([outputs[i] for i in positions], plans[name], self.config)

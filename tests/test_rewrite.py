@@ -1,6 +1,7 @@
 """The pass end to end on small models: every rewrite checked against eager or the eager oracle."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from transformers import DynamicCache
 from rkv_compile.eager import generate as oracle_generate
 from models import compiled, prompt, tiny_hf
@@ -95,19 +96,59 @@ def test_bad_options_name_the_option(options, name):
         fn(torch.ones(2))
 
 
-def test_padded_batch_stays_exact():
-    """A padding mask is laid out by logical position: with padding, decode runs the exact graph
-    over the whole cache."""
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 1-D prompts, left-padded (pad id 0), and its attention_mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
+    return ids, mask
+
+
+@settings(deadline=None, max_examples=4)
+@given(lengths=st.lists(st.integers(20, 300), min_size=2, max_size=3),
+       policy=st.sampled_from(["rocketkv", "snapkv", "streamingllm"]),
+       seed=st.integers(0, 2**16))
+def test_padded_batch_rows_as_each_prompt_alone(lengths, policy, seed):
+    """A left-padded batch: each row is evicted over its own tokens with the plan of its own
+    length (a row shorter than its budget keeps them all) and decodes with its own selection,
+    so its tokens are those of its prompt alone (the eager oracle); padding is never kept."""
     model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    options = dict(BUDGET, policy=policy)
+    config = RocketKVConfig.from_options(options)
+    prompts = [prompt(n, seed=seed + b)[0] for b, n in enumerate(lengths)]
+    alone = [oracle_generate(model, p[None], config, 6) for p in prompts]
+    ids, mask = left_padded(prompts)
+    torch._dynamo.reset()   # each example its own graphs (Dynamo's recompile limit is per code)
+    model.forward = compiled(model.forward, options, inductor=False)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                                 do_sample=False, return_dict_in_generate=True)
+    finally:
+        del model.forward
+    assert out.sequences[:, ids.shape[1]:].tolist() == [tokens for tokens, _ in alone]
+    # the cache holds the row that keeps most, then the 5 fed tokens
+    stored = max(kept[0] for _, kept in alone)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [stored + 5] * 2
+
+
+def test_padded_batch_stays_exact_where_rows_cannot_be_evicted_apart():
+    """H2O evicts during decode by a state per stored slot: a padded batch is not evicted row
+    by row, and with padding decode runs the exact graph over the whole cache."""
+    model = tiny_hf("llama")
+    options = dict(BUDGET, policy="h2o")
     ids = torch.cat([prompt(300, seed=3), prompt(300, seed=4)])
     mask = torch.ones_like(ids)
     mask[1, :40] = 0   # row 1 is left-padded
     kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     expected = model.generate(ids, **kwargs)
-    report = rkv_compile.explain(lambda: model.generate(ids, **kwargs), options=BUDGET)
+    report = rkv_compile.explain(lambda: model.generate(ids, **kwargs), options=options)
     decode = [s for s in report.sites if s.query_len == "1"]
     assert decode and all(s.rewritten for s in decode)   # the padding is checked at run time
-    model.forward = compiled(model.forward, BUDGET, inductor=False)
+    model.forward = compiled(model.forward, options, inductor=False)
     try:
         out = model.generate(ids, return_dict_in_generate=True, **kwargs)
     finally:

@@ -400,6 +400,74 @@ def turn_store(query_window, keys, values, lengths, positions, mask, scale, plan
     return (*state, positions.clone(), index)
 
 
+def rowwise(method: Policy, decisions: list[SiteDecision]) -> bool:
+    """Whether a padded batch can be evicted and decoded row by row under the policy: one plan
+    per row, from its own prompt length (not policies that evict during decode, keep the
+    history, budget layers differently or reuse another layer's selection)."""
+    return not (method.decode_state or method.keeps_history or method.per_layer) and all(
+        method.reuses(d.layer) is None for d in decisions)
+
+
+def row_keeps(method: Policy, prompt_lens: list[int], head_dim: int, layer: int, layers: int
+              ) -> list[int]:
+    """The tokens each row of a padded batch keeps of its prompt (all of a short one's)."""
+    keeps = []
+    for n in prompt_lens:
+        plan = method.plan(n, head_dim, layer, layers)
+        keeps.append(min(plan.prompt_budget, n) if method.rewrites_prompt(n, plan) else n)
+    return keeps
+
+
+def _attended(mask: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool: the keys the last query row of a (B, 1, q, n) mask attends to."""
+    return torch.isfinite(reference.additive_mask(mask)[:, 0, -1])
+
+
+def rowwise_store(query_window, key, value, mask, scale, policy: str, layer: int, layers: int
+                  ) -> tuple:
+    """A padded batch's prefill store: each row's selection over its own tokens (the keys its
+    last query attends to: a left-padded row's real ones) with the plan of its own length, as
+    that prompt alone would store; the rows right-aligned in one tensor, the slots before a row
+    that keeps fewer tokens left empty (the backend masks them). What `compress` returns (no
+    decode state; positions -1 in the empty slots)."""
+    method, live, rows = from_spec(policy), _attended(mask), []
+    keeps = row_keeps(method, live.sum(-1).tolist(), key.shape[-1], layer, layers)
+    for b, keep in enumerate(keeps):
+        index = live[b].nonzero().squeeze(1)
+        k, v = key[b:b + 1, :, index], value[b:b + 1, :, index]
+        row_mask = (mask[b:b + 1] if mask.shape[0] > 1 else mask)[..., index]
+        observed = method.observed_queries(len(index))
+        kept = method.compress(query_window[b:b + 1, :, -observed:], k, v,
+                               row_mask[..., -observed:, :], scale, keep)[:3] \
+            if keep < len(index) or method.kv_bits is not None else \
+            (k, v, torch.arange(len(index), device=key.device).expand(1, k.shape[1], -1))
+        rows.append(kept)
+    width = max(keeps)
+    pad = [width - keep for keep in keeps]
+    keys, values = (torch.cat([torch.nn.functional.pad(r[i], (0, 0, p, 0))
+                               for r, p in zip(rows, pad)]) for i in (0, 1))
+    positions = torch.cat([torch.nn.functional.pad(r[2], (p, 0), value=-1)
+                           for r, p in zip(rows, pad)])
+    return keys, values, positions, key.new_empty(0, dtype=torch.float32)
+
+
+def rowwise_decode(query, key, value, mask, scale, prompt_lens: list[int], policy: str,
+                   layer: int, layers: int):
+    """A padded batch's decode step: each row's policy decode over its own stored slots (the
+    keys the backend's per-row mask leaves it) with the plan of its own prompt length."""
+    method, live, out = from_spec(policy), _attended(mask), []
+    for b, n in enumerate(prompt_lens):
+        index = live[b].nonzero().squeeze(1)
+        plan = method.plan(n, key.shape[-1], layer, layers)
+        k, v = key[b:b + 1, :, index], value[b:b + 1, :, index]
+        out.append(method.decode(query[b:b + 1], k, v, None, scale, plan.chunk, plan.dims,
+                                 plan.topk) if method.sparse_decode else
+                   torch.nn.functional.scaled_dot_product_attention(
+                       query[b:b + 1], k, v, scale=scale,
+                       enable_gqa=query.shape[1] != key.shape[1]))
+    return torch.cat(out)
+
+
 def _summaries(d: SiteDecision) -> tuple:
     """A RocketKVCache's chunk summaries for the Triton op (a cache stored exactly has none)."""
     if d.key.source is not KVSource.ROCKETKV:
@@ -477,8 +545,8 @@ def _is_impure(node: Node) -> bool:
 
 
 def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig,
-          plans: dict[str, Plan] | None = None, causal: frozenset[str] = frozenset()
-          ) -> list[str]:
+          plans: dict[str, Plan] | None = None, causal: frozenset[str] = frozenset(),
+          by_row: bool = False) -> list[str]:
     """Rewrite the sites decided above; returns the names of the prefill sites that change
     what is stored.
 
@@ -499,6 +567,9 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
     Other policies' decode sites keep their exact attention (over the evicted cache).
     The prefill sites named in `causal` (masks proven plain causal) drop their masks for
     is_causal=True.
+    `by_row` (a padded batch, `rowwise` policies): prefill sites store `rowwise_store`'s rows,
+    and sparse decode sites call `rowwise_decode`, whose one new input per site is each row's
+    prompt length (instead of the plan's three).
     """
     graph = gm.graph
     output = graph.output_node()
@@ -515,11 +586,26 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
             _rewrite_rocketkv_turn(graph, d, first_op, selections)
         elif d.phase == PREFILL and d.method.rewrites_prompt(d.prompt_len, d.plan):
             with graph.inserting_before(d.site.output.next):
-                kept = _prompt_store(graph, d, d.site.key, d.site.value, causal, selections)
+                if by_row:
+                    observed = d.method.observed_queries(d.prompt_len)
+                    kept = graph.call_function(rowwise_store, (
+                        _last_rows(graph, d.site.query, observed), d.site.key, d.site.value,
+                        _window_mask(graph, d, observed, causal), d.scale, d.method.spec,
+                        d.layer, d.layers))
+                else:
+                    kept = _prompt_store(graph, d, d.site.key, d.site.value, causal, selections)
                 stored += [graph.call_function(operator.getitem, (kept, i)) for i in range(4)]
             storing.append(d.site.name)
         elif d.phase == DECODE and d.method.per_layer and d.key.source is KVSource.ROCKETKV:
             _attend_stored_slots(graph, d)
+        elif d.phase == DECODE and d.kernel != "exact" and by_row:
+            with graph.inserting_before(first_op):
+                lengths = graph.placeholder(f"{d.site.name}_prompt_lens")
+            with graph.inserting_before(d.site.output.next):
+                sparse = graph.call_function(rowwise_decode, (
+                    d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale,
+                    lengths, d.method.spec, d.layer, d.layers))
+            d.site.output.replace_all_uses_with(sparse)
         elif d.phase == DECODE and d.kernel != "exact":
             if plans is not None:   # compiled for one plan: its ints are constants
                 plan = [getattr(plans[d.site.name], field) for field in PLAN_INPUTS]
