@@ -331,6 +331,8 @@ class RewrittenGraph:
                     args[i][b, :empty] = 0
             outputs = self.by_row(*args, *[rows[0]] * self.row_sites)
         elif padded and self.by_row is not None and not self.decode_inputs:
+            self._warn_once("rocketkv: a padded prompt: the prefill keeps its attention mask and "
+                            "runs uncompiled, each row evicted over its own tokens")
             outputs = self.by_row(*args)
             rows = self._stored_rows(args)
         elif self.compiled is not None and not padded and \
