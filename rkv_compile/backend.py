@@ -53,7 +53,7 @@ from .config import Plan, RocketKVConfig
 from .kernels.reference import additive_mask
 from .policies.rocketkv_mt import whole_view
 from .passes.rewrite import (DECODE, PLAN_INPUTS, PREFILL, TURN, UNSUPPORTED, SiteDecision,
-                             analyse, apply, rocketkv_capacity, row_keeps, rowwise)
+                             analyse, apply, rocketkv_capacity, rowwise)
 from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
 from .passes.kv_source import KVSource
 from .passes.sites import value_of
@@ -207,9 +207,6 @@ class RewrittenGraph:
             rows = analyse(self.by_row.graph, config, refused)
             apply(self.by_row, rows, config, by_row=True)
             self.row_sites = sum(d.phase == DECODE and d.kernel != "exact" for d in rows)
-            stores = [d for d in decisions if d.phase == PREFILL]
-            self.store_shape = (int(stores[0].head_dim), stores[0].layer, stores[0].layers) \
-                if stores else None
         self.compiled, self.compiled_plans, self.warned = None, None, set()
         decode = [d for d in decisions if d.phase == DECODE]
         if decode and not compiles_decode(decode) or self.turns:
@@ -286,14 +283,14 @@ class RewrittenGraph:
         return next((getattr(args[k], ROWS_ATTR) for k, _ in self.decode_inputs.values()
                      if hasattr(args[k], ROWS_ATTR)), None) if self.by_row is not None else None
 
-    def _stored_rows(self, args) -> tuple:
+    def _stored_rows(self, args, outputs) -> tuple:
         """(prompt lengths, empty slots before each row's stored ones) of a padded prefill."""
         mask = next(args[i] for i in self.causal_padding if args[i].dim() == 2)
         lengths = (mask != 0).sum(-1).tolist()
         if not self.storing:   # nothing evicted: the cache keeps the batch's own padding
             return lengths, [mask.shape[1] - n for n in lengths]
-        keeps = row_keeps(self.config.method, lengths, *self.store_shape)
-        return lengths, [max(keeps) - keep for keep in keeps]
+        positions = outputs[self.num_outputs + 2]   # the first store's: -1 in empty slots
+        return lengths, (positions[:, 0] < 0).sum(-1).tolist()
 
     def _run_exact(self, args):
         """Padding in a decode step: the exact graph, over caches that were never evicted."""
@@ -334,7 +331,7 @@ class RewrittenGraph:
             self._warn_once("rocketkv: a padded prompt: the prefill keeps its attention mask and "
                             "runs uncompiled, each row evicted over its own tokens")
             outputs = self.by_row(*args)
-            rows = self._stored_rows(args)
+            rows = self._stored_rows(args, outputs)
         elif self.compiled is not None and not padded and \
                 (not decode_plans or decode_plans == self.compiled_plans):
             outputs = self.compiled(*args)

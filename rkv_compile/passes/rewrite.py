@@ -18,6 +18,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..config import Plan, RocketKVConfig
 from ..policies import Policy, from_spec
+from ..policies.rocketkv_mt import whole_view
 from ..kernels import ops, reference  # noqa: F401  (ops: torch.ops.rocketkv)
 from .causal_mask import CausalProof
 from .kv_source import KVOrigin, KVSource, kv_origin, returned_nodes
@@ -379,6 +380,17 @@ def view_decode(query, key, value, mask, scale, chunk, dims, topk, view_key, vie
                                          view_key, view_value, view_positions)
 
 
+def _row_store(method: Policy, query_window, key, value, mask, scale, plan: Plan, reuse=None
+               ) -> tuple:
+    """What one sequence (batch 1) stores of its `key`/`value` under `plan`: (keys, values,
+    positions) of the policy's selection, or of every token if the plan keeps them all."""
+    n = key.shape[2]
+    if not method.rewrites_prompt(n, plan):
+        return whole_view(key, value)
+    return method.compress(query_window, key, value, mask, scale, min(plan.prompt_budget, n),
+                           reuse)[:3]
+
+
 def turn_store(query_window, keys, values, lengths, positions, mask, scale, plan: Plan,
                capacity: int, policy: str, reuse=None) -> tuple:
     """A new turn's RocketKVCache state under a policy (its spec): per sequence, the tokens its
@@ -387,14 +399,10 @@ def turn_store(query_window, keys, values, lengths, positions, mask, scale, plan
     them)."""
     method, rows = from_spec(policy), []
     for b, n in enumerate(lengths.tolist()):
-        key, value = keys[b:b + 1, :, :n], values[b:b + 1, :, :n]
-        index = torch.arange(n, device=keys.device).expand(1, key.shape[1], n)
-        if method.rewrites_prompt(n, plan):
-            row_mask = None if mask is None else \
-                (mask[b:b + 1] if mask.shape[0] > 1 else mask)[..., :n]
-            key, value, index, _ = method.compress(
-                query_window[b:b + 1], key, value, row_mask, scale, min(plan.prompt_budget, n),
-                None if reuse is None else reuse[b:b + 1])
+        row_mask = None if mask is None else (mask[b:b + 1] if mask.shape[0] > 1 else mask)[..., :n]
+        key, value, index = _row_store(method, query_window[b:b + 1], keys[b:b + 1, :, :n],
+                                       values[b:b + 1, :, :n], row_mask, scale, plan,
+                                       None if reuse is None else reuse[b:b + 1])
         rows.append((*reference.static_cache(key, value, capacity, plan.chunk, 0), index))
     *state, _, index = (torch.cat(parts) for parts in zip(*rows))
     return (*state, positions.clone(), index)
@@ -406,16 +414,6 @@ def rowwise(method: Policy, decisions: list[SiteDecision]) -> bool:
     history, budget layers differently or reuse another layer's selection)."""
     return not (method.decode_state or method.keeps_history or method.per_layer) and all(
         method.reuses(d.layer) is None for d in decisions)
-
-
-def row_keeps(method: Policy, prompt_lens: list[int], head_dim: int, layer: int, layers: int
-              ) -> list[int]:
-    """The tokens each row of a padded batch keeps of its prompt (all of a short one's)."""
-    keeps = []
-    for n in prompt_lens:
-        plan = method.plan(n, head_dim, layer, layers)
-        keeps.append(min(plan.prompt_budget, n) if method.rewrites_prompt(n, plan) else n)
-    return keeps
 
 
 def _attended(mask: torch.Tensor) -> torch.Tensor:
@@ -431,19 +429,17 @@ def rowwise_store(query_window, key, value, mask, scale, policy: str, layer: int
     that keeps fewer tokens left empty (the backend masks them). What `compress` returns (no
     decode state; positions -1 in the empty slots)."""
     method, live, rows = from_spec(policy), _attended(mask), []
-    keeps = row_keeps(method, live.sum(-1).tolist(), key.shape[-1], layer, layers)
-    for b, keep in enumerate(keeps):
+    for b in range(key.shape[0]):
         index = live[b].nonzero().squeeze(1)
-        k, v = key[b:b + 1, :, index], value[b:b + 1, :, index]
+        n = len(index)
         row_mask = (mask[b:b + 1] if mask.shape[0] > 1 else mask)[..., index]
-        observed = method.observed_queries(len(index))
-        kept = method.compress(query_window[b:b + 1, :, -observed:], k, v,
-                               row_mask[..., -observed:, :], scale, keep)[:3] \
-            if keep < len(index) or method.kv_bits is not None else \
-            (k, v, torch.arange(len(index), device=key.device).expand(1, k.shape[1], -1))
-        rows.append(kept)
-    width = max(keeps)
-    pad = [width - keep for keep in keeps]
+        observed = method.observed_queries(n)
+        rows.append(_row_store(method, query_window[b:b + 1, :, -observed:],
+                               key[b:b + 1, :, index], value[b:b + 1, :, index],
+                               row_mask[..., -observed:, :], scale,
+                               method.plan(n, key.shape[-1], layer, layers)))
+    width = max(r[0].shape[2] for r in rows)
+    pad = [width - r[0].shape[2] for r in rows]
     keys, values = (torch.cat([torch.nn.functional.pad(r[i], (0, 0, p, 0))
                                for r, p in zip(rows, pad)]) for i in (0, 1))
     positions = torch.cat([torch.nn.functional.pad(r[2], (p, 0), value=-1)
@@ -461,10 +457,7 @@ def rowwise_decode(query, key, value, mask, scale, prompt_lens: list[int], polic
         plan = method.plan(n, key.shape[-1], layer, layers)
         k, v = key[b:b + 1, :, index], value[b:b + 1, :, index]
         out.append(method.decode(query[b:b + 1], k, v, None, scale, plan.chunk, plan.dims,
-                                 plan.topk) if method.sparse_decode else
-                   torch.nn.functional.scaled_dot_product_attention(
-                       query[b:b + 1], k, v, scale=scale,
-                       enable_gqa=query.shape[1] != key.shape[1]))
+                                 plan.topk))
     return torch.cat(out)
 
 
