@@ -6,7 +6,7 @@ the sites that read a cache, and give the result to Inductor (``compile_fx``).
 
 State between graphs travels on the cache tensors themselves, as attributes:
 - ``_rocketkv_plan``: the plan (it depends on the prompt length, which a decode graph cannot
-  see). A decode graph is compiled for the plan its first call's caches carry (the backend sees
+  see); on a RocketKVCache of a padded batch, a tuple of one plan per row. A decode graph is compiled for the plan its first call's caches carry (the backend sees
   the real inputs), with the cache length symbolic; with another plan it runs uncompiled.
 - ``_rocketkv_evicted``: on a prefill's full cache, the (keys, values) the policy stores (stage 1
   kept them, or quantized them). The first decode step swaps them in, but only if the pass
@@ -35,7 +35,9 @@ stores select each row over its own tokens with its own plan, right-aligned; eac
 then gets a per-row mask of the stored slots in place of the logical attention_mask, and its
 sparse sites decode each row with its own plan (uncompiled). Otherwise a decode step with
 padding runs the exact graph, uncompiled, on the full caches. A padded prompt into a
-RocketKVCache is refused at run time.
+RocketKVCache is stored the same way, uncompiled, each row left-aligned with its own length, and
+its state carries a plan per row (a tuple): decode graphs over a RocketKVCache attend to each
+row's stored slots, so they stay compiled (and CUDA graphs) with every row's plan a constant.
 Cache tensors get their length marked dynamic, so decode graphs are traced with a symbolic length
 (one graph for all steps, and the positions check has a symbol to follow).
 """
@@ -52,8 +54,8 @@ from torch.fx import Graph, GraphModule
 from .config import Plan, RocketKVConfig
 from .kernels.reference import additive_mask
 from .policies.rocketkv_mt import whole_view
-from .passes.rewrite import (DECODE, PLAN_INPUTS, PREFILL, TURN, UNSUPPORTED, SiteDecision,
-                             analyse, apply, rocketkv_capacity, rowwise)
+from .passes.rewrite import (DECODE, PREFILL, TURN, UNSUPPORTED, SiteDecision, analyse, apply,
+                             attended_keys, plan_inputs, rocketkv_capacity, rowwise)
 from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
 from .passes.kv_source import KVSource
 from .passes.sites import value_of
@@ -164,20 +166,35 @@ class RewrittenGraph:
                         if d.phase == DECODE and d.method.keeps_history]
         # site name -> (input of its logical positions, query length, head dim, layer, layers,
         # the cache's room) of a new turn into a RocketKVCache: what plans it at run time
+        self.turn_caches = [placeholders.index(d.key.past) for d in decisions if d.phase == TURN]
         self.turns = {d.site.name: (placeholders.index(d.key.cache.args[5]), int(d.query_len),
                                     int(d.head_dim), d.layer, d.layers, d.key.cache.args[8])
                       for d in decisions if d.phase == TURN}
         self.length_inputs = _length_inputs(placeholders, decisions)
         self.continued = _continued_caches(gm, decisions)
         self.padding_inputs = sorted({placeholders.index(m) for d in decisions
-                                      if d.phase == DECODE for m in d.padding_masks})
-        # masks of prompts stored in a RocketKVCache: a padded batch is refused
+                                      if d.phase == DECODE and d.key.source in GROWING
+                                      for m in d.padding_masks})
+        # RocketKVCache decode: (its caches' key inputs, padding masks) — a cache the pass did
+        # not store keeps the padding in its slots, so it decodes through the exact graph
+        slot_sites = [d for d in decisions if d.phase == DECODE and d.key.source is KVSource.ROCKETKV]
+        self.unplanned_padding = (sorted({placeholders.index(d.key.past) for d in slot_sites}),
+                                  sorted({placeholders.index(m) for d in slot_sites
+                                          for m in d.padding_masks}))
+        # masks of prompts stored in a RocketKVCache: a padded batch is stored row by row, if
+        # the policy allows (else refused)
         self.padded_store_inputs = sorted({placeholders.index(m) for d in decisions
                                            if d.phase in (PREFILL, TURN)
                                            for m in d.padding_masks})
+        # site name -> (head dim, layer, layers, the cache's room) of a prompt store into a
+        # RocketKVCache: what plans each row of a padded batch
+        self.row_stores = {d.site.name: (int(d.head_dim), d.layer, d.layers,
+                                         d.plan.length - d.prompt_len)
+                           for d in decisions if d.phase == PREFILL
+                           and d.key.source is KVSource.NEW_ROCKETKV}
         # the exact graph, run as is (not compiled) for decode steps with padding
-        self.original = _copy_graph_module(gm) if self.padding_inputs else None
-        self.per_layer_slots = any(d.phase == DECODE and d.method.per_layer for d in decisions)
+        self.original = _copy_graph_module(gm) \
+            if self.padding_inputs or self.unplanned_padding[1] else None
         # site name -> output positions of its (key, value) caches
         self.cache_outputs = {d.site.name: (_output_positions(gm.graph, d.key.cache),
                                             _output_positions(gm.graph, d.value.cache))
@@ -202,7 +219,8 @@ class RewrittenGraph:
                              config)
         # A padded batch, row by row (its own copy, masks kept, uncompiled).
         self.by_row, self.row_sites = None, 0
-        if rowwise(config.method, decisions) and (self.padding_inputs or self.causal_padding):
+        if rowwise(config.method, decisions) and \
+                (self.padding_inputs or self.causal_padding or self.row_stores):
             self.by_row = _copy_graph_module(gm)
             rows = analyse(self.by_row.graph, config, refused)
             apply(self.by_row, rows, config, by_row=True)
@@ -273,6 +291,21 @@ class RewrittenGraph:
                 return True
         return False
 
+    def _refuse_padded_store(self, args) -> None:
+        """A padded prompt or turn into a RocketKVCache that cannot be stored row by row."""
+        rows_apart = any(isinstance(getattr(args[k], PLAN_ATTR, None), tuple)
+                         for k in self.turn_caches)
+        if self.turns and (rows_apart or self._has_padding(args, self.padded_store_inputs)):
+            raise NotImplementedError(
+                "rocketkv: a new turn of a padded batch into a RocketKVCache is not supported "
+                "(transformers masks the stored slots with one offset for every row): pass a "
+                "DynamicCache with policy 'rocketkv-mt', or one conversation per call")
+        if self.by_row is None and self._has_padding(args, self.padded_store_inputs):
+            raise NotImplementedError(
+                f"rocketkv: a padded batch into a RocketKVCache: policy "
+                f"{self.config.method.name!r} cannot evict rows apart. Pass a DynamicCache "
+                "(padded batches run exactly there) or one prompt per call")
+
     def _warn_once(self, message: str, *args) -> None:
         if message not in self.warned:
             log.warning(message, *args)
@@ -283,20 +316,52 @@ class RewrittenGraph:
         return next((getattr(args[k], ROWS_ATTR) for k, _ in self.decode_inputs.values()
                      if hasattr(args[k], ROWS_ATTR)), None) if self.by_row is not None else None
 
+    def _prompt_lengths(self, args) -> list[int]:
+        """Each row's tokens in a padded prefill: the ones of its 2-D attention_mask, or the
+        keys the last query of its 4-D mask attends to (generate's mask for a RocketKVCache)."""
+        masks = [args[i] for i in self.causal_padding + self.padded_store_inputs]
+        mask = next((m for m in masks if m.dim() == 2), None)
+        if mask is not None:
+            return (mask != 0).sum(-1).tolist()
+        return attended_keys(masks[0]).sum(-1).tolist()
+
     def _stored_rows(self, args, outputs) -> tuple:
         """(prompt lengths, empty slots before each row's stored ones) of a padded prefill."""
-        mask = next(args[i] for i in self.causal_padding if args[i].dim() == 2)
-        lengths = (mask != 0).sum(-1).tolist()
+        lengths = self._prompt_lengths(args)
         if not self.storing:   # nothing evicted: the cache keeps the batch's own padding
-            return lengths, [mask.shape[1] - n for n in lengths]
+            return lengths, [args[self.causal_padding[0]].shape[-1] - n for n in lengths]
         positions = outputs[self.num_outputs + 2]   # the first store's: -1 in empty slots
         return lengths, (positions[:, 0] < 0).sum(-1).tolist()
 
+    def _row_store_inputs(self, args, plans: dict) -> list:
+        """A padded prefill's stores into RocketKVCaches: each row's plan (recorded in `plans`)
+        and the buffer size that holds every row's, per site (ROW_STORE_INPUTS)."""
+        lengths, extra = self._prompt_lengths(args), []
+        for name, (head_dim, layer, layers, room) in self.row_stores.items():
+            roomy = dataclasses.replace(self.config, max_new_tokens=room)
+            rows = plans[name] = tuple(roomy.plan(n, head_dim, layer, layers) for n in lengths)
+            extra += [list(rows), max(rocketkv_capacity(p, n) for p, n in zip(rows, lengths))]
+        return extra
+
+    def _unplanned_padding(self, args) -> bool:
+        """A padded decode step over a RocketKVCache the pass did not store (its slots keep the
+        padding, which only the model's own mask hides): a 0 in a 2-D attention_mask, or in a
+        4-D mask a masked slot before an attended one (its empty slots are masked too)."""
+        keys, masks = self.unplanned_padding
+        if not masks or all(hasattr(args[k], PLAN_ATTR) for k in keys):
+            return False
+        for i in masks:
+            if args[i].dim() == 2:
+                padded = (args[i] == 0).any()
+            else:
+                attended = attended_keys(args[i])
+                padded = (~attended[:, :-1] & attended[:, 1:]).any()
+            if bool(padded):
+                return True
+        return False
+
     def _run_exact(self, args):
         """Padding in a decode step: the exact graph, over caches that were never evicted."""
-        if self.per_layer_slots:
-            raise NotImplementedError("rocketkv: a padded batch over a RocketKVCache whose layers "
-                                      "keep different numbers of tokens (pyramidkv)")
         if any(getattr(args[k], DECODED_ATTR, False) for k, _ in self.decode_inputs.values()):
             raise RuntimeError("rocketkv: a padding mask appeared after the cache was evicted; "
                                "padded batches must be padded from the first decode step on")
@@ -304,23 +369,23 @@ class RewrittenGraph:
 
     def __call__(self, *args):
         _refuse_shortened(args, self.continued)
-        if self.padded_store_inputs and self._has_padding(args, self.padded_store_inputs):
-            raise NotImplementedError(
-                "rocketkv: a padded batch into a RocketKVCache is not supported yet (transformers "
-                "masks its stored slots with one offset for every row, so an evicted row would "
-                "be masked by another row's padding): pass a DynamicCache (padded batches run "
-                "exactly there) or one prompt per call")
+        padded = self._has_padding(args, self.causal_padding)
+        if self.padded_store_inputs or self.turn_caches:
+            self._refuse_padded_store(args)
+            padded = padded or bool(self.row_stores) and \
+                self._has_padding(args, self.padded_store_inputs)
         rows = None
         if self.padding_inputs and self._has_padding(args, self.padding_inputs):
             rows = self._rows(args)
             if rows is None:
                 return self._run_exact(args)
+        if self._unplanned_padding(args):
+            return self.original(*args)
         args = list(args)
         plans = dict(self.prefill_plans)
         decode_plans = {name: self._plan_of(args[k]) for name, (k, _) in self.decode_inputs.items()}
         plans.update(decode_plans)
         shortened = self.length_inputs is not None and self._commit_evictions(args)
-        padded = self._has_padding(args, self.causal_padding)
         if rows is not None:   # a padded batch's decode step, row by row
             for i in self.padding_inputs:   # each row's stored slots, not its logical positions
                 args[i] = torch.ones_like(args[i])
@@ -330,8 +395,8 @@ class RewrittenGraph:
         elif padded and self.by_row is not None and not self.decode_inputs:
             self._warn_once("rocketkv: a padded prompt: the prefill keeps its attention mask and "
                             "runs uncompiled, each row evicted over its own tokens")
-            outputs = self.by_row(*args)
-            rows = self._stored_rows(args, outputs)
+            outputs = self.by_row(*args, *self._row_store_inputs(args, plans))
+            rows = self._stored_rows(args, outputs) if self.cache_outputs else None
         elif self.compiled is not None and not padded and \
                 (not decode_plans or decode_plans == self.compiled_plans):
             outputs = self.compiled(*args)
@@ -350,7 +415,7 @@ class RewrittenGraph:
                 plan = plans[name] = roomy.plan(length, head_dim, layer, layers)
                 extra += [plan, rocketkv_capacity(plan, length)]
             for name, plan in decode_plans.items():
-                extra += [getattr(plan, field) for field in PLAN_INPUTS]
+                extra += plan_inputs(plan)
                 if name in self.stateful:
                     extra.append(self._state_of(args[self.decode_inputs[name][0]]))
                 if name in self.viewing:

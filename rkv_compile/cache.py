@@ -16,12 +16,18 @@ The physical slots hold fewer tokens than the logical sequence after eviction. t
 one mask per forward from `get_mask_sizes`: with kv_offset = (evicted tokens), its causal rule
 `slot + offset <= position` admits exactly the stored slots. `get_seq_length` is logical, as
 positions need.
+
+A left-padded batch under the backend stores each row apart: its own selection of its own
+tokens, left-aligned, with its own length (padding is never stored). One mask offset cannot
+serve rows of different lengths, so the pass's decode attends to each row's first `lengths[b]`
+slots instead of through transformers' mask.
 """
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .backend import PLAN_ATTR
 from .kernels import ops  # noqa: F401  (torch.ops.rocketkv)
 from .kernels.reference import extended_size
 
@@ -87,10 +93,14 @@ class RocketKVLayer(CacheLayerMixin):
     def _map_state(self, fn) -> None:
         if not self.is_initialized:
             return
+        rows = fn(torch.arange(self.keys.shape[0], device=self.keys.device)).tolist()  # old rows
         for name in STATE:
             old = getattr(self, name)
             new = fn(old).contiguous()
             new.__dict__.update(old.__dict__)  # what the backend put on the state: plan, marks
+            plan = getattr(old, PLAN_ATTR, None)
+            if isinstance(plan, tuple):   # a plan per row (rows evicted apart): they move too
+                setattr(new, PLAN_ATTR, tuple(plan[row] for row in rows))
             setattr(self, name, new)
 
     def reset(self) -> None:

@@ -260,18 +260,20 @@ def test_batch_repeat_then_select(compressed, caplog):
         assert cache.layers[0].keys.shape[2] < 150
 
 
-def test_padded_batch_into_rocketkv_cache_is_refused():
-    """One mask offset serves every row of a RocketKVCache: a padded batch is refused with a
-    clear error, never evicted and mis-masked. An unpadded batch: each row as it alone."""
+def test_padded_batch_into_rocketkv_cache_where_rows_cannot_be_evicted_apart():
+    """PyramidKV budgets layers differently, so a padded batch is not stored row by row into a
+    RocketKVCache: refused with a clear error, never evicted and mis-masked. An unpadded batch:
+    each row as it alone."""
     model = tiny_hf("llama")
     ids = torch.randint(0, VOCAB, (2, 300), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :120] = 0
-    options = {"token_budget": 64, "max_new_tokens": 4}
+    options = {"token_budget": 64, "max_new_tokens": 4, "policy": "pyramidkv"}
     model.forward = torch.compile(
         model.forward, backend=lambda gm, inputs: rewrite_only(gm, inputs, options=options))
     try:
-        with torch.no_grad(), pytest.raises(NotImplementedError, match="padded batch into a"):
+        with torch.no_grad(), pytest.raises(NotImplementedError,
+                                            match="'pyramidkv' cannot evict rows apart"):
             model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                            past_key_values=RocketKVCache(model.config, 4))
         with torch.no_grad():
@@ -282,3 +284,54 @@ def test_padded_batch_into_rocketkv_cache_is_refused():
     config = RocketKVConfig.from_options(options)
     for row in range(2):
         assert out[row, 300:].tolist() == oracle_generate(model, ids[row:row + 1], config, 4)[0]
+
+
+def test_padded_rocketkv_cache_the_pass_did_not_store_decodes_exactly():
+    """A padded prompt stored without the backend keeps its padding in the cache's slots, which
+    only the model's mask hides: decode steps under the backend then run the exact graph (the
+    rewritten one attends to every stored slot)."""
+    model = tiny_hf("llama")
+    ids = torch.randint(0, VOCAB, (2, 200), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :50] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    forward = torch.compile(model.forward, backend=lambda gm, inputs: rewrite_only(
+        gm, inputs, options={"token_budget": 64, "max_new_tokens": 4}))
+    runs = []
+    with torch.no_grad():
+        for step_forward in (model.forward, forward):
+            cache = RocketKVCache(model.config, 4)
+            logits = model(ids, attention_mask=mask, position_ids=positions,
+                           past_key_values=cache).logits
+            tokens, step_mask, step_positions = [], mask, positions[:, -1:]
+            for _ in range(4):
+                tokens.append(logits[:, -1].argmax(-1))
+                step_mask = torch.cat([step_mask, torch.ones_like(mask[:, :1])], -1)
+                step_positions = step_positions + 1
+                logits = step_forward(tokens[-1][:, None], attention_mask=step_mask,
+                                      position_ids=step_positions, past_key_values=cache).logits
+            runs.append(torch.stack(tokens, 1))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_new_turn_of_a_padded_batch_into_rocketkv_cache_is_refused():
+    """Rows evicted apart hold different numbers of tokens, but transformers masks a new turn's
+    slots with one offset for every row: refused with a clear error."""
+    model = tiny_hf("llama")
+    ids = torch.randint(0, VOCAB, (2, 200), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :60] = 0
+    options = {"token_budget": 64, "max_new_tokens": 4}
+    model.forward = torch.compile(
+        model.forward, backend=lambda gm, inputs: rewrite_only(gm, inputs, options=options))
+    cache = RocketKVCache(model.config, 4)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                 past_key_values=cache)
+            turn = torch.cat([out, ids[:, :40]], 1)
+            with pytest.raises(NotImplementedError, match="new turn of a padded batch"):
+                model.generate(turn, attention_mask=torch.cat([mask, torch.ones_like(
+                    turn[:, 200:])], 1), max_new_tokens=4, past_key_values=cache)
+    finally:
+        del model.forward

@@ -482,19 +482,35 @@ def test_evicting_decode_opcheck(shape, policy):
 @pytest.mark.parametrize("policy", ["rocketkv", "oracle-topk"])
 @pytest.mark.parametrize("shape", DECODE_SHAPES)
 def test_sparse_decode_opcheck(shape, policy):
-    args = (*_decode_args(4, *shape), _spec(policy))
-    torch.library.opcheck(torch.ops.rocketkv.sparse_decode.default, args)
-    got = torch.ops.rocketkv.sparse_decode(*args)
-    torch.testing.assert_close(got, from_spec(args[-1]).decode(*args[:-1]), rtol=0, atol=0)
+    args = _decode_args(4, *shape)
+    op_args = (*args[:5], *([x] for x in args[5:]), _spec(policy))   # the plan: one for all rows
+    torch.library.opcheck(torch.ops.rocketkv.sparse_decode.default, op_args)
+    got = torch.ops.rocketkv.sparse_decode(*op_args)
+    torch.testing.assert_close(got, from_spec(_spec(policy)).decode(*args), rtol=0, atol=0)
     if policy == "rocketkv":
-        torch.testing.assert_close(got, R.sparse_decode(*args[:-1]), rtol=0, atol=0)
-    _assert_fake_matches(torch.ops.rocketkv.sparse_decode, args)
+        torch.testing.assert_close(got, R.sparse_decode(*args), rtol=0, atol=0)
+    _assert_fake_matches(torch.ops.rocketkv.sparse_decode, op_args)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_sparse_decode_rows_with_their_own_plans(mask_kind):
+    """A padded batch evicted row by row: each row decodes with its own plan, as it would alone."""
+    q, k, v, mask, scale, *_ = _decode_args(6, 3, 2, 2, 40, 32, mask_kind)
+    plans = [(2, 16, 8), (3, 5, 12), (1, 32, 8)]
+    op_args = (q, k, v, mask, scale, *(list(field) for field in zip(*plans)), _spec("rocketkv"))
+    torch.library.opcheck(torch.ops.rocketkv.sparse_decode.default, op_args)
+    got = torch.ops.rocketkv.sparse_decode(*op_args)
+    for b, plan in enumerate(plans):
+        row = (t[b:b + 1] for t in (q, k, v))
+        torch.testing.assert_close(got[b:b + 1], R.sparse_decode(*row, R.row_of(mask, b), scale,
+                                                                 *plan), rtol=0, atol=0)
+    _assert_fake_matches(torch.ops.rocketkv.sparse_decode, op_args)
 
 
 def test_ops_follow_input_dtype():
     args = list(_decode_args(5, 1, 2, 2, 17, 32, None))
     args[:3] = [a.to(torch.bfloat16) for a in args[:3]]
-    out = torch.ops.rocketkv.sparse_decode(*args, _spec("rocketkv"))
+    out = torch.ops.rocketkv.sparse_decode(*args[:5], *([x] for x in args[5:]), _spec("rocketkv"))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, R.sparse_decode(*args), rtol=0, atol=0)
     cargs = list(_compress_args(5, 1, 2, 2, 4, 17, 32, None))

@@ -8,6 +8,8 @@ from models import compiled, prompt, tiny_hf
 
 import rkv_compile
 from rkv_compile import RocketKVConfig
+from rkv_compile.cache import RocketKVCache
+from rkv_compile.passes.rewrite import rocketkv_capacity
 
 BUDGET = {"token_budget": 64, "max_new_tokens": 8}
 
@@ -133,6 +135,38 @@ def test_padded_batch_rows_as_each_prompt_alone(lengths, policy, seed):
     # the cache holds the row that keeps most, then the 5 fed tokens
     stored = max(kept[0] for _, kept in alone)
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [stored + 5] * 2
+
+
+@settings(deadline=None, max_examples=4)
+@given(lengths=st.lists(st.integers(20, 300), min_size=2, max_size=3),
+       policy=st.sampled_from(["rocketkv", "snapkv", "streamingllm"]),
+       seed=st.integers(0, 2**16))
+def test_padded_batch_into_rocketkv_cache_rows_as_each_prompt_alone(lengths, policy, seed):
+    """The same through a RocketKVCache: each row stored left-aligned with its own length and
+    plan, its decode over its own stored slots, so its tokens are its prompt alone's; the buffers
+    hold the largest row plan's slots, and no padding."""
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    options = dict(BUDGET, policy=policy)
+    config = RocketKVConfig.from_options(options)
+    prompts = [prompt(n, seed=seed + b)[0] for b, n in enumerate(lengths)]
+    alone = [oracle_generate(model, p[None], config, 6) for p in prompts]
+    ids, mask = left_padded(prompts)
+    torch._dynamo.reset()
+    model.forward = compiled(model.forward, options, inductor=False)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                                 do_sample=False, return_dict_in_generate=True,
+                                 past_key_values=RocketKVCache(model.config, BUDGET["max_new_tokens"]))
+    finally:
+        del model.forward
+    assert out.sequences[:, ids.shape[1]:].tolist() == [tokens for tokens, _ in alone]
+    for i, layer in enumerate(out.past_key_values.layers):
+        assert layer.lengths.tolist() == [kept[i] + 5 for _, kept in alone]
+        assert layer.positions.tolist() == [ids.shape[1] + 5] * len(prompts)
+        plans = [config.plan(n, 16) for n in lengths]
+        assert layer.keys.shape[2] == max(rocketkv_capacity(p, n) for p, n in zip(plans, lengths))
 
 
 def test_padded_batch_stays_exact_where_rows_cannot_be_evicted_apart():

@@ -58,7 +58,7 @@ def _check_op(q, k, v, mask, chunk, dims, topk):
     assume(_boundary_is_clear(R.approximate_scores(q, k, mask, chunk, dims), topk))
     scale = q.shape[-1] ** -0.5
     want = R.sparse_decode(q.double(), k.double(), v.double(), mask, scale, chunk, dims, topk)
-    got = torch.ops.rocketkv.sparse_decode_triton(q, k, v, mask, scale, chunk, dims, topk)
+    got = torch.ops.rocketkv.sparse_decode_triton(q, k, v, mask, scale, [chunk], [dims], [topk])
     assert got.shape == q.shape and got.dtype == q.dtype
     assert relative_error(got, want) < TOLERANCE[q.dtype]
 
@@ -152,3 +152,26 @@ def test_boolean_mask_matches_reference(case, shared):
     B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
     _check_op(q, k, v, _random_mask(1 if shared else B, n, chunk, seed), chunk, dims, topk)
+
+
+@SETTINGS
+@given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 128),
+                                                    st.integers(1, 160)), min_size=2, max_size=3))
+def test_rows_with_their_own_plans(case, rows):
+    """A padded batch whose rows were evicted apart: each row's own chunk, r and stored slots
+    (the first `live` of them: RocketKVCache left-aligns a row), as that row alone."""
+    _, Hkv, G, D, n, _, _, topk, dtype, seed = case
+    B = len(rows)
+    chunks, dims, live = ([row[i] for row in rows] for i in range(3))
+    dims, live = [min(r, D) for r in dims], [min(m, n) for m in live]
+    q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
+    mask = (torch.arange(n) < torch.tensor(live)[:, None]).view(B, 1, 1, n).to(DEVICE)
+    scale = D**-0.5
+    for b in range(B):
+        row = [t[b:b + 1] for t in (q, k, mask)]
+        assume(_boundary_is_clear(R.approximate_scores(*row, chunks[b], dims[b]), topk))
+    got = torch.ops.rocketkv.sparse_decode_triton(q, k, v, mask, scale, chunks, dims, [topk] * B)
+    for b in range(B):
+        want = R.sparse_decode(*(t[b:b + 1].double() for t in (q, k, v)), mask[b:b + 1], scale,
+                               chunks[b], dims[b], topk)
+        assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]

@@ -19,7 +19,7 @@ def test_inductor_traces_the_triton_op():
     q, k, v = (torch.randn(*s, generator=gen).to("cuda", torch.bfloat16)
                for s in [(1, 32, 1, 128), (1, 8, 1500, 128), (1, 8, 1500, 128)])
     f = torch.compile(lambda q, k, v: torch.ops.rocketkv.sparse_decode_triton(
-        q, k, v, None, 128**-0.5, 3, 60, 128) * 2)
+        q, k, v, None, 128**-0.5, [3], [60], [128]) * 2)
     torch.testing.assert_close(f(q, k, v), 2 * T.sparse_decode(q, k, v, None, 128**-0.5, 3, 60, 128))
 
 

@@ -1,5 +1,6 @@
 """RocketKVCache on the GPU: Triton decode with chunk summaries and the append kernel, CUDA-graph
 replay (the cudagraphs option), the tokens of the eager oracle, and memory after prefill."""
+import pytest
 import torch
 from models import tiny_hf
 from torch.profiler import ProfilerActivity, profile
@@ -13,7 +14,7 @@ from rkv_compile.cache import STATE, RocketKVCache
 assert torch.cuda.is_available(), "tests_gpu/ runs on the GPU machine"
 
 
-def _generate(model, ids, steps, options):
+def _generate(model, ids, steps, options, attention_mask=None):
     """Generate through the backend; also what it returned for each decode graph, and the CUDA
     graph launches seen by the profiler."""
     rocketkv, graphs = make_backend(), []
@@ -30,13 +31,15 @@ def _generate(model, ids, steps, options):
         cache = RocketKVCache(model.config, steps)
         activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
         with torch.no_grad(), profile(activities=activities) as prof:
-            out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                 past_key_values=cache, disable_compile=True)
+            out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=steps,
+                                 min_new_tokens=steps, do_sample=False, past_key_values=cache,
+                                 disable_compile=True)
     finally:
         model.forward = forward
     decode = [g for g in graphs if isinstance(g, RewrittenGraph) and g.decode_inputs]
     launches = sum(e.count for e in prof.key_averages() if "cudaGraphLaunch" in e.key)
-    return out[0, ids.shape[1]:].tolist(), cache, decode, launches
+    rows = out[:, ids.shape[1]:].tolist()
+    return rows if attention_mask is not None else rows[0], cache, decode, launches
 
 
 def test_cache_generate_matches_oracle_with_and_without_cudagraphs():
@@ -115,3 +118,39 @@ def test_plain_rocketkv_turns_on_cuda_as_the_eager_reference():
         model.forward = forward
     assert replies == multi_turn(model, turns, RocketKVConfig.from_options(options), 6)
     assert int(cache.layers[0].lengths[0]) < int(cache.layers[0].positions[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_batch_rows_as_each_prompt_alone_with_cudagraphs(dtype):
+    """A left-padded batch into a RocketKVCache on CUDA: each row stored with its own plan (here
+    chunks 2, 2 and 1: the kernels read each row's chunk and r, and build bounds from K), the
+    decode graph compiled once and replayed as a CUDA graph; each row's tokens are its prompt
+    alone's under the eager oracle (float32: all; bfloat16: the first of every row, and at least
+    2 of 3 whole rows, as rounding differs between the batched and the lone run)."""
+    model = tiny_hf("llama").to("cuda", dtype)
+    model.generation_config.eos_token_id = None
+    steps, lengths = 10, [400, 260, 90]
+    options = {"token_budget": 64, "max_new_tokens": steps, "cudagraphs": True}
+    config = RocketKVConfig.from_options(options)
+    assert len({config.plan(n, 16).chunk for n in lengths}) == 2
+    prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).cuda()
+               for n in lengths]
+    alone = [oracle_generate(model, p[None], config, steps) for p in prompts]
+    ids = torch.zeros(3, 400, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, 400 - len(p):], mask[b, 400 - len(p):] = p, 1
+    torch._dynamo.reset()
+    rows, cache, decode, launches = _generate(model, ids, steps, options, attention_mask=mask)
+    assert len(decode) == 1 and isinstance(decode[0].compiled_plans, dict)
+    assert all(isinstance(plan, tuple) for plan in decode[0].compiled_plans.values())
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+    assert launches >= steps - 3
+    assert [layer.lengths.tolist() for layer in cache.layers] == \
+        [[kept[i] + steps - 1 for _, kept in alone] for i in range(2)]
+    expected = [tokens for tokens, _ in alone]
+    if dtype == torch.float32:
+        assert rows == expected
+    else:
+        assert all(r[0] == a[0] for r, a in zip(rows, expected))
+        assert sum(r == a for r, a in zip(rows, expected)) >= 2

@@ -47,10 +47,17 @@ def _(query_window, key, value, mask, scale, keep, policy, reuse=None):
 
 @torch.library.custom_op("rocketkv::sparse_decode", mutates_args=())
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
-                  chunk: int, dims: int, topk: int, policy: str) -> Tensor:
+                  chunk: list[int], dims: list[int], topk: list[int], policy: str) -> Tensor:
     """One sparse decode step of the policy (its `spec`) over the stored cache, on the
-    reference path."""
-    return policies.from_spec(policy).decode(query, key, value, mask, scale, chunk, dims, topk)
+    reference path. chunk, dims, topk: the plan's, one for every row or one per row (a padded
+    batch whose rows were evicted apart: each row decodes with its own)."""
+    method = policies.from_spec(policy)
+    plans = list(zip(chunk, dims, topk))
+    if len(set(plans)) == 1:
+        return method.decode(query, key, value, mask, scale, *plans[0])
+    return torch.cat([method.decode(query[b:b + 1], key[b:b + 1], value[b:b + 1],
+                                    reference.row_of(mask, b), scale, *plan)
+                      for b, plan in enumerate(plans)])
 
 
 @sparse_decode.register_fake
@@ -74,12 +81,17 @@ def _(query, key, value, mask, scale, topk, state, policy):
 
 @triton_op("rocketkv::sparse_decode_triton", mutates_args=())
 def sparse_decode_triton(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                         scale: float, chunk: int, dims: int, topk: int,
+                         scale: float, chunk: list[int], dims: list[int], topk: list[int],
                          key_min: Tensor | None = None, key_max: Tensor | None = None) -> Tensor:
     """Stage 2 through the Triton kernels (mask: None or boolean): what CUDA decode graphs call.
-    key_min/key_max: the cache's chunk summaries of K, if it keeps them (RocketKVCache)."""
+    chunk, dims, topk: as sparse_decode's (the kernels take one top-k for every row, as
+    RocketKV's plans have). key_min/key_max: the cache's chunk summaries of K, if it keeps them
+    (RocketKVCache)."""
+    if len(set(topk)) != 1:
+        raise ValueError(f"rocketkv: the Triton decode takes one top-k for every row (got {topk})")
     summaries = None if key_min is None else (key_min, key_max)
-    return triton_decode.sparse_decode(query, key, value, mask, scale, chunk, dims, topk, summaries)
+    return triton_decode.sparse_decode(query, key, value, mask, scale, chunk, dims, topk[0],
+                                       summaries)
 
 
 @torch.library.custom_op("rocketkv::append_",

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def row_of(mask: Tensor | None, b: int) -> Tensor | None:
+    """Row b's mask (batch 1) of a mask shared by the batch or one per row."""
+    return mask if mask is None or mask.shape[0] == 1 else mask[b:b + 1]
+
+
 def additive_mask(mask: Tensor | None, dtype=torch.float32) -> Tensor | None:
     """A boolean (True = attend) or additive mask as an additive float mask, -inf where masked.
 

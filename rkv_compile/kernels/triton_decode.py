@@ -19,6 +19,8 @@ op (ops.py) Inductor sees and schedules them with the rest of the graph.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -28,15 +30,19 @@ from torch.library import wrap_triton
 
 @triton.jit
 def _chunk_logits_kernel(
-    q_ptr, k_ptr, kmin_ptr, kmax_ptr, valid_ptr, out_ptr,
+    q_ptr, k_ptr, kmin_ptr, kmax_ptr, valid_ptr, plan_ptr, out_ptr,
     n, chunk, chunks, dims, Hkv,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_sc,
     stride_vb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, FROM_KEYS: tl.constexpr,
+    PER_ROW: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b, h = bh // Hkv, bh % Hkv
+    if PER_ROW:  # rows evicted apart (a padded batch): each row's own chunk and r
+        chunk = tl.load(plan_ptr + 2 * b)
+        dims = tl.load(plan_ptr + 2 * b + 1)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     g_ok, d_ok = g < G, d < D
@@ -65,7 +71,7 @@ def _chunk_logits_kernel(
 
     # Bounds of BLOCK_C chunks over the chosen dims only: built from the chunk's K rows, or read
     # from the cache's min/max summaries. Live slots per chunk: a partial last chunk and masked
-    # slots count less; a chunk without any gets no logit.
+    # slots count less; a chunk without any (past a row's last chunk too) gets no logit.
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < chunks
     live = tl.zeros((BLOCK_C,), tl.int32)
@@ -99,11 +105,13 @@ def _chunk_logits_kernel(
 
 @triton.jit
 def _select_kernel(
-    logits_ptr, valid_ptr, out_ptr, n, chunk, chunks, k, Hkv, stride_vb,
-    G: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
+    logits_ptr, valid_ptr, plan_ptr, out_ptr, n, chunk, chunks, k, Hkv, stride_vb,
+    G: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // Hkv
+    if PER_ROW:
+        chunk = tl.load(plan_ptr + 2 * b)
     c = tl.arange(0, BLOCK_C)
     c_ok = c < chunks
     size = tl.minimum(tl.maximum(n - c * chunk, 0), chunk)
@@ -273,13 +281,27 @@ def _sm_count(device: torch.device) -> int:
     return 4  # Triton's interpreter: a few programs are plenty
 
 
+def row_plans(chunk: int | Sequence[int], dims: int | Sequence[int], device
+              ) -> tuple[int, int, Tensor | None]:
+    """(the smallest chunk, dims, per-row plan): the plan of every row as ints and None, or,
+    where rows differ (a padded batch whose rows were evicted apart), (B, 2) int32 (chunk, dims)
+    per row for the kernels to read."""
+    chunk, dims = ([x] if isinstance(x, int) else list(x) for x in (chunk, dims))
+    if len(set(zip(chunk, dims))) == 1:
+        return chunk[0], dims[0], None
+    per_row = torch.tensor(list(zip(chunk, dims)), dtype=torch.int32, device=device)
+    return min(chunk), dims[0], per_row
+
+
 def chunk_logits(query: Tensor, key: Tensor, chunk: int, dims: int, valid: Tensor | None = None,
-                 summaries: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                 summaries: tuple[Tensor, Tensor] | None = None, per_row: Tensor | None = None
+                 ) -> Tensor:
     """Stage 2's approximate logit per (query head, chunk): (B, Hkv, G, C) float32, -inf for a
     chunk with no live slot, as reference.chunk_logits.
 
     valid: None or (B, n) uint8, 0 for masked slots (batch stride may be 0). summaries: the
     cache's per-chunk (min, max) of K, (B, Hkv, C, D) each; without them they are built from K.
+    per_row: None, or each row's (chunk, dims) (`row_plans`; `chunk` is then the smallest).
     """
     B, Hkv, n, D = key.shape
     G = query.shape[1] // Hkv
@@ -289,17 +311,18 @@ def chunk_logits(query: Tensor, key: Tensor, chunk: int, dims: int, valid: Tenso
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_C = 16
     wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(chunks, BLOCK_C))](
-        query, key, kmin, kmax, valid if valid is not None else key, logits,
+        query, key, kmin, kmax, valid if valid is not None else key,
+        per_row if per_row is not None else key, logits,
         n, chunk, chunks, dims, Hkv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         kmin.stride(0), kmin.stride(1), kmin.stride(2), valid.stride(0) if valid is not None else 0,
         G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
-        HAS_VALID=valid is not None, FROM_KEYS=summaries is None)
+        HAS_VALID=valid is not None, FROM_KEYS=summaries is None, PER_ROW=per_row is not None)
     return logits
 
 
-def select_slots(logits: Tensor, n: int, chunk: int, topk: int,
-                 valid: Tensor | None = None) -> Tensor:
+def select_slots(logits: Tensor, n: int, chunk: int, topk: int, valid: Tensor | None = None,
+                 per_row: Tensor | None = None) -> Tensor:
     """The top min(topk, n) slots by stage-2 score, ties to the earlier slot, in slot order:
     (B, Hkv, k) int32. One program per KV head holds all its chunk scores in registers."""
     B, Hkv, G, chunks = logits.shape
@@ -307,9 +330,10 @@ def select_slots(logits: Tensor, n: int, chunk: int, topk: int,
     slots = torch.empty(B, Hkv, k, device=logits.device, dtype=torch.int32)
     BLOCK_C = max(triton.next_power_of_2(chunks), 16)
     wrap_triton(_select_kernel)[(B * Hkv,)](
-        logits, valid if valid is not None else logits, slots, n, chunk, chunks, k, Hkv,
+        logits, valid if valid is not None else logits,
+        per_row if per_row is not None else logits, slots, n, chunk, chunks, k, Hkv,
         valid.stride(0) if valid is not None else 0,
-        G=G, BLOCK_C=BLOCK_C, HAS_VALID=valid is not None,
+        G=G, BLOCK_C=BLOCK_C, HAS_VALID=valid is not None, PER_ROW=per_row is not None,
         num_warps=4 if BLOCK_C <= 1024 else 8 if BLOCK_C <= 4096 else 16)
     return slots
 
@@ -352,13 +376,17 @@ def slot_validity(mask: Tensor | None, batch: int, n: int) -> Tensor | None:
 
 
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
-                  chunk: int, dims: int, topk: int,
+                  chunk: int | Sequence[int], dims: int | Sequence[int], topk: int,
                   summaries: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Stage 2 for one decode step, as reference.sparse_decode (mask: None or boolean)."""
+    """Stage 2 for one decode step, as reference.sparse_decode (mask: None or boolean; chunk
+    and dims: one for every row or one per row)."""
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     valid = slot_validity(mask, key.shape[0], key.shape[2])
-    logits = chunk_logits(query, key, chunk, dims, valid, summaries)
-    slots = select_slots(logits, key.shape[2], chunk, topk, valid)
+    chunk, dims, per_row = row_plans(chunk, dims, key.device)
+    if per_row is not None and summaries is not None:
+        raise ValueError("rocketkv: chunk summaries serve rows of one chunk size only")
+    logits = chunk_logits(query, key, chunk, dims, valid, summaries, per_row)
+    slots = select_slots(logits, key.shape[2], chunk, topk, valid, per_row)
     return sparse_attention(query, key, value, slots, scale, valid)
 
 

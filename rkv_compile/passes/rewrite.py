@@ -27,6 +27,7 @@ from .sites import SDPA_SIGNATURE, AttentionSite, find_sites, shape_of, value_of
 PREFILL, DECODE, TURN = "prefill", "decode", "turn"
 PLAN_INPUTS = ("chunk", "dims", "topk")  # the Plan fields a decode site reads at run time
 TURN_INPUTS = ("plan", "capacity")       # what a new turn's stage 1 reads at run time
+ROW_STORE_INPUTS = ("row_plans", "capacity")   # a padded prompt's store into a RocketKVCache
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 UNSUPPORTED = "unsupported:"   # a reason the backend also warns about
 
@@ -57,7 +58,8 @@ class SiteDecision:
             return "exact"
         on_cuda = value_of(self.site.query).device.type == "cuda"
         mask = value_of(self.site.mask)
-        boolean = mask is None or self.site.mask_is_fill or mask.dtype == torch.bool
+        boolean = mask is None or self.site.mask_is_fill or mask.dtype == torch.bool or \
+            self.key.source is KVSource.ROCKETKV   # it reads a boolean mask of stored slots
         triton = self.method.triton and on_cuda and boolean
         return "triton" if triton else "reference"
 
@@ -229,8 +231,8 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
         plans = [roomy.plan(prompt, int(d.head_dim), layer, d.layers)
                  for layer in range(d.layers)] if d.method.per_layer else [d.plan]
         d.capacity = max(rocketkv_capacity(plan, prompt) for plan in plans)
-        # transformers masks the stored slots with one offset for every row (cache.py): a
-        # padded batch is refused at run time
+        # a padded batch is stored row by row (`rowwise_cache`), if the policy allows: checked at
+        # run time
         d.padding_masks = [m for m in _mask_inputs(site) if value_of(m).dim() == 4] + \
             _padding_inputs(_mask_inputs(site)) if site.mask is not None else []
         d.phase = PREFILL
@@ -239,10 +241,13 @@ def _rocketkv_refusal(d: SiteDecision, config: RocketKVConfig) -> str | None:
         return _turn_refusal(d)
     if site.mask is None or site.is_causal:
         return "no mask over the RocketKVCache's slots: its empty slots would be attended"
-    if d.method.per_layer:
-        # Decode reads the layer's own stored slots (lengths), not the mask transformers builds
-        # for all layers from the first; a padding mask must then be all ones (run-time check).
-        d.padding_masks = _padding_inputs(_logical_mask_inputs(site, d.query_len, set()))
+    # Decode attends to the layer's own stored slots (its lengths), not through the mask
+    # transformers builds for every layer and row from the first layer's first row: per-layer
+    # budgets and rows evicted apart store different numbers of tokens. A padding mask over a
+    # cache the pass did not store (padding kept in its slots) sends the step to the exact
+    # graph (checked at run time; generate passes a RocketKVCache model 4-D masks).
+    d.padding_masks = [m for m in _mask_inputs(site) if value_of(m).dim() == 4] + \
+        _padding_inputs(_logical_mask_inputs(site, d.query_len, set()))
     d.phase = DECODE
     return None
 
@@ -354,23 +359,36 @@ def _make_causal(site: AttentionSite) -> None:
     site.output.kwargs = arguments
 
 
+def stored_slots(key, lengths):
+    """(B, 1, 1, slots) bool: the first `lengths` slots of each row of a RocketKVCache layer."""
+    return torch.arange(key.shape[2], device=key.device) < lengths.view(-1, 1, 1, 1)
+
+
 def stored_slots_attention(query, key, value, lengths, scale: float):
-    """Exact attention of a decode query over the first `lengths` slots of a RocketKVCache
-    layer: with per-layer budgets the layers store different numbers of tokens, but
-    transformers builds one decode mask for all layers (from the first)."""
-    live = torch.arange(key.shape[2], device=key.device) < lengths.view(-1, 1, 1, 1)
+    """Exact attention of a decode query over the stored slots of a RocketKVCache layer."""
     return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=live, scale=scale,
+        query, key, value, attn_mask=stored_slots(key, lengths), scale=scale,
         enable_gqa=query.shape[1] != key.shape[1])
 
 
+def _cache_lengths(d: SiteDecision) -> Node:
+    """A RocketKVCache decode site's stored lengths, after its token is appended."""
+    return d.key.cache.args[4]    # rocketkv.append_(keys, values, kmin, kmax, lengths, ...)
+
+
 def _attend_stored_slots(graph: Graph, d: SiteDecision) -> None:
-    """A per-layer policy's decode site over a RocketKVCache reads its own layer's lengths."""
-    lengths = d.key.cache.args[4]    # rocketkv.append_(keys, values, kmin, kmax, lengths, ...)
+    """An exact decode site over a RocketKVCache attends to its layer's stored slots."""
     with graph.inserting_before(d.site.output.next):
-        exact = graph.call_function(stored_slots_attention, (d.site.query, d.site.key,
-                                                             d.site.value, lengths, d.scale))
+        exact = graph.call_function(stored_slots_attention, (
+            d.site.query, d.site.key, d.site.value, _cache_lengths(d), d.scale))
     d.site.output.replace_all_uses_with(exact)
+
+
+def plan_inputs(plan: Plan | tuple[Plan, ...]) -> list[list[int]]:
+    """A decode site's plan as its op reads it: each PLAN_INPUTS field as a list, one value for
+    every row, or one per row (rows evicted apart carry a plan each)."""
+    rows = plan if isinstance(plan, tuple) else (plan,)
+    return [[getattr(row, field) for row in rows] for field in PLAN_INPUTS]
 
 
 def view_decode(query, key, value, mask, scale, chunk, dims, topk, view_key, view_value,
@@ -399,7 +417,7 @@ def turn_store(query_window, keys, values, lengths, positions, mask, scale, plan
     them)."""
     method, rows = from_spec(policy), []
     for b, n in enumerate(lengths.tolist()):
-        row_mask = None if mask is None else (mask[b:b + 1] if mask.shape[0] > 1 else mask)[..., :n]
+        row_mask = None if mask is None else reference.row_of(mask, b)[..., :n]
         key, value, index = _row_store(method, query_window[b:b + 1], keys[b:b + 1, :, :n],
                                        values[b:b + 1, :, :n], row_mask, scale, plan,
                                        None if reuse is None else reuse[b:b + 1])
@@ -416,28 +434,36 @@ def rowwise(method: Policy, decisions: list[SiteDecision]) -> bool:
         method.reuses(d.layer) is None for d in decisions)
 
 
-def _attended(mask: torch.Tensor) -> torch.Tensor:
+def attended_keys(mask: torch.Tensor) -> torch.Tensor:
     """(B, n) bool: the keys the last query row of a (B, 1, q, n) mask attends to."""
     return torch.isfinite(reference.additive_mask(mask)[:, 0, -1])
 
 
-def rowwise_store(query_window, key, value, mask, scale, policy: str, layer: int, layers: int
-                  ) -> tuple:
-    """A padded batch's prefill store: each row's selection over its own tokens (the keys its
-    last query attends to: a left-padded row's real ones) with the plan of its own length, as
-    that prompt alone would store; the rows right-aligned in one tensor, the slots before a row
-    that keeps fewer tokens left empty (the backend masks them). What `compress` returns (no
-    decode state; positions -1 in the empty slots)."""
-    method, live, rows = from_spec(policy), _attended(mask), []
+def _store_rows(method: Policy, query_window, key, value, mask, scale, plan_of) -> list:
+    """Each row of a padded batch as its prompt alone would store it: the policy's selection
+    over its own tokens (the keys its last query attends to: a left-padded row's real ones)
+    with `plan_of(b, n)`, the plan of row b of n tokens; (keys, values, positions) per row."""
+    live, rows = attended_keys(mask), []
     for b in range(key.shape[0]):
         index = live[b].nonzero().squeeze(1)
         n = len(index)
-        row_mask = (mask[b:b + 1] if mask.shape[0] > 1 else mask)[..., index]
+        row_mask = reference.row_of(mask, b)[..., index]
         observed = method.observed_queries(n)
         rows.append(_row_store(method, query_window[b:b + 1, :, -observed:],
                                key[b:b + 1, :, index], value[b:b + 1, :, index],
-                               row_mask[..., -observed:, :], scale,
-                               method.plan(n, key.shape[-1], layer, layers)))
+                               row_mask[..., -observed:, :], scale, plan_of(b, n)))
+    return rows
+
+
+def rowwise_store(query_window, key, value, mask, scale, policy: str, layer: int, layers: int
+                  ) -> tuple:
+    """A padded batch's prefill store into a growing cache: each row as its prompt alone would
+    store it (`_store_rows`), with the plan of its own length; the rows right-aligned in one
+    tensor, the slots before a row that keeps fewer tokens left empty (the backend masks them).
+    What `compress` returns (no decode state; positions -1 in the empty slots)."""
+    method = from_spec(policy)
+    rows = _store_rows(method, query_window, key, value, mask, scale,
+                       lambda b, n: method.plan(n, key.shape[-1], layer, layers))
     width = max(r[0].shape[2] for r in rows)
     pad = [width - r[0].shape[2] for r in rows]
     keys, values = (torch.cat([torch.nn.functional.pad(r[i], (0, 0, p, 0))
@@ -447,11 +473,26 @@ def rowwise_store(query_window, key, value, mask, scale, policy: str, layer: int
     return keys, values, positions, key.new_empty(0, dtype=torch.float32)
 
 
+def rowwise_cache(query_window, key, value, mask, scale, plans: list[Plan], capacity: int,
+                  policy: str, prompt_len: int) -> tuple:
+    """A padded batch's prompt store into a RocketKVCache: each row as its prompt alone would
+    store it (`_store_rows`) with its plan (`plans`, from its own length), left-aligned in
+    `capacity` slots with its own stored length, as decode reads it (`stored_slots`). Chunk
+    summaries if every row's plan has the same chunk (else the kernels build bounds from K).
+    Every row's position is the padded prompt's length (transformers counts the padding)."""
+    chunks = {plan.chunk for plan in plans}
+    chunk = chunks.pop() if len(chunks) == 1 else 0
+    rows = _store_rows(from_spec(policy), query_window, key, value, mask, scale,
+                       lambda b, n: plans[b])
+    return tuple(torch.cat(parts) for parts in zip(*(
+        reference.static_cache(k, v, capacity, chunk, prompt_len) for k, v, _ in rows)))
+
+
 def rowwise_decode(query, key, value, mask, scale, prompt_lens: list[int], policy: str,
                    layer: int, layers: int):
     """A padded batch's decode step: each row's policy decode over its own stored slots (the
     keys the backend's per-row mask leaves it) with the plan of its own prompt length."""
-    method, live, out = from_spec(policy), _attended(mask), []
+    method, live, out = from_spec(policy), attended_keys(mask), []
     for b, n in enumerate(prompt_lens):
         index = live[b].nonzero().squeeze(1)
         plan = method.plan(n, key.shape[-1], layer, layers)
@@ -494,12 +535,25 @@ def _prompt_store(graph: Graph, d: SiteDecision, key: Node, value: Node, causal:
 
 
 def _rewrite_rocketkv_prefill(graph: Graph, d: SiteDecision, causal: frozenset[str],
-                              selections: dict[int, Node]) -> None:
+                              selections: dict[int, Node], first_op: Node, by_row: bool) -> None:
     """The cache's exact prompt store becomes the plan's: what the policy keeps (when it changes
     the prompt) in capacity-sized buffers, with chunk summaries and positions that continue at
-    the prompt length."""
+    the prompt length. `by_row`: `rowwise_cache`'s store, whose row plans and buffer size are
+    inputs (ROW_STORE_INPUTS)."""
     store, plan = d.key.cache, d.plan
     key, value = store.args[:2]
+    if by_row:
+        with graph.inserting_before(first_op):
+            rows = [graph.placeholder(f"{d.site.name}_{field}") for field in ROW_STORE_INPUTS]
+        observed = d.method.observed_queries(d.prompt_len)
+        with graph.inserting_before(store):
+            state = graph.call_function(rowwise_cache, (
+                _last_rows(graph, d.site.query, observed), key, value,
+                _window_mask(graph, d, observed, frozenset()), d.scale, *rows, d.method.spec,
+                d.prompt_len))
+        store.replace_all_uses_with(state)
+        graph.erase_node(store)
+        return
     with graph.inserting_before(store):
         if d.method.rewrites_prompt(d.prompt_len, plan):
             kept = _prompt_store(graph, d, key, value, causal, selections)
@@ -528,6 +582,14 @@ def _rewrite_rocketkv_turn(graph: Graph, d: SiteDecision, first_op: Node,
     output.args = (tuple(stored[out.args[1]] if isinstance(out, Node) and
                          out.target is operator.getitem and out.args[0] is extend else out
                          for out in output.args[0]),)
+
+
+def _one(graph: Graph, values: list[int] | Node) -> int | Node:
+    """A plan field's value for every row (`plan_inputs`), for the ops of policies that never
+    decode rows apart."""
+    if isinstance(values, list):
+        return values[0]
+    return graph.call_function(operator.getitem, (values, 0))
 
 
 def _is_impure(node: Node) -> bool:
@@ -574,7 +636,7 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
     selections: dict[int, Node] = {}
     for d in decisions:
         if d.phase == PREFILL and d.key.source is KVSource.NEW_ROCKETKV:
-            _rewrite_rocketkv_prefill(graph, d, causal, selections)
+            _rewrite_rocketkv_prefill(graph, d, causal, selections, first_op, by_row)
         elif d.phase == TURN:
             _rewrite_rocketkv_turn(graph, d, first_op, selections)
         elif d.phase == PREFILL and d.method.rewrites_prompt(d.prompt_len, d.plan):
@@ -589,9 +651,10 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                     kept = _prompt_store(graph, d, d.site.key, d.site.value, causal, selections)
                 stored += [graph.call_function(operator.getitem, (kept, i)) for i in range(4)]
             storing.append(d.site.name)
-        elif d.phase == DECODE and d.method.per_layer and d.key.source is KVSource.ROCKETKV:
+        elif d.phase == DECODE and d.key.source is KVSource.ROCKETKV and d.kernel == "exact":
             _attend_stored_slots(graph, d)
-        elif d.phase == DECODE and d.kernel != "exact" and by_row:
+        elif d.phase == DECODE and d.kernel != "exact" and by_row and \
+                d.key.source is not KVSource.ROCKETKV:
             with graph.inserting_before(first_op):
                 lengths = graph.placeholder(f"{d.site.name}_prompt_lens")
             with graph.inserting_before(d.site.output.next):
@@ -601,7 +664,7 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
             d.site.output.replace_all_uses_with(sparse)
         elif d.phase == DECODE and d.kernel != "exact":
             if plans is not None:   # compiled for one plan: its ints are constants
-                plan = [getattr(plans[d.site.name], field) for field in PLAN_INPUTS]
+                plan = plan_inputs(plans[d.site.name])
             else:
                 with graph.inserting_before(first_op):
                     plan = [graph.placeholder(f"{d.site.name}_{field}") for field in PLAN_INPUTS]
@@ -611,15 +674,18 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], config: RocketKVConfig
                         view = [graph.placeholder(f"{d.site.name}_view_{part}")
                                 for part in ("key", "value", "positions")]
             with graph.inserting_before(d.site.output.next):
-                args = (d.site.query, d.site.key, d.site.value, _mask_arg(graph, d.site), d.scale)
+                mask = graph.call_function(stored_slots, (d.site.key, _cache_lengths(d))) \
+                    if d.key.source is KVSource.ROCKETKV else _mask_arg(graph, d.site)
+                args = (d.site.query, d.site.key, d.site.value, mask, d.scale)
                 if d.method.keeps_history:
-                    step = graph.call_function(view_decode, args + (*plan, *view,
-                                                                    config.method.spec))
+                    step = graph.call_function(view_decode, args + (
+                        *(_one(graph, value) for value in plan), *view, config.method.spec))
                     sparse = graph.call_function(operator.getitem, (step, 0))
                     views += [graph.call_function(operator.getitem, (step, i)) for i in (1, 2, 3)]
                 elif d.method.decode_state:
                     step = graph.call_function(torch.ops.rocketkv.evicting_decode.default,
-                                               args + (plan[2], state, config.method.spec))
+                                               args + (_one(graph, plan[2]), state,
+                                                       config.method.spec))
                     sparse = graph.call_function(operator.getitem, (step, 0))
                     states.append(graph.call_function(operator.getitem, (step, 1)))
                 elif d.kernel != "triton":
