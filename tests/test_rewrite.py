@@ -9,6 +9,7 @@ from models import compiled, prompt, tiny_hf
 import rkv_compile
 from rkv_compile import RocketKVConfig
 from rkv_compile.cache import RocketKVCache
+from rkv_compile.backend import PLAN_ATTR
 from rkv_compile.passes.rewrite import rocketkv_capacity
 
 BUDGET = {"token_budget": 64, "max_new_tokens": 8}
@@ -162,11 +163,18 @@ def test_padded_batch_into_rocketkv_cache_rows_as_each_prompt_alone(lengths, pol
     finally:
         del model.forward
     assert out.sequences[:, ids.shape[1]:].tolist() == [tokens for tokens, _ in alone]
+    plans = tuple(config.plan(n, 16) for n in lengths)
     for i, layer in enumerate(out.past_key_values.layers):
         assert layer.lengths.tolist() == [kept[i] + 5 for _, kept in alone]
         assert layer.positions.tolist() == [ids.shape[1] + 5] * len(prompts)
-        plans = [config.plan(n, 16) for n in lengths]
         assert layer.keys.shape[2] == max(rocketkv_capacity(p, n) for p, n in zip(plans, lengths))
+        # a plan per row; one for the batch if nothing is padded
+        assert getattr(layer.keys, PLAN_ATTR) == (plans if len(set(lengths)) > 1 else plans[0])
+    # each row's plan moves with its row (several continuations of each prompt)
+    out.past_key_values.batch_repeat_interleave(2)
+    for layer in out.past_key_values.layers:
+        assert getattr(layer.lengths, PLAN_ATTR) == (tuple(p for p in plans for _ in range(2))
+                                                     if len(set(lengths)) > 1 else plans[0])
 
 
 def test_padded_batch_stays_exact_where_rows_cannot_be_evicted_apart():

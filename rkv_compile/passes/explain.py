@@ -46,9 +46,10 @@ class SiteReport:
                       f"voted by the turn's last {d.method.observed_queries(int(d.query_len))} "
                       "queries, into buffers the conversation's length sizes (planned at run "
                       "time: the graph runs uncompiled)")
-        elif d.phase == "decode" and d.method.per_layer and d.key.source is KVSource.ROCKETKV:
-            action = (f"decode: {name}, exact attention over this layer's stored slots (its "
-                      "own length: layers keep different numbers of tokens)")
+        elif d.phase == "decode" and d.kernel == "exact" and d.key.source is KVSource.ROCKETKV:
+            action = (f"decode: {name}, exact attention over each row's stored slots of this "
+                      "layer (their own lengths: layers and the rows of a padded batch keep "
+                      "different numbers of tokens)")
         elif d.phase == "decode" and d.kernel == "exact":
             action = f"decode: {name}, exact attention over the kept tokens (unchanged)"
         elif d.phase == "decode" and d.method.keeps_history:
@@ -61,7 +62,9 @@ class SiteReport:
         elif d.phase == "decode":
             runs = ("Triton kernels" if d.kernel == "triton" else "the PyTorch reference op"
                     + ("" if d.method.triton else f": {name} has no Triton kernel yet"))
-            action = f"decode: {name}, {d.method.decode_kind} ({runs}; plan carried by the cache)"
+            slots = " over each row's stored slots" if d.key.source is KVSource.ROCKETKV else ""
+            action = (f"decode: {name}, {d.method.decode_kind}{slots} ({runs}; plan carried by "
+                      "the cache)")
         else:
             action = d.reason
         return cls(graph, d.site.name, d.site.kind, d.key.source.value, str(d.query_len),
