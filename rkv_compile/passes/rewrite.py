@@ -593,8 +593,13 @@ def _one(graph: Graph, values: list[int] | Node) -> int | Node:
 
 
 def _is_impure(node: Node) -> bool:
-    """Kept by dead-code elimination: side effects, and ops that write their inputs (older torch
-    versions' FX does not count custom ops with mutable arguments, e.g. rocketkv.append_)."""
+    """Kept by dead-code elimination: side effects, and ops that write their inputs, whose
+    results may go unused: in-place tensor methods (Dynamo writes an in-place all_reduce back
+    with `x.copy_(...)`, as under tensor parallelism; FX counts no method impure) and custom ops
+    with mutable arguments (older torch versions' FX does not count them, e.g.
+    rocketkv.append_)."""
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+        return True
     op = getattr(node.target, "default", node.target)
     return node.is_impure() or bool(getattr(getattr(op, "_schema", None), "is_mutable", False))
 
