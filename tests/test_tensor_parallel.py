@@ -16,21 +16,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run(args, out_dir, env):
-    subprocess.run([sys.executable, *args, os.path.join(HERE, "tp_worker.py"), str(out_dir / "model"),
-                    str(out_dir)], check=True, env=env, timeout=1500, capture_output=True)
+    subprocess.run([sys.executable, *args, os.path.join(HERE, "tp_worker.py"),
+                    str(out_dir / "model"), str(out_dir)], check=True, env=env, timeout=1500)
 
 
-def test_two_ranks_generate_as_one_process(tmp_path):
-    tiny_hf("llama").save_pretrained(tmp_path / "model")
+def run_workers(out_dir) -> tuple[dict, list[dict]]:
+    """tp_worker.py as one process, then as two ranks: their results."""
+    tiny_hf("llama").save_pretrained(out_dir / "model")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE,
                                           os.environ.get("PYTHONPATH", "")])}
     env.pop("WORLD_SIZE", None)
-    _run([], tmp_path, env)
+    _run([], out_dir, env)
     _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
-         tmp_path, env)
-    one = json.loads((tmp_path / "rank0_of1.json").read_text())
-    ranks = [json.loads((tmp_path / f"rank{r}_of2.json").read_text()) for r in range(2)]
+         out_dir, env)
+    one = json.loads((out_dir / "rank0_of1.json").read_text())
+    return one, [json.loads((out_dir / f"rank{r}_of2.json").read_text()) for r in range(2)]
+
+
+def test_two_ranks_generate_as_one_process(tmp_path):
+    one, ranks = run_workers(tmp_path)
     for rank in ranks:
         # the same tokens as one process, through both caches
         assert rank["dynamic"] == one["dynamic"] and rank["rocketkv_cache"] == one["rocketkv_cache"]

@@ -4,7 +4,7 @@
     python3 tests/tp_worker.py MODEL_DIR OUT_DIR            # one process, the whole model
 
 Loads the saved model (transformers' tensor parallelism, `tp_plan="auto"`, when launched with
-several ranks: each rank holds a slice of the heads), generates greedily through the rocketkv
+several ranks: each rank holds a slice of the heads; float32 on the CPU, bfloat16 on GPUs), generates greedily through the rocketkv
 backend with a DynamicCache and with a RocketKVCache, and writes OUT_DIR/rank<R>_of<W>.json: the
 tokens, each layer's stored cache shape, the explain report, and per graph the collectives Dynamo
 traced and the ones left in the graph the pass rewrote.
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rkv_compile
-from rkv_compile.backend import make_backend
+from rkv_compile.backend import RewrittenGraph
 from rkv_compile.cache import RocketKVCache
 
 OPTIONS = {"token_budget": 64, "max_new_tokens": 8}
@@ -32,23 +32,21 @@ def collectives(gm: torch.fx.GraphModule) -> int:
 def main(model_dir: str, out_dir: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 tp_plan="auto" if world > 1 else None)
+    cuda = torch.cuda.is_available()   # the GPU machine: bfloat16 over NCCL
+    placement = {"tp_plan": "auto"} if world > 1 else {"device_map": "cuda"} if cuda else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if cuda else torch.float32, **placement)
     model.generation_config.eos_token_id = None
     ids = torch.randint(0, model.config.vocab_size, (1, 300),
-                        generator=torch.Generator().manual_seed(3))
+                        generator=torch.Generator().manual_seed(3)).to(model.device)
     graphs = []
 
-    def counted(gm, example_inputs):   # what the pass hands Inductor
-        graphs[-1]["rewritten"] = collectives(gm)
-        from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs)
-
-    rocketkv = make_backend(compiler=counted, decode_compiler=counted)
-
     def backend(gm, example_inputs, options=None):
-        graphs.append({"traced": collectives(gm)})
-        return rocketkv(gm, example_inputs, options=options)
+        compiled = rkv_compile.rocketkv(gm, example_inputs, options=options)
+        # the graph the pass rewrote (its uncompiled form: the same rewrite, plans as inputs)
+        rewritten = compiled.uncompiled if isinstance(compiled, RewrittenGraph) else gm
+        graphs.append({"traced": collectives(gm), "rewritten": collectives(rewritten)})
+        return compiled
 
     result = {"world": world, "rank": rank}
     with torch.no_grad():
