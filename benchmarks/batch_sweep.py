@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import sys
+import time
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -32,15 +32,15 @@ from transformers import DynamicCache, StaticCache
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import rkv_compile  # noqa: E402
-from end_to_end import (CUDA, DEVICE, GIB, RESERVE, WARMUP, build, cache_bytes,  # noqa: E402
-                        cleanup, free_bytes, llama_8b, peak_gib, reset_peak, sync, timed_ms, tiny)
+from end_to_end import (DEVICE, GIB, RESERVE, WARMUP, build, cache_bytes, cleanup,  # noqa: E402
+                        free_bytes, llama_8b, peak_gib, reset_peak, run_meta, sync, timed_ms,
+                        tiny)
 from rkv_compile.cache import STATE, RocketKVCache  # noqa: E402
 
 
 def decode_ms(forward, cache, token, positions, steps: int) -> float:
     """ms per greedy decode step over `cache`, after WARMUP steps (compile, CUDA-graph record);
     `positions`: each row's next position (a padded row's are its own)."""
-    import time
 
     def run(count, token, positions):
         for _ in range(count):
@@ -171,21 +171,8 @@ def main():
     if args.tiny:
         args.batches, args.context, args.pads = [1, 3], 400, [0, 100, 250]
         args.budget, args.steps = 32, 3
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 4096
     model = build(tiny() if args.tiny else llama_8b())
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    embedding = model.model.embed_tokens.weight
-    weights -= embedding.numel() * embedding.element_size()   # a step reads one row of it
-    bandwidth = None
-    if CUDA:
-        from decode_attention import copy_bandwidth
-        bandwidth = copy_bandwidth()
-    meta = {"device": torch.cuda.get_device_name() if CUDA else "cpu",
-            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-            "torch": torch.__version__, "steps": args.steps, "weight_bytes": weights,
-            "copy_bandwidth_bytes_per_s": bandwidth}
-    print(json.dumps(meta), flush=True)
+    meta = run_meta(model, args.steps)
     sweep = Sweep(model, args, meta)
     if "rocketkv" in args.setups:
         sweep.rocketkv(args.batches)

@@ -279,6 +279,29 @@ class Bench:
         self.record(setup, context, batch, None, step)
 
 
+def run_meta(model, steps: int) -> dict:
+    """What a run's results record about it (printed too): device, date, command, the bytes of
+    weights a decode step reads, the copy bandwidth and the weight-read floor. Also lifts
+    Dynamo's recompile limits (each batch size and context compiles its own graphs)."""
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.model.embed_tokens.weight
+    weights -= embedding.numel() * embedding.element_size()   # a step reads one row of it
+    bandwidth = None
+    if CUDA:
+        sys.path.insert(0, "benchmarks")
+        from decode_attention import copy_bandwidth
+        bandwidth = copy_bandwidth()
+    meta = {"device": torch.cuda.get_device_name() if CUDA else "cpu",
+            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+            "torch": torch.__version__, "steps": steps, "weight_bytes": weights,
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "weight_read_floor_ms": bandwidth and round(weights / bandwidth * 1e3, 3)}
+    print(json.dumps(meta), flush=True)
+    return meta
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
@@ -291,23 +314,8 @@ def main():
     if args.tiny:
         args.contexts, args.budgets, args.steps = [c for c in args.contexts if c <= 4096] or [300], \
             [b for b in args.budgets if b <= 64] or [32], min(args.steps, 4)
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 4096
     model = build(tiny() if args.tiny else llama_8b())
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    embedding = model.model.embed_tokens.weight
-    weights -= embedding.numel() * embedding.element_size()   # a step reads one row of it
-    bandwidth = None
-    if CUDA:
-        sys.path.insert(0, "benchmarks")
-        from decode_attention import copy_bandwidth
-        bandwidth = copy_bandwidth()
-    meta = {"device": torch.cuda.get_device_name() if CUDA else "cpu",
-            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-            "torch": torch.__version__, "steps": args.steps, "weight_bytes": weights,
-            "copy_bandwidth_bytes_per_s": bandwidth,
-            "weight_read_floor_ms": bandwidth and round(weights / bandwidth * 1e3, 3)}
-    print(json.dumps(meta), flush=True)
+    meta = run_meta(model, args.steps)
     bench = Bench(model, args.steps, args.out, meta)
     for context in args.contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, context),

@@ -109,6 +109,30 @@ def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
+def padded_generate(lengths: list[int], policy: str, seed: int, rocketkv_cache: bool):
+    """A left-padded batch of prompts of `lengths` generated through the pass (6 tokens), and
+    each prompt alone under the eager oracle: (generate's output, [(tokens, kept)] alone, the
+    padded ids, the config)."""
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    options = dict(BUDGET, policy=policy)
+    config = RocketKVConfig.from_options(options)
+    prompts = [prompt(n, seed=seed + b)[0] for b, n in enumerate(lengths)]
+    alone = [oracle_generate(model, p[None], config, 6) for p in prompts]
+    ids, mask = left_padded(prompts)
+    cache = RocketKVCache(model.config, BUDGET["max_new_tokens"]) if rocketkv_cache else None
+    torch._dynamo.reset()   # each example its own graphs (Dynamo's recompile limit is per code)
+    model.forward = compiled(model.forward, options, inductor=False)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                                 do_sample=False, return_dict_in_generate=True,
+                                 past_key_values=cache)
+    finally:
+        del model.forward
+    return out, alone, ids, config
+
+
 @settings(deadline=None, max_examples=4)
 @given(lengths=st.lists(st.integers(20, 300), min_size=2, max_size=3),
        policy=st.sampled_from(["rocketkv", "snapkv", "streamingllm"]),
@@ -117,21 +141,7 @@ def test_padded_batch_rows_as_each_prompt_alone(lengths, policy, seed):
     """A left-padded batch: each row is evicted over its own tokens with the plan of its own
     length (a row shorter than its budget keeps them all) and decodes with its own selection,
     so its tokens are those of its prompt alone (the eager oracle); padding is never kept."""
-    model = tiny_hf("llama")
-    model.generation_config.eos_token_id = None
-    options = dict(BUDGET, policy=policy)
-    config = RocketKVConfig.from_options(options)
-    prompts = [prompt(n, seed=seed + b)[0] for b, n in enumerate(lengths)]
-    alone = [oracle_generate(model, p[None], config, 6) for p in prompts]
-    ids, mask = left_padded(prompts)
-    torch._dynamo.reset()   # each example its own graphs (Dynamo's recompile limit is per code)
-    model.forward = compiled(model.forward, options, inductor=False)
-    try:
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
-                                 do_sample=False, return_dict_in_generate=True)
-    finally:
-        del model.forward
+    out, alone, ids, _ = padded_generate(lengths, policy, seed, rocketkv_cache=False)
     assert out.sequences[:, ids.shape[1]:].tolist() == [tokens for tokens, _ in alone]
     # the cache holds the row that keeps most, then the 5 fed tokens
     stored = max(kept[0] for _, kept in alone)
@@ -146,27 +156,13 @@ def test_padded_batch_into_rocketkv_cache_rows_as_each_prompt_alone(lengths, pol
     """The same through a RocketKVCache: each row stored left-aligned with its own length and
     plan, its decode over its own stored slots, so its tokens are its prompt alone's; the buffers
     hold the largest row plan's slots, and no padding."""
-    model = tiny_hf("llama")
-    model.generation_config.eos_token_id = None
-    options = dict(BUDGET, policy=policy)
-    config = RocketKVConfig.from_options(options)
-    prompts = [prompt(n, seed=seed + b)[0] for b, n in enumerate(lengths)]
-    alone = [oracle_generate(model, p[None], config, 6) for p in prompts]
-    ids, mask = left_padded(prompts)
-    torch._dynamo.reset()
-    model.forward = compiled(model.forward, options, inductor=False)
-    try:
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
-                                 do_sample=False, return_dict_in_generate=True,
-                                 past_key_values=RocketKVCache(model.config, BUDGET["max_new_tokens"]))
-    finally:
-        del model.forward
+    out, alone, ids, config = padded_generate(lengths, policy, seed, rocketkv_cache=True)
     assert out.sequences[:, ids.shape[1]:].tolist() == [tokens for tokens, _ in alone]
-    plans = tuple(config.plan(n, 16) for n in lengths)
     for i, layer in enumerate(out.past_key_values.layers):
         assert layer.lengths.tolist() == [kept[i] + 5 for _, kept in alone]
-        assert layer.positions.tolist() == [ids.shape[1] + 5] * len(prompts)
+        assert layer.positions.tolist() == [ids.shape[1] + 5] * len(lengths)
+    plans = tuple(config.plan(n, 16) for n in lengths)
+    for layer in out.past_key_values.layers:
         assert layer.keys.shape[2] == max(rocketkv_capacity(p, n) for p, n in zip(plans, lengths))
         # a plan per row; one for the batch if nothing is padded
         assert getattr(layer.keys, PLAN_ATTR) == (plans if len(set(lengths)) > 1 else plans[0])
