@@ -6,8 +6,9 @@ the sites that read a cache, and give the result to Inductor (``compile_fx``).
 
 State between graphs travels on the cache tensors themselves, as attributes:
 - ``_rocketkv_plan``: the plan (it depends on the prompt length, which a decode graph cannot
-  see); on a RocketKVCache of a padded batch, a tuple of one plan per row. A decode graph is compiled for the plan its first call's caches carry (the backend sees
-  the real inputs), with the cache length symbolic; with another plan it runs uncompiled.
+  see); on a RocketKVCache of a padded batch, a tuple of one plan per row. A decode graph is
+  compiled for the plan its first call's caches carry (the backend sees the real inputs), with
+  the cache length symbolic; with another plan it runs uncompiled.
 - ``_rocketkv_evicted``: on a prefill's full cache, the (keys, values) the policy stores (stage 1
   kept them, or quantized them). The first decode step swaps them in, but only if the pass
   rewrote every decode site: the decode graph is where it can be checked that positions do not
@@ -177,7 +178,8 @@ class RewrittenGraph:
                                       for m in d.padding_masks})
         # RocketKVCache decode: (its caches' key inputs, padding masks) — a cache the pass did
         # not store keeps the padding in its slots, so it decodes through the exact graph
-        slot_sites = [d for d in decisions if d.phase == DECODE and d.key.source is KVSource.ROCKETKV]
+        slot_sites = [d for d in decisions
+                      if d.phase == DECODE and d.key.source is KVSource.ROCKETKV]
         self.unplanned_padding = (sorted({placeholders.index(d.key.past) for d in slot_sites}),
                                   sorted({placeholders.index(m) for d in slot_sites
                                           for m in d.padding_masks}))
