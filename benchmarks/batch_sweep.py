@@ -27,14 +27,12 @@ import sys
 import time
 
 import torch
-from transformers import DynamicCache, StaticCache
-
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import rkv_compile  # noqa: E402
 from end_to_end import (DEVICE, GIB, RESERVE, WARMUP, build, cache_bytes, cleanup,  # noqa: E402
-                        free_bytes, llama_8b, peak_gib, reset_peak, run_meta, sync, timed_ms,
-                        tiny)
+                        free_bytes, llama_8b, peak_gib, reset_peak, run_meta, static_prefill,
+                        sync, timed_ms, tiny)
 from rkv_compile.cache import STATE, RocketKVCache  # noqa: E402
 
 
@@ -81,16 +79,10 @@ class Sweep:
 
     def static(self, batches):
         model, context = self.model, self.args.context
-        model.set_attn_implementation("grouped_decode")
         ids = torch.randint(0, model.config.vocab_size, (1, context),
                             generator=torch.Generator().manual_seed(0)).to(DEVICE)
         with torch.no_grad():
-            dynamic = DynamicCache(config=model.config)
-            logits = model(ids, past_key_values=dynamic, logits_to_keep=1).logits
-            one = StaticCache(config=model.config, max_cache_len=context + self.room)
-            for i, layer in enumerate(dynamic.layers):
-                one.update(layer.keys, layer.values, i)
-                layer.keys = layer.values = None
+            logits, one, _ = static_prefill(model, ids, context + self.room)
             per_row = cache_bytes(t for layer in one.layers for t in (layer.keys, layer.values))
             forward = torch.compile(model.forward, options={"triton.cudagraphs": True})
             token = logits[:, -1:].argmax(-1)

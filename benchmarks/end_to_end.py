@@ -144,6 +144,20 @@ def greedy(forward, cache, logits, steps: int):
     return logits
 
 
+def static_prefill(model, ids, max_cache_len: int):
+    """The dense setup's prefill: sdpa (flash) into a DynamicCache, copied into a StaticCache of
+    `max_cache_len` slots one layer at a time (one copy at most). (logits, cache, prefill ms)."""
+    model.set_attn_implementation("grouped_decode")
+    dynamic = DynamicCache(config=model.config)
+    logits, prefill = timed_ms(
+        lambda: model(ids, past_key_values=dynamic, logits_to_keep=1).logits)
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    for i, layer in enumerate(dynamic.layers):
+        cache.update(layer.keys, layer.values, i)
+        layer.keys = layer.values = None
+    return logits, cache, prefill
+
+
 def decode_ms(forward, cache, logits, steps: int) -> float:
     logits = greedy(forward, cache, logits, WARMUP)
     sync()
@@ -225,16 +239,9 @@ class Bench:
 
     def static(self, ids):
         model, steps, context = self.model, self.steps, ids.shape[1]
-        model.set_attn_implementation("grouped_decode")
         reset_peak()
         with torch.no_grad():
-            dynamic = DynamicCache(config=model.config)
-            logits, prefill = timed_ms(
-                lambda: model(ids, past_key_values=dynamic, logits_to_keep=1).logits)
-            cache = StaticCache(config=model.config, max_cache_len=context + self.room())
-            for i, layer in enumerate(dynamic.layers):
-                cache.update(layer.keys, layer.values, i)
-                layer.keys = layer.values = None   # one layer at a time: one copy at most
+            logits, cache, prefill = static_prefill(model, ids, context + self.room())
             forward = torch.compile(model.forward, options={"triton.cudagraphs": True})
             step = decode_ms(forward, cache, logits, steps)
             self.record("static", context, 1, prefill, step)

@@ -24,32 +24,19 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import rkv_compile  # noqa: E402
-from end_to_end import (CUDA, WARMUP, build, cleanup, greedy, llama_8b, peak_gib,  # noqa: E402
-                        reset_peak, run_meta, timed_ms, tiny)
+from end_to_end import (CUDA, WARMUP, build, cleanup, decode_ms, llama_8b,  # noqa: E402
+                        peak_gib, reset_peak, run_meta, static_prefill, timed_ms, tiny)
 from rkv_compile.cache import RocketKVCache  # noqa: E402
 
 
-def decode_ms(forward, cache, logits, steps: int) -> float:
-    logits = greedy(forward, cache, logits, WARMUP)
-    _, ms = timed_ms(lambda: greedy(forward, cache, logits, steps))
-    return ms / steps
-
-
 def static(model, ids, steps: int) -> dict:
-    model.set_attn_implementation("grouped_decode")
     with torch.no_grad():
-        dynamic = DynamicCache(config=model.config)
-        logits, prefill = timed_ms(lambda: model(ids, past_key_values=dynamic,
-                                                 logits_to_keep=1).logits)
-        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + WARMUP + steps + 1)
-        for i, layer in enumerate(dynamic.layers):
-            cache.update(layer.keys, layer.values, i)
-            layer.keys = layer.values = None
+        logits, cache, prefill = static_prefill(model, ids, ids.shape[1] + WARMUP + steps + 1)
         forward = torch.compile(model.forward, options={"triton.cudagraphs": CUDA})
         return {"prefill_ms": prefill, "decode_ms_per_token": decode_ms(forward, cache, logits,
                                                                          steps)}

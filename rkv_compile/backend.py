@@ -293,16 +293,17 @@ class RewrittenGraph:
                 return True
         return False
 
-    def _refuse_padded_store(self, args) -> None:
-        """A padded prompt or turn into a RocketKVCache that cannot be stored row by row."""
+    def _refuse_padded_store(self, args, padded: bool) -> None:
+        """A padded prompt or turn into a RocketKVCache (`padded`: its mask shows padding) that
+        cannot be stored row by row."""
         rows_apart = any(isinstance(getattr(args[k], PLAN_ATTR, None), tuple)
                          for k in self.turn_caches)
-        if self.turns and (rows_apart or self._has_padding(args, self.padded_store_inputs)):
+        if self.turns and (rows_apart or padded):
             raise NotImplementedError(
                 "rocketkv: a new turn of a padded batch into a RocketKVCache is not supported "
                 "(transformers masks the stored slots with one offset for every row): pass a "
                 "DynamicCache with policy 'rocketkv-mt', or one conversation per call")
-        if self.by_row is None and self._has_padding(args, self.padded_store_inputs):
+        if self.by_row is None and padded:
             raise NotImplementedError(
                 f"rocketkv: a padded batch into a RocketKVCache: policy "
                 f"{self.config.method.name!r} cannot evict rows apart. Pass a DynamicCache "
@@ -373,9 +374,9 @@ class RewrittenGraph:
         _refuse_shortened(args, self.continued)
         padded = self._has_padding(args, self.causal_padding)
         if self.padded_store_inputs or self.turn_caches:
-            self._refuse_padded_store(args)
-            padded = padded or bool(self.row_stores) and \
-                self._has_padding(args, self.padded_store_inputs)
+            store_padded = self._has_padding(args, self.padded_store_inputs)
+            self._refuse_padded_store(args, store_padded)
+            padded = padded or bool(self.row_stores) and store_padded
         rows = None
         if self.padding_inputs and self._has_padding(args, self.padding_inputs):
             rows = self._rows(args)
