@@ -8,7 +8,7 @@ The batch is left-padded: its prompts are the context less each --pads value (by
                Padding does not change what a dense step reads (every row holds 32K slots), so
                one unpadded prompt stands for all. Batches whose caches do not fit are recorded
                as such, not run.
-  rocketkv     torch.compile(backend=rocketkv, token_budget=--budget, cudagraphs) with a
+  rocketkv     torch.compile(backend=rocketkv, token_budget=--budget; CUDA graphs) with a
                RocketKVCache: the padded prompts prefilled together (each row evicted over its
                own tokens with its own plan; that prefill runs uncompiled), then repeated to the
                batch (`batch_select_indices`: decode time does not depend on the values).
@@ -33,7 +33,8 @@ import rkv_compile  # noqa: E402
 from end_to_end import (DEVICE, GIB, RESERVE, WARMUP, build, cache_bytes, cleanup,  # noqa: E402
                         free_bytes, llama_8b, peak_gib, reset_peak, run_meta, static_prefill,
                         sync, timed_ms, tiny)
-from rkv_compile.cache import STATE, RocketKVCache  # noqa: E402
+from rkv_compile.cache import RocketKVCache  # noqa: E402
+from rkv_compile.hf import cache_argument  # noqa: E402
 
 
 def decode_ms(forward, cache, token, positions, steps: int) -> float:
@@ -43,7 +44,7 @@ def decode_ms(forward, cache, token, positions, steps: int) -> float:
     def run(count, token, positions):
         for _ in range(count):
             torch.compiler.cudagraph_mark_step_begin()
-            logits = forward(token, past_key_values=cache, position_ids=positions[:, None],
+            logits = forward(token, **{cache_argument(): cache}, position_ids=positions[:, None],
                              logits_to_keep=1).logits
             token, positions = logits[:, -1:].argmax(-1), positions + 1
         return token, positions
@@ -111,7 +112,7 @@ class Sweep:
     def rocketkv(self, batches):
         model, args = self.model, self.args
         model.set_attn_implementation("sdpa")
-        options = {"token_budget": args.budget, "max_new_tokens": self.room, "cudagraphs": True}
+        options = {"token_budget": args.budget, "max_new_tokens": self.room}
         forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
         lengths = [args.context - pad for pad in args.pads]
         ids = torch.zeros(len(lengths), args.context, dtype=torch.long)
@@ -127,9 +128,9 @@ class Sweep:
             reset_peak()
             padded = RocketKVCache(model.config, self.room)
             logits, prefill_ms = timed_ms(lambda: forward(
-                ids, attention_mask=mask, position_ids=positions, past_key_values=padded,
+                ids, attention_mask=mask, position_ids=positions, **{cache_argument(): padded},
                 logits_to_keep=1).logits)
-            stored = padded.layers[0].lengths.tolist()
+            stored = rkv_compile.stored(padded)[0].lengths
             self.record(f"rocketkv-{args.budget} prefill", len(lengths), status="ok",
                         prefill_ms=round(prefill_ms, 1), prompt_lengths=lengths,
                         stored_after_prefill=stored)
@@ -138,7 +139,7 @@ class Sweep:
                 rows = torch.arange(batch) % len(lengths)
                 cache = copy.deepcopy(padded)
                 cache.batch_select_indices(rows.to(DEVICE))
-                state = [getattr(layer, name) for layer in cache.layers for name in STATE]
+                state = [t for layer in cache.layers for t in (layer.keys, layer.values)]
                 reset_peak()
                 step = decode_ms(forward, cache, token[rows.to(DEVICE)],
                                  torch.tensor(lengths, device=DEVICE)[rows.to(DEVICE)],

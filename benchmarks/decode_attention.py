@@ -4,8 +4,8 @@ Llama-3.1-8B attention shape (32 query / 8 KV heads, head_dim 128), bf16. For ea
 context and token budget, in one run: dense SDPA with enable_gqa over the full cache; the floor
 for reading that cache once at the copy bandwidth measured here; and stage 2 over the compressed
 cache RocketKV keeps (its plan's capacity): the Triton kernels launched one by one, the same
-replayed as a CUDA graph, the RocketKVCache variants (stage 2 reading the cache's chunk summaries;
-append + stage 2, one whole cache step) as CUDA graphs, and the plain-PyTorch reference. Also
+replayed as a CUDA graph, a compressed cache's whole step (append + stage 2 over the packed
+layout) as a CUDA graph, and the plain-PyTorch reference. Also
 stage 1 (Triton and reference) against exact causal prefill attention. Medians of
 triton.testing.do_bench / do_bench_cudagraph.
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, ".")
+from rkv_compile import state as S  # noqa: E402
 from rkv_compile.kernels import reference as R  # noqa: E402
 from rkv_compile.kernels import triton_compress as TC  # noqa: E402
 from rkv_compile.kernels import triton_decode as T  # noqa: E402
@@ -61,26 +62,23 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
         def ours():
             return T.sparse_decode(q, kc, vc, None, scale, plan.chunk, plan.dims, plan.topk)
 
-        # RocketKVCache's step: append the new token (with its chunk summary), then stage 2 over
-        # the filled slots reading the summaries. The lengths are put back after each step so
-        # that replays never fill the cache (one tiny copy kernel, included in the time).
-        state = R.static_cache(kc[:, :, : n - 1], vc[:, :, : n - 1], n, plan.chunk, context)
-        keys, values, key_min, key_max, lengths, positions = state
-        start = lengths.clone()
-        slots = torch.arange(keys.shape[2], device="cuda")
+        # A compressed cache's step (either cache: the packed layout, rkv_compile.state):
+        # append the new token, then stage 2 over the stored slots with the plan in the header.
+        # The stored counts are put back after each step so that replays never fill the cache
+        # (one tiny copy kernel, included in the time).
+        keys, values, layer = S.allocate(batch, HKV, D, D, S.slot_bucket(n), "", torch.bfloat16,
+                                         "cuda")
+        layer.keys[:, :, :n - 1], layer.values[:, :, :n - 1] = kc[:, :, :n - 1], vc[:, :, :n - 1]
+        for word, value in ((S.Word.STORED, n - 1), (S.Word.CHUNK, plan.chunk),
+                            (S.Word.DIMS, plan.dims), (S.Word.TOPK, plan.topk)):
+            layer.set_word(word, value)
+        start = layer.header.clone()
         new_k, new_v = randn(batch, HKV, 1, D), randn(batch, HKV, 1, D)
 
-        def summaries_only():
-            valid = (slots < n)[None, None, None, :]
-            return T.sparse_decode(q, keys, values, valid, scale, plan.chunk, plan.dims,
-                                   plan.topk, (key_min, key_max))
-
         def cache_step():
-            T.append(keys, values, key_min, key_max, lengths, positions, new_k, new_v)
-            valid = (slots < n)[None, None, None, :]
-            out = T.sparse_decode(q, keys, values, valid, scale, plan.chunk, plan.dims,
-                                  plan.topk, (key_min, key_max))
-            lengths.copy_(start)
+            T.append_packed(keys, values, new_k, new_v)
+            out = T.packed_sparse_decode(q, keys, values, scale, plan.topk)
+            layer.header.copy_(start)
             return out
 
         want = R.sparse_decode(q.float(), kc.float(), vc.float(), None, scale, plan.chunk,
@@ -88,7 +86,6 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
         error = float((ours().float() - want).norm() / want.norm())
         triton_ms = do_bench(ours, warmup=25, rep=200, return_mode="median")
         graph_ms = do_bench_cudagraph(ours, rep=200, return_mode="median")
-        summaries_ms = do_bench_cudagraph(summaries_only, rep=200, return_mode="median")
         step_ms = do_bench_cudagraph(cache_step, rep=200, return_mode="median")
         reference_ms = do_bench(lambda: R.sparse_decode(q, kc, vc, None, scale, plan.chunk,
                                                         plan.dims, plan.topk),
@@ -99,13 +96,12 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
                          chunk=plan.chunk, dims=plan.dims, topk=plan.topk,
                          dense_sdpa_ms=dense, kv_read_floor_ms=floor,
                          stage2_triton_ms=triton_ms, stage2_triton_cudagraph_ms=graph_ms,
-                         stage2_summaries_cudagraph_ms=summaries_ms,
                          cache_step_cudagraph_ms=step_ms,
                          stage2_reference_ms=reference_ms, stage2_read_floor_ms=ours_floor,
                          stage2_rel_error_vs_fp32_reference=error))
         print(f"B={batch:2} ctx={context // 1024:4}K budget={budget:5} cache={n:5} | dense "
               f"{dense:7.3f} ms  floor {floor:7.3f} | ours triton {triton_ms:7.3f}  graph "
-              f"{graph_ms:7.3f}  summaries {summaries_ms:7.3f}  append+stage2 {step_ms:7.3f}  "
+              f"{graph_ms:7.3f}  append+stage2 {step_ms:7.3f}  "
               f"reference {reference_ms:7.3f} ms  (err {error:.1e})", flush=True)
     return rows
 

@@ -10,7 +10,7 @@ at batch 1 and at the largest batch each setup fits in memory, for
                decode attention groups each KV head's query heads as rows of one masked
                matmul-softmax-matmul that Inductor compiles (benchmarks/BENCHMARKS.md: HF's
                masked sdpa repeats the KV heads and is 10x slower at 128K).
-  rocketkv-B   torch.compile(backend=rocketkv, token_budget=B, cudagraphs) with RocketKVCache.
+  rocketkv-B   torch.compile(backend=rocketkv, token_budget=B) with RocketKVCache (CUDA graphs).
 Large batches repeat the batch-1 prefill's cache in the batch (`batch_repeat_interleave`):
 prefilling hundreds of 128K prompts would take an hour, and decode time does not depend on the
 values. The batch is the largest whose caches fit in the free memory, less a reserve.
@@ -37,7 +37,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 sys.path.insert(0, ".")
 import rkv_compile  # noqa: E402
-from rkv_compile.cache import STATE, RocketKVCache  # noqa: E402
+from rkv_compile.cache import RocketKVCache  # noqa: E402
+from rkv_compile.hf import cache_argument  # noqa: E402
 
 GIB = 2**30
 WARMUP = 3        # decode steps before timing: compile, CUDA-graph warm-up and recording
@@ -140,7 +141,7 @@ def greedy(forward, cache, logits, steps: int):
     for _ in range(steps):
         token = logits[:, -1:].argmax(-1)
         torch.compiler.cudagraph_mark_step_begin()
-        logits = forward(token, past_key_values=cache, logits_to_keep=1).logits
+        logits = forward(token, **{cache_argument(): cache}, logits_to_keep=1).logits
     return logits
 
 
@@ -150,7 +151,7 @@ def static_prefill(model, ids, max_cache_len: int):
     model.set_attn_implementation("grouped_decode")
     dynamic = DynamicCache(config=model.config)
     logits, prefill = timed_ms(
-        lambda: model(ids, past_key_values=dynamic, logits_to_keep=1).logits)
+        lambda: model(ids, **{cache_argument(): dynamic}, logits_to_keep=1).logits)
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     for i, layer in enumerate(dynamic.layers):
         cache.update(layer.keys, layer.values, i)
@@ -227,7 +228,7 @@ class Bench:
         cleanup()
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
-            logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
+            logits = model(ids, **{cache_argument(): cache}, logits_to_keep=1).logits
             stored = cache_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
             # the cache grows by `room` tokens, and each step's cat copies one layer
             per_sequence = stored * (context + self.room()) // context * 33 // 32
@@ -259,22 +260,22 @@ class Bench:
     def rocketkv(self, ids, budget: int):
         model, steps, context = self.model, self.steps, ids.shape[1]
         model.set_attn_implementation("sdpa")
-        options = {"token_budget": budget, "max_new_tokens": self.room(), "cudagraphs": True}
+        options = {"token_budget": budget, "max_new_tokens": self.room()}
         forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
         setup = f"rocketkv-{budget}"
 
         def prefill():
             cache = RocketKVCache(model.config, self.room())
-            return cache, forward(ids, past_key_values=cache, logits_to_keep=1).logits
+            return cache, forward(ids, **{cache_argument(): cache}, logits_to_keep=1).logits
 
         with torch.no_grad():
             first_ms = timed_ms(prefill)[1]   # compiles the prefill graph
             release()
             reset_peak()
             (cache, logits), prefill_ms = timed_ms(prefill)
-            stored = int(cache.layers[0].lengths[0])
+            stored = rkv_compile.stored(cache)[0].lengths[0]
             step = decode_ms(forward, cache, logits, steps)
-            state = [getattr(layer, name) for layer in cache.layers for name in STATE]
+            state = [t for layer in cache.layers for t in (layer.keys, layer.values)]
             per_sequence = cache_bytes(state)
             self.record(setup, context, 1, prefill_ms, step, first_prefill_ms=round(first_ms),
                         cache_gib=round(per_sequence / GIB, 3), stored_after_prefill=stored)

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import rkv_compile  # noqa: E402
+from rkv_compile.hf import cache_argument  # noqa: E402
 from decode_attention import copy_bandwidth  # noqa: E402
 from end_to_end import WARMUP, build, greedy, llama_8b, timed_ms  # noqa: E402
 from rkv_compile.backend import inductor, make_backend  # noqa: E402
@@ -52,11 +53,11 @@ def measure(model, ids, budget: int, steps: int, weight_bytes: int, tuning: bool
     backend = rkv_compile.rocketkv if tuning else make_backend(
         decode_compiler=functools.partial(inductor, cudagraphs=True))
     room = 2 * (WARMUP + 2 * steps) + 1
-    options = {"token_budget": budget, "max_new_tokens": room, "cudagraphs": True}
+    options = {"token_budget": budget, "max_new_tokens": room}
     forward = torch.compile(model.forward, backend=backend, options=options)
     with torch.no_grad():
         cache = RocketKVCache(model.config, room)
-        logits = forward(ids, past_key_values=cache, logits_to_keep=1).logits
+        logits = forward(ids, **{cache_argument(): cache}, logits_to_keep=1).logits
         logits = greedy(forward, cache, logits, WARMUP)
         _, total_ms = timed_ms(lambda: greedy(forward, cache, logits, steps))
         step_us = total_ms / steps * 1e3

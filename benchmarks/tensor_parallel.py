@@ -6,7 +6,7 @@ each rank's own KV heads. Per setup: prefill time, decode ms/token over --steps 
 each rank's peak GPU memory.
   static       prefill (sdpa) into a DynamicCache copied into a StaticCache, decode compiled by
                Inductor with CUDA graphs (end_to_end.py's dense setup, grouped decode attention).
-  rocketkv-B   torch.compile(backend=rocketkv, token_budget=B, cudagraphs) with RocketKVCache.
+  rocketkv-B   torch.compile(backend=rocketkv, token_budget=B) with RocketKVCache (CUDA graphs).
 The weights come from a checkpoint written once (random, seed 0), as transformers shards only
 what it loads:
 
@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import rkv_compile  # noqa: E402
+from rkv_compile.hf import cache_argument  # noqa: E402
 from end_to_end import (CUDA, WARMUP, build, cleanup, decode_ms, llama_8b,  # noqa: E402
                         peak_gib, reset_peak, run_meta, static_prefill, timed_ms, tiny)
 from rkv_compile.cache import RocketKVCache  # noqa: E402
@@ -45,21 +46,21 @@ def static(model, ids, steps: int) -> dict:
 def rocketkv(model, ids, steps: int, budget: int) -> dict:
     model.set_attn_implementation("sdpa")
     room = WARMUP + steps + 1
-    options = {"token_budget": budget, "max_new_tokens": room, "cudagraphs": CUDA}
+    options = {"token_budget": budget, "max_new_tokens": room}
     forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
     with torch.no_grad():
         cache = RocketKVCache(model.config, room)
-        logits, first = timed_ms(lambda: forward(ids, past_key_values=cache,
+        logits, first = timed_ms(lambda: forward(ids, **{cache_argument(): cache},
                                                  logits_to_keep=1).logits)   # compiles
         del cache, logits
         cleanup()
         reset_peak()
         cache = RocketKVCache(model.config, room)
-        logits, prefill = timed_ms(lambda: forward(ids, past_key_values=cache,
+        logits, prefill = timed_ms(lambda: forward(ids, **{cache_argument(): cache},
                                                    logits_to_keep=1).logits)
         return {"prefill_ms": prefill, "first_prefill_ms": first,
                 "decode_ms_per_token": decode_ms(forward, cache, logits, steps),
-                "stored_after_prefill": int(cache.layers[0].lengths[0]),
+                "stored_after_prefill": rkv_compile.stored(cache)[0].lengths[0],
                 "kv_heads_per_rank": cache.layers[0].keys.shape[1]}
 
 

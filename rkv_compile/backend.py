@@ -1,78 +1,51 @@
-"""The ``rocketkv`` torch.compile backend.
+"""The ``rocketkv`` torch.compile backend: the pass, Inductor, and what runs around each call.
 
-Dynamo hands us one FX graph per compiled frame: for an LLM under ``generate`` that is a prefill
-graph (fresh cache) and a decode graph (one token over the stored cache). We analyse it, rewrite
-the sites that read a cache, and give the result to Inductor (``compile_fx``).
-
-State between graphs travels on the cache tensors themselves, as attributes:
-- ``_rocketkv_plan``: the plan (it depends on the prompt length, which a decode graph cannot
-  see); on a RocketKVCache of a padded batch, a tuple of one plan per row. A decode graph is
-  compiled for the plan its first call's caches carry (the backend sees the real inputs), with
-  the cache length symbolic; with another plan it runs uncompiled.
-- ``_rocketkv_evicted``: on a prefill's full cache, the (keys, values) the policy stores (stage 1
-  kept them, or quantized them). The first decode step swaps them in, but only if the pass
-  rewrote every decode site: the decode graph is where it can be checked that positions do not
-  derive from the stored cache length. So a model that would mis-position tokens after eviction
-  keeps its full cache and stays exact.
-- ``_rocketkv_state``: on a stored key cache of a policy that evicts as it decodes (H2O), the
-  score of every stored slot; each decode step reads it and writes the next.
-- ``_rocketkv_view``: on a full key cache of a policy that keeps the history (rocketkv-mt), the
-  (keys, values, positions) view that decode reads: what the last prefill kept, and every token
-  decoded since. The cache itself is never evicted, so a new turn's positions stay right.
-- ``_rocketkv_decoded``: the cache came out of a rewritten decode step.
-- ``_rocketkv_shortened``: the cache holds fewer tokens than its sequence (eviction was
-  committed). A graph that feeds several new tokens over such a cache (a new turn) is refused at
-  run time: transformers derives their positions from the stored length. Over a cache not
-  shortened, such a graph (a prompt's later chunk) is a prefill of the whole cache: its eviction
-  replaces the earlier chunk's, and the first decode step commits the last one. A RocketKVCache
-  keeps logical positions itself: a new turn into it is evicted again (its graph runs
-  uncompiled, planned at run time from the conversation's length).
-- ``_rocketkv_rows``: on the caches of a padded batch evicted row by row, (each row's prompt
-  length, the empty slots before its stored ones).
-A padded batch (a 2-D attention_mask with zeros, laid out by logical position) is evicted and
-decoded row by row, as each prompt alone would be, where the policy allows (`rowwise`): its
-prefill, whose mask was proven causal but for the padding, runs a copy of the graph whose
-stores select each row over its own tokens with its own plan, right-aligned; each decode step
-then gets a per-row mask of the stored slots in place of the logical attention_mask, and its
-sparse sites decode each row with its own plan (uncompiled). Otherwise a decode step with
-padding runs the exact graph, uncompiled, on the full caches. A padded prompt into a
-RocketKVCache is stored the same way, uncompiled, each row left-aligned with its own length, and
-its state carries a plan per row (a tuple): decode graphs over a RocketKVCache attend to each
-row's stored slots, so they stay compiled (and CUDA graphs) with every row's plan a constant.
-Cache tensors get their length marked dynamic, so decode graphs are traced with a symbolic length
-(one graph for all steps, and the positions check has a symbol to follow).
+Dynamo hands the backend one FX graph per compiled frame: for an LLM under `generate`, a
+prefill graph (a prompt into a new cache), decode graphs (one token over a compressed cache)
+and, for a conversation or a chunked prefill, turn graphs. `rocketkv` analyses the graph and
+rewrites the sites that read a cache (passes/rewrite.py), compiles it, and returns a `Runtime`,
+which does around each call what a graph cannot:
+- a prefill whose padding mask holds padding runs with its mask (uncompiled, each row planned
+  for its own tokens); one without runs is_causal, compiled;
+- a decode step checks that every compressed cache has a free slot (`Mirror`): a DynamicCache
+  grows, a full RocketKVCache is an error naming its `max_new_tokens`;
+- a turn checks that it continues each row's logical positions (transformers slices a new turn
+  from a DynamicCache by its stored length, which eviction shortened);
+- the compressed caches it returns are marked for Dynamo (their length dynamic) and, on CUDA,
+  as static addresses (CUDA graphs replay decode steps over them in place).
+Every compressed layer's state is in its cache's own tensors (`rkv_compile.state`): nothing is
+carried on the side, so transformers' cache operations keep it right.
+On CUDA, decode graphs whose ops CUDA graphs can hold are compiled for each size of the caches
+they read (a size holds many prompt lengths: `state.slot_bucket`) and replayed as CUDA graphs;
+elsewhere, and for a step whose other inputs change size every step, one graph with symbolic
+sizes serves them all. Prefill graphs are compiled for symbolic prompt lengths once
+Dynamo has seen two, and the plan is computed inside the ops at run time.
 """
+from __future__ import annotations
+
 import dataclasses
-import functools
 import logging
-import operator
-import warnings
+import weakref
 from typing import Callable, Sequence
 
 import torch
 from torch.fx import Graph, GraphModule
+from torch.fx.node import map_arg
 
-from .config import Plan, RocketKVConfig
-from .kernels.reference import additive_mask
-from .policies.rocketkv_mt import whole_view
-from .passes.rewrite import (DECODE, PREFILL, TURN, UNSUPPORTED, SiteDecision, analyse, apply,
-                             attended_keys, plan_inputs, rocketkv_capacity, rowwise)
+from . import state as S
+from .config import RocketKVConfig
+from .diagnostics import log, warn_once
 from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
 from .passes.kv_source import KVSource
+from .passes.rewrite import (DECODE, PREFILL, TURN, UNSUPPORTED, CacheIO, SiteDecision, analyse,
+                             apply, computes_positions)
 from .passes.sites import value_of
 
-log = logging.getLogger("rkv_compile")
-PLAN_ATTR = "_rocketkv_plan"
-GROWING = (KVSource.FRESH, KVSource.GROWN)   # caches that grow by cat (DynamicCache, tuples)
-ROCKETKV_STORES = (KVSource.NEW_ROCKETKV, KVSource.ROCKETKV_TURN)   # new RocketKVCache state
-EVICTED_ATTR = "_rocketkv_evicted"
-DECODED_ATTR = "_rocketkv_decoded"   # written by a rewritten decode step (so maybe evicted)
-SHORTENED_ATTR = "_rocketkv_shortened"
-STATE_ATTR = "_rocketkv_state"
-VIEW_ATTR = "_rocketkv_view"
-ROWS_ATTR = "_rocketkv_rows"
 Compiler = Callable[[GraphModule, Sequence], Callable]
-_WARNED: set[str] = set()   # unsupported-input warnings already given
+# Dynamo stops compiling a function after `recompile_limit` graphs (8), then runs it eagerly.
+# transformers 5.24 routes every model's forward through one decorator frame, and a model takes
+# a few graphs per options set (prefill, decode, turn), so the backend raises it to this.
+RECOMPILE_LIMIT = 64
 
 
 def inductor(gm: GraphModule, example_inputs: Sequence, decode: bool = False,
@@ -83,52 +56,8 @@ def inductor(gm: GraphModule, example_inputs: Sequence, decode: bool = False,
     from torch._inductor.compile_fx import compile_fx
 
     patches = {"coordinate_descent_tuning": True} if decode else {}
-    if cudagraphs:
-        patches["triton.cudagraphs"] = True
+    patches["triton.cudagraphs"] = cudagraphs
     return compile_fx(gm, list(example_inputs), config_patches=patches)
-
-
-def compiles_decode(decode: list[SiteDecision]) -> bool:
-    """Whether a decode graph is compiled. One that calls the Triton kernels over a growing cache
-    runs uncompiled (its kernels launched one by one): their launch code would compute grid and
-    block sizes from the symbolic cache length. Over RocketKVCache every shape is static. One
-    that carries a state or a view between steps (H2O, rocketkv-mt) runs uncompiled too: they
-    are inputs Dynamo never saw, so Inductor has no symbolic length for them."""
-    return all(not (d.method.decode_state or d.method.keeps_history) and
-               (d.kernel != "triton" or d.key.source is KVSource.ROCKETKV) for d in decode)
-
-
-def _output_positions(graph: Graph, node) -> list[int]:
-    return [i for i, out in enumerate(graph.output_node().args[0]) if out is node]
-
-
-def _state_outputs(graph: Graph, store) -> list[int]:
-    """Output positions of the tensors a RocketKVCache prompt store returns (its layer state)."""
-    return [i for i, out in enumerate(graph.output_node().args[0])
-            if isinstance(out, torch.fx.Node) and out.target is operator.getitem
-            and out.args[0] is store]
-
-
-def _length_inputs(placeholders, decisions: list[SiteDecision]) -> dict | None:
-    """Where the stored cache lengths enter a decode graph, or None if evictions can't be committed.
-
-    Dynamo passes each symbolic size twice: inside the tensor and as an int input of its own; a
-    swapped-in cache must update both. Evictions are committed only when every decode site of
-    the graph was rewritten (a refused site may read positions from the length).
-    """
-    decode = [d for d in decisions if d.key.source is KVSource.GROWN]
-    if not decode or any(d.phase != DECODE for d in decode):
-        return None
-    tensors = {}
-    for d in decode:
-        for past in (d.key.past, d.value.past):
-            length = value_of(past).shape[2]
-            if not isinstance(length, torch.SymInt) or not length.node.expr.is_symbol:
-                return None
-            tensors[placeholders.index(past)] = length.node.expr
-    ints = {i: value_of(p).node.expr for i, p in enumerate(placeholders)
-            if isinstance(value_of(p), torch.SymInt) and value_of(p).node.expr in tensors.values()}
-    return {"tensors": tensors, "ints": ints}
 
 
 def _copy_graph_module(gm: GraphModule) -> GraphModule:
@@ -136,7 +65,7 @@ def _copy_graph_module(gm: GraphModule) -> GraphModule:
 
     The copy keeps what Dynamo attached for AOTAutograd (the compile id, input sources): without
     it no input counts as static, and Inductor's CUDA graphs skip a graph that mutates its inputs
-    (RocketKVCache's append) and would copy every weight into the graph at each replay."""
+    (the caches' append) and would copy every weight into the graph at each replay."""
     graph = Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     copy = GraphModule(gm, graph)
@@ -149,418 +78,479 @@ def _copy_graph_module(gm: GraphModule) -> GraphModule:
     return copy
 
 
-class RewrittenGraph:
-    """A rewritten graph's runtime: moves plans and evictions between the cache tensors."""
+def _allow_dynamic_output_shapes(example_inputs) -> None:
+    """The cache ops' outputs have sizes of their own (the plan's, decided at run time). Dynamo
+    allows such ops in the graphs it traces only if told to (its
+    capture_dynamic_output_shape_ops); the backend allows them in the graphs it compiles."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    shape_env = getattr(fake_mode, "shape_env", None)
+    if shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
+        shape_env.settings = dataclasses.replace(shape_env.settings,
+                                                 allow_dynamic_output_shape_ops=True)
+
+
+class Mirror:
+    """The host's copy of each compressed cache's fullness (the most slots a row has filled)
+    and flags, keyed by the cache's storage, so a decode step knows without reading the device
+    whether a slot is free. It is only a copy: a cache it has not seen (transformers' batch
+    operations make new tensors) is read from its header once."""
+
+    def __init__(self):
+        self.entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def entry(self, keys: torch.Tensor) -> list[int]:
+        """[filled, flags] of a packed cache (a list: a decode step advances it in place)."""
+        storage = keys.untyped_storage()
+        entry = self.entries.get(storage)
+        if entry is None:
+            stored, flags = S.stored_counts(keys)
+            entry = self.entries[storage] = [max(stored or [0]), flags]
+        return entry
+
+
+MIRROR = Mirror()
+# The whole prompt of a prefill whose positions may derive from the cache length, by its
+# compressed keys' storage, until a decode step proves they do not (or runs exactly over it).
+WHOLE_PROMPTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass
+class Variant:
+    """A rewritten graph and how it runs: compiled (`run`), or as FX (`compiled` is None)."""
+
+    gm: GraphModule
+    ios: list[CacheIO]
+    run: Callable
+
+
+class Runtime:
+    """A rewritten graph at run time (see the module docstring)."""
 
     def __init__(self, gm: GraphModule, example_inputs: Sequence, config: RocketKVConfig,
-                 decisions: list[SiteDecision], compiler: Compiler, decode_compiler: Compiler):
-        self.config = config
+                 decisions: list[SiteDecision], compile_graph: Callable[..., Callable],
+                 on_cuda: bool):
+        self.config, self.decisions = config, decisions
+        self.original = gm
+        self.compile_graph = compile_graph
+        rewritten = [d for d in decisions if d.rewritten]
+        self.phase = TURN if any(d.phase == TURN for d in rewritten) else \
+            PREFILL if any(d.phase == PREFILL for d in rewritten) else DECODE
+        self.fatal = [d for d in decisions if d.fatal]
+        self.sizes_of = _size_inputs(gm)
+        self.unproven = [d for d in decisions if d.positions_unproven]
+        proofs = [d.causal for d in rewritten if isinstance(d.causal, CausalProof)]
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        self.num_outputs = len(gm.graph.output_node().args[0])
-        self.prefill_plans = {d.site.name: d.plan for d in decisions if d.phase == PREFILL}
-        self.decode_inputs = {d.site.name: (placeholders.index(d.key.past),
-                                            placeholders.index(d.value.past))
-                              for d in decisions if d.phase == DECODE}
-        self.stateful = {d.site.name for d in decisions
-                         if d.phase == DECODE and d.method.decode_state}
-        self.viewing = [d.site.name for d in decisions
-                        if d.phase == DECODE and d.method.keeps_history]
-        # site name -> (input of its logical positions, query length, head dim, layer, layers,
-        # the cache's room) of a new turn into a RocketKVCache: what plans it at run time
-        self.turn_caches = [placeholders.index(d.key.past) for d in decisions if d.phase == TURN]
-        self.turns = {d.site.name: (placeholders.index(d.key.cache.args[5]), int(d.query_len),
-                                    int(d.head_dim), d.layer, d.layers, d.key.cache.args[8])
-                      for d in decisions if d.phase == TURN}
-        self.length_inputs = _length_inputs(placeholders, decisions)
-        self.continued = _continued_caches(gm, decisions)
-        self.padding_inputs = sorted({placeholders.index(m) for d in decisions
-                                      if d.phase == DECODE and d.key.source in GROWING
-                                      for m in d.padding_masks})
-        # RocketKVCache decode: (its caches' key inputs, padding masks) — a cache the pass did
-        # not store keeps the padding in its slots, so it decodes through the exact graph
-        slot_sites = [d for d in decisions
-                      if d.phase == DECODE and d.key.source is KVSource.ROCKETKV]
-        self.unplanned_padding = (sorted({placeholders.index(d.key.past) for d in slot_sites}),
-                                  sorted({placeholders.index(m) for d in slot_sites
-                                          for m in d.padding_masks}))
-        # masks of prompts stored in a RocketKVCache: a padded batch is stored row by row, if
-        # the policy allows (else refused)
-        self.padded_store_inputs = sorted({placeholders.index(m) for d in decisions
-                                           if d.phase in (PREFILL, TURN)
-                                           for m in d.padding_masks})
-        # site name -> (head dim, layer, layers, the cache's room) of a prompt store into a
-        # RocketKVCache: what plans each row of a padded batch
-        self.row_stores = {d.site.name: (int(d.head_dim), d.layer, d.layers,
-                                         d.plan.length - d.prompt_len)
-                           for d in decisions if d.phase == PREFILL
-                           and d.key.source is KVSource.NEW_ROCKETKV}
-        # the exact graph, run as is (not compiled) for decode steps with padding
-        self.original = _copy_graph_module(gm) \
-            if self.padding_inputs or self.unplanned_padding[1] else None
-        # site name -> output positions of its (key, value) caches
-        self.cache_outputs = {d.site.name: (_output_positions(gm.graph, d.key.cache),
-                                            _output_positions(gm.graph, d.value.cache))
-                              for d in decisions if d.phase and d.key.source in GROWING}
-        # site name -> output positions of the RocketKVCache layer state its prefill stores
-        self.state_outputs = {d.site.name: _state_outputs(gm.graph, d.key.cache)
-                              for d in decisions if d.phase in (PREFILL, TURN)
-                              and d.key.source in ROCKETKV_STORES}
-        proven = [d for d in decisions if isinstance(d.causal, CausalProof)]
-        causal = frozenset(d.site.name for d in proven)
-        # prefill inputs that must be all ones for the causal masks proven above to hold
-        self.causal_padding = sorted({placeholders.index(m) for d in proven
-                                      for m in d.causal.padding})
-        # The rewritten graph as is (masks kept, plans as inputs), run uncompiled when the
-        # compiled one does not apply: padding under a proven mask, or a decode plan it was
-        # not compiled for.
-        # Copies are analysed again (their own nodes); refusals beyond the graph's structure
-        # (masks evaluated as not causal) carry over by site name.
-        refused = {d.site.name: d.reason for d in decisions if not d.rewritten}
-        self.uncompiled = _copy_graph_module(gm)
-        self.storing = apply(self.uncompiled, analyse(self.uncompiled.graph, config, refused),
-                             config)
-        # A padded batch, row by row (its own copy, masks kept, uncompiled).
-        self.by_row, self.row_sites = None, 0
-        if rowwise(config.method, decisions) and \
-                (self.padding_inputs or self.causal_padding or self.row_stores):
-            self.by_row = _copy_graph_module(gm)
-            rows = analyse(self.by_row.graph, config, refused)
-            apply(self.by_row, rows, config, by_row=True)
-            self.row_sites = sum(d.phase == DECODE and d.kernel != "exact" for d in rows)
-        self.compiled, self.compiled_plans, self.warned = None, None, set()
-        decode = [d for d in decisions if d.phase == DECODE]
-        if decode and not compiles_decode(decode) or self.turns:
-            # (a new turn's plan and buffer size are values known at run time: it runs uncompiled)
+        self.padding = sorted({placeholders.index(n) for p in proofs for n in p.padding})
+        self.probe = self.phase == PREFILL and computes_positions(gm.graph, decisions)
+        causal = frozenset(d.site.name for d in rewritten if isinstance(d.causal, CausalProof))
+        self.padded = None   # the variant keeping the prefill masks: built on first need
+        if self.fatal:       # it never runs rewritten
             return
-        if decode:
-            # Decode graphs are compiled here, inside Dynamo's compile (so the cache length stays
-            # a symbol), for the plan of the caches this first call received: the plan is then
-            # constant. A later call with another plan (a new prompt length) runs the rewritten
-            # graph uncompiled with the plan as inputs (correct, slower), and says so once.
-            # (A torch.compile nested in the returned callable is never traced: Dynamo runs
-            # compiled graphs with itself disabled.)
-            self.compiled_plans = {name: self._plan_of(example_inputs[k])
-                                   for name, (k, _) in self.decode_inputs.items()}
-        fast = _copy_graph_module(gm)
-        apply(fast, analyse(fast.graph, config, refused), config, plans=self.compiled_plans,
-              causal=causal)
-        self.compiled = (decode_compiler if decode else compiler)(fast, example_inputs)
+        self.main = self._variant(causal)
+        self.ios = self.main.ios
+        self.example_inputs = example_inputs
+        # On CUDA a decode step CUDA graphs can hold is compiled for each size of its caches
+        # (CUDA graphs take static shapes), replayed as a CUDA graph.
+        self.per_size = on_cuda and self.phase == DECODE and _capturable(rewritten)
+        if self.per_size:
+            self.sizes: dict[tuple, list[tuple[Callable, dict]]] = {}
+        else:
+            self._compile_symbolic()
 
-    def _plan_of(self, past: torch.Tensor) -> Plan:
-        plan = getattr(past, PLAN_ATTR, None)
-        if plan is None:  # a cache we did not prefill: plan as if its tokens were the prompt
-            plan = self.config.plan(past.shape[2], past.shape[3])
-        return plan
+    def _compile_symbolic(self) -> None:
+        """One graph for every size (Dynamo's symbolic shapes), without CUDA graphs."""
+        self.per_size = False
+        self.main.run = self.compile_graph(self.main.gm, self.example_inputs, self.phase, False)
 
-    @staticmethod
-    def _view_of(key: torch.Tensor, value: torch.Tensor) -> tuple:
-        view = getattr(key, VIEW_ATTR, None)
-        return whole_view(key, value) if view is None else view
+    def _variant(self, causal: frozenset[str]) -> Variant:
+        gm = _copy_graph_module(self.original)
+        decisions = analyse(gm.graph, self.config)
+        for mine, theirs in zip(decisions, self.decisions):
+            mine.causal = theirs.causal
+            if not theirs.rewritten and mine.rewritten:
+                mine.refuse(theirs.reason)
+        ios = apply(gm, decisions, causal, self.probe)
+        return Variant(gm, ios, gm.forward)
 
-    @staticmethod
-    def _state_of(past: torch.Tensor) -> torch.Tensor:
-        state = getattr(past, STATE_ATTR, None)
-        if state is None:  # a cache we did not prefill: every stored token starts at 0
-            state = torch.zeros(past.shape[:3], device=past.device)
-        return state
+    # -- before a call ---------------------------------------------------------------------
 
-    def _commit_evictions(self, args: list) -> bool:
-        """Swap prefill evictions in for the full caches, and their lengths for the old ones;
-        whether any cache is shorter than its sequence."""
-        lengths = {}
-        for k, v in self.decode_inputs.values():
-            for i in (k, v):
-                evicted = getattr(args[i], EVICTED_ATTR, None)
-                if evicted is not None:
-                    symbol = self.length_inputs["tensors"][i]
-                    if lengths.setdefault(symbol, evicted.shape[2]) != evicted.shape[2]:
-                        raise RuntimeError("rocketkv: caches that share a traced length were "
-                                           "evicted to different lengths")
-                    args[i] = evicted
-        for i, symbol in self.length_inputs["ints"].items():
-            args[i] = lengths.get(symbol, args[i])
-        return bool(lengths) or any(getattr(args[i], SHORTENED_ATTR, False)
-                                    for k, v in self.decode_inputs.values() for i in (k, v))
+    def _has_padding(self, args) -> bool:
+        """Whether a padding mask input masks a token (a 0 in a 2-D attention_mask)."""
+        return any(bool((args[i] == 0).any()) for i in self.padding)
 
-    @staticmethod
-    def _has_padding(args, inputs: list[int]) -> bool:
-        """Whether a padding mask input masks a key: a 0 in a 2-D attention_mask, or a masked
-        key in the last query row of a 4-D mask (a causal mask lets that row see every key)."""
-        for i in inputs:
-            mask = args[i][..., -1, :] if args[i].dim() == 4 else args[i]
-            masked = torch.isneginf(additive_mask(mask)) if mask.is_floating_point() else mask == 0
-            if bool(masked.any()):
-                return True
-        return False
+    def _make_room(self, args: list, entries: list[list[int]]) -> None:
+        """Every compressed cache a decode step appends to gets a free slot: a DynamicCache's
+        is grown (twice its slots); a RocketKVCache's is sized by its max_new_tokens. A
+        DynamicCache cropped along its tokens (not a size the pass makes) is refused."""
+        stateful = bool(self.config.method.state)
+        for io, entry in zip(self.ios, entries):
+            k, v = io.inputs
+            keys = args[k]
+            slots = S.Layout.of(keys, stateful).slots
+            if io.source is KVSource.PACKED and \
+                    S.slot_bucket(slots, keys.shape[-1], keys.element_size(), stateful) != slots:
+                raise NotImplementedError(
+                    "rocketkv: a compressed DynamicCache was cut along its tokens (crop: "
+                    "assisted generation, or DoLa), which its packed layout does not take; "
+                    "pass a RocketKVCache, which crops its stored tokens")
+            if entry[0] < slots:
+                continue
+            if io.source is KVSource.ROCKETKV:
+                raise RuntimeError(
+                    "rocketkv: the RocketKVCache is full: generate more tokens than its "
+                    "max_new_tokens only with a cache built with a larger one, "
+                    "RocketKVCache(config, max_new_tokens=...)")
+            for i, tensor in zip((k, v), _grown(keys, args[v], self.config.method.state)):
+                self._swap(args, i, tensor)
+            MIRROR.entries[args[k].untyped_storage()] = entry
 
-    def _refuse_padded_store(self, args, padded: bool) -> None:
-        """A padded prompt or turn into a RocketKVCache (`padded`: its mask shows padding) that
-        cannot be stored row by row."""
-        rows_apart = any(isinstance(getattr(args[k], PLAN_ATTR, None), tuple)
-                         for k in self.turn_caches)
-        if self.turns and (rows_apart or padded):
+    def _swap(self, args: list, index: int, tensor: torch.Tensor) -> None:
+        """Another cache tensor in input `index`, and its length in the symbolic-size inputs
+        Dynamo passes beside it."""
+        args[index] = tensor
+        for i in self.sizes_of.get(index, ()):
+            args[i] = tensor.shape[2]
+
+    def _check_turn(self, args) -> None:
+        """A turn must continue every row's logical positions: some integer input of the graph
+        (the positions) holds them. transformers slices a new turn off a DynamicCache by its
+        stored length, which eviction shortened: that turn's positions start elsewhere."""
+        io = self.ios[0]
+        keys = args[io.inputs[0]]
+        layer = S.read(keys, args[io.inputs[1]])
+        start = layer.position.to(torch.int64).view(-1, 1)
+        if len(set(start.view(-1).tolist())) > 1:
             raise NotImplementedError(
-                "rocketkv: a new turn of a padded batch into a RocketKVCache is not supported "
-                "(transformers masks the stored slots with one offset for every row): pass a "
-                "DynamicCache with policy 'rocketkv-mt', or one conversation per call")
-        if self.by_row is None and padded:
-            raise NotImplementedError(
-                f"rocketkv: a padded batch into a RocketKVCache: policy "
-                f"{self.config.method.name!r} cannot evict rows apart. Pass a DynamicCache "
-                "(padded batches run exactly there) or one prompt per call")
+                "rocketkv: a new turn of a padded batch is not supported (transformers slices "
+                "one turn for every row): pass one conversation per call")
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and not arg.is_floating_point() and \
+                    arg.dim() == 2 and arg.shape[0] in (1, keys.shape[0]) and \
+                    torch.equal(arg.to(start), start[:arg.shape[0]] + torch.arange(
+                        arg.shape[-1], device=start.device)):
+                return
+        raise NotImplementedError(
+            "rocketkv: a new turn over a compressed cache must continue its positions, but "
+            "transformers takes a new turn's tokens and positions from a DynamicCache's stored "
+            "length, which eviction shortened. Pass a RocketKVCache (it keeps each sequence's "
+            "logical length) for conversations, or use chunked prefill (prefill_chunk_size)")
 
-    def _warn_once(self, message: str, *args) -> None:
-        if message not in self.warned:
-            log.warning(message, *args)
-            self.warned.add(message)
-
-    def _rows(self, args) -> tuple | None:
-        """A padded decode step's rows, if its prefill evicted them row by row."""
-        return next((getattr(args[k], ROWS_ATTR) for k, _ in self.decode_inputs.values()
-                     if hasattr(args[k], ROWS_ATTR)), None) if self.by_row is not None else None
-
-    def _prompt_lengths(self, args) -> list[int]:
-        """Each row's tokens in a padded prefill: the ones of its 2-D attention_mask, or the
-        keys the last query of its 4-D mask attends to (generate's mask for a RocketKVCache)."""
-        masks = [args[i] for i in self.causal_padding + self.padded_store_inputs]
-        mask = next((m for m in masks if m.dim() == 2), None)
-        if mask is not None:
-            return (mask != 0).sum(-1).tolist()
-        return attended_keys(masks[0]).sum(-1).tolist()
-
-    def _stored_rows(self, args, outputs) -> tuple:
-        """(prompt lengths, empty slots before each row's stored ones) of a padded prefill."""
-        lengths = self._prompt_lengths(args)
-        if not self.storing:   # nothing evicted: the cache keeps the batch's own padding
-            return lengths, [args[self.causal_padding[0]].shape[-1] - n for n in lengths]
-        positions = outputs[self.num_outputs + 2]   # the first store's: -1 in empty slots
-        return lengths, (positions[:, 0] < 0).sum(-1).tolist()
-
-    def _row_store_inputs(self, args, plans: dict) -> list:
-        """A padded prefill's stores into RocketKVCaches: each row's plan (recorded in `plans`)
-        and the buffer size that holds every row's, per site (ROW_STORE_INPUTS)."""
-        lengths, extra = self._prompt_lengths(args), []
-        for name, (head_dim, layer, layers, room) in self.row_stores.items():
-            roomy = dataclasses.replace(self.config, max_new_tokens=room)
-            rows = plans[name] = tuple(roomy.plan(n, head_dim, layer, layers) for n in lengths)
-            extra += [list(rows), max(rocketkv_capacity(p, n) for p, n in zip(rows, lengths))]
-        return extra
-
-    def _unplanned_padding(self, args) -> bool:
-        """A padded decode step over a RocketKVCache the pass did not store (its slots keep the
-        padding, which only the model's own mask hides): a 0 in a 2-D attention_mask, or in a
-        4-D mask a masked slot before an attended one (its empty slots are masked too)."""
-        keys, masks = self.unplanned_padding
-        if not masks or all(hasattr(args[k], PLAN_ATTR) for k in keys):
-            return False
-        for i in masks:
-            if args[i].dim() == 2:
-                padded = (args[i] == 0).any()
-            else:
-                attended = attended_keys(args[i])
-                padded = (~attended[:, :-1] & attended[:, 1:]).any()
-            if bool(padded):
-                return True
-        return False
-
-    def _run_exact(self, args):
-        """Padding in a decode step: the exact graph, over caches that were never evicted."""
-        if any(getattr(args[k], DECODED_ATTR, False) for k, _ in self.decode_inputs.values()):
-            raise RuntimeError("rocketkv: a padding mask appeared after the cache was evicted; "
-                               "padded batches must be padded from the first decode step on")
-        return self.original(*args)
+    # -- a call ----------------------------------------------------------------------------
 
     def __call__(self, *args):
-        _refuse_shortened(args, self.continued)
-        padded = self._has_padding(args, self.causal_padding)
-        if self.padded_store_inputs or self.turn_caches:
-            store_padded = self._has_padding(args, self.padded_store_inputs)
-            self._refuse_padded_store(args, store_padded)
-            padded = padded or bool(self.row_stores) and store_padded
-        rows = None
-        if self.padding_inputs and self._has_padding(args, self.padding_inputs):
-            rows = self._rows(args)
-            if rows is None:
-                return self._run_exact(args)
-        if self._unplanned_padding(args):
-            return self.original(*args)
         args = list(args)
-        plans = dict(self.prefill_plans)
-        decode_plans = {name: self._plan_of(args[k]) for name, (k, _) in self.decode_inputs.items()}
-        plans.update(decode_plans)
-        shortened = self.length_inputs is not None and self._commit_evictions(args)
-        if rows is not None:   # a padded batch's decode step, row by row
-            for i in self.padding_inputs:   # each row's stored slots, not its logical positions
-                args[i] = torch.ones_like(args[i])
-                for b, empty in enumerate(rows[1]):
-                    args[i][b, :empty] = 0
-            outputs = self.by_row(*args, *[rows[0]] * self.row_sites)
-        elif padded and self.by_row is not None and not self.decode_inputs:
-            self._warn_once("rocketkv: a padded prompt: the prefill keeps its attention mask and "
-                            "runs uncompiled, each row evicted over its own tokens")
-            outputs = self.by_row(*args, *self._row_store_inputs(args, plans))
-            rows = self._stored_rows(args, outputs) if self.cache_outputs else None
-        elif self.compiled is not None and not padded and \
-                (not decode_plans or decode_plans == self.compiled_plans):
-            outputs = self.compiled(*args)
-        else:
-            if padded:
-                self._warn_once("rocketkv: a padded prompt: the prefill keeps its attention mask "
-                                "and runs uncompiled")
-            elif self.compiled_plans is not None:
-                self._warn_once("rocketkv: a decode graph compiled for plan %s got plan %s (a new "
-                                "prompt length?): it runs uncompiled", self.compiled_plans,
-                                decode_plans)
-            extra = []
-            for name, (positions, turn, head_dim, layer, layers, room) in self.turns.items():
-                length = int(args[positions][0]) + turn   # the conversation's, after the turn
-                roomy = dataclasses.replace(self.config, max_new_tokens=room)
-                plan = plans[name] = roomy.plan(length, head_dim, layer, layers)
-                extra += [plan, rocketkv_capacity(plan, length)]
-            for name, plan in decode_plans.items():
-                extra += plan_inputs(plan)
-                if name in self.stateful:
-                    extra.append(self._state_of(args[self.decode_inputs[name][0]]))
-                if name in self.viewing:
-                    extra += self._view_of(*(args[i] for i in self.decode_inputs[name]))
-            outputs = self.uncompiled(*args, *extra)
-        stored, outputs = outputs[self.num_outputs:], list(outputs[:self.num_outputs])
-        for name, positions in self.cache_outputs.items():
-            for i in positions[0] + positions[1]:
-                # Contiguous, as every later cat will be: decode graphs then see one layout.
-                outputs[i] = outputs[i].contiguous()
-                setattr(outputs[i], PLAN_ATTR, plans[name])
-                setattr(outputs[i], DECODED_ATTR, name in self.decode_inputs)
-                setattr(outputs[i], SHORTENED_ATTR, shortened)
-                if rows is not None:
-                    setattr(outputs[i], ROWS_ATTR, rows)
-                torch._dynamo.maybe_mark_dynamic(outputs[i], 2)
-        for name, positions in self.state_outputs.items():
-            _mark_state([outputs[i] for i in positions], plans[name], self.config)
-        for j, name in enumerate(self.storing):
-            key, value, positions, state = stored[4 * j: 4 * j + 4]
-            if self.config.method.keeps_history:   # the cache stays whole; decode reads a view
-                for i in self.cache_outputs[name][0]:
-                    setattr(outputs[i], VIEW_ATTR, (key, value, positions))
+        if self.fatal:
+            return self._refused(args, self.fatal[0].reason, self.fatal)
+        entries = [] if self.phase == PREFILL else \
+            [MIRROR.entry(args[io.inputs[0]]) for io in self.ios]
+        flags = 0
+        for entry in entries:
+            flags |= entry[1]
+        if self.unproven and flags & S.Flag.PROBE:
+            return self._refused(args, "its positions may derive from the stored cache "
+                                 "length, which this graph cannot check (it is static here)",
+                                 self.unproven)
+        if flags & S.Flag.EXACT:
+            # a RocketKVCache prefilled without the pass keeps every token at its position:
+            # the graph as traced attends to it exactly, through transformers' mask
+            return self.original(*args)
+        variant = self.main
+        if self.phase == PREFILL and self.padding and self._has_padding(args):
+            log.warning("rocketkv: a padded prompt: the prefill keeps its attention mask and "
+                        "runs uncompiled, each row evicted over its own tokens")
+            variant = self.padded = self.padded or self._variant(frozenset())
+        elif self.phase == DECODE:
+            self._make_room(args, entries)
+        elif self.phase == TURN:
+            self._check_turn(args)
+        outputs = self._run(variant, args)
+        if self.phase == DECODE:
+            for entry in entries:   # one token appended to every row
+                entry[0] += 1
+        return self._returned(variant, args, list(outputs))
+
+    def _run(self, variant: Variant, args: list):
+        if not self.per_size:
+            return variant.run(*args)
+        # a graph per size of the caches, and per size of the other inputs it reads whose size
+        # Dynamo left symbolic (and per value of its integer inputs)
+        size = tuple(args[io.inputs[1]].shape[:3] for io in variant.ios)
+        graphs = self.sizes.setdefault(size, [])
+        for run, fixed in graphs:
+            if all(_size_key(args[i]) == key for i, key in fixed.items()):
+                return run(*args)
+        if len(graphs) == PER_SIZE_GRAPHS:
+            placeholders = list(variant.gm.graph.find_nodes(op="placeholder"))
+            changing = sorted({placeholders[i].name for _, fixed in graphs for i in fixed
+                               if fixed[i] != graphs[0][1].get(i)})
+            warn_once(f"rocketkv: a decode step's inputs {changing} change size from step to "
+                      "step: it runs as one graph of symbolic sizes, without CUDA graphs")
+            self._compile_symbolic()
+            return self.main.run(*args)
+        compiled = _with_sizes_fixed(variant.gm, args, lambda gm, inputs: (
+            self.compile_graph(gm, inputs, DECODE, True)))
+        graphs.append(compiled)
+        return compiled[0](*args)
+
+    def _returned(self, variant: Variant, args: list, outputs: list) -> list:
+        """The outputs, their compressed caches marked (and mirrored) for the steps after."""
+        for io in variant.ios:
+            if io.phase == DECODE:   # appended in place (its Mirror entry advanced)
                 continue
-            if state.numel():
-                setattr(key, STATE_ATTR, state)
-            for kind, kept in enumerate((key, value)):
-                for i in self.cache_outputs[name][kind]:
-                    setattr(outputs[i], EVICTED_ATTR, kept)
-        stored = stored[4 * len(self.storing):]
-        stateful = [n for n in self.decode_inputs if n in self.stateful]
-        for name, state in zip(stateful, stored):
-            for i in self.cache_outputs[name][0]:
-                setattr(outputs[i], STATE_ATTR, state)
-        views = stored[len(stateful):]
-        for j, name in enumerate(self.viewing):
-            for i in self.cache_outputs[name][0]:
-                setattr(outputs[i], VIEW_ATTR, tuple(views[3 * j: 3 * j + 3]))
+            keys = [outputs[i] for i in io.outputs[0]]
+            for tensor in keys + [outputs[i] for i in io.outputs[1]]:
+                _mark_cache(tensor, self.config)
+            if io.whole is not None and keys:
+                WHOLE_PROMPTS[keys[0].untyped_storage()] = tuple(outputs[i] for i in io.whole)
+        if variant.ios and variant.ios[0].whole is not None:
+            del outputs[len(outputs) - 2 * len(variant.ios):]
+        if self.phase == DECODE and WHOLE_PROMPTS:   # proven: positions do not derive from the
+            for io in variant.ios:                     # stored length
+                WHOLE_PROMPTS.pop(args[io.inputs[0]].untyped_storage(), None)
         return outputs
 
+    def _refused(self, args: list, reason: str, sites: list[SiteDecision]):
+        """A graph that reads a compressed cache but cannot decode it (`reason`): it runs
+        exactly over the whole prompts its caches were compressed from, if their prefill kept
+        them, or raises."""
+        placeholders = list(self.original.graph.find_nodes(op="placeholder"))
+        pairs = [(placeholders.index(d.key.past), placeholders.index(d.value.past))
+                 for d in sites if d.key.past is not None]
+        wholes = [WHOLE_PROMPTS.get(args[k].untyped_storage()) for k, _ in pairs]
+        if not pairs or any(w is None for w in wholes):
+            raise NotImplementedError(
+                f"rocketkv: a graph reads a compressed cache that it cannot decode ({reason}), "
+                "and the cache cannot be restored. Pass explicit positions (position_ids) to "
+                "compress this model, or compile it with token_budget=None")
+        warn_once(f"rocketkv: the model's decode cannot read a compressed cache ({reason}): "
+                  "it runs exactly, over the whole prompt")
+        for (k, v), (keys, values) in zip(pairs, wholes):
+            self._swap(args, k, keys)
+            self._swap(args, v, values)
+        return self.original(*args)
 
-def _mark_state(state: list[torch.Tensor], plan: Plan, config: RocketKVConfig) -> None:
-    """A RocketKVCache layer's new state: it carries its plan."""
-    for tensor in state:
-        setattr(tensor, PLAN_ATTR, plan)
-        # A new prompt length means new buffer sizes: Dynamo recompiles the decode graph for its
-        # plan instead of generalising the sizes (which would run it uncompiled).
-        torch._dynamo.mark_static(tensor)
-        if config.cudagraphs:  # fixed buffers, updated in place: no copies per replay
-            torch._dynamo.mark_static_address(tensor, guard=False)
 
-
-def _keeping_plans(compiled: Callable, gm: GraphModule, decisions: list[SiteDecision],
-                   config: RocketKVConfig) -> Callable:
-    """`compiled`, where a new turn into a RocketKVCache stays exact (every stored token kept):
-    its new buffers carry the plan the old ones had (their summaries' chunk is the plan's)."""
+def _size_inputs(gm: GraphModule) -> dict[int, list[int]]:
+    """For each tensor input whose token length is symbolic, the integer inputs holding that
+    length: Dynamo passes each symbolic size twice, inside the tensor and as an input of its
+    own, and a cache swapped in must update both."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    turns = [(placeholders.index(d.key.past), _state_outputs(gm.graph, d.key.cache))
-             for d in decisions if d.key.source is KVSource.ROCKETKV_TURN]
-    if not turns:
-        return compiled
+    ints: dict = {}
+    for i, node in enumerate(placeholders):
+        v = value_of(node)
+        if isinstance(v, torch.SymInt):
+            ints.setdefault(v.node.expr, []).append(i)
+    sizes = {}
+    for i, node in enumerate(placeholders):
+        v = value_of(node)
+        if isinstance(v, torch.Tensor) and v.dim() == 4 and isinstance(v.shape[2], torch.SymInt):
+            sizes[i] = ints.get(v.shape[2].node.expr, [])
+    return sizes
 
+
+def _capturable(rewritten: list[SiteDecision]) -> bool:
+    """Whether CUDA graphs hold these decode sites' ops: those that read their plan on the
+    device (the Triton kernels, exact attention), not the PyTorch reference of a sparse policy,
+    which reads it on the host."""
+    return bool(rewritten) and all(d.kernel in ("triton", "exact") and not d.method.state
+                                   for d in rewritten)
+
+
+# Graphs a decode step compiles for one size of its caches (its other inputs changing size)
+# before it runs as one graph of symbolic sizes instead.
+PER_SIZE_GRAPHS = 2
+
+
+def _size_key(arg):
+    return tuple(arg.shape) if isinstance(arg, torch.Tensor) else arg
+
+
+def _with_sizes_fixed(gm: GraphModule, args: list, compile_graph: Compiler) -> tuple:
+    """`gm` compiled for the sizes of `args`, and what it was specialized to: {input index:
+    its value (an integer input) or its shape (a tensor input of symbolic size)}, for the
+    inputs it reads.
+
+    Inductor's CUDA graphs take only tensor inputs (an int among them skips them without a
+    word), so the integer inputs (the symbolic sizes Dynamo passes beside dynamic tensors) become
+    constants of the graph and are dropped from its inputs. Most are dead once the pass has
+    rewritten attention (the attention mask, whose length grows every step): those are dropped
+    unread, so that a graph serves every step."""
+    gm = _copy_graph_module(gm)
+    gm.graph.eliminate_dead_code()
+    ints = [i for i, arg in enumerate(args) if not isinstance(arg, torch.Tensor)]
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    constants = {placeholders[i]: args[i] for i in ints}
+    fixed = {i: _size_key(args[i]) for i, node in enumerate(placeholders) if node.users and (
+        i in constants or any(isinstance(n, torch.SymInt)
+                              for n in getattr(value_of(node), "shape", ())))}
+    for node in gm.graph.nodes:
+        node.args = map_arg(node.args, lambda n: constants.get(n, n))
+        node.kwargs = map_arg(node.kwargs, lambda n: constants.get(n, n))
+    for node in constants:
+        gm.graph.erase_node(node)
+    gm.recompile()
+    tensors = [i for i in range(len(args)) if i not in set(ints)]
+    compiled = compile_graph(gm, [args[i] for i in tensors])
+
+    def run(*call_args):
+        return compiled(*[call_args[i] for i in tensors])
+    return run, fixed
+
+
+def _grown(keys: torch.Tensor, values: torch.Tensor, state: str) -> tuple:
+    """A compressed DynamicCache layer with twice the slots (its state and header copied), for
+    generating past the option's max_new_tokens."""
+    old = S.read(keys, values)
+    n = old.keys.shape[2]
+    slots = S.slot_bucket(2 * n, keys.shape[3], old.keys.element_size(), bool(state))
+    new_keys, new_values, new = S.allocate(keys.shape[0], keys.shape[1], keys.shape[3],
+                                           values.shape[3], slots, state, old.keys.dtype,
+                                           keys.device)
+    new.keys[:, :, :n], new.values[:, :, :n] = old.keys, old.values
+    if old.layout.state:
+        new.state[..., :n] = old.state
+    new.header.copy_(old.header)
+    return new_keys, new_values
+
+
+def _mark_cache(tensor: torch.Tensor, config: RocketKVConfig) -> None:
+    """A compressed cache's tensors: Dynamo traces their length as a symbol (one decode graph
+    for every size), and on CUDA they are static addresses (updated in place, so a CUDA graph
+    replays over them without a copy)."""
+    torch._dynamo.maybe_mark_dynamic(tensor, 2)
+    if tensor.is_cuda and config.cudagraphs is not False:
+        torch._dynamo.mark_static_address(tensor, guard=False)
+
+
+def _concatenates_packed(graph: Graph) -> bool:
+    """Whether the graph concatenates a compressed cache input as numbers (a DynamicCache's
+    update with no attention over it in this graph)."""
+    return any(user.op == "call_function" and user.target is torch.cat
+               for p in graph.find_nodes(op="placeholder") if S.is_packed(value_of(p))
+               for user in p.users)
+
+
+def _raising(error: Exception) -> Callable:
+    """A compiled function that raises `error` when called: an error of the options reaches
+    the user as itself at the first call (Dynamo wraps what a backend raises)."""
     def run(*args):
-        outputs = compiled(*args)
-        for past, state in turns:
-            plan = getattr(args[past], PLAN_ATTR, None)
-            if plan is not None:
-                _mark_state([outputs[i] for i in state], plan, config)
-        return outputs
-
+        raise error
     return run
 
 
-def _continued_caches(gm: GraphModule, decisions: list[SiteDecision]) -> list[int]:
-    """The inputs of caches that get several new tokens (a new turn, a prompt's later chunk)."""
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    return sorted({placeholders.index(d.key.past) for d in decisions
-                   if d.key.source is KVSource.GROWN and
-                   (isinstance(d.query_len, torch.SymInt) or (d.query_len or 1) > 1)})
+def _warn_refusals(decisions: list[SiteDecision], config: RocketKVConfig) -> None:
+    """One warning per reason a site that reads a cache stays exact (the explain report
+    lists them all)."""
+    if not config.compresses:
+        return
+    for d in decisions:
+        # a cache no prefill compressed was warned about at its prefill (or its rollback)
+        quiet = d.key.source in (KVSource.NONE, KVSource.EXTERNAL, KVSource.GROWN)
+        if d.reason and d.reason.startswith(UNSUPPORTED):   # one warning for every graph
+            warn_once(f"rocketkv: {d.reason}")
+        elif not (d.rewritten or d.fatal or quiet):
+            warn_once(f"rocketkv: attention over {d.key.source.value} stays exact: {d.reason}")
 
 
-def _refuse_shortened(args, inputs: list[int]) -> None:
-    """New tokens over a cache that eviction shortened are refused: transformers derives their
-    positions from the stored length, which no longer counts the evicted tokens."""
-    if any(getattr(args[i], SHORTENED_ATTR, False) for i in inputs):
-        raise NotImplementedError(
-            "rocketkv: new tokens over a cache that eviction shortened (a new turn or a chunked "
-            "prefill after decoding) are not supported: transformers would derive their "
-            "positions from the stored length. Pass a RocketKVCache (it keeps each sequence's "
-            "logical length: a new turn is evicted again) or use policy 'rocketkv-mt'")
+def _keep_room_for_decode(decisions: list[SiteDecision]) -> None:
+    """A prompt is compressed only if Dynamo can still compile this function's decode step:
+    past `recompile_limit` graphs Dynamo runs it eagerly, and an eager decode step cannot read
+    a compressed cache. Near the limit, prefills stay exact (and the user is told)."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    compiled = getattr(compile_id, "frame_compile_id", None) or 0
+    limit = torch._dynamo.config.recompile_limit
+    if compiled + 2 < limit:
+        return
+    reason = (f"Dynamo has compiled this function {compiled} times, and runs it eagerly after "
+              f"its recompile_limit ({limit}): a compressed cache could meet an eager decode "
+              "step. Raise torch._dynamo.config.recompile_limit or call torch._dynamo.reset()")
+    for d in decisions:
+        if d.rewritten and d.phase == PREFILL:
+            d.refuse(reason)
 
 
-def _refusing_shortened(compiled: Callable, gm: GraphModule, decisions: list[SiteDecision]
-                        ) -> Callable:
-    """`compiled`, refusing at run time new tokens over a shortened cache."""
-    inputs = _continued_caches(gm, decisions)
-    if not inputs:
-        return compiled
+def _install_recompile_limit() -> None:
+    if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+        log.debug("rocketkv: raising torch._dynamo.config.recompile_limit to %d",
+                  RECOMPILE_LIMIT)
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    _RecompileLimitWatch.install()
 
-    def run(*args):
-        _refuse_shortened(args, inputs)
-        return compiled(*args)
 
-    return run
+class _RecompileLimitWatch(logging.Filter):
+    """Dynamo runs a function eagerly once it has compiled it `recompile_limit` times: exact,
+    uncompressed. It says so in its log; this turns that into the backend's warning."""
+
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls.installed:
+            logging.getLogger("torch._dynamo.convert_frame").addFilter(cls())
+            cls.installed = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "hit config" in message and "recompile_limit" in message:
+            warn_once("rocketkv: Dynamo reached its recompile limit for a function and runs it "
+                      "eagerly from now on: exact, uncompressed. Raise "
+                      "torch._dynamo.config.recompile_limit or call torch._dynamo.reset()")
+        return True
 
 
 def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None = None,
                  decode_compiler: Compiler | None = None):
     """A Dynamo backend running the RocketKV pass before `compiler` (by default Inductor; for
-    decode graphs tuned, with CUDA graphs if the options ask for them; `decode_compiler`, if
-    given, compiles the decode graphs instead)."""
+    decode graphs tuned, with CUDA graphs on CUDA unless the options turn them off;
+    `decode_compiler`, if given, compiles the decode graphs instead)."""
 
     def backend(gm: GraphModule, example_inputs: Sequence, options=None, mode=None):
-        config = RocketKVConfig.from_options(options)
-        if mode not in (None, "default"):
-            raise ValueError(f"rocketkv: unsupported mode {mode!r}")
+        try:
+            config = RocketKVConfig.from_options(options)
+            if mode not in (None, "default"):
+                raise ValueError(f"rocketkv: unsupported mode {mode!r}")
+        except ValueError as error:
+            return _raising(error)
+        _install_recompile_limit()
         decisions = analyse(gm.graph, config)
         proofs = {}   # one proof per mask: a model's layers share theirs
         for d in decisions:
-            if d.phase == PREFILL and d.site.mask is not None and not d.site.is_causal:
+            if d.phase == PREFILL and d.rewritten and d.site.mask is not None \
+                    and not d.site.is_causal:
                 key = (d.site.mask, d.site.kind, str(value_of(d.site.query).shape))
                 if key not in proofs:
                     proofs[key] = prove_causal(gm, d.site, example_inputs)
                 d.causal = proofs[key]
-            if d.causal == NOT_CAUSAL:
-                d.refuse(NOT_CAUSAL_PREFILL)
+                if d.causal == NOT_CAUSAL:
+                    d.refuse(NOT_CAUSAL_PREFILL)
+        _keep_room_for_decode(decisions)
         if on_analysis is not None:
             on_analysis(decisions)
         for d in decisions:
-            log.debug("rocketkv site %s: %s", d.site.name, d.phase or d.reason)
-        for reason in sorted({d.reason for d in decisions if d.reason and
-                              d.reason.startswith(UNSUPPORTED)} - _WARNED):
-            _WARNED.add(reason)   # once per process: a prefill and a decode graph share it
-            warnings.warn(f"rocketkv: {reason}", RuntimeWarning, stacklevel=2)
-        plain = compiler or inductor
-        if not any(d.phase for d in decisions):
-            return _keeping_plans(_refusing_shortened(plain(gm, example_inputs), gm, decisions),
-                                  gm, decisions, config)
-        # CUDA graphs only for decode graphs: a prefill runs once per prompt.
-        decode = decode_compiler or compiler or functools.partial(
-            inductor, decode=True, cudagraphs=config.cudagraphs)
-        return RewrittenGraph(gm, example_inputs, config, decisions, plain, decode)
+            log.debug("rocketkv site %s: %s", d.site.name, d.phase if d.rewritten else d.reason)
+        _warn_refusals(decisions, config)
+        on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+        cudagraphs = on_cuda and config.cudagraphs is not False
+
+        def compile_graph(graph: GraphModule, inputs: Sequence, phase: str,
+                          capturable: bool = False) -> Callable:
+            if phase == DECODE and decode_compiler is not None:
+                return decode_compiler(graph, inputs)
+            if compiler is not None:
+                return compiler(graph, inputs)
+            _allow_dynamic_output_shapes(inputs)
+            return inductor(graph, inputs, decode=phase == DECODE,
+                            cudagraphs=cudagraphs and phase == DECODE and capturable)
+
+        if not any(d.rewritten or d.fatal for d in decisions):
+            if _concatenates_packed(gm.graph):
+                return _raising(NotImplementedError(
+                    "rocketkv: a graph extends a compressed cache but holds no attention over "
+                    "it (a graph break between a cache update and its attention?): it cannot "
+                    "run; the explain report shows where"))
+            return compile_graph(gm, example_inputs, "plain")
+        return Runtime(gm, example_inputs, config, decisions, compile_graph,
+                       on_cuda)
 
     return backend
 

@@ -1,42 +1,35 @@
-"""RocketKVCache: the static-shape fast path of RocketKV for transformers models.
+"""RocketKVCache: a transformers Cache whose layers are packed from the start, sized up front.
 
-Each layer keeps capacity-sized buffers (K, V, the per-chunk min/max summaries of K that stage 2
-reads), and per sequence its stored length and its logical position. Decode steps write one token
-in place (`rocketkv::append_`, one Triton launch on CUDA that also updates the token's chunk
-summary), so every step has the same shapes and can be captured in a CUDA graph. A new turn
-(several tokens after decoding: `generate` again with the conversation so far) goes into new
-buffers holding the stored tokens and the turn's (`rocketkv::extend_cache`); under the backend,
-stage 1 then runs again over them (plain rocketkv's multi-turn).
-
-Without the ``rocketkv`` backend the cache is exact: the prompt is stored whole with room for
-`max_new_tokens`. Under the backend, the pass turns the prompt store into stage 1: the layer then
-holds the plan's capacity, and decode attention runs stage 2 over the stored slots.
-
-The physical slots hold fewer tokens than the logical sequence after eviction. transformers builds
-one mask per forward from `get_mask_sizes`: with kv_offset = (evicted tokens), its causal rule
-`slot + offset <= position` admits exactly the stored slots. `get_seq_length` is logical, as
-positions need.
-
-A left-padded batch under the backend stores each row apart: its own selection of its own
-tokens, left-aligned, with its own length (padding is never stored). One mask offset cannot
-serve rows of different lengths, so the pass's decode attends to each row's first `lengths[b]`
-slots instead of through transformers' mask.
+The zero-change path needs no custom cache: generate's DynamicCache holds the packed layers the
+rocketkv pass stores in it (`rkv_compile.state`). A RocketKVCache is for what a DynamicCache
+cannot do:
+- conversations: it counts each sequence's logical length (`get_seq_length`), so transformers
+  positions a new turn (`generate` again with the conversation so far) right, and the pass
+  runs the policy's selection again over the kept history and the turn;
+- sizing: its layers have room for its own `max_new_tokens` (the backend option sizes a
+  DynamicCache's), and running out of room is an error that names it.
+Its layers are packed whatever runs them. Without the rocketkv pass they are exact: the prompt
+is stored whole (`rocketkv.store`), a decode token appended in place (`rocketkv.append_`), a
+turn added whole (`rocketkv.extend`); each token stays at the slot of its position, and
+attention reads every row of the packed tensors through transformers' mask, whose causal rule
+hides the slots not filled yet. Under the pass, the prompt store becomes the policy's
+selection, and decode steps and turns the policy's own, attending to each row's stored slots
+(the mask transformers builds is not read). A compressed cache continued without the pass is
+an error.
+It is not compileable to transformers (`is_compileable`): `generate` would otherwise wrap the
+forward in its own torch.compile, whose decode graphs the rocketkv pass never sees.
 """
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .backend import PLAN_ATTR
+from . import state as S
 from .kernels import ops  # noqa: F401  (torch.ops.rocketkv)
-from .kernels.reference import extended_size
-
-
-STATE = ("keys", "values", "key_min", "key_max", "lengths", "positions")
 
 
 class RocketKVLayer(CacheLayerMixin):
-    is_compileable = True
+    is_compileable = False
     is_sliding = False
 
     def __init__(self, max_new_tokens: int):
@@ -48,60 +41,88 @@ class RocketKVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            # The prompt: attended exactly, then stored (the rocketkv pass compresses it here).
+        if not self.is_initialized:   # the prompt: attended exactly, then stored
             self.lazy_initialization(key_states, value_states)
-            (self.keys, self.values, self.key_min, self.key_max, self.lengths,
-             self.positions) = torch.ops.rocketkv.static_cache(
-                key_states, value_states, key_states.shape[2] + self.max_new_tokens, 0,
-                key_states.shape[2])
+            self.keys, self.values = torch.ops.rocketkv.store(key_states, value_states,
+                                                              self.max_new_tokens)
             return key_states, value_states
-        if key_states.shape[2] != 1:
-            # A new turn: the stored tokens and the turn's, attended exactly (the rocketkv pass
-            # then runs stage 1 over them into the plan's buffers).
-            (self.keys, self.values, self.key_min, self.key_max, self.lengths,
-             self.positions) = torch.ops.rocketkv.extend_cache(
-                self.keys, self.values, self.key_min, self.key_max, self.lengths, self.positions,
-                key_states, value_states, self.max_new_tokens)
-            return self.keys, self.values
-        torch.ops.rocketkv.append_(self.keys, self.values, self.key_min, self.key_max,
-                                   self.lengths, self.positions, key_states, value_states)
-        return self.keys, self.values
+        eager = not torch.compiler.is_compiling()
+        if eager:
+            self._refuse_compressed()
+        if key_states.shape[2] != 1:   # a new turn: attended over the stored tokens and its own
+            self.keys, self.values = torch.ops.rocketkv.extend(
+                self.keys, self.values, key_states, value_states, self.max_new_tokens)
+        else:
+            torch.ops.rocketkv.append_(self.keys, self.values, key_states, value_states)
+        keys, values = self.keys.view(self.dtype), self.values.view(self.dtype)
+        if eager:   # just the filled slots (traced, every row: the mask hides the rest)
+            filled = int(self._word(S.Word.STORED))
+            return keys[:, :, :filled], values[:, :, :filled]
+        return keys, values
+
+    def _refuse_compressed(self) -> None:
+        """Run eagerly, a layer attends through transformers' mask, which cannot line up with
+        the slots of a compressed layer (its tokens are no longer at their positions)."""
+        if not int(self._word(S.Word.FLAGS)) & S.Flag.EXACT:
+            raise RuntimeError("rocketkv: a compressed RocketKVCache is continued by a model "
+                               "not compiled with backend='rocketkv'; compile it (as for the "
+                               "prompt) to continue the cache")
+
+    def _word(self, word: S.Word) -> torch.Tensor:
+        """Row 0's header word, as a 0-dim tensor (usable inside a traced graph)."""
+        rows = S.header_rows(self.keys.shape[-1], self.keys.element_size())
+        return self.keys[0, 0, -rows:].reshape(-1).view(torch.int32)[word]
 
     def get_seq_length(self):
         """The logical length (positions continue from it), a 0-dim tensor once filled."""
-        return self.positions[0] if self.is_initialized else 0
+        return self._word(S.Word.POSITION) if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int):
+        """Sizes for the mask of this step's attention (before its update): run eagerly, over
+        the filled slots; traced, over every row of the layer's tensors (a layer stored whole
+        keeps each token at the slot of its position, so the causal rule masks the empty slots,
+        and the query offset, a tensor, keeps transformers from dropping the mask); the pass
+        attends to a compressed layer's stored slots by its own rule."""
         if not self.is_initialized:
             return query_length, 0
-        slots = extended_size(self.keys, self.key_min, query_length, self.max_new_tokens)[0] \
-            if query_length > 1 else self.keys.shape[2]   # a new turn: its new buffers
-        return slots, self.positions[0] - self.lengths[0]
+        if not torch.compiler.is_compiling():   # eager: the filled slots after this update
+            return int(self._word(S.Word.STORED)) + query_length, 0
+        rows = self.keys.shape[2]
+        if query_length > 1:   # a new turn is attended over `extend`'s new tensors
+            slots = S.Layout.of(self.keys, False).slots + query_length + self.max_new_tokens
+            rows = S.Layout.new(slots, False, self.keys.shape[-1], self.keys.element_size()).rows
+        return rows, 0
 
     def get_max_length(self) -> int:
-        return self.keys.shape[2] if self.is_initialized else -1
+        return S.Layout.of(self.keys, False).slots if self.is_initialized else -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Each sequence `repeats` times in the batch (several continuations of one prompt)."""
-        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the sequences at `indices`."""
-        self._map_state(lambda t: t[indices])
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
 
-    def _map_state(self, fn) -> None:
-        if not self.is_initialized:
-            return
-        rows = fn(torch.arange(self.keys.shape[0], device=self.keys.device)).tolist()  # old rows
-        for name in STATE:
-            old = getattr(self, name)
-            new = fn(old).contiguous()
-            new.__dict__.update(old.__dict__)  # what the backend put on the state: plan, marks
-            plan = getattr(old, PLAN_ATTR, None)
-            if isinstance(plan, tuple):   # a plan per row (rows evicted apart): they move too
-                setattr(new, PLAN_ATTR, tuple(plan[row] for row in rows))
-            setattr(self, name, new)
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget each row's last `-tokens_to_remove` tokens (they are its last stored slots)."""
+        if tokens_to_remove > 0:
+            raise ValueError("RocketKVCache.crop takes the (negative) number of tokens to remove")
+        if self.is_initialized and tokens_to_remove:
+            layer = S.read(self.keys, self.values)
+            if min(layer.stored.tolist()) < -tokens_to_remove:
+                raise ValueError(f"RocketKVCache.crop: a row stores fewer than "
+                                 f"{-tokens_to_remove} tokens")
+            layer.set_word(S.Word.STORED, layer.stored + tokens_to_remove)
+            layer.set_word(S.Word.POSITION, layer.position + tokens_to_remove)
 
     def reset(self) -> None:
         self.keys = self.values = None
@@ -109,11 +130,10 @@ class RocketKVLayer(CacheLayerMixin):
 
 
 class RocketKVCache(Cache):
-    """A transformers Cache with RocketKV's static layout, for `generate(past_key_values=...)`.
+    """A transformers Cache of packed layers, for `generate(..., cache=RocketKVCache(...))`
+    (`past_key_values=` before transformers 5.24).
 
-    max_new_tokens: the tokens that will be generated; each layer has room for them. Pass
-    `disable_compile=True` to generate on CUDA so that it does not wrap the forward in its own
-    torch.compile.
+    max_new_tokens: the tokens generate will add (each turn); each layer has room for them.
     """
 
     def __init__(self, config, max_new_tokens: int):

@@ -23,8 +23,8 @@ class RocketKVConfig:
                     "rocketkv-mt" (multi-turn), "snapkv",
                     "pyramidkv", "chunkkv", "h2o", "shotkv", "streamingllm", "quest", "sparq",
                     "oracle-topk", "kvquant", "full".
-    cudagraphs:     decode graphs replay as CUDA graphs (Inductor's cudagraph trees); for
-                    RocketKVCache, whose decode steps all have the same shapes.
+    cudagraphs:     on CUDA, decode graphs replay as CUDA graphs (Inductor's cudagraph trees)
+                    over the caches' static buffers; None (default): on; False: off.
     Any other option is a hyperparameter of the selected policy (a field of its dataclass, e.g.
     "kernel_size" of rocketkv and snapkv, "sink_size" of streamingllm, and every policy's
     "kv_bits" and "kv_group_size"); `from_options` collects them into `policy_options`.
@@ -34,12 +34,12 @@ class RocketKVConfig:
     max_new_tokens: int = 128
     window_size: int = 32
     policy: str = "rocketkv"
-    cudagraphs: bool = False
+    cudagraphs: bool | None = None
     policy_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
-        if not isinstance(self.cudagraphs, bool):
-            raise ValueError(f"rocketkv option 'cudagraphs' must be True or False "
+        if self.cudagraphs is not None and not isinstance(self.cudagraphs, bool):
+            raise ValueError(f"rocketkv option 'cudagraphs' must be True, False or None "
                              f"(got {self.cudagraphs!r})")
         check_int("token_budget", self.token_budget, 2, none_ok=True)
         check_int("max_new_tokens", self.max_new_tokens, 1)

@@ -6,7 +6,8 @@ import time
 import torch
 
 from .config import RocketKVConfig
-from .hf import load_smollm2
+from .hf import load_smollm2, returned_cache
+from .state import stored
 from .tasks import passkey_prompt
 
 
@@ -16,7 +17,9 @@ def _generate(model, ids, max_new_tokens):
                          return_dict_in_generate=True)
     seconds = time.perf_counter() - start
     new = out.sequences[0, ids.shape[1]:]
-    cached = {layer.keys.shape[2] for layer in out.past_key_values.layers}
+    cache = returned_cache(out)
+    cached = {layer.lengths[0] if layer else plain.keys.shape[2]
+              for layer, plain in zip(stored(cache), cache.layers)}
     # The cache holds the prompt tokens kept plus every generated token but the last.
     return new, max(cached) - (len(new) - 1), len(cached) == 1, seconds
 

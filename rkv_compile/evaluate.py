@@ -58,7 +58,7 @@ class EvalSettings:
         if two_turn and self.engine != "eager":
             raise ValueError(f"rkv eval: two-turn tasks {two_turn} run on the eager engine")
         evicting = [p for p in self.policies
-                    if getattr(POLICIES.get(p.split(":")[0]), "decode_state", False)]
+                    if getattr(POLICIES.get(p.split(":")[0]), "state", "") == "scores"]
         if two_turn and evicting:
             raise ValueError(f"rkv eval: two-turn tasks {two_turn} do not run policies that "
                              f"evict during decode ({evicting})")

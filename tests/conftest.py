@@ -19,7 +19,11 @@ settings.load_profile("rkv")
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
+def fresh_dynamo(monkeypatch):
+    """Each test its own graphs, and rkv_compile's once-per-process warnings given afresh."""
+    from rkv_compile import diagnostics
+
+    monkeypatch.setattr(diagnostics, "_WARNED", set())
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

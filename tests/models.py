@@ -11,7 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from rkv_compile import RocketKVConfig
 from rkv_compile.backend import make_backend
+from rkv_compile.hf import cache_argument, returned_cache
 from rkv_compile.kernels import reference
+from rkv_compile.state import is_packed, stored
 
 VOCAB = 128
 _rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
@@ -121,9 +123,17 @@ class OracleGPT(TinyGPT):
         return reference.sparse_decode(q, k, v, mask, scale, plan.chunk, plan.dims, plan.topk)
 
 
+def stored_lengths(cache) -> list[int]:
+    """Each layer's stored tokens (row 0): a compressed layer's, or a plain layer's length."""
+    pairs = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") \
+        else list(cache)
+    return [stored([pair])[0].lengths[0] if is_packed(pair[0]) else pair[0].shape[2]
+            for pair in pairs]
+
+
 @torch.no_grad()
 def greedy(forward, idx, steps: int, on_prefill=None):
-    """Greedy decoding with a tuple-cache model: (tokens, final cache length per layer).
+    """Greedy decoding with a tuple-cache model: (tokens, final stored length per layer).
 
     `on_prefill(past)` may replace the cache after prefill."""
     T = idx.shape[1]
@@ -134,7 +144,7 @@ def greedy(forward, idx, steps: int, on_prefill=None):
     for step in range(steps - 1):
         logits, past = forward(torch.tensor([[tokens[-1]]]), torch.tensor([[T + step]]), past)
         tokens.append(int(logits[0, -1].argmax()))
-    return tokens, [k.shape[2] for k, _ in past]
+    return tokens, stored_lengths(past)
 
 
 def oracle_gpt_tokens(model: TinyGPT, idx, config: RocketKVConfig, steps: int,
@@ -273,8 +283,8 @@ def generate(model, ids, steps: int, cache=None, backend=None):
         model.forward = torch.compile(forward, backend=backend)
     model.generation_config.eos_token_id = None
     try:
-        out = model.generate(ids, max_new_tokens=steps, do_sample=False, past_key_values=cache,
-                             return_dict_in_generate=True)
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False,
+                             return_dict_in_generate=True, **{cache_argument(): cache})
     finally:
         model.forward = forward
-    return out.sequences[0, ids.shape[1]:].tolist(), out.past_key_values
+    return out.sequences[0, ids.shape[1]:].tolist(), returned_cache(out)

@@ -4,102 +4,56 @@ import logging
 
 import pytest
 import torch
-from devices import CUDA, DEVICE, DTYPES
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from models import VOCAB, generate, tiny_hf
+from models import VOCAB, generate, stored_lengths, tiny_hf
 from rkv_compile.eager import generate as oracle_generate
 from transformers import LlamaConfig
 
 import rkv_compile
-from rkv_compile import RocketKVConfig
+from rkv_compile import RocketKVConfig, stored
+from rkv_compile import state as S
 from rkv_compile.backend import make_backend
 from rkv_compile.cache import RocketKVCache
-from rkv_compile.kernels import reference as R
-from rkv_compile.kernels import triton_decode as T
+from rkv_compile.hf import cache_argument
+from rkv_compile.kernels import cache_ops
 
 rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
 
 
-@settings(deadline=None, max_examples=40 if CUDA else 10)
-@given(B=st.integers(1, 3), H=st.integers(1, 3), D=st.sampled_from([64, 80, 128]),
-       chunk=st.integers(0, 4), stored=st.integers(0, 30), room=st.integers(1, 5),
-       dtype=st.sampled_from(DTYPES),
-       seed=st.integers(0, 2**16))
-def test_append_matches_reference(B, H, D, chunk, stored, room, dtype, seed):
-    """The Triton append (K/V row, chunk summary, length, position) equals the reference, and the
-    summaries stay those of the stored tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    k, v = (torch.randn(B, H, stored, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
-    state = R.static_cache(k, v, stored + room, chunk, stored + 7)
-    want, got = [t.clone() for t in state], [t.clone() for t in state]
-    for _ in range(room):
-        new_k, new_v = (torch.randn(B, H, 1, D, generator=gen).to(dtype).to(DEVICE)
-                        for _ in range(2))
-        R.append(*want, new_k, new_v)
-        T.append(*got, new_k, new_v)
-        k = torch.cat([k, new_k], dim=2)
-    for a, b in zip(want, got):
-        assert torch.equal(a, b)
-    keys, _, key_min, key_max, lengths, positions = got
-    assert lengths.tolist() == [stored + room] * B and positions.tolist() == [stored + room + 7] * B
-    assert torch.equal(keys[:, :, : stored + room], k)
-    if chunk:
-        kmin, kmax = R.chunk_bounds(k, chunk)
-        assert torch.equal(key_min[:, :, : kmin.shape[2]], kmin.to(dtype))
-        assert torch.equal(key_max[:, :, : kmax.shape[2]], kmax.to(dtype))
-
-
 @settings(deadline=None, max_examples=15)
-@given(B=st.integers(1, 3), H=st.integers(1, 2), chunk=st.integers(0, 4),
-       stored=st.lists(st.integers(0, 12), min_size=3, max_size=3), new=st.integers(2, 9),
-       room=st.integers(1, 5), seed=st.integers(0, 2**16))
-def test_extend_cache_appends_a_turn_to_each_sequence(B, H, chunk, stored, new, room, seed):
-    """A new turn (the op RocketKVCache calls for several new tokens): each sequence's stored
-    slots, then its new tokens, in buffers with room for `room` more in whole chunks, summaries
-    of the stored tokens, lengths and positions grown by the turn; as the fake kernel says."""
+@given(B=st.integers(1, 3), H=st.integers(1, 2), stored_=st.lists(st.integers(0, 12), min_size=3,
+       max_size=3), new=st.integers(2, 9), room=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_extend_appends_a_turn_to_each_sequence(B, H, stored_, new, room, seed):
+    """A new turn kept whole (RocketKVCache without the pass): each row's stored slots, then its
+    new tokens, in tensors with room for `room` more, stored and position grown by the turn;
+    as the fake kernel says."""
     gen = torch.Generator().manual_seed(seed)
-    capacity, D = max(stored) + 3, 8
-    k, v = (torch.randn(B, H, capacity, D, generator=gen) for _ in range(2))
-    state = list(R.static_cache(k, v, capacity, chunk, 0))
-    state[4] = torch.tensor(stored[:B], dtype=torch.int32)
-    state[5] = torch.tensor(stored[:B]) + 5
+    D = 8
+    keys, values, layer = S.allocate(B, H, D, D, max(stored_) + 3, "", torch.float32, "cpu")
+    layer.keys.copy_(torch.randn(layer.keys.shape, generator=gen))
+    layer.values.copy_(torch.randn(layer.values.shape, generator=gen))
+    layer.set_word(S.Word.STORED, torch.tensor(stored_[:B]))
+    layer.set_word(S.Word.POSITION, torch.tensor(stored_[:B]) + 5)
     new_k, new_v = (torch.randn(B, H, new, D, generator=gen) for _ in range(2))
-    out = torch.ops.rocketkv.extend_cache(*state, new_k, new_v, room)
-    keys, values, key_min, key_max, lengths, positions = out
-    slots, capacity = keys.shape[2], state[0].shape[2]   # (whole chunks)
-    assert slots >= capacity + new + room and (not chunk or slots % chunk == 0)
-    assert slots - (capacity + new + room) < max(chunk, 1)
-    assert lengths.tolist() == [n + new for n in stored[:B]]
-    assert positions.tolist() == [n + 5 + new for n in stored[:B]]
-    for b, n in enumerate(stored[:B]):
-        want = torch.cat([k[b, :, :n], new_k[b]], 1)
-        assert torch.equal(keys[b, :, :n + new], want) and not keys[b, :, n + new:].any()
-        assert torch.equal(values[b, :, :n + new], torch.cat([v[b, :, :n], new_v[b]], 1))
-        if chunk:
-            kmin, kmax = R.chunk_bounds(want[None], chunk)
-            assert torch.equal(key_min[b:b + 1, :, :kmin.shape[2]], kmin)
-            assert torch.equal(key_max[b:b + 1, :, :kmax.shape[2]], kmax)
-    torch.library.opcheck(torch.ops.rocketkv.extend_cache, (*state, new_k, new_v, room),
+    out_keys, out_values = torch.ops.rocketkv.extend(keys, values, new_k, new_v, room)
+    out = S.read(out_keys, out_values)
+    assert out.keys.shape[2] == layer.keys.shape[2] + new + room
+    assert out.stored.tolist() == [n + new for n in stored_[:B]]
+    assert out.position.tolist() == [n + 5 + new for n in stored_[:B]]
+    for b, n in enumerate(stored_[:B]):
+        assert torch.equal(out.keys[b, :, :n + new], torch.cat([layer.keys[b, :, :n], new_k[b]], 1))
+        assert torch.equal(out.values[b, :, :n + new],
+                           torch.cat([layer.values[b, :, :n], new_v[b]], 1))
+    torch.library.opcheck(torch.ops.rocketkv.extend, (keys, values, new_k, new_v, room),
                           test_utils=("test_schema", "test_faketensor"))
 
 
 def test_full_cache_append_is_an_error():
-    state = R.static_cache(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), 4, 2, 4)
+    keys, values, layer = S.allocate(1, 1, 8, 8, 4, "", torch.float32, "cpu")
+    layer.set_word(S.Word.STORED, 4)
     with pytest.raises(RuntimeError, match="full"):
-        R.append(*state, torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8))
-
-
-def test_static_cache_layout():
-    k = torch.randn(2, 2, 7, 16)
-    keys, values, key_min, key_max, lengths, positions = R.static_cache(k, k, 10, 3, 40)
-    assert keys.shape == (2, 2, 12, 16) and key_min.shape == (2, 2, 4, 16)  # whole chunks
-    assert torch.equal(keys[:, :, :7], k) and not keys[:, :, 7:].any()
-    assert torch.equal(key_min[:, :, :3], R.chunk_bounds(k, 3)[0])
-    assert torch.isposinf(key_min[:, :, 3]).all() and torch.isneginf(key_max[:, :, 3]).all()
-    assert lengths.tolist() == [7, 7] and positions.tolist() == [40, 40]
-    with pytest.raises(ValueError, match="do not fit"):
-        R.static_cache(k, k, 5, 0, 7)
+        cache_ops.append(keys, values, torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), "")
 
 
 def test_cache_arguments_are_checked():
@@ -128,10 +82,9 @@ def test_eager_cache_is_exact(length, steps, seed):
 @given(arch=st.sampled_from(["llama", "qwen2"]), length=st.integers(40, 400),
        budget=st.sampled_from([16, 32, 64]), steps=st.integers(2, 8), seed=st.integers(0, 2**16))
 def test_cache_matches_dynamic_cache_path(arch, length, budget, steps, seed):
-    """The property the fast path must keep: generate() through RocketKVCache gives the tokens of
-    the DynamicCache path of the pass, and of the eager oracle; each layer holds the plan's
-    prompt budget and room for the new tokens (whole chunks), filled with the kept prompt and the
-    generated tokens."""
+    """generate() through a RocketKVCache gives the tokens of the DynamicCache path of the pass,
+    and of the eager oracle; each layer holds what the plan keeps and the generated tokens, and
+    counts the logical length."""
     torch._dynamo.reset()
     model = tiny_hf(arch)
     options = {"token_budget": budget, "max_new_tokens": steps}
@@ -146,10 +99,9 @@ def test_cache_matches_dynamic_cache_path(arch, length, budget, steps, seed):
     assert tokens == dynamic == oracle
     plan = RocketKVConfig.from_options(options).plan(length, 16)
     kept = min(length, plan.prompt_budget)
-    for layer in cache.layers:
-        assert layer.keys.shape[2] == -(-(plan.prompt_budget + steps) // plan.chunk) * plan.chunk
-        assert layer.lengths.tolist() == [kept + steps - 1]
-        assert layer.positions.tolist() == [length + steps - 1]
+    for layer in stored(cache):
+        assert layer.lengths == [kept + steps - 1]
+        assert layer.positions == [length + steps - 1]
     assert int(cache.get_seq_length()) == length + steps - 1
 
 
@@ -161,20 +113,20 @@ def test_cache_through_inductor_and_explain():
     with torch.no_grad():
         report = rkv_compile.explain(
             lambda: model.generate(ids, max_new_tokens=3,
-                                   past_key_values=RocketKVCache(model.config, 6)),
+                                   **{cache_argument(): RocketKVCache(model.config, 6)}),
             options=options)
         kinds = {(s.kv_source, s.rewritten) for s in report.sites}
         assert kinds == {("new RocketKVCache", True), ("RocketKVCache", True)}
-        assert "the 175 tokens rocketkv keeps in 182-token buffers" in str(report)
+        assert "the RocketKVCache stores the 175 tokens rocketkv keeps" in str(report)
         model.forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
         tokens = generate(model, ids, 6, RocketKVCache(model.config, 6))[0]
     assert tokens == oracle_generate(model, ids, RocketKVConfig.from_options(options), 6)[0]
 
 
-def test_each_prompt_length_gets_a_compiled_decode_graph():
-    """RocketKVCache buffers are sized by the plan: under one compiled forward, a new prompt
-    length recompiles the decode graph for its plan (never the uncompiled fallback), and the
-    tokens stay the oracle's."""
+def test_one_decode_graph_serves_every_prompt_length():
+    """RocketKVCache sizes come from the plan, read at run time: under one compiled forward,
+    three prompt lengths share their decode graph (never an uncompiled fallback), with the
+    oracle's tokens."""
     model = tiny_hf("llama")
     model.generation_config.eos_token_id = None
     options = {"token_budget": 32, "max_new_tokens": 3}
@@ -182,23 +134,20 @@ def test_each_prompt_length_gets_a_compiled_decode_graph():
                for n in (120, 90, 150)]
     want = [oracle_generate(model, ids, RocketKVConfig.from_options(options), 3)[0]
             for ids in prompts]
-    warnings = []
-    handler = logging.Handler()
-    handler.emit = warnings.append
-    logging.getLogger("rkv_compile").addHandler(handler)
+    graphs = []
+    backend = make_backend(compiler=lambda gm, ex: graphs.append(gm) or gm.forward)
     forward = model.forward
-    model.forward = torch.compile(forward, backend=lambda gm, ex: rewrite_only(gm, ex,
-                                                                               options=options))
+    model.forward = torch.compile(forward, backend=lambda gm, ex: backend(gm, ex,
+                                                                          options=options))
     try:
         with torch.no_grad():
             got = [model.generate(ids, max_new_tokens=3, do_sample=False,
-                                  past_key_values=RocketKVCache(model.config, 3))
+                                  **{cache_argument(): RocketKVCache(model.config, 3)})
                    [0, ids.shape[1]:].tolist() for ids in prompts]
     finally:
         model.forward = forward
-        logging.getLogger("rkv_compile").removeHandler(handler)
     assert got == want
-    assert not [w for w in warnings if "runs uncompiled" in w.getMessage()]
+    assert len(graphs) <= 3   # a static and a symbolic prefill, one decode
 
 
 def test_compiled_graphs_keep_dynamo_input_metadata():
@@ -240,15 +189,15 @@ def test_batch_repeat_then_select(compressed, caplog):
         tokens = []
         for _ in range(steps):
             tokens.append(logits[:, -1].argmax(-1))
-            logits = forward(tokens[-1][:, None], past_key_values=cache).logits
+            logits = forward(tokens[-1][:, None], **{cache_argument(): cache}).logits
         return torch.stack(tokens, 1)
 
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="rkv_compile"):
         cache = RocketKVCache(model.config, 4)
-        logits = forward(ids, past_key_values=cache).logits
+        logits = forward(ids, **{cache_argument(): cache}).logits
         alone = decode(cache, logits, 2)
         cache = RocketKVCache(model.config, 4)
-        logits = forward(ids, past_key_values=cache).logits
+        logits = forward(ids, **{cache_argument(): cache}).logits
         cache.batch_repeat_interleave(3)
         repeated = decode(cache, logits.repeat(3, 1, 1), 2)
         assert torch.equal(repeated, alone.expand(3, -1))
@@ -257,39 +206,13 @@ def test_batch_repeat_then_select(compressed, caplog):
         decode(cache, logits, 1)
     assert "runs uncompiled" not in caplog.text
     if compressed:
-        assert cache.layers[0].keys.shape[2] < 150
-
-
-def test_padded_batch_into_rocketkv_cache_where_rows_cannot_be_evicted_apart():
-    """PyramidKV budgets layers differently, so a padded batch is not stored row by row into a
-    RocketKVCache: refused with a clear error, never evicted and mis-masked. An unpadded batch:
-    each row as it alone."""
-    model = tiny_hf("llama")
-    ids = torch.randint(0, VOCAB, (2, 300), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :120] = 0
-    options = {"token_budget": 64, "max_new_tokens": 4, "policy": "pyramidkv"}
-    model.forward = torch.compile(
-        model.forward, backend=lambda gm, inputs: rewrite_only(gm, inputs, options=options))
-    try:
-        with torch.no_grad(), pytest.raises(NotImplementedError,
-                                            match="'pyramidkv' cannot evict rows apart"):
-            model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                           past_key_values=RocketKVCache(model.config, 4))
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                 do_sample=False, past_key_values=RocketKVCache(model.config, 4))
-    finally:
-        del model.forward
-    config = RocketKVConfig.from_options(options)
-    for row in range(2):
-        assert out[row, 300:].tolist() == oracle_generate(model, ids[row:row + 1], config, 4)[0]
+        assert stored_lengths(cache)[0] < 150
 
 
 def test_padded_rocketkv_cache_the_pass_did_not_store_decodes_exactly():
     """A padded prompt stored without the backend keeps its padding in the cache's slots, which
-    only the model's mask hides: decode steps under the backend then run the exact graph (the
-    rewritten one attends to every stored slot)."""
+    only the model's mask hides: decode steps under the backend then run the graph as traced,
+    exactly, through transformers' mask."""
     model = tiny_hf("llama")
     ids = torch.randint(0, VOCAB, (2, 200), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
@@ -302,21 +225,22 @@ def test_padded_rocketkv_cache_the_pass_did_not_store_decodes_exactly():
         for step_forward in (model.forward, forward):
             cache = RocketKVCache(model.config, 4)
             logits = model(ids, attention_mask=mask, position_ids=positions,
-                           past_key_values=cache).logits
+                           **{cache_argument(): cache}).logits
             tokens, step_mask, step_positions = [], mask, positions[:, -1:]
             for _ in range(4):
                 tokens.append(logits[:, -1].argmax(-1))
                 step_mask = torch.cat([step_mask, torch.ones_like(mask[:, :1])], -1)
                 step_positions = step_positions + 1
                 logits = step_forward(tokens[-1][:, None], attention_mask=step_mask,
-                                      position_ids=step_positions, past_key_values=cache).logits
+                                      position_ids=step_positions,
+                                      **{cache_argument(): cache}).logits
             runs.append(torch.stack(tokens, 1))
     assert torch.equal(runs[0], runs[1])
 
 
 def test_new_turn_of_a_padded_batch_into_rocketkv_cache_is_refused():
-    """Rows evicted apart hold different numbers of tokens, but transformers masks a new turn's
-    slots with one offset for every row: refused with a clear error."""
+    """Rows evicted apart have their own logical lengths, but transformers slices one new turn
+    for every row: refused with a clear error."""
     model = tiny_hf("llama")
     ids = torch.randint(0, VOCAB, (2, 200), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
@@ -328,10 +252,10 @@ def test_new_turn_of_a_padded_batch_into_rocketkv_cache_is_refused():
     try:
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                 past_key_values=cache)
+                                 **{cache_argument(): cache})
             turn = torch.cat([out, ids[:, :40]], 1)
             with pytest.raises(NotImplementedError, match="new turn of a padded batch"):
                 model.generate(turn, attention_mask=torch.cat([mask, torch.ones_like(
-                    turn[:, 200:])], 1), max_new_tokens=4, past_key_values=cache)
+                    turn[:, 200:])], 1), max_new_tokens=4, **{cache_argument(): cache})
     finally:
         del model.forward

@@ -2,12 +2,13 @@
 import pytest
 import torch
 from transformers import DynamicCache
-from models import compiled, prompt, tiny_hf
+from models import compiled, prompt, stored_lengths, tiny_hf
 
 import rkv_compile
-from rkv_compile import RocketKVConfig
+from rkv_compile import RocketKVConfig, stored
 from rkv_compile.cache import RocketKVCache
 from rkv_compile.eager import generate as oracle_generate, multi_turn
+from rkv_compile.hf import cache_argument
 
 MT = {"token_budget": 64, "max_new_tokens": 6, "policy": "rocketkv-mt"}
 TURNS = [(200, 1), (60, 2), (40, 3)]   # (tokens, seed) of each user turn
@@ -16,34 +17,33 @@ SHORT_TURN = [(200, 1), (10, 2), (60, 3)]
 
 
 def conversation(model, forward, turns=TURNS, cache=None):
-    """The reply to each turn, generate() continuing one cache (a DynamicCache unless given);
+    """The reply to each turn, generate() continuing one cache (a RocketKVCache unless given);
     the stored lengths of its layers after each."""
     model.forward, replies, lengths, seq = forward, [], [], None
-    cache = DynamicCache(config=model.config) if cache is None else cache
+    cache = RocketKVCache(model.config, 6) if cache is None else cache
     try:
         with torch.no_grad():
             for tokens, seed in turns:
                 ids = prompt(tokens, seed) if seq is None else torch.cat([seq, prompt(tokens, seed)], 1)
-                seq = model.generate(ids, past_key_values=cache, max_new_tokens=6,
+                seq = model.generate(ids, **{cache_argument(): cache}, max_new_tokens=6,
                                      min_new_tokens=6, do_sample=False)
                 replies.append(seq[0, ids.shape[1]:].tolist())
-                lengths.append([int(layer.lengths[0]) if isinstance(cache, RocketKVCache)
-                                else layer.keys.shape[2] for layer in cache.layers])
+                lengths.append(stored_lengths(cache))
     finally:
         del model.forward
     return replies, lengths
 
 
 def test_rocketkv_mt_three_turns_as_the_eager_reference():
-    """Each turn: exact prefill over the whole history, stage 1 over every stored token into a
-    view, stage 2 over the view. The cache keeps every token, so positions stay right."""
+    """Each turn into a RocketKVCache: exact attention over the whole history, stage 1 over
+    every stored token into a view, stage 2 over the view. The cache keeps every token."""
     model = tiny_hf("llama")
     model.generation_config.eos_token_id = None
     replies, lengths = conversation(model, compiled(model.forward, MT, inductor=False))
     expected = multi_turn(model, [prompt(n, s) for n, s in TURNS], RocketKVConfig.from_options(MT), 6)
     assert replies == expected
     assert [length[0] for length in lengths] == [205, 271, 317]   # nothing evicted
-    full, _ = conversation(model, model.forward)
+    full, _ = conversation(model, model.forward, cache=DynamicCache(config=model.config))
     assert replies != full   # the views change tokens: the comparison tests something
 
 
@@ -57,7 +57,7 @@ def test_rocketkv_mt_first_turn_decodes_as_rocketkv():
         dict(MT, policy="rocketkv")), 6)
     expected, kept = oracle_generate(model, ids, RocketKVConfig.from_options(MT), 6)
     (replies,), ((length, _),) = conversation(model, compiled(model.forward, MT, False),
-                                              TURNS[:1])
+                                              TURNS[:1], DynamicCache(config=model.config))
     assert replies == expected == rocketkv and kept == [200, 200] and length == 205
 
 
@@ -69,19 +69,9 @@ def test_rocketkv_mt_explain():
     prefill = [s for s in report.sites if s.query_len == "200"]
     decode = [s for s in report.sites if s.query_len == "1" and s.rewritten]
     assert prefill and all("the cache keeps every token, and decode reads a view of the 138 "
-                           "tokens rocketkv-mt keeps" in s.action for s in prefill)
+                           "tokens rocketkv-mt selects" in s.action for s in prefill)
     assert decode and all("over the view stage 1 kept at the last prefill" in s.action
                           for s in decode)
-
-
-def test_rocketkv_mt_on_rocketkv_cache_stays_exact():
-    model = tiny_hf("llama")
-    ids = prompt(200)
-    with torch.no_grad():
-        report = rkv_compile.explain(lambda: model.generate(
-            ids, max_new_tokens=3, past_key_values=RocketKVCache(model.config, 3)), options=MT)
-    assert report.sites and not report.rewritten
-    assert all("pass a DynamicCache" in s.action for s in report.sites if s.query_len == "200")
 
 
 def test_rocketkv_cache_takes_new_turns_exactly():
@@ -91,7 +81,7 @@ def test_rocketkv_cache_takes_new_turns_exactly():
     model.generation_config.eos_token_id = None
     cache = RocketKVCache(model.config, 6)
     assert conversation(model, model.forward, SHORT_TURN, cache)[0] == \
-        conversation(model, model.forward, SHORT_TURN)[0]
+        conversation(model, model.forward, SHORT_TURN, DynamicCache(config=model.config))[0]
 
 
 def test_plain_rocketkv_turns_on_rocketkv_cache_as_the_eager_reference():
@@ -109,7 +99,8 @@ def test_plain_rocketkv_turns_on_rocketkv_cache_as_the_eager_reference():
     assert replies == expected
     # stored after each turn (logical 205, 221, 287): 138 kept + 5 decoded; + 11 + 5; 164 + 10
     assert [length[0] for length in lengths] == [143, 159, 174]
-    assert replies != conversation(model, model.forward, SHORT_TURN)[0]
+    assert replies != conversation(model, model.forward, SHORT_TURN,
+                                   DynamicCache(config=model.config))[0]
 
 
 def test_chunked_prefill_into_rocketkv_cache_is_a_turn_per_chunk():
@@ -124,15 +115,15 @@ def test_chunked_prefill_into_rocketkv_cache_is_a_turn_per_chunk():
     model.forward = compiled(model.forward, options, inductor=False)
     try:
         with torch.no_grad():
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=6, min_new_tokens=6,
-                                 do_sample=False, prefill_chunk_size=100)
+            out = model.generate(ids, **{cache_argument(): cache}, max_new_tokens=6,
+                                 min_new_tokens=6, do_sample=False, prefill_chunk_size=100)
     finally:
         del model.forward
     config = RocketKVConfig.from_options(options)
     chunks = multi_turn(model, [ids[:, :100], ids[:, 100:]], config, [0, 6])
     assert out[0, 200:].tolist() == chunks[1] and chunks[0] == []
     assert out[0, 200:].tolist() != oracle_generate(model, ids, config, 6)[0]
-    assert int(cache.layers[0].lengths[0]) == 143 and int(cache.layers[0].positions[0]) == 205
+    assert stored(cache)[0].lengths == [143] and stored(cache)[0].positions == [205]
 
 
 def test_new_turn_into_rocketkv_cache_explain():
@@ -142,28 +133,24 @@ def test_new_turn_into_rocketkv_cache_explain():
 
     def two_turns(second):
         cache = RocketKVCache(model.config, 3)
-        seq = model.generate(prompt(200), past_key_values=cache, max_new_tokens=3)
-        model.generate(torch.cat([seq, prompt(second, 2)], 1), past_key_values=cache,
+        seq = model.generate(prompt(200), **{cache_argument(): cache}, max_new_tokens=3)
+        model.generate(torch.cat([seq, prompt(second, 2)], 1), **{cache_argument(): cache},
                        max_new_tokens=3)
 
     with torch.no_grad():
-        long, short = (rkv_compile.explain(two_turns, n, options=options) for n in (40, 10))
-    turn = [s for s in long.sites if s.kv_source == "RocketKVCache, new turn"]
-    assert turn and all(s.rewritten and "rocketkv selects again over them all (the kept history "
-                        "and the turn), voted by the turn's last 32 queries" in s.action
-                        for s in turn)
-    turn = [s for s in short.sites if s.kv_source == "RocketKVCache, new turn"]
-    assert turn and all(not s.rewritten and "selects by the last 32 queries, more than this "
-                        "turn has; the RocketKVCache keeps every stored token" in s.action
+        report = rkv_compile.explain(two_turns, 40, options=options)
+    turn = [s for s in report.sites if s.kv_source == "RocketKVCache, new turn"]
+    assert turn and all(s.rewritten and "rocketkv selects again over them all, voted by the "
+                        "turn's last 32 queries (a shorter turn keeps them all)" in s.action
                         for s in turn)
 
 
 def test_plain_rocketkv_new_turn_after_eviction_is_refused():
-    """Plain rocketkv evicts from a DynamicCache itself: transformers would position a new turn
-    by the stored length, so the second turn is refused, naming what works (a RocketKVCache,
-    or rocketkv-mt)."""
+    """Over a DynamicCache transformers would slice and position a new turn by the stored
+    length, so the second turn is refused, naming what works (a RocketKVCache)."""
     model = tiny_hf("llama")
     model.generation_config.eos_token_id = None
     options = dict(MT, policy="rocketkv")
-    with pytest.raises(NotImplementedError, match="eviction shortened.*Pass a RocketKVCache"):
-        conversation(model, compiled(model.forward, options, inductor=False))
+    with pytest.raises(NotImplementedError, match="Pass a RocketKVCache"):
+        conversation(model, compiled(model.forward, options, inductor=False),
+                     cache=DynamicCache(config=model.config))

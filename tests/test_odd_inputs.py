@@ -7,7 +7,7 @@ import pytest
 import torch
 from models import VOCAB, tiny_hf
 
-from rkv_compile import backend as backend_module
+from rkv_compile import diagnostics
 from rkv_compile.backend import make_backend
 
 OPTIONS = {"token_budget": 48, "max_new_tokens": 4}
@@ -30,7 +30,7 @@ def _generate(model, ids, forward=None, **kwargs):
 
 
 def test_float64_falls_back_to_exact_with_one_warning(monkeypatch):
-    monkeypatch.setattr(backend_module, "_WARNED", set())   # warned once per process
+    monkeypatch.setattr(diagnostics, "_WARNED", set())   # warned once per process
     model = tiny_hf("llama").double()
     model.generation_config.eos_token_id = None
     ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(1))

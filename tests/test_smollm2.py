@@ -3,8 +3,10 @@ tokens with token_budget 256, through backend="rocketkv" and Inductor on the CPU
 import pytest
 import torch
 
+from models import stored_lengths
+
 from rkv_compile import RocketKVConfig
-from rkv_compile.hf import load_smollm2
+from rkv_compile.hf import load_smollm2, returned_cache
 from rkv_compile.tasks import passkey_prompt
 
 OPTIONS = {"token_budget": 256, "max_new_tokens": 10}
@@ -19,8 +21,7 @@ def smollm2():
 def generate(model, ids):
     out = model.generate(ids, max_new_tokens=OPTIONS["max_new_tokens"], do_sample=False,
                          return_dict_in_generate=True)
-    cache = [layer.keys.shape[2] for layer in out.past_key_values.layers]
-    return out.sequences[0, ids.shape[1]:], cache
+    return out.sequences[0, ids.shape[1]:], stored_lengths(returned_cache(out))
 
 
 def test_passkey_full_kv_and_rocketkv(smollm2):

@@ -6,7 +6,7 @@
 Loads the saved model (transformers' tensor parallelism, `tp_plan="auto"`, when launched with
 several ranks: each rank holds a slice of the heads; float32 on the CPU, bfloat16 on GPUs), generates greedily through the rocketkv
 backend with a DynamicCache and with a RocketKVCache, and writes OUT_DIR/rank<R>_of<W>.json: the
-tokens, each layer's stored cache shape, the explain report, and per graph the collectives Dynamo
+tokens, each layer's KV heads and stored tokens, the explain report, and per graph the collectives Dynamo
 traced and the ones left in the graph the pass rewrote.
 """
 import json
@@ -17,8 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rkv_compile
-from rkv_compile.backend import RewrittenGraph
+from rkv_compile.backend import Runtime
 from rkv_compile.cache import RocketKVCache
+from rkv_compile.hf import cache_argument, returned_cache
 
 OPTIONS = {"token_budget": 64, "max_new_tokens": 8}
 STEPS = 6
@@ -43,8 +44,7 @@ def main(model_dir: str, out_dir: str) -> None:
 
     def backend(gm, example_inputs, options=None):
         compiled = rkv_compile.rocketkv(gm, example_inputs, options=options)
-        # the graph the pass rewrote (its uncompiled form: the same rewrite, plans as inputs)
-        rewritten = compiled.uncompiled if isinstance(compiled, RewrittenGraph) else gm
+        rewritten = compiled.main.gm if isinstance(compiled, Runtime) else gm   # as rewritten
         graphs.append({"traced": collectives(gm), "rewritten": collectives(rewritten)})
         return compiled
 
@@ -56,11 +56,10 @@ def main(model_dir: str, out_dir: str) -> None:
         model.forward = torch.compile(forward, backend=backend, options=OPTIONS)
         for name, cache in (("dynamic", None), ("rocketkv_cache", RocketKVCache(model.config, 8))):
             out = model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-                                 past_key_values=cache, return_dict_in_generate=True)
+                                 return_dict_in_generate=True, **{cache_argument(): cache})
             result[name] = out.sequences[0, 300:].tolist()
-            result[f"{name}_stored"] = [list(layer.keys.shape) if cache is None else
-                                        [*layer.keys.shape[:2], int(layer.lengths[0])]
-                                        for layer in out.past_key_values.layers]
+            result[f"{name}_stored"] = [[layer.keys.shape[1], layer.lengths[0]]
+                                        for layer in rkv_compile.stored(returned_cache(out))]
         model.forward = forward
     result["graphs"] = graphs
     with open(os.path.join(out_dir, f"rank{rank}_of{world}.json"), "w") as f:

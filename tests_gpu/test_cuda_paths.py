@@ -1,17 +1,24 @@
-"""What only a CUDA machine can check: Inductor traces the triton_op, and decode graphs on CUDA
-run the Triton kernels and generate the tokens of the eager oracle."""
+"""What only a CUDA machine can check: decode graphs on CUDA, compiled by Inductor with the
+Triton kernels inside and replayed as CUDA graphs, give the eager oracle's tokens, through
+plain generate (the DynamicCache it builds) and through a RocketKVCache; memory after prefill is
+what the cache stores. Run from the repository root on the GPU machine:
+    PYTHONPATH=.:tests python3 -m pytest -q tests_gpu
+"""
 import pytest
 import torch
-from models import tiny_hf
-from transformers import DynamicCache
+from models import stored_lengths, tiny_hf
+from torch.profiler import ProfilerActivity, profile
 
 import rkv_compile
-from rkv_compile import RocketKVConfig
-from rkv_compile.eager import generate as oracle_generate
+from rkv_compile import RocketKVConfig, stored
+from rkv_compile.cache import RocketKVCache
+from rkv_compile.eager import generate as oracle_generate, generate_like, multi_turn
+from rkv_compile.hf import cache_argument, returned_cache
 from rkv_compile.kernels import triton_decode as T
 
 assert torch.cuda.is_available(), "tests_gpu/ runs on the GPU machine"
-BUDGET = {"token_budget": 64, "max_new_tokens": 8}
+BUDGET = {"token_budget": 64, "max_new_tokens": 10}
+STEPS = 10
 
 
 def test_inductor_traces_the_triton_op():
@@ -20,99 +27,150 @@ def test_inductor_traces_the_triton_op():
                for s in [(1, 32, 1, 128), (1, 8, 1500, 128), (1, 8, 1500, 128)])
     f = torch.compile(lambda q, k, v: torch.ops.rocketkv.sparse_decode_triton(
         q, k, v, None, 128**-0.5, [3], [60], [128]) * 2)
-    torch.testing.assert_close(f(q, k, v), 2 * T.sparse_decode(q, k, v, None, 128**-0.5, 3, 60, 128))
+    torch.testing.assert_close(f(q, k, v),
+                               2 * T.sparse_decode(q, k, v, None, 128**-0.5, 3, 60, 128))
 
 
-def hf_greedy(forward, config, ids, steps):
-    """Greedy decoding through `forward` with a DynamicCache and explicit positions, no mask."""
-    cache, tokens = DynamicCache(config=config), []
-    T = ids.shape[1]
-    with torch.no_grad():
-        logits = forward(ids, past_key_values=cache,
-                         position_ids=torch.arange(T, device="cuda")[None]).logits
-        for step in range(steps):
-            tokens.append(int(logits[0, -1].argmax()))
-            if step < steps - 1:
-                logits = forward(torch.tensor([[tokens[-1]]], device="cuda"),
-                                 past_key_values=cache,
-                                 position_ids=torch.tensor([[T + step]], device="cuda")).logits
-    return tokens, [layer.keys.shape[2] for layer in cache.layers]
+def generate_on_cuda(model, ids, options, cache=None, **kwargs):
+    """generate under the backend, as a user calls it: (its output, CUDA graph launches,
+    cudagraph skips)."""
+    torch._dynamo.utils.counters.clear()
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="rocketkv", options=options)
+    try:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU,
+                                                  ProfilerActivity.CUDA]) as prof:
+            out = model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                                 do_sample=False, return_dict_in_generate=True,
+                                 **{cache_argument(): cache}, **kwargs)
+    finally:
+        model.forward = forward
+    launches = sum(e.count for e in prof.key_averages() if "cudaGraphLaunch" in e.key)
+    return out, launches, torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
 
 
-def test_cuda_decode_runs_triton_and_matches_oracle():
+@pytest.mark.parametrize("cache", ["dynamic", "rocketkv"])
+def test_generate_replays_cuda_graphs_with_the_oracles_tokens(cache):
+    """No custom cache, no flags: decode graphs over the cache generate builds run the Triton
+    kernels and replay as CUDA graphs (the first step warms up, the second records); the
+    tokens are the oracle's; a RocketKVCache takes the same path."""
     model = tiny_hf("llama").cuda()
-    config = RocketKVConfig.from_options(BUDGET)
-    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(300)).cuda()
-    report = rkv_compile.explain(hf_greedy, model.forward, model.config, ids, 3, options=BUDGET)
-    decode = [s for s in report.sites if s.query_len == "1"]
-    assert decode and all("Triton kernels" in s.action for s in decode)
-    forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=BUDGET)
-    tokens, cache = hf_greedy(forward, model.config, ids, 8)
-    expected, _ = oracle_generate(model, ids, config, 8)
-    assert tokens == expected
-    assert cache == [config.plan(300, 16).prompt_budget + 7] * 2
-
-
-@pytest.mark.parametrize("options", [
-    {"policy": "h2o"}, {"policy": "shotkv", "decode_budget": 4},
-    {"policy": "rocketkv", "kv_bits": 4}, {"policy": "chunkkv", "reuse_layers": 2}])
-def test_cuda_policies_through_inductor_match_oracle(options):
-    """The policies of the reference path on CUDA, through the whole backend (Inductor)."""
-    options = {**BUDGET, **options}
-    model = tiny_hf("llama").cuda()
-    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(302)).cuda()
-    forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
-    tokens, cache = hf_greedy(forward, model.config, ids, 8)
-    expected, kept = oracle_generate(model, ids, RocketKVConfig.from_options(options), 8)
-    assert tokens == expected and cache == [k + 7 for k in kept]
-
-
-def test_cuda_generate_matches_oracle():
-    """Through generate: decode sites run the Triton kernels, with the mask transformers built."""
-    model = tiny_hf("llama").cuda()
-    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(301)).cuda()
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(7)).cuda()
     with torch.no_grad():
         report = rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=3), options=BUDGET)
     decode = [s for s in report.sites if s.query_len == "1"]
     assert decode and all("Triton kernels" in s.action for s in decode)
-    forward = model.forward
-    model.forward = torch.compile(forward, backend=rkv_compile.rocketkv, options=BUDGET)
-    try:
-        out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    finally:
-        model.forward = forward
-    expected, _ = oracle_generate(model, ids, RocketKVConfig.from_options(BUDGET), 8)
-    assert out[0, 300:].tolist() == expected
+    out, launches, skips = generate_on_cuda(
+        model, ids, BUDGET, RocketKVCache(model.config, STEPS) if cache == "rocketkv" else None)
+    expected, kept = oracle_generate(model, ids, RocketKVConfig.from_options(BUDGET), STEPS)
+    assert out.sequences[0, 400:].tolist() == expected
+    assert stored_lengths(returned_cache(out)) == [k + STEPS - 1 for k in kept]
+    assert skips == 0 and launches >= STEPS - 3
+
+
+@pytest.mark.parametrize("options", [
+    {"policy": "h2o"}, {"policy": "shotkv", "decode_budget": 4}, {"policy": "snapkv"},
+    {"policy": "rocketkv", "kv_bits": 4}, {"policy": "chunkkv", "reuse_layers": 2},
+    {"policy": "quest", "dense_layers": 1}])
+def test_policies_on_cuda_match_the_oracle(options):
+    """The other policies on CUDA through the whole backend (Inductor): the reference ops of
+    the sparse ones run without CUDA graphs (they read their plan on the host)."""
+    options = {**BUDGET, **options}
+    model = tiny_hf("llama").cuda()
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(302)).cuda()
+    out, _, _ = generate_on_cuda(model, ids, options)
+    expected, kept = oracle_generate(model, ids, RocketKVConfig.from_options(options), STEPS)
+    assert out.sequences[0, 300:].tolist() == expected
+    assert stored_lengths(returned_cache(out)) == [k + STEPS - 1 for k in kept]
+
+
+def test_beam_search_on_cuda_matches_the_oracle():
+    model = tiny_hf("llama").cuda()
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(303)).cuda()
+    out, _, _ = generate_on_cuda(model, ids, BUDGET, num_beams=2)
+    want = generate_like(model, ids, RocketKVConfig.from_options(BUDGET), max_new_tokens=STEPS,
+                         min_new_tokens=STEPS, do_sample=False, num_beams=2)
+    assert torch.equal(out.sequences, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_padded_batch_rows_as_each_prompt_alone_on_cuda(dtype):
-    """A left-padded batch on CUDA through Inductor: each row's tokens are those of its prompt
-    alone under the eager oracle (float32: all of them; bfloat16: the first, before rounding
-    differences between the batched and the lone run can flip a later argmax, in 3 of 4 rows
-    at least)."""
+@pytest.mark.parametrize("cache", ["dynamic", "rocketkv"])
+def test_padded_batch_rows_as_each_prompt_alone(dtype, cache):
+    """A left-padded batch on CUDA: each row's tokens are its prompt alone's under the oracle
+    (float32: all; bfloat16: the first of every row, and at least 3 of 4 whole rows, as
+    rounding differs between the batched and the lone run)."""
     model = tiny_hf("llama").to("cuda", dtype)
     model.generation_config.eos_token_id = None
     config = RocketKVConfig.from_options(BUDGET)
     lengths = [300, 220, 90, 40]
     prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).cuda()
                for n in lengths]
-    alone = [oracle_generate(model, p[None], config, 6)[0] for p in prompts]
+    alone = [oracle_generate(model, p[None], config, STEPS)[0] for p in prompts]
     ids = torch.zeros(4, 300, dtype=torch.long, device="cuda")
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts):
         ids[b, 300 - len(p):], mask[b, 300 - len(p):] = p, 1
-    forward = model.forward
-    model.forward = torch.compile(forward, backend="rocketkv", options=BUDGET)
-    try:
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
-                                 do_sample=False)
-    finally:
-        model.forward = forward
-    rows = out[:, 300:].tolist()
+    out, _, skips = generate_on_cuda(model, ids, BUDGET, RocketKVCache(model.config, STEPS)
+                                     if cache == "rocketkv" else None, attention_mask=mask)
+    rows = out.sequences[:, 300:].tolist()
+    assert skips == 0
     if dtype == torch.float32:
         assert rows == alone
     else:
         assert all(r[0] == a[0] for r, a in zip(rows, alone))
         assert sum(r == a for r, a in zip(rows, alone)) >= 3
+
+
+def test_memory_after_prefill_is_what_the_cache_stores():
+    """After a prefill into a DynamicCache (positions given, as generate gives them), memory
+    allocated beyond the model and the logits is the packed caches, far below a full KV
+    cache."""
+    model = tiny_hf("llama").cuda()
+    T_, steps = 8000, 16
+    ids = torch.randint(0, 128, (1, T_), generator=torch.Generator().manual_seed(8)).cuda()
+    options = {"token_budget": 64, "max_new_tokens": steps}
+    forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
+    with torch.no_grad():   # compiles (once more for a second length), allocates workspaces
+        for n in (T_ - 100, T_ - 50):
+            forward(ids[:, :n], position_ids=torch.arange(n, device="cuda")[None],
+                    use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = forward(ids, position_ids=torch.arange(T_, device="cuda")[None], use_cache=True,
+                      logits_to_keep=1)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before - out.logits.numel() * out.logits.element_size()
+    cache = returned_cache(out)
+    state = sum(t.numel() * t.element_size() for layer in cache.layers
+                for t in (layer.keys, layer.values))
+    full_kv = 2 * 2 * T_ * 16 * 4 * 2   # layers x (K, V) x tokens x head_dim x fp32 x KV heads
+    assert held <= state + 4096, (held, state)
+    assert state < full_kv / 10
+
+
+def test_rocketkv_turns_on_cuda_as_the_eager_reference():
+    """Three turns into a RocketKVCache on CUDA (decode through the Triton kernels, CUDA
+    graphs): the eager reference's replies."""
+    model = tiny_hf("llama").cuda()
+    model.generation_config.eos_token_id = None
+    options = {"token_budget": 64, "max_new_tokens": 6}
+    turns = [torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(s)).cuda()
+             for n, s in ((200, 1), (10, 2), (60, 3))]
+    forward, cache, seq, replies = model.forward, RocketKVCache(model.config, 6), None, []
+    model.forward = torch.compile(forward, backend="rocketkv", options=options)
+    try:
+        with torch.no_grad():
+            for turn in turns:
+                ids = turn if seq is None else torch.cat([seq, turn], 1)
+                seq = model.generate(ids, **{cache_argument(): cache}, max_new_tokens=6,
+                                     min_new_tokens=6, do_sample=False)
+                replies.append(seq[0, ids.shape[1]:].tolist())
+    finally:
+        model.forward = forward
+    assert replies == multi_turn(model, turns, RocketKVConfig.from_options(options), 6)
+    layer = stored(cache)[0]
+    assert layer.lengths[0] < layer.positions[0]

@@ -1,56 +1,157 @@
 """The ``rocketkv`` torch.library ops that rewritten graphs and RocketKVCache call.
 
-- `compress` (what a prefill stores), `sparse_decode` (a sparse decode step) and
-  `evicting_decode` (a decode step that evicts) are opaque custom ops with fake kernels whose
-  shapes and (contiguous) strides match, so Dynamo, AOTAutograd and Inductor trace around them.
-  They take the policy as its `spec` string and run its PyTorch reference (RocketKV's stage-1
-  scores: the Triton kernels on CUDA).
-- `sparse_decode_triton` is a `triton_op`: on CUDA, Inductor traces into it and schedules its
-  Triton kernels with the rest of the graph. (Under Triton's CPU interpreter a triton_op cannot
-  be traced by torch.compile, so CPU graphs keep the opaque reference ops.)
-- RocketKVCache's state: `static_cache` (a prompt store: the whole prompt, or after the pass what
-  `compress` kept of it), `append_` (one decode token, in place; an opaque op whose CUDA path
-  is one Triton launch) and `extend_cache` (a new turn: the stored tokens and the turn's, in new
-  buffers).
+Cache ops, over a layer packed as `rkv_compile.state` lays it out (the implementations are
+`cache_ops`; on CUDA the append and RocketKV's decode launch Triton kernels):
+- `store` (a prompt kept whole, sized by its shapes) and `compress` (a prompt under a policy's
+  selection): new packed tensors; the plan decides compress's size at run time, so its fake
+  kernel gives it sizes of its own (unbacked: one compiled prefill serves every prompt length;
+  only the pass inserts it, after Dynamo has traced);
+- `append_`: one decode token into the packed tensors, in place;
+- `decode`, `evicting_decode_` and `decode_triton`: a decode step's attention over the stored
+  slots, with each row's plan read from its header;
+- `extend` (a new turn kept whole) and `turn` (a new turn's attention and the policy's
+  selection again over the stored tokens and the turn's).
+They take the policy as its `spec` string (a custom op takes no Python objects). All but
+`decode_triton` are opaque custom ops with fake kernels (Dynamo, AOTAutograd and Inductor trace
+around them); `decode_triton` and `sparse_decode_triton` are `triton_op`s, which Inductor traces
+into and schedules with the rest of the graph on CUDA.
+`sparse_decode` (the reference stage 2 over plain keys) is what the tests hold the kernels to.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
 from torch.library import triton_op
 
+from .. import state as S
 from ..policies import base as policies   # a module: policies import the reference ops too
-from . import reference, triton_decode
+from . import cache_ops, reference, triton_decode
+
+
+def _unbacked_state(key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """Fake packed tensors whose sizes the run decides."""
+    ctx = torch.library.get_ctx()
+    B, H, _, D = key.shape
+    dtype = S.packed_dtype(key.dtype)
+    return (key.new_empty(B, H, ctx.new_dynamic_size(), D, dtype=dtype),
+            key.new_empty(B, H, ctx.new_dynamic_size(), value.shape[-1], dtype=dtype))
 
 
 @torch.library.custom_op("rocketkv::compress", mutates_args=())
-def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
-             keep: int, policy: str, reuse: Tensor | None = None
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """What a prefill stores under the policy (its `spec`): (keys, values, positions, state) of
-    the `keep` prompt tokens it selects (Policy.compress), or of the positions `reuse` (another
-    layer's selection). State: the kept tokens' scores, for a policy that evicts during decode
-    (else empty)."""
-    return policies.from_spec(policy).compress(query_window, key, value, mask, scale, keep, reuse)
+def compress(query_window: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+             scale: float, room: int, policy: str, layer: int, layers: int, probe: bool,
+             reuse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A prefill's store under the policy (cache_ops.compress): (packed keys, packed values,
+    the kept positions, (B, H, k), -1 past a row's own)."""
+    return cache_ops.compress(query_window, key, value, mask, scale, room,
+                              policies.from_spec(policy), layer, layers, probe, reuse)
 
 
 @compress.register_fake
-def _(query_window, key, value, mask, scale, keep, policy, reuse=None):
+def _(query_window, key, value, mask, scale, room, policy, layer, layers, probe, reuse=None):
+    keys, values = _unbacked_state(key, value)
+    width = torch.library.get_ctx().new_dynamic_size()
+    return keys, values, key.new_empty(key.shape[0], key.shape[1], width, dtype=torch.int64)
+
+
+@torch.library.custom_op("rocketkv::store", mutates_args=())
+def store(key: Tensor, value: Tensor, room: int) -> tuple[Tensor, Tensor]:
+    """The whole prompt, exactly, with room for `room` new tokens (cache_ops.store)."""
+    return cache_ops.store(key, value, room)
+
+
+@store.register_fake
+def _(key, value, room):
+    return _fake_state(key, value, key.shape[2] + room)
+
+
+def _fake_state(key: Tensor, value: Tensor, slots) -> tuple[Tensor, Tensor]:
+    """Fake packed tensors of `slots` slots (no state region)."""
     B, H, _, D = key.shape
-    stateful = reuse is None and policies.from_spec(policy).decode_state
-    return (key.new_empty(B, H, keep, D), value.new_empty(B, H, keep, value.shape[-1]),
-            key.new_empty(B, H, keep, dtype=torch.int64),
-            key.new_empty(B, H, keep, dtype=torch.float32) if stateful else
-            key.new_empty(0, dtype=torch.float32))
+    rows = S.Layout.new(slots, False, D, key.element_size()).rows
+    dtype = S.packed_dtype(key.dtype)
+    return (key.new_empty(B, H, rows, D, dtype=dtype),
+            key.new_empty(B, H, rows, value.shape[-1], dtype=dtype))
+
+
+@torch.library.custom_op("rocketkv::append_", mutates_args=("keys", "values"))
+def append_(keys: Tensor, values: Tensor, new_key: Tensor, new_value: Tensor,
+            state: str = "") -> None:
+    """One decode token per row into a packed layer, in place (cache_ops.append; on CUDA for a
+    layer with no state region, one Triton launch). `state`: the policy's state kind."""
+    if keys.device.type == "cuda" and not state:
+        triton_decode.append_packed(keys, values, new_key, new_value)
+    else:
+        cache_ops.append(keys, values, new_key, new_value, state)
+
+
+@torch.library.custom_op("rocketkv::decode", mutates_args=())
+def decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, policy: str) -> Tensor:
+    """A decode step's attention over a packed layer's stored slots (cache_ops.decode)."""
+    return cache_ops.decode(query, keys, values, scale, policies.from_spec(policy))
+
+
+@decode.register_fake
+def _(query, keys, values, scale, policy):
+    return query.new_empty(*query.shape[:-1], values.shape[-1])
+
+
+@torch.library.custom_op("rocketkv::evicting_decode_", mutates_args=("keys",))
+def evicting_decode_(query: Tensor, keys: Tensor, values: Tensor, scale: float, policy: str
+                     ) -> Tensor:
+    """A decode step of a policy that evicts as it decodes (H2O): its attention, and each
+    slot's score updated in the layer's state region (cache_ops.evicting_decode)."""
+    return cache_ops.evicting_decode(query, keys, values, scale, policies.from_spec(policy))
+
+
+@evicting_decode_.register_fake
+def _(query, keys, values, scale, policy):
+    return query.new_empty(*query.shape[:-1], values.shape[-1])
+
+
+@triton_op("rocketkv::decode_triton", mutates_args=())
+def decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
+                  ) -> Tensor:
+    """RocketKV's stage 2 over a packed layer through the Triton kernels (CUDA): each row's
+    chunk and query dims from its header, the chunk summaries where the layer keeps them."""
+    return triton_decode.packed_sparse_decode(query, keys, values, scale, topk)
+
+
+@torch.library.custom_op("rocketkv::turn", mutates_args=())
+def turn(query: Tensor, key: Tensor, value: Tensor, keys: Tensor, values: Tensor, scale: float,
+         room: int, policy: str, layer: int, layers: int, reuse: Tensor | None = None
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A new turn over a packed layer (cache_ops.turn): (its attention, the new packed keys and
+    values, the kept positions)."""
+    return cache_ops.turn(query, key, value, keys, values, scale, room,
+                          policies.from_spec(policy), layer, layers, reuse)
+
+
+@turn.register_fake
+def _(query, key, value, keys, values, scale, room, policy, layer, layers, reuse=None):
+    new_keys, new_values = _unbacked_state(key, value)
+    width = torch.library.get_ctx().new_dynamic_size()
+    return (query.new_empty(*query.shape[:-1], value.shape[-1]), new_keys, new_values,
+            key.new_empty(key.shape[0], key.shape[1], width, dtype=torch.int64))
+
+
+@torch.library.custom_op("rocketkv::extend", mutates_args=())
+def extend(keys: Tensor, values: Tensor, key: Tensor, value: Tensor, room: int
+           ) -> tuple[Tensor, Tensor]:
+    """A new turn kept whole (cache_ops.extend): packed tensors of slots + turn + room slots."""
+    return cache_ops.extend(keys, values, key, value, room, key.dtype)
+
+
+@extend.register_fake
+def _(keys, values, key, value, room):
+    return _fake_state(key, value, S.Layout.of(keys, False).slots + key.shape[2] + room)
 
 
 @torch.library.custom_op("rocketkv::sparse_decode", mutates_args=())
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
                   chunk: list[int], dims: list[int], topk: list[int], policy: str) -> Tensor:
-    """One sparse decode step of the policy (its `spec`) over the stored cache, on the
-    reference path. chunk, dims, topk: the plan's, one for every row or one per row (a padded
-    batch whose rows were evicted apart: each row decodes with its own)."""
+    """One sparse decode step of the policy over plain keys, on the reference path (the
+    Triton kernels' oracle); chunk, dims, topk: one for every row, or one per row."""
     method = policies.from_spec(policy)
     plans = list(zip(chunk, dims, topk))
     if len(set(plans)) == 1:
@@ -65,83 +166,13 @@ def _(query, key, value, mask, scale, chunk, dims, topk, policy):
     return query.new_empty(*query.shape[:-1], value.shape[-1])
 
 
-@torch.library.custom_op("rocketkv::evicting_decode", mutates_args=())
-def evicting_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
-                    topk: int, state: Tensor, policy: str) -> tuple[Tensor, Tensor]:
-    """One decode step of a policy that evicts as it decodes (H2O): (output, the stored slots'
-    new state), on the reference path."""
-    return policies.from_spec(policy).evicting_decode(query, key, value, mask, scale, topk, state)
-
-
-@evicting_decode.register_fake
-def _(query, key, value, mask, scale, topk, state, policy):
-    return (query.new_empty(*query.shape[:-1], value.shape[-1]),
-            state.new_empty(*key.shape[:3]))
-
-
 @triton_op("rocketkv::sparse_decode_triton", mutates_args=())
 def sparse_decode_triton(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                          scale: float, chunk: list[int], dims: list[int], topk: list[int],
                          key_min: Tensor | None = None, key_max: Tensor | None = None) -> Tensor:
-    """Stage 2 through the Triton kernels (mask: None or boolean): what CUDA decode graphs call.
-    chunk, dims, topk: as sparse_decode's (the kernels take one top-k for every row, as
-    RocketKV's plans have). key_min/key_max: the cache's chunk summaries of K, if it keeps them
-    (RocketKVCache)."""
+    """Stage 2 through the Triton kernels over plain keys (mask: None or boolean)."""
     if len(set(topk)) != 1:
         raise ValueError(f"rocketkv: the Triton decode takes one top-k for every row (got {topk})")
     summaries = None if key_min is None else (key_min, key_max)
     return triton_decode.sparse_decode(query, key, value, mask, scale, chunk, dims, topk[0],
                                        summaries)
-
-
-@torch.library.custom_op("rocketkv::append_",
-                         mutates_args=("keys", "values", "key_min", "key_max", "lengths",
-                                       "positions"))
-def append_(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
-            positions: Tensor, new_key: Tensor, new_value: Tensor) -> None:
-    """One decode token into a RocketKVCache layer (reference.append), in place: on CUDA one
-    Triton launch, elsewhere the reference. Opaque to Inductor: as a triton_op traced by Inductor
-    (torch 2.11) its in-place writes to graph inputs were lost; an opaque mutating op keeps them."""
-    state = (keys, values, key_min, key_max, lengths, positions, new_key, new_value)
-    if keys.device.type == "cuda":
-        triton_decode.append(*state)
-    else:
-        reference.append(*state)
-
-
-@torch.library.custom_op("rocketkv::static_cache", mutates_args=())
-def static_cache(key: Tensor, value: Tensor, capacity: int, chunk: int, prompt_len: int
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """A RocketKVCache layer's state holding `key`/`value` (the prompt, or what a policy kept of
-    it), with positions continuing at `prompt_len`."""
-    return reference.static_cache(key, value, capacity, chunk, prompt_len)
-
-
-@torch.library.custom_op("rocketkv::extend_cache", mutates_args=())
-def extend_cache(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
-                 positions: Tensor, new_key: Tensor, new_value: Tensor, room: int
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """A RocketKVCache layer's state with several new tokens per sequence after its stored ones
-    (a new turn), in new buffers with `room` more slots."""
-    return reference.extend_cache(keys, values, key_min, key_max, lengths, positions, new_key,
-                                  new_value, room)
-
-
-@extend_cache.register_fake
-def _(keys, values, key_min, key_max, lengths, positions, new_key, new_value, room):
-    return _fake_state(keys, values,
-                       *reference.extended_size(keys, key_min, new_key.shape[2], room))
-
-
-def _fake_state(key, value, capacity, chunk):
-    B, H, _, D = key.shape
-    capacity, chunks = reference.state_size(capacity, chunk)
-    lengths = key.new_empty(B, dtype=torch.int32)
-    return (key.new_empty(B, H, capacity, D), value.new_empty(B, H, capacity, value.shape[-1]),
-            key.new_empty(B, H, chunks, D), key.new_empty(B, H, chunks, D), lengths,
-            key.new_empty(B, dtype=torch.int64))
-
-
-@static_cache.register_fake
-def _(key, value, capacity, chunk, prompt_len):
-    return _fake_state(key, value, capacity, chunk)

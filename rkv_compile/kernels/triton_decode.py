@@ -27,6 +27,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from .. import state as S
+
 
 @triton.jit
 def _chunk_logits_kernel(
@@ -242,37 +244,30 @@ def _combine_kernel(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, splits, G,
 
 
 @triton.jit
-def _append_kernel(
-    k_ptr, v_ptr, kmin_ptr, kmax_ptr, len_ptr, pos_ptr, new_k_ptr, new_v_ptr, capacity, chunk,
-    Hkv, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_sb, stride_sh, stride_sc, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_SUMMARIES: tl.constexpr,
+def _append_packed_kernel(
+    k_ptr, v_ptr, header_ptr, new_k_ptr, new_v_ptr, slots, Hkv,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_hb, stride_hh,
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+    STORED: tl.constexpr, POSITION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # One program per sequence, all its KV heads: only it reads and then bumps lengths[b].
+    # One program per row, all its KV heads: only it reads and then bumps the row's header.
     b = tl.program_id(0)
-    slot = tl.load(len_ptr + b)
-    room = slot < capacity
+    slot = tl.load(header_ptr + b * stride_hb + STORED)
+    room = slot < slots
     tl.device_assert(room, "rocketkv: the cache is full")
-    c = slot // chunk
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    d_ok = (d < D) & room
     for h in range(Hkv):
-        k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d, mask=d_ok)
+        k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d, mask=(d < D) & room)
         v = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + dv, mask=(dv < DV) & room)
-        tl.store(k_ptr + b * stride_kb + h * stride_kh + slot * stride_kn + d, k, mask=d_ok)
+        tl.store(k_ptr + b * stride_kb + h * stride_kh + slot * stride_kn + d, k,
+                 mask=(d < D) & room)
         tl.store(v_ptr + b * stride_vb + h * stride_vh + slot * stride_vn + dv, v,
                  mask=(dv < DV) & room)
-        if HAS_SUMMARIES:  # the chunk's summary absorbs the token; its first token starts it
-            s_off = b * stride_sb + h * stride_sh + c * stride_sc + d
-            kmin = tl.load(kmin_ptr + s_off, mask=d_ok)
-            kmax = tl.load(kmax_ptr + s_off, mask=d_ok)
-            first = slot % chunk == 0
-            tl.store(kmin_ptr + s_off, tl.where(first, k, tl.minimum(kmin, k)), mask=d_ok)
-            tl.store(kmax_ptr + s_off, tl.where(first, k, tl.maximum(kmax, k)), mask=d_ok)
-    tl.store(len_ptr + b, slot + 1, mask=room)
-    tl.store(pos_ptr + b, tl.load(pos_ptr + b) + 1, mask=room)
+        header = header_ptr + b * stride_hb + h * stride_hh   # every head's copy
+        tl.store(header + STORED, slot + 1, mask=room)
+        tl.store(header + POSITION, tl.load(header + POSITION) + 1, mask=room)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -390,18 +385,32 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
     return sparse_attention(query, key, value, slots, scale, valid)
 
 
-def append(keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor, lengths: Tensor,
-           positions: Tensor, new_key: Tensor, new_value: Tensor) -> None:
-    """reference.append in one launch: K/V row, chunk summary, length and position of each
-    sequence."""
-    B, Hkv, capacity, D = keys.shape
-    DV = values.shape[-1]
-    chunks = key_min.shape[2]
-    wrap_triton(_append_kernel)[(B,)](
-        keys, values, key_min, key_max, lengths, positions, new_key, new_value, capacity,
-        capacity // max(chunks, 1), Hkv,
-        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
-        values.stride(2), key_min.stride(0), key_min.stride(1), key_min.stride(2),
-        new_key.stride(0), new_key.stride(1), new_value.stride(0), new_value.stride(1),
-        D=D, DV=DV, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV),
-        HAS_SUMMARIES=chunks > 0)
+def append_packed(keys: Tensor, values: Tensor, new_key: Tensor, new_value: Tensor) -> None:
+    """cache_ops.append for a packed layer with no state region, in one launch: each row's
+    token into its next slot, its header's stored and position grown by one."""
+    layer = S.unpack(keys, values, False, new_key.dtype)
+    k, v, header = layer.keys, layer.values, layer.header
+    B, Hkv, slots, D = k.shape
+    DV = v.shape[-1]
+    wrap_triton(_append_packed_kernel)[(B,)](
+        k, v, header, new_key, new_value, slots, Hkv,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        header.stride(0), header.stride(1), new_key.stride(0), new_key.stride(1),
+        new_value.stride(0), new_value.stride(1),
+        STORED=int(S.Word.STORED), POSITION=int(S.Word.POSITION), D=D, DV=DV,
+        BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV))
+
+
+def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
+                         ) -> Tensor:
+    """Stage 2 over a packed layer's stored slots, each row with the chunk and query dims of
+    its header's plan (bounds built from the keys: chunks are counted up to one per slot)."""
+    layer = S.unpack(keys, values, False, query.dtype)
+    key, value = layer.keys, layer.values
+    n = key.shape[2]
+    valid = layer.valid()[:, 0, 0].to(torch.uint8).contiguous()
+    per_row = torch.stack([layer.word(S.Word.CHUNK), layer.word(S.Word.DIMS)], 1).contiguous()
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    logits = chunk_logits(query, key, 1, 1, valid, None, per_row)
+    slots = select_slots(logits, n, 1, topk, valid, per_row)
+    return sparse_attention(query, key, value, slots, scale, valid)

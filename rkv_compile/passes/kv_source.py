@@ -1,12 +1,15 @@
 """Where an attention site's keys and values come from.
 
-Only a site whose K/V are a cache that this graph writes back can be compressed: a fresh cache
-(prefill: the graph returns the new keys, e.g. HF DynamicCache's first `cat` or a tuple cache's
-`present`) or a grown one (decode: `cat([past, new])` with `past` a graph input, returned as the
-new cache), and RocketKVCache's own ops (a new one at prefill, its buffers at decode, new
-buffers for a new turn). Other
-buffers written in place (static caches), sliding-window caches (the graph returns their last
-tokens, a slice of the keys attended) and keys that are no cache stay exact.
+Only a site whose K/V are a cache that this graph writes back can be compressed:
+- a new cache: the prompt's keys, which the graph returns as its cache (HF DynamicCache's first
+  `cat` onto an empty tensor, a tuple cache's `present`), or a RocketKVCache's `store`;
+- a compressed cache: `cat([past, new])` where `past` is a graph input packed by an earlier
+  graph (`rkv_compile.state`: an integer tensor), returned as the new cache, or a RocketKVCache's
+  `append_` (a decode token) or `extend` (a new turn) over its packed input.
+A cache grown by `cat` from plain keys holds a sequence no prefill of the pass compressed; it is
+classified as such and stays exact. Buffers written in place (static caches), sliding-window
+caches (the graph returns their last tokens, a slice of the keys attended) and keys that are
+no cache stay exact too.
 """
 from __future__ import annotations
 
@@ -17,14 +20,18 @@ import operator
 import torch
 from torch.fx import Node
 
+from .. import state
 from ..kernels import ops  # noqa: F401  (torch.ops.rocketkv)
 from .sites import _is_call, value_of
 
 IN_PLACE_WRITES = {"index_copy_", "index_put_", "copy_", "scatter_", "__setitem__", "setitem"}
+# A RocketKVCache layer hands attention views of its packed tensors (the slots, as numbers).
+VIEWS = {"view", "narrow", "split", "__getitem__"}
 
 
 class KVSource(enum.Enum):
     FRESH = "new cache"
+    PACKED = "compressed cache"
     GROWN = "grown by cat"
     IN_PLACE = "written in place into a buffer"
     EXTERNAL = "graph input, not written"
@@ -40,7 +47,7 @@ class KVOrigin:
     source: KVSource
     cache: Node              # the node whose value becomes (or is) the stored cache
     new: Node | None = None  # the keys this call adds
-    past: Node | None = None  # GROWN: the cache the graph received
+    past: Node | None = None  # the (packed) cache the graph received
 
 
 def returned_nodes(output: Node) -> set[Node]:
@@ -67,8 +74,8 @@ def _written_in_place(node: Node) -> bool:
         node = node.args[0]
 
 
-def _calls(node: Node, op) -> bool:
-    return node.op == "call_function" and node.target in (op, op.default)
+def calls(node, op) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in (op, op.default)
 
 
 def _windowed(node: Node, returned: set[Node]) -> bool:
@@ -78,22 +85,21 @@ def _windowed(node: Node, returned: set[Node]) -> bool:
         for user in node.users)
 
 
+def _view_base(node: Node) -> Node:
+    """The tensor a chain of views (RocketKVCache's slot views) starts from."""
+    while (node.op == "call_method" and node.target in VIEWS) or (
+            node.op == "call_function" and node.target in (operator.getitem, torch.narrow)):
+        base = node.args[0]
+        if not isinstance(base, Node) or calls(base, torch.ops.rocketkv.extend):
+            return base
+        node = base
+    return node
+
+
 def kv_origin(node: Node, returned: set[Node]) -> KVOrigin:
-    # RocketKVCache (cache.py) stores a prompt through rocketkv.static_cache, appends to its
-    # buffers through rocketkv.append_ and stores a new turn through rocketkv.extend_cache (whose
-    # new buffers the turn attends to): `cache` is that call.
-    if node.op == "call_function" and node.target is operator.getitem and \
-            isinstance(node.args[0], Node) and node.args[1] in (0, 1) and \
-            _calls(node.args[0], torch.ops.rocketkv.extend_cache):
-        extend = node.args[0]
-        return KVOrigin(KVSource.ROCKETKV_TURN, extend, new=extend.args[6 + node.args[1]],
-                        past=extend.args[node.args[1]])
-    for user in node.users:
-        if _calls(user, torch.ops.rocketkv.static_cache) and user.args[:2].count(node):
-            return KVOrigin(KVSource.NEW_ROCKETKV, user, new=node)
-        if node.op == "placeholder" and _calls(user, torch.ops.rocketkv.append_) \
-                and user.args[:2].count(node):
-            return KVOrigin(KVSource.ROCKETKV, user, past=node)
+    rocketkv = _rocketkv_origin(node)
+    if rocketkv is not None:
+        return rocketkv
     if _is_call(node, (torch.cat,)) and len(node.args[0]) == 2 and \
             (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) in (2, -2):
         past, new = node.args[0]
@@ -104,7 +110,9 @@ def kv_origin(node: Node, returned: set[Node]) -> KVOrigin:
         if isinstance(value_of(past), torch.Tensor) and value_of(past).numel() == 0:
             return KVOrigin(KVSource.FRESH, node, new=new)
         if past.op == "placeholder":
-            return KVOrigin(KVSource.GROWN, node, new=new, past=past)
+            packed = state.is_packed(value_of(past))
+            return KVOrigin(KVSource.PACKED if packed else KVSource.GROWN, node, new=new,
+                            past=past)
         return KVOrigin(KVSource.NONE, node)
     if _written_in_place(node):
         return KVOrigin(KVSource.IN_PLACE, node)
@@ -115,3 +123,22 @@ def kv_origin(node: Node, returned: set[Node]) -> KVOrigin:
     if _windowed(node, returned):
         return KVOrigin(KVSource.WINDOW, node)
     return KVOrigin(KVSource.NONE, node)
+
+
+def _rocketkv_origin(node: Node) -> KVOrigin | None:
+    """A RocketKVCache site (cache.py): its prompt goes into `rocketkv.store` (the site attends
+    the prompt itself); a decode step's token into `rocketkv.append_` over the packed input,
+    and the site attends views of it; a new turn's into `rocketkv.extend`, whose new tensors'
+    views the site attends. `cache` is that call; `past` the packed input."""
+    for user in node.users:
+        if calls(user, torch.ops.rocketkv.store) and node in user.args[:2]:
+            return KVOrigin(KVSource.NEW_ROCKETKV, user, new=node)
+    base = _view_base(node)
+    if calls(base, torch.ops.rocketkv.extend):
+        return KVOrigin(KVSource.ROCKETKV_TURN, base, new=base.args[2], past=base.args[0])
+    if base.op == "placeholder" and state.is_packed(value_of(base)):
+        for append in base.users:
+            if calls(append, torch.ops.rocketkv.append_) and base in append.args[:2]:
+                index = 0 if append.args[0] is base else 1   # keys or values
+                return KVOrigin(KVSource.ROCKETKV, append, new=append.args[2 + index], past=base)
+    return None

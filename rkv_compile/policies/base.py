@@ -3,8 +3,8 @@
 A method is a frozen dataclass whose fields are its hyperparameters. Most write one method:
 `prompt_scores` (a score per prompt token; the best `prompt_budget` are kept, the observation
 window always) or `decode` (one decode step over the stored cache). Methods that evict during
-decode (`decode_state`) write `select` and `evicting_decode`, and carry a score per stored token
-from step to step. The ops receive a method as its `spec` string (a custom op takes no Python
+decode (`state = "scores"`) write `select` and `evicting_decode`, and carry a score per stored
+token from step to step in the cache. The ops receive a method as its `spec` string (a custom op takes no Python
 objects) and rebuild it with `from_spec`. Every method composes with lossy KV quantization
 (`kv_bits`): what the prefill stores is quantized.
 """
@@ -53,12 +53,12 @@ class Policy:
     kv_group_size: int = 32      # entries sharing one scale and zero point
 
     name: ClassVar[str]
-    sparse_decode: ClassVar[bool] = False   # decode sites call `decode`; else they stay exact
-    decode_state: ClassVar[bool] = False    # decode evicts, by a score per stored token
+    sparse_decode: ClassVar[bool] = False   # decode calls `decode`; else it attends exactly
+    # A state the cache carries per stored slot: "scores" (decode evicts by them: `select` and
+    # `evicting_decode`), "view" (the cache keeps every token; decode reads a view of them).
+    state: ClassVar[str] = ""
     budgeted: ClassVar[bool] = True         # token_budget matters (not: every token is kept)
     triton: ClassVar[bool] = False          # CUDA runs RocketKV's Triton kernels (else: reference)
-    per_layer: ClassVar[bool] = False       # layers keep different numbers of tokens
-    keeps_history: ClassVar[bool] = False   # the cache keeps every token; decode reads a view
     decode_kind: ClassVar[str] = "exact attention over the kept tokens"
 
     def __post_init__(self):
@@ -91,7 +91,8 @@ class Policy:
 
     def rewrites_prompt(self, prompt_len: int, plan: Plan) -> bool:
         """Whether the prefill stores something other than the exact prompt."""
-        return prompt_len > plan.prompt_budget or self.kv_bits is not None or self.decode_state
+        return prompt_len > plan.prompt_budget or self.kv_bits is not None or \
+            self.state == "scores"
 
     def reuses(self, layer: int) -> int | None:
         """The earlier layer whose selected positions layer `layer` keeps, if any."""
@@ -101,7 +102,7 @@ class Policy:
                keep: int) -> tuple[Tensor, Tensor]:
         """(positions, state): the `keep` prompt tokens stored, (B, Hkv, keep) in sequence
         order: the best-scored before the window, then the window; and their decode state
-        ((B, Hkv, keep) if `decode_state`, else empty)."""
+        ((B, Hkv, keep) for a policy whose state is "scores", else empty)."""
         B, H, n = key.shape[:3]
         if keep >= n:
             index = torch.arange(n, device=key.device).expand(B, H, n).contiguous()
@@ -148,8 +149,12 @@ class Policy:
 
     def evicting_decode(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                         scale: float, topk: int, state: Tensor) -> tuple[Tensor, Tensor]:
-        """One decode step of a `decode_state` policy: (output, state of every stored slot)."""
+        """One decode step of a policy whose state is "scores": (output, every slot's state)."""
         raise NotImplementedError(f"{self.name} does not evict during decode")
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.state == "view"
 
     @property
     def spec(self) -> str:

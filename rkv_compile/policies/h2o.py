@@ -26,7 +26,7 @@ class H2O(Policy):
     recent_size: int | None = None
 
     name = "h2o"
-    decode_state = True
+    state = "scores"
     decode_kind = "exact attention over the heavy hitters and the recent window, evicting one " \
         "token per step"
 

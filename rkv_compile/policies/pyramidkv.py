@@ -19,15 +19,11 @@ class PyramidKV(SnapKV):
     with P = token_budget - window_size, the last layer keeps P // beta, the first
     2P - P // beta, the layers between in equal steps; so the layers keep about P each on
     average, as SnapKV at the same budget. Every layer keeps the window; decode is exact.
-    Layers store different numbers of tokens, so this needs RocketKVCache (a DynamicCache's
-    decode graph traces one length for all layers: the pass leaves it exact and says so). There
-    every layer's buffers are as large as the first layer's, because transformers builds one
-    decode mask for all layers: deeper layers store fewer tokens but do not yet free the slots."""
+    Each layer's cache is sized by its own budget, on either cache."""
 
     beta: int = 20
 
     name = "pyramidkv"
-    per_layer = True
 
     def __post_init__(self):
         super().__post_init__()

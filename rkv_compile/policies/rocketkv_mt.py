@@ -35,7 +35,7 @@ class RocketKVMultiTurn(RocketKV):
     """
 
     name = "rocketkv-mt"
-    keeps_history = True
+    state = "view"
     triton = False
     decode_kind = "stage-2 hybrid sparse attention over the view stage 1 kept at the last prefill"
 

@@ -29,7 +29,7 @@ class ShotKV(Policy):
     decode_budget: int = 64
 
     name = "shotkv"
-    decode_state = True
+    state = "scores"
     decode_kind = "exact attention over the kept shots and the best generated tokens"
 
     def __post_init__(self):

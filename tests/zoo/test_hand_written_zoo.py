@@ -39,13 +39,17 @@ def test_nanogpt_no_budget_equals_eager():
 
 
 def test_positions_from_cache_length_stay_exact():
-    """Eviction would shift this model's positions: decode stays dense and the cache whole."""
+    """Eviction would shift this model's positions. Its prefill computes them (no input), so
+    it keeps the whole prompt beside the compressed cache until a decode step has been checked;
+    the decode step derives them from the stored length, so it runs exactly over the whole
+    prompt, and the cache stays whole from then on."""
     model = TinyGPT(positions_from_cache=True).eval()
     ids = prompt(200)
     report = rkv_compile.explain(greedy, model, ids, 3, options=BUDGET)
     decode = [s for s in report.sites if s.query_len == "1"]
     assert len(decode) >= 2 and not any(s.rewritten for s in decode)
-    assert all("positions" in s.action for s in decode)
+    assert "positions (or the query) derive from the stored cache length" in decode[0].action
+    assert all("the cache holds every token" in s.action for s in decode[2:])
     tokens, cache = greedy(compiled(model, BUDGET, True), ids, 6)
     assert (tokens, cache) == greedy(model, ids, 6)
     assert cache == [200 + 5] * 2

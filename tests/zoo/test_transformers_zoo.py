@@ -120,5 +120,5 @@ def test_what_the_zoo_leaves_exact_and_why():
     # prefill and decode sites alike: the static cache is a buffer written in place
     assert reasons["llama-gqa"] == {
         "keys are written in place into a buffer: nothing to compress (a static cache written "
-        "in place is not compressed; with transformers, pass a RocketKVCache for static "
-        "shapes)"}
+        "in place is not compressed; with transformers, use the cache generate builds, or a "
+        "RocketKVCache)"}

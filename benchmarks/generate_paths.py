@@ -1,0 +1,255 @@
+"""How fast `model.generate` decodes, by the way a user calls it: a Llama-3.1-8B-shaped model
+with random bf16 weights, batch 1, greedy, per context.
+
+Rows (setups):
+  generate        plain `model.generate` (DynamicCache, sdpa, eager), no rkv_compile
+  static          `generate(cache_implementation="static")`: transformers compiles decode itself
+                  (Inductor, CUDA graphs)
+  rocketkv        zero change: `model.forward = torch.compile(model.forward, backend="rocketkv",
+                  options={"token_budget": 256, "max_new_tokens": N})`, then plain generate
+                  (the DynamicCache it builds; CUDA graphs by default)
+  rocketkv-cache  the same, with `cache=RocketKVCache(model.config, N)` passed to generate
+  bare            the rocketkv decode step (the same compiled forward) in a bare loop, over the
+                  cache the rocketkv generate returned: the step without generate around it
+For each: the first call's wall time, compiles included (the rocketkv forward is compiled once
+for all contexts, as a user compiles once for all prompts: at the first context it compiles
+everything, at a later one what that prompt length needs anew; where the time went is recorded),
+and from a second call the prefill time (to the first token), the decode time per token (median
+of the steps, timed by a logits processor that synchronizes), the GPU memory held right after
+prefill beyond the weights, and the peak. For rocketkv also the host time per step the backend's run time spends around the
+compiled graph (its checks), which is part of the gap to the bare loop. The weight-read floor
+(weight bytes / copy bandwidth) is the least a batch-1 step can take.
+
+    python3 benchmarks/generate_paths.py --out benchmarks/results/generate_paths_h200.json
+    python3 benchmarks/generate_paths.py --tiny     # a small model, on the CPU too
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "benchmarks")
+import rkv_compile  # noqa: E402
+from end_to_end import (CUDA, DEVICE, GIB, build, cleanup, llama_8b, peak_gib,  # noqa: E402
+                        reset_peak, run_meta, sync, tiny)
+from rkv_compile import backend as runtime  # noqa: E402
+from rkv_compile.cache import RocketKVCache  # noqa: E402
+from rkv_compile.hf import cache_argument, returned_cache  # noqa: E402
+
+
+class Steps(LogitsProcessor):
+    """Called by generate once per token, after its forward (synchronized): each token's time,
+    and the memory allocated at the first (right after prefill)."""
+
+    def __init__(self):
+        self.times, self.after_prefill = [], None
+
+    def __call__(self, input_ids, scores):
+        sync()
+        self.times.append(time.perf_counter())
+        if self.after_prefill is None and CUDA:
+            self.after_prefill = torch.cuda.memory_allocated()
+        return scores
+
+
+class HostTime:
+    """Time the backend's run time spends per call outside the compiled graph it runs."""
+
+    def __init__(self):
+        self.total = self.inside = 0.0
+        self.calls = 0
+
+    def __enter__(self):
+        call, run = runtime.Runtime.__call__, runtime.Runtime._run
+        meter = self
+
+        def timed_call(self, *args):
+            start = time.perf_counter()
+            try:
+                return call(self, *args)
+            finally:
+                meter.total += time.perf_counter() - start
+                meter.calls += 1
+
+        def timed_run(self, variant, args):
+            start = time.perf_counter()
+            try:
+                return run(self, variant, args)
+            finally:
+                meter.inside += time.perf_counter() - start
+
+        self.saved = call, run
+        runtime.Runtime.__call__, runtime.Runtime._run = timed_call, timed_run
+        return self
+
+    def __exit__(self, *exc):
+        runtime.Runtime.__call__, runtime.Runtime._run = self.saved
+
+    @property
+    def us_per_call(self) -> float:
+        return round((self.total - self.inside) / max(self.calls, 1) * 1e6, 1)
+
+
+class CompileTimes:
+    """Where a first call's time goes: each graph Inductor compiles for the backend (its phase,
+    the compile itself, and its first calls, which include Triton's compiles, the decode
+    graphs' coordinate-descent tuning and CUDA-graph warm-up and capture), and Dynamo's own
+    totals (tracing, the backend's pass and compiles inside)."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __enter__(self):
+        compile_graph = runtime.inductor
+        graphs = self.graphs
+
+        def timed(gm, inputs, decode=False, cudagraphs=False):
+            start = time.perf_counter()
+            compiled = compile_graph(gm, inputs, decode=decode, cudagraphs=cudagraphs)
+            row = {"phase": "decode" if decode else "other", "cudagraphs": cudagraphs,
+                   "compile_s": round(time.perf_counter() - start, 2), "calls_s": []}
+            graphs.append(row)
+
+            def run(*args):
+                if len(row["calls_s"]) >= 3:
+                    return compiled(*args)
+                sync()
+                begin = time.perf_counter()
+                out = compiled(*args)
+                sync()
+                row["calls_s"].append(round(time.perf_counter() - begin, 2))
+                return out
+            return run
+
+        self.saved = compile_graph
+        runtime.inductor = timed
+        torch._dynamo.utils.compilation_time_metrics.clear()
+        return self
+
+    def __exit__(self, *exc):
+        runtime.inductor = self.saved
+
+    def summary(self) -> dict:
+        metrics = torch._dynamo.utils.compilation_time_metrics
+        dynamo = {name: round(sum(times), 2) for name, times in metrics.items()
+                  if sum(times) >= 0.5}
+        return {"graphs": self.graphs, "dynamo_s": dynamo}
+
+
+def one_call(model, ids, steps: int, new_cache=None, **kwargs):
+    timer = Steps()
+    if new_cache is not None:
+        kwargs[cache_argument()] = new_cache()
+    weights = torch.cuda.memory_allocated() if CUDA else 0
+    reset_peak()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                             do_sample=False, return_dict_in_generate=True,
+                             logits_processor=LogitsProcessorList([timer]), **kwargs)
+    wall = time.perf_counter() - start
+    gaps = [b - a for a, b in zip(timer.times, timer.times[1:])]
+    held = None if timer.after_prefill is None else (timer.after_prefill - weights) / GIB
+    return out, {"first_token_ms": round((timer.times[0] - start) * 1e3, 1),
+                 "decode_ms_per_token": round(statistics.median(gaps) * 1e3, 3),
+                 "wall_s": round(wall, 2), "peak_gib": round(peak_gib(), 2),
+                 "held_after_prefill_gib": None if held is None else round(held, 3)}
+
+
+def measure(model, ids, steps: int, setup: str, **kwargs) -> dict:
+    """First call (compiles), then a second call measured."""
+    start = time.perf_counter()
+    with CompileTimes() as compiles:
+        one_call(model, ids, steps, **kwargs)
+    first = time.perf_counter() - start
+    with HostTime() as host:
+        out, row = one_call(model, ids, steps, **kwargs)
+    row = {"setup": setup, "context": ids.shape[1], "first_call_s": round(first, 1), **row}
+    if host.calls:
+        row["backend_host_us_per_call"] = host.us_per_call
+    if compiles.graphs:
+        row["first_call_compiles"] = compiles.summary()
+    return out, row
+
+
+def bare_step_ms(forward, cache, ids, steps: int) -> float:
+    """The decode step in a loop of its own over `cache` (positions continue after it)."""
+    position = ids.shape[1] + steps
+    token = ids[:, -1:]
+    times = []
+    with torch.no_grad():
+        for step in range(steps + 3):
+            sync()
+            start = time.perf_counter()
+            forward(token, position_ids=torch.tensor([[position + step]], device=DEVICE),
+                    **{cache_argument(): cache}, logits_to_keep=1)
+            sync()
+            times.append(time.perf_counter() - start)
+    return round(statistics.median(times[3:]) * 1e3, 3)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 131072])
+    parser.add_argument("--setups", nargs="+",
+                        default=["generate", "static", "rocketkv", "rocketkv-cache"])
+    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--tiny", action="store_true", help="a small model: checks the script")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.tiny:
+        args.contexts, args.budget, args.steps = [300], 32, 4
+    model = build(tiny() if args.tiny else llama_8b())
+    meta = run_meta(model, args.steps)
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({**meta, "budget": args.budget, "rows": rows}, f, indent=1)
+
+    options = {"token_budget": args.budget, "max_new_tokens": args.steps + 1}
+    eager_forward = model.forward
+    # compiled once for every context, as a user compiles a model once for all prompts
+    compiled_forward = torch.compile(eager_forward, backend="rocketkv", options=options)
+    for context in args.contexts:
+        ids = torch.randint(0, model.config.vocab_size, (1, context),
+                            generator=torch.Generator().manual_seed(context)).to(DEVICE)
+        model.set_attn_implementation("sdpa")
+        if "generate" in args.setups:
+            record(measure(model, ids, args.steps, "generate")[1])
+            cleanup()
+        if "static" in args.setups:
+            record(measure(model, ids, args.steps, "static", cache_implementation="static")[1])
+            cleanup()
+        if "rocketkv" in args.setups or "rocketkv-cache" in args.setups:
+            model.forward = compiled_forward
+            try:
+                if "rocketkv" in args.setups:
+                    out, row = measure(model, ids, args.steps, "rocketkv")
+                    cache = returned_cache(out)
+                    row["stored_after_generate"] = rkv_compile.stored(cache)[0].lengths[0]
+                    record(row)
+                    record({"setup": "bare", "context": context, "decode_ms_per_token":
+                            bare_step_ms(model.forward, cache, ids, args.steps)})
+                    del out, cache
+                if "rocketkv-cache" in args.setups:
+                    record(measure(model, ids, args.steps, "rocketkv-cache", new_cache=lambda:
+                                   RocketKVCache(model.config, args.steps + 1))[1])
+            finally:
+                model.forward = eager_forward
+            cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""The runtime contract, tested through transformers' `generate` as users drive it: every way
+either compresses with the eager oracle's tokens (`rkv_compile.eager.generate_like`, the same
+generate with the policy applied eagerly) or runs exact with a RuntimeWarning from rkv_compile.
+
+A property test draws sessions: sequences of calls in one process over one model, with prompt
+lengths, caches, generate modes (greedy, beam search, sampling several sequences) and option
+sets drawn, each option set compiled once and reused, as an eval loop or a sweep would. Then the
+cases users met, one test each."""
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from models import VOCAB, TinyGPT, compiled, greedy, oracle_gpt_tokens, prompt, stored_lengths
+from transformers import CompileConfig, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import rkv_compile
+from rkv_compile import RocketKVConfig
+from rkv_compile.backend import make_backend
+from rkv_compile.cache import RocketKVCache
+from rkv_compile.eager import generate_like
+from rkv_compile.hf import cache_argument, returned_cache
+from rkv_compile.passes.sites import value_of
+from rkv_compile.state import stored
+
+STEPS = 5
+OPTION_SETS = [
+    {"token_budget": 64, "max_new_tokens": STEPS},
+    {"token_budget": 48, "max_new_tokens": STEPS, "policy": "snapkv"},
+    {"token_budget": 48, "max_new_tokens": STEPS, "policy": "h2o"},
+    {"token_budget": 64, "max_new_tokens": STEPS, "kv_bits": 4},
+]
+MODES = {
+    "greedy": {"do_sample": False},
+    "beams": {"do_sample": False, "num_beams": 2},
+    "sampled": {"do_sample": True, "num_return_sequences": 2, "top_k": 8},
+}
+
+
+def tiny_llama(seed: int = 0):
+    """A tiny random Llama whose compressed and exact tokens differ (initializer_range 0.3)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, initializer_range=0.3,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+class Session:
+    """One model in one process; each option set compiled once (`model.forward = torch.compile
+    (...)`), swapped in per call."""
+
+    def __init__(self, model):
+        self.model, self.eager, self.forwards = model, model.forward, {}
+
+    def generate(self, ids, options: dict | None, cache: str, mode: str, seed: int, **kwargs):
+        key = repr(sorted(options.items())) if options is not None else None
+        if options is not None and key not in self.forwards:
+            self.forwards[key] = compiled(self.eager, options, inductor=False)
+        self.model.forward = self.forwards[key] if options is not None else self.eager
+        cache_object = RocketKVCache(self.model.config, STEPS) if cache == "rocketkv" else None
+        torch.manual_seed(seed)
+        try:
+            with torch.no_grad():
+                return self.model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                                           return_dict_in_generate=True, **MODES[mode],
+                                           **{cache_argument(): cache_object}, **kwargs)
+        finally:
+            self.model.forward = self.eager
+
+    def oracle(self, ids, options: dict, mode: str, seed: int):
+        torch.manual_seed(seed)
+        return generate_like(self.model, ids, RocketKVConfig.from_options(options),
+                             max_new_tokens=STEPS, min_new_tokens=STEPS,
+                             return_dict_in_generate=True, **MODES[mode]).sequences
+
+
+def assert_compressed_as_the_oracle(session, ids, options, cache, mode, seed):
+    out = session.generate(ids, options, cache, mode, seed)
+    assert torch.equal(out.sequences, session.oracle(ids, options, mode, seed))
+    config = RocketKVConfig.from_options(options)
+    layers = stored(returned_cache(out))
+    assert all(layer is not None for layer in layers), "every layer is compressed"
+    budget = config.plan(ids.shape[1], 16).prompt_budget
+    if ids.shape[1] > budget and not config.method.keeps_history and config.method.budgeted:
+        assert max(layers[0].lengths) < ids.shape[1] + STEPS - 1
+    return out
+
+
+CALLS = st.tuples(st.integers(30, 260), st.sampled_from(["dynamic", "rocketkv"]),
+                  st.sampled_from(sorted(MODES)), st.integers(0, len(OPTION_SETS) - 1),
+                  st.integers(0, 2**16))
+
+
+@settings(deadline=None, max_examples=6)
+@given(calls=st.lists(CALLS, min_size=2, max_size=4))
+def test_generate_sessions_compress_as_the_oracle(calls):
+    """Drawn sequences of generate calls in one process: each call's sequences are the oracle's
+    and its cache is compressed, whatever came before it (prompt lengths, option sets, modes,
+    caches)."""
+    torch._dynamo.reset()
+    session = Session(tiny_llama())
+    for length, cache, mode, options, seed in calls:
+        ids = prompt(length, seed=seed)
+        assert_compressed_as_the_oracle(session, ids, OPTION_SETS[options], cache, mode, seed)
+
+
+def test_compression_changes_this_models_tokens():
+    """The oracle comparisons are not vacuous: here compressed and exact tokens differ."""
+    session = Session(tiny_llama())
+    ids = prompt(250, seed=3)
+    exact = session.generate(ids, None, "dynamic", "greedy", 0).sequences
+    for options in OPTION_SETS[:2]:
+        assert not torch.equal(session.oracle(ids, options, "greedy", 0), exact)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "rocketkv"])
+def test_an_eval_loop_over_twelve_prompt_lengths(cache):
+    """One compiled forward, twelve prompt lengths: every prompt compressed as the oracle, by a
+    few graphs (none per length: plans are read at run time)."""
+    graphs = []
+    backend = make_backend(compiler=lambda gm, ex: graphs.append(gm) or gm.forward)
+    options = OPTION_SETS[0]
+    session = Session(tiny_llama())
+    session.forwards[repr(sorted(options.items()))] = torch.compile(
+        session.eager, backend=lambda gm, ex: backend(gm, ex, options=options))
+    for length in range(100, 220, 10):
+        assert_compressed_as_the_oracle(session, prompt(length, seed=length), options, cache,
+                                        "greedy", 0)
+    # prefill (a static then a symbolic length), decode (transformers 5.17: one more, as its
+    # attention mask's length turns symbolic)
+    assert len(graphs) <= 5
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "rocketkv"])
+def test_beam_search_compresses_as_the_oracle(cache):
+    session = Session(tiny_llama())
+    out = assert_compressed_as_the_oracle(session, prompt(220, seed=5), OPTION_SETS[0], cache,
+                                          "beams", 0)
+    assert out.sequences.shape[0] == 1
+
+
+def test_model_compile_form_compresses():
+    """`model.compile(backend="rocketkv", options=...)` compiles what generate calls."""
+    model = tiny_llama()
+    ids = prompt(220, seed=6)
+    expected = Session(model).oracle(ids, OPTION_SETS[0], "greedy", 0)
+    model.compile(backend="rocketkv", options=OPTION_SETS[0])
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                                 do_sample=False, return_dict_in_generate=True)
+    finally:
+        model._compiled_call_impl = None
+    assert torch.equal(out.sequences, expected)
+    assert stored(returned_cache(out))[0] is not None
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "rocketkv"])
+def test_compile_config_alone_is_exact(cache):
+    """transformers' compile_config compiles decode steps only, and only for a compileable cache
+    (a RocketKVCache is not one: generate would otherwise bypass the pass): generate runs
+    eagerly and exactly, and with a RocketKVCache rkv_compile says the prompt is stored whole."""
+    session = Session(tiny_llama())
+    ids = prompt(220, seed=7)
+    exact = session.generate(ids, None, "dynamic", "greedy", 0).sequences
+    config = CompileConfig(backend="rocketkv", options=OPTION_SETS[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = session.generate(ids, None, cache, "greedy", 0, compile_config=config)
+    assert torch.equal(out.sequences, exact)
+    ours = [w for w in caught if "stores a prompt whole" in str(w.message)]
+    assert len(ours) == (1 if cache == "rocketkv" else 0)
+
+
+def test_compile_config_beside_a_compiled_forward_compresses():
+    """With the forward compiled too, generate's prefill and decode both go through the pass."""
+    session = Session(tiny_llama())
+    ids = prompt(220, seed=8)
+    config = CompileConfig(backend="rocketkv", options=OPTION_SETS[0])
+    out = session.generate(ids, OPTION_SETS[0], "rocketkv", "greedy", 0, compile_config=config)
+    assert torch.equal(out.sequences, session.oracle(ids, OPTION_SETS[0], "greedy", 0))
+
+
+def test_compiling_the_module_does_not_reach_generate():
+    """`torch.compile(model).generate(...)` runs the module's own generate, whose forward is
+    not the compiled one: uncompressed and exact. (The README's usage says so.)"""
+    model = tiny_llama()
+    ids = prompt(220, seed=9)
+    with torch.no_grad():
+        exact = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
+        out = torch.compile(model, backend="rocketkv", options=OPTION_SETS[0]).generate(
+            ids, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, exact) and stored(returned_cache(out))[0] is None
+
+
+def test_bad_options_raise_value_error_at_the_first_call():
+    model = tiny_llama()
+    model.forward = torch.compile(model.forward, backend="rocketkv",
+                                  options={"token_budget": 64, "kernel_size": 4})
+    with pytest.raises(ValueError, match="kernel_size"):
+        with torch.no_grad():
+            model.generate(prompt(50), max_new_tokens=2)
+
+
+def test_the_whole_prompt_is_released_by_the_first_decode_step():
+    """A prefill that computes its positions (an arange, as Llama's forward does without
+    position_ids, and transformers 5.17's generate) keeps the whole prompt beside the
+    compressed cache until a decode step shows its positions do not derive from the stored
+    length; that step releases it."""
+    import rkv_compile.backend as runtime
+    model = tiny_llama()
+    forward = compiled(model.forward, OPTION_SETS[0], inductor=False)
+    cache = DynamicCache(config=model.config)
+    ids = prompt(220, seed=12)
+    with torch.no_grad():
+        logits = forward(ids, **{cache_argument(): cache}, use_cache=True).logits
+        assert cache.layers[0].keys.untyped_storage() in runtime.WHOLE_PROMPTS
+        forward(logits[:, -1:].argmax(-1), position_ids=torch.tensor([[220]]),
+                **{cache_argument(): cache}, use_cache=True)
+    assert stored(cache)[0] is not None and stored(cache)[0].lengths[0] < 220
+    assert cache.layers[0].keys.untyped_storage() not in runtime.WHOLE_PROMPTS
+
+
+def test_a_full_rocketkv_cache_names_its_argument():
+    session = Session(tiny_llama())
+    session.model.forward = compiled(session.eager, OPTION_SETS[0], inductor=False)
+    cache = RocketKVCache(session.model.config, 3)
+    with pytest.raises(RuntimeError, match="max_new_tokens"), torch.no_grad():
+        session.model.generate(prompt(220), max_new_tokens=20, min_new_tokens=20,
+                               do_sample=False, **{cache_argument(): cache})
+
+
+def test_a_dynamic_cache_grows_past_the_options_max_new_tokens():
+    """The option sizes a DynamicCache for 5 tokens; generating 24 grows it (the plan stays the
+    prompt's), with the oracle's tokens."""
+    session = Session(tiny_llama())
+    ids = prompt(220, seed=10)
+    options = OPTION_SETS[0]
+    session.model.forward = compiled(session.eager, options, inductor=False)
+    try:
+        with torch.no_grad():
+            out = session.model.generate(ids, max_new_tokens=24, min_new_tokens=24,
+                                         do_sample=False, return_dict_in_generate=True)
+    finally:
+        session.model.forward = session.eager
+    want = generate_like(session.model, ids, RocketKVConfig.from_options(options),
+                         max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert torch.equal(out.sequences, want)
+    assert stored_lengths(returned_cache(out))[0] == stored(returned_cache(out))[0].lengths[0]
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "rocketkv"])
+def test_decode_graphs_per_cache_size_serve_every_step(cache, monkeypatch):
+    """On CUDA a decode step is compiled per cache size, its integer inputs fixed (CUDA graphs
+    take only tensors). The attention mask's length grows every step but is dead once attention
+    is rewritten: one graph serves all steps, with the oracle's tokens. The CUDA path, run here
+    on the CPU (`on_cuda` forced)."""
+    import rkv_compile.backend as runtime
+    graphs = []
+
+    class PerSize(runtime.Runtime):
+        def __init__(self, *args):
+            super().__init__(*args[:-1], True)
+
+    monkeypatch.setattr(runtime, "Runtime", PerSize)
+    monkeypatch.setattr(runtime, "_capturable", lambda rewritten: True)   # as the Triton ops
+    backend = make_backend(compiler=lambda gm, ex: gm.forward,
+                           decode_compiler=lambda gm, ex: graphs.append(gm) or gm.forward)
+    session = Session(tiny_llama())
+    options = OPTION_SETS[0]
+    session.forwards[repr(sorted(options.items()))] = torch.compile(
+        session.eager, backend=lambda gm, ex: backend(gm, ex, options=options))
+    assert_compressed_as_the_oracle(session, prompt(210, seed=4), options, cache, "greedy", 0)
+    assert len(graphs) == 1
+    assert not any(isinstance(value_of(p), torch.SymInt) or p.type is int
+                   for p in graphs[0].graph.find_nodes(op="placeholder"))
+
+
+def test_a_decode_input_growing_every_step_runs_one_symbolic_graph(monkeypatch):
+    """A decode step that reads an input growing every step cannot be one graph per cache size:
+    after two it runs one graph of symbolic sizes (no CUDA graphs), with a warning, and the
+    oracle's tokens. The CUDA path, on the CPU."""
+    import rkv_compile.backend as runtime
+    graphs = []
+
+    class PerSize(runtime.Runtime):
+        def __init__(self, *args):
+            super().__init__(*args[:-1], True)
+
+    class ReadsAGrowingInput(TinyGPT):
+        zeros = torch.zeros(1)
+
+        def forward(self, idx, positions=None, past=None):
+            logits, presents = super().forward(idx, positions, past)
+            logits = logits + self.zeros.sum()
+            self.zeros = torch.zeros(self.zeros.shape[0] + 1)
+            return logits, presents
+
+    monkeypatch.setattr(runtime, "Runtime", PerSize)
+    monkeypatch.setattr(runtime, "_capturable", lambda rewritten: True)
+    backend = make_backend(compiler=lambda gm, ex: gm.forward,
+                           decode_compiler=lambda gm, ex: graphs.append(gm) or gm.forward)
+    options = {"token_budget": 64, "max_new_tokens": 8}
+    model, ids = ReadsAGrowingInput().eval(), prompt(200, seed=6)
+    forward = torch.compile(model, backend=lambda gm, ex: backend(gm, ex, options=options))
+    with pytest.warns(RuntimeWarning, match="change size from step to step"):
+        tokens, _ = greedy(forward, ids, 8)
+    assert tokens == oracle_gpt_tokens(model, ids, RocketKVConfig.from_options(options), 8)[0]
+    symbolic = [any(isinstance(value_of(p), torch.SymInt)
+                    for p in g.graph.find_nodes(op="placeholder")) for g in graphs]
+    assert symbolic[-1] and not any(symbolic[:-1]) and len(graphs) >= 3
+
+
+def test_near_the_recompile_limit_prompts_stay_exact():
+    """Dynamo runs a function eagerly after `recompile_limit` graphs, and an eager decode step
+    cannot read a compressed cache: near the limit a prompt stays exact, with a warning, and
+    when the limit is reached the backend says so too. Never wrong tokens."""
+    session = Session(tiny_llama())
+    ids = prompt(220, seed=11)
+    exact = session.generate(ids, None, "dynamic", "greedy", 0).sequences
+    limit = torch._dynamo.config.recompile_limit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            session.generate(ids, OPTION_SETS[0], "dynamic", "greedy", 0)  # installs the backend
+            torch._dynamo.config.recompile_limit = 2
+            outs = [session.generate(prompt(n, seed=n), OPTION_SETS[i % 2], "dynamic",
+                                     "greedy", 0) for i, n in enumerate((220, 221, 222, 223))]
+        finally:
+            torch._dynamo.config.recompile_limit = limit
+    messages = [str(w.message) for w in caught if "rocketkv" in str(w.message)]
+    assert any("recompile_limit" in m for m in messages)
+    for n, out in zip((220, 221, 222, 223), outs):
+        exact_n = session.generate(prompt(n, seed=n), None, "dynamic", "greedy", 0).sequences
+        if stored(returned_cache(out))[0] is None:
+            assert torch.equal(out.sequences, exact_n)
+    assert exact.shape == outs[0].sequences.shape
+
+
+def test_our_code_gives_no_future_warning():
+    """rkv_compile passes the cache by the name the installed transformers takes."""
+    model = tiny_llama()
+    ids = prompt(120)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rkv_compile.eager.generate(model, ids, RocketKVConfig.from_options(OPTION_SETS[0]), 3)
+        Session(model).generate(ids, OPTION_SETS[0], "rocketkv", "greedy", 0)
+    ours = [w for w in caught if issubclass(w.category, FutureWarning) and
+            "rkv_compile" in w.filename]
+    assert not ours, [str(w.message) for w in ours]
