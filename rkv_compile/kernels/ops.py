@@ -113,7 +113,7 @@ def _(query, keys, values, scale, policy):
 def decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
                   ) -> Tensor:
     """RocketKV's stage 2 over a packed layer through the Triton kernels (CUDA): each row's
-    chunk and query dims from its header, the chunk summaries where the layer keeps them."""
+    chunk and query dims from its header."""
     return triton_decode.packed_sparse_decode(query, keys, values, scale, topk)
 
 
@@ -168,11 +168,9 @@ def _(query, key, value, mask, scale, chunk, dims, topk, policy):
 
 @triton_op("rocketkv::sparse_decode_triton", mutates_args=())
 def sparse_decode_triton(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                         scale: float, chunk: list[int], dims: list[int], topk: list[int],
-                         key_min: Tensor | None = None, key_max: Tensor | None = None) -> Tensor:
+                         scale: float, chunk: list[int], dims: list[int], topk: list[int]
+                         ) -> Tensor:
     """Stage 2 through the Triton kernels over plain keys (mask: None or boolean)."""
     if len(set(topk)) != 1:
         raise ValueError(f"rocketkv: the Triton decode takes one top-k for every row (got {topk})")
-    summaries = None if key_min is None else (key_min, key_max)
-    return triton_decode.sparse_decode(query, key, value, mask, scale, chunk, dims, topk[0],
-                                       summaries)
+    return triton_decode.sparse_decode(query, key, value, mask, scale, chunk, dims, topk[0])

@@ -4,8 +4,8 @@ Read block by block:
 1. `_chunk_logits_kernel`, per KV head and block of chunks. Query prep first: the sign of each
    dim's group sum, the r dims of largest group-mean |q|, SparQ's temperature. Then each chunk's
    bound over the chosen dims only (max of K where the sign is +, min where -), built from the
-   chunk's K rows or read from the cache's min/max summaries, and its dot product with each
-   query head: one approximate logit per (query head, chunk). No token-level score is written.
+   chunk's K rows as they are read, and its dot product with each query head: one approximate
+   logit per (query head, chunk). No token-level score is written.
 2. `_select_kernel`, one program per KV head holding all its chunks in registers: per-chunk
    softmax and group mean (the reference's scores), the k-th largest token score by a binary
    search over its bits, then the selected slots in slot order (ties to the earlier slot, as a
@@ -14,8 +14,12 @@ Read block by block:
    one KV head and one split of its slot list, loads the K/V rows in place by index (nothing is
    gathered into a new tensor), and runs an online softmax for the whole GQA group at once.
 4. `_combine_kernel`: merges the splits' partial outputs with their running max and sum.
-Kernels are launched through `wrap_triton`, so that inside the `rocketkv::sparse_decode_triton`
-op (ops.py) Inductor sees and schedules them with the rest of the graph.
+5. `_append_packed_kernel`: a decode token into a packed layer's next slot, in place, with its
+   header's counts (one launch for every row and head).
+Kernels are launched through `wrap_triton`, so that inside the `rocketkv::decode_triton` op
+(ops.py; over a packed layer, each row's plan read from its header) and
+`rocketkv::sparse_decode_triton` (over plain keys, for the tests and benchmarks) Inductor sees
+and schedules them with the rest of the graph.
 """
 from __future__ import annotations
 
@@ -32,13 +36,11 @@ from .. import state as S
 
 @triton.jit
 def _chunk_logits_kernel(
-    q_ptr, k_ptr, kmin_ptr, kmax_ptr, valid_ptr, plan_ptr, out_ptr,
+    q_ptr, k_ptr, valid_ptr, plan_ptr, out_ptr,
     n, chunk, chunks, dims, Hkv,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_sc,
-    stride_vb,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, FROM_KEYS: tl.constexpr,
-    PER_ROW: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b, h = bh // Hkv, bh % Hkv
@@ -71,9 +73,9 @@ def _chunk_logits_kernel(
     temperature = tl.maximum(tl.sqrt(D * tl.sum(tl.abs(q_r), axis=1) / q_norm), 1e-6)
     q_r = q_r / temperature[:, None]
 
-    # Bounds of BLOCK_C chunks over the chosen dims only: built from the chunk's K rows, or read
-    # from the cache's min/max summaries. Live slots per chunk: a partial last chunk and masked
-    # slots count less; a chunk without any (past a row's last chunk too) gets no logit.
+    # Bounds of BLOCK_C chunks over the chosen dims only, built from the chunk's K rows. Live
+    # slots per chunk: a partial last chunk and masked slots count less; a chunk without any
+    # (past a row's last chunk too) gets no logit.
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < chunks
     live = tl.zeros((BLOCK_C,), tl.int32)
@@ -86,16 +88,10 @@ def _chunk_logits_kernel(
         if HAS_VALID:
             ok &= tl.load(valid_ptr + b * stride_vb + slot, mask=ok, other=0) != 0
         live += ok.to(tl.int32)
-        if FROM_KEYS:
-            rows_ok = ok[:, None] & chosen[None, :]
-            rows = tl.load(k_base + slot[:, None] * stride_kn + d[None, :], mask=rows_ok).to(tl.float32)
-            kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
-            kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
-    if not FROM_KEYS:
-        s_off = b * stride_sb + h * stride_sh + c[:, None] * stride_sc + d[None, :]
-        s_ok = c_ok[:, None] & chosen[None, :]
-        kmin = tl.load(kmin_ptr + s_off, mask=s_ok, other=float("inf")).to(tl.float32)
-        kmax = tl.load(kmax_ptr + s_off, mask=s_ok, other=float("-inf")).to(tl.float32)
+        rows_ok = ok[:, None] & chosen[None, :]
+        rows = tl.load(k_base + slot[:, None] * stride_kn + d[None, :], mask=rows_ok).to(tl.float32)
+        kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
+        kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
     bound = tl.where(chosen[None, :] & (live > 0)[:, None],
                      tl.where(positive[None, :], kmax, kmin), 0.0)
     for gi in tl.static_range(G):
@@ -289,30 +285,27 @@ def row_plans(chunk: int | Sequence[int], dims: int | Sequence[int], device
 
 
 def chunk_logits(query: Tensor, key: Tensor, chunk: int, dims: int, valid: Tensor | None = None,
-                 summaries: tuple[Tensor, Tensor] | None = None, per_row: Tensor | None = None
-                 ) -> Tensor:
+                 per_row: Tensor | None = None) -> Tensor:
     """Stage 2's approximate logit per (query head, chunk): (B, Hkv, G, C) float32, -inf for a
     chunk with no live slot, as reference.chunk_logits.
 
-    valid: None or (B, n) uint8, 0 for masked slots (batch stride may be 0). summaries: the
-    cache's per-chunk (min, max) of K, (B, Hkv, C, D) each; without them they are built from K.
-    per_row: None, or each row's (chunk, dims) (`row_plans`; `chunk` is then the smallest).
+    valid: None or (B, n) uint8, 0 for masked slots (batch stride may be 0). per_row: None, or
+    each row's (chunk, dims) (`row_plans`; `chunk` is then the smallest).
     """
     B, Hkv, n, D = key.shape
     G = query.shape[1] // Hkv
     chunks = triton.cdiv(n, chunk)
     logits = torch.empty(B, Hkv, G, chunks, device=key.device, dtype=torch.float32)
-    kmin, kmax = summaries if summaries is not None else (key, key)
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_C = 16
     wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(chunks, BLOCK_C))](
-        query, key, kmin, kmax, valid if valid is not None else key,
+        query, key, valid if valid is not None else key,
         per_row if per_row is not None else key, logits,
         n, chunk, chunks, dims, Hkv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        kmin.stride(0), kmin.stride(1), kmin.stride(2), valid.stride(0) if valid is not None else 0,
+        valid.stride(0) if valid is not None else 0,
         G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
-        HAS_VALID=valid is not None, FROM_KEYS=summaries is None, PER_ROW=per_row is not None)
+        HAS_VALID=valid is not None, PER_ROW=per_row is not None)
     return logits
 
 
@@ -371,16 +364,13 @@ def slot_validity(mask: Tensor | None, batch: int, n: int) -> Tensor | None:
 
 
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
-                  chunk: int | Sequence[int], dims: int | Sequence[int], topk: int,
-                  summaries: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                  chunk: int | Sequence[int], dims: int | Sequence[int], topk: int) -> Tensor:
     """Stage 2 for one decode step, as reference.sparse_decode (mask: None or boolean; chunk
     and dims: one for every row or one per row)."""
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     valid = slot_validity(mask, key.shape[0], key.shape[2])
     chunk, dims, per_row = row_plans(chunk, dims, key.device)
-    if per_row is not None and summaries is not None:
-        raise ValueError("rocketkv: chunk summaries serve rows of one chunk size only")
-    logits = chunk_logits(query, key, chunk, dims, valid, summaries, per_row)
+    logits = chunk_logits(query, key, chunk, dims, valid, per_row)
     slots = select_slots(logits, key.shape[2], chunk, topk, valid, per_row)
     return sparse_attention(query, key, value, slots, scale, valid)
 
@@ -411,6 +401,6 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
     valid = layer.valid()[:, 0, 0].to(torch.uint8).contiguous()
     per_row = torch.stack([layer.word(S.Word.CHUNK), layer.word(S.Word.DIMS)], 1).contiguous()
     query = query if query.stride(-1) == 1 else query.contiguous()
-    logits = chunk_logits(query, key, 1, 1, valid, None, per_row)
+    logits = chunk_logits(query, key, 1, 1, valid, per_row)
     slots = select_slots(logits, n, 1, topk, valid, per_row)
     return sparse_attention(query, key, value, slots, scale, valid)
