@@ -1,7 +1,10 @@
 """``rkv_compile.explain``: what the pass does with every attention site of a function."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import warnings
 from typing import Callable
 
 import torch
@@ -66,5 +69,21 @@ def explain(fn: Callable, *args, options: dict | None = None, **kwargs) -> Repor
 
     backend = make_backend(compiler=lambda gm, _: gm.forward, on_analysis=record)
     compiled = torch.compile(fn, backend=lambda gm, ex: backend(gm, ex, options=options))
-    compiled(*args, **kwargs)
+    with _dynamo_quiet():
+        compiled(*args, **kwargs)
     return Report(reports)
+
+
+@contextlib.contextmanager
+def _dynamo_quiet():
+    """Dynamo's own warnings while it traces `fn` (the graph breaks of generate's Python loop,
+    say) are not about attention: the report is what this call is for."""
+    logger = logging.getLogger("torch._dynamo")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Dynamo", category=UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
