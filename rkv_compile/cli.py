@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--depth", type=float, default=0.5, help="passkey position, 0..1")
     demo.add_argument("--seed", type=int, default=0)
 
+    explain = commands.add_parser(
+        "explain", formatter_class=defaults,
+        help="what the pass does at every attention site of SmolLM2-135M's generate, and why")
+    explain.add_argument("--context", type=int, default=1000, help="prompt length in tokens")
+    explain.add_argument("--options", default="token_budget=256,max_new_tokens=3",
+                         help="backend options, comma-separated key=value (policy=snapkv, ...)")
+
     evaluate = commands.add_parser(
         "eval", formatter_class=defaults,
         help="accuracy of the policies on long-context tasks with SmolLM2-135M")
@@ -73,7 +80,36 @@ def main(argv: list[str] | None = None) -> int:
 
         ok = run_demo(args.context, args.budget, args.max_new_tokens, args.depth, args.seed)
         return 0 if ok else 1
+    if args.command == "explain":
+        return _explain(args)
     return _eval(args)
+
+
+def _explain(args) -> int:
+    import torch
+
+    from .config import RocketKVConfig
+    from .hf import load_smollm2
+    from .passes.explain import explain
+
+    options = {}
+    for item in _list(args.options):
+        key, _, value = item.partition("=")
+        options[key] = None if value == "None" else int(value) if value.isdigit() else value
+    try:   # before loading the model
+        RocketKVConfig.from_options(options)
+    except ValueError as error:
+        print(f"rkv explain: {error}", file=sys.stderr)
+        return 2
+    model, _ = load_smollm2()
+    ids = torch.randint(0, model.config.vocab_size, (1, args.context),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        report = explain(lambda: model.generate(ids, max_new_tokens=2, do_sample=False),
+                         options=options)
+    print(f"SmolLM2-135M-Instruct, a {args.context}-token prompt, options {options}:\n")
+    print(report)
+    return 0
 
 
 def _cuda() -> bool:

@@ -197,3 +197,13 @@ def test_a_stopped_run_resumes_where_it_stopped(tokenizer, tmp_path, monkeypatch
     other = evaluate.EvalSettings(["passkey"], ["full"], [64], [300], 1)
     with pytest.raises(ValueError, match="records.jsonl is the journal of a run with other"):
         evaluate.run(model, tokenizer, other, False, journal=journal)
+
+
+def test_rkv_explain_reports_smollm2s_sites(capsys):
+    """`rkv explain`: one row per attention site of SmolLM2's prefill and decode graphs (30
+    layers each); a bad option is named before the model loads."""
+    assert cli.main(["explain", "--context", "300"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("prefill: exact attention") == 30 and out.count("decode: rocketkv") == 30
+    assert cli.main(["explain", "--options", "token_budget=64,policy=nope"]) == 2
+    assert "'policy' must be one of" in capsys.readouterr().err
