@@ -204,8 +204,6 @@ def run(model, tokenizer, settings: EvalSettings, progress: bool = True,
     done = book.done if book is not None else set()
 
     def emit(record: dict) -> None:
-        if _key(record) in done:
-            return
         records.append(record)
         if book is not None:
             book.add(record)

@@ -253,23 +253,29 @@ def test_a_dynamic_cache_grows_past_the_options_max_new_tokens():
     assert stored_lengths(returned_cache(out))[0] == stored(returned_cache(out))[0].lengths[0]
 
 
+def cuda_decode_backend(monkeypatch, graphs: list):
+    """The backend as on CUDA (`on_cuda` forced, decode ops taken as CUDA-graph capturable), run
+    on the CPU: prefill graphs as FX, each decode graph appended to `graphs`."""
+    import rkv_compile.backend as runtime
+
+    class OnCuda(runtime.Runtime):
+        def __init__(self, *args):
+            super().__init__(*args[:-1], True)
+
+    monkeypatch.setattr(runtime, "Runtime", OnCuda)
+    monkeypatch.setattr(runtime, "_capturable", lambda rewritten: True)   # as the Triton ops
+    return make_backend(compiler=lambda gm, ex: gm.forward,
+                        decode_compiler=lambda gm, ex: graphs.append(gm) or gm.forward)
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "rocketkv"])
 def test_decode_graphs_per_cache_size_serve_every_step(cache, monkeypatch):
     """On CUDA a decode step is compiled per cache size, its integer inputs fixed (CUDA graphs
     take only tensors). The attention mask's length grows every step but is dead once attention
     is rewritten: one graph serves all steps, with the oracle's tokens. The CUDA path, run here
     on the CPU (`on_cuda` forced)."""
-    import rkv_compile.backend as runtime
     graphs = []
-
-    class PerSize(runtime.Runtime):
-        def __init__(self, *args):
-            super().__init__(*args[:-1], True)
-
-    monkeypatch.setattr(runtime, "Runtime", PerSize)
-    monkeypatch.setattr(runtime, "_capturable", lambda rewritten: True)   # as the Triton ops
-    backend = make_backend(compiler=lambda gm, ex: gm.forward,
-                           decode_compiler=lambda gm, ex: graphs.append(gm) or gm.forward)
+    backend = cuda_decode_backend(monkeypatch, graphs)
     session = Session(tiny_llama())
     options = OPTION_SETS[0]
     session.forwards[repr(sorted(options.items()))] = torch.compile(
@@ -284,12 +290,7 @@ def test_a_decode_input_growing_every_step_runs_one_symbolic_graph(monkeypatch):
     """A decode step that reads an input growing every step cannot be one graph per cache size:
     after two it runs one graph of symbolic sizes (no CUDA graphs), with a warning, and the
     oracle's tokens. The CUDA path, on the CPU."""
-    import rkv_compile.backend as runtime
     graphs = []
-
-    class PerSize(runtime.Runtime):
-        def __init__(self, *args):
-            super().__init__(*args[:-1], True)
 
     class ReadsAGrowingInput(TinyGPT):
         zeros = torch.zeros(1)
@@ -300,10 +301,7 @@ def test_a_decode_input_growing_every_step_runs_one_symbolic_graph(monkeypatch):
             self.zeros = torch.zeros(self.zeros.shape[0] + 1)
             return logits, presents
 
-    monkeypatch.setattr(runtime, "Runtime", PerSize)
-    monkeypatch.setattr(runtime, "_capturable", lambda rewritten: True)
-    backend = make_backend(compiler=lambda gm, ex: gm.forward,
-                           decode_compiler=lambda gm, ex: graphs.append(gm) or gm.forward)
+    backend = cuda_decode_backend(monkeypatch, graphs)
     options = {"token_budget": 64, "max_new_tokens": 8}
     model, ids = ReadsAGrowingInput().eval(), prompt(200, seed=6)
     forward = torch.compile(model, backend=lambda gm, ex: backend(gm, ex, options=options))
