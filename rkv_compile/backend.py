@@ -38,7 +38,7 @@ from .diagnostics import log, warn_once
 from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
 from .passes.kv_source import KVSource
 from .passes.rewrite import (DECODE, PREFILL, TURN, UNSUPPORTED, CacheIO, SiteDecision, analyse,
-                             apply, computes_positions)
+                             apply, computes_positions, eliminate_dead_code)
 from .passes.sites import value_of
 
 Compiler = Callable[[GraphModule, Sequence], Callable]
@@ -150,8 +150,10 @@ class Runtime:
         self.ios = self.main.ios
         self.example_inputs = example_inputs
         # On CUDA a decode step CUDA graphs can hold is compiled for each size of its caches
-        # (CUDA graphs take static shapes), replayed as a CUDA graph.
-        self.per_size = on_cuda and self.phase == DECODE and _capturable(rewritten)
+        # (CUDA graphs take static shapes), replayed as a CUDA graph (unless the options turn
+        # CUDA graphs off).
+        self.per_size = on_cuda and config.cudagraphs is not False and \
+            self.phase == DECODE and _capturable(rewritten)
         if self.per_size:
             self.sizes: dict[tuple, list[tuple[Callable, dict]]] = {}
         else:
@@ -373,23 +375,25 @@ def _with_sizes_fixed(gm: GraphModule, args: list, compile_graph: Compiler) -> t
     Inductor's CUDA graphs take only tensor inputs (an int among them skips them without a
     word), so the integer inputs (the symbolic sizes Dynamo passes beside dynamic tensors) become
     constants of the graph and are dropped from its inputs. Most are dead once the pass has
-    rewritten attention (the attention mask, whose length grows every step): those are dropped
-    unread, so that a graph serves every step."""
+    rewritten attention (the attention mask, whose length grows every step): those inputs are
+    dropped too (Inductor checks the size of every input it is given), so that a graph serves
+    every step."""
     gm = _copy_graph_module(gm)
-    gm.graph.eliminate_dead_code()
-    ints = [i for i, arg in enumerate(args) if not isinstance(arg, torch.Tensor)]
+    eliminate_dead_code(gm.graph)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    constants = {placeholders[i]: args[i] for i in ints}
-    fixed = {i: _size_key(args[i]) for i, node in enumerate(placeholders) if node.users and (
-        i in constants or any(isinstance(n, torch.SymInt)
-                              for n in getattr(value_of(node), "shape", ())))}
+    read = [i for i, p in enumerate(placeholders) if p.users]
+    fixed = {i: _size_key(args[i]) for i in read if not isinstance(args[i], torch.Tensor) or any(
+        isinstance(n, torch.SymInt) for n in getattr(value_of(placeholders[i]), "shape", ()))}
+    constants = {placeholders[i]: args[i] for i in read
+                 if not isinstance(args[i], torch.Tensor)}
     for node in gm.graph.nodes:
         node.args = map_arg(node.args, lambda n: constants.get(n, n))
         node.kwargs = map_arg(node.kwargs, lambda n: constants.get(n, n))
-    for node in constants:
-        gm.graph.erase_node(node)
+    for p in placeholders:
+        if not p.users:
+            gm.graph.erase_node(p)
     gm.recompile()
-    tensors = [i for i in range(len(args)) if i not in set(ints)]
+    tensors = [i for i in read if isinstance(args[i], torch.Tensor)]
     compiled = compile_graph(gm, [args[i] for i in tensors])
 
     def run(*call_args):

@@ -282,8 +282,51 @@ def test_decode_graphs_per_cache_size_serve_every_step(cache, monkeypatch):
         session.eager, backend=lambda gm, ex: backend(gm, ex, options=options))
     assert_compressed_as_the_oracle(session, prompt(210, seed=4), options, cache, "greedy", 0)
     assert len(graphs) == 1
-    assert not any(isinstance(value_of(p), torch.SymInt) or p.type is int
-                   for p in graphs[0].graph.find_nodes(op="placeholder"))
+    placeholders = graphs[0].graph.find_nodes(op="placeholder")
+    assert not any(isinstance(value_of(p), torch.SymInt) or p.type is int for p in placeholders)
+    assert all(p.users for p in placeholders)   # the mask, dead, is no input either
+    appends = [n for n in graphs[0].graph.nodes
+               if str(n.target).startswith("rocketkv.append_")]
+    assert len(appends) == 2   # the token into each layer
+
+
+def test_without_cuda_graphs_a_decode_step_is_one_symbolic_graph(monkeypatch):
+    """Per-size graphs exist for CUDA graphs: with the option off, the CUDA path compiles one
+    graph of symbolic sizes for every step."""
+    graphs = []
+    backend = cuda_decode_backend(monkeypatch, graphs)
+    session = Session(tiny_llama())
+    options = {**OPTION_SETS[0], "cudagraphs": False}
+    session.forwards[repr(sorted(options.items()))] = torch.compile(
+        session.eager, backend=lambda gm, ex: backend(gm, ex, options=options))
+    assert_compressed_as_the_oracle(session, prompt(210, seed=4), options, "rocketkv", "greedy",
+                                    0)
+    assert len(graphs) == 1
+    assert any(isinstance(n, torch.SymInt) for p in graphs[0].graph.find_nodes(op="placeholder")
+               for n in getattr(value_of(p), "shape", ()))
+
+
+def test_a_per_size_graph_keeps_an_append_fx_does_not_count_impure(monkeypatch):
+    """torch 2.11's FX counts a call of a custom op's packet (`torch.ops.rocketkv.append_`, as
+    Dynamo traces a RocketKVCache's append) pure: its dead-code elimination dropped the append
+    of every decode step on CUDA. The per-size graph keeps it whatever FX says."""
+    import rkv_compile.backend as runtime
+    from rkv_compile import state as S
+    from rkv_compile.kernels import cache_ops
+
+    def step(keys, values, key, value, length):
+        torch.ops.rocketkv.append_(keys, values, key, value)
+        return key * length
+
+    gm = torch.fx.symbolic_trace(step)
+    monkeypatch.setattr(torch.fx.Node, "is_impure",
+                        lambda self, *a, **k: self.op in ("placeholder", "output"))
+    keys, values = cache_ops.store(torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8), 4)
+    new = torch.randn(1, 2, 1, 8)
+    run, fixed = runtime._with_sizes_fixed(gm, [keys, values, new, new, 3],
+                                           lambda g, inputs: g.forward)
+    torch.testing.assert_close(run(keys, values, new, new, 3), new * 3)
+    assert S.read(keys, values).stored.tolist() == [21] and fixed == {4: 3}
 
 
 def test_a_decode_input_growing_every_step_runs_one_symbolic_graph(monkeypatch):

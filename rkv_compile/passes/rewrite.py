@@ -500,16 +500,20 @@ def _make_causal(site: AttentionSite) -> None:
     site.output.kwargs = arguments
 
 
-def _is_impure(node: Node) -> bool:
-    """Kept by dead-code elimination: side effects, and ops that write their inputs, whose
-    results may go unused: in-place tensor methods (Dynamo writes an in-place all_reduce back
-    with `x.copy_(...)`, as under tensor parallelism; FX counts no method impure) and custom ops
-    with mutable arguments (older torch versions' FX does not count them, e.g.
-    rocketkv.append_)."""
-    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
-        return True
-    op = getattr(node.target, "default", node.target)
-    return node.is_impure() or bool(getattr(getattr(op, "_schema", None), "is_mutable", False))
+def eliminate_dead_code(graph: Graph) -> None:
+    """FX's dead-code elimination, keeping the ops that write their inputs: in-place tensor
+    methods (Dynamo writes an in-place all_reduce back with `x.copy_(...)`, as under tensor
+    parallelism; FX counts no method impure) and custom ops with mutable arguments, whose
+    results go unused (torch 2.11's FX does not count a call of the op packet Dynamo traces,
+    `torch.ops.rocketkv.append_`, impure: a RocketKVCache's append would vanish)."""
+    def impure(node: Node) -> bool:
+        if node.op == "call_method" and node.target.endswith("_") \
+                and not node.target.startswith("_"):
+            return True
+        op = getattr(node.target, "default", node.target)
+        return node.is_impure() or bool(getattr(getattr(op, "_schema", None), "is_mutable",
+                                                False))
+    graph.eliminate_dead_code(is_impure_node=impure)
 
 
 def apply(gm: GraphModule, decisions: list[SiteDecision], causal: frozenset[str] = frozenset(),
@@ -528,7 +532,7 @@ def apply(gm: GraphModule, decisions: list[SiteDecision], causal: frozenset[str]
     wholes = [node for _, _, _, whole in rw.caches if whole for node in whole]
     outputs = list(output.args[0]) + wholes
     output.args = (tuple(outputs),)
-    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()
     placeholders = list(graph.find_nodes(op="placeholder"))
