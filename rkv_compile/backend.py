@@ -123,6 +123,19 @@ class Variant:
     run: Callable
 
 
+@dataclasses.dataclass
+class CheckedCaches:
+    """The compressed caches a decode step last read and found room in: their addresses and
+    storages (weakly held), their Mirror entries and their slots. A step's cache tensors are
+    new views of the same storages each step; a live storage's address is its own (asking a
+    tensor for its storage costs more than the rest of a step's checks)."""
+
+    pointers: list[int]
+    storages: list[weakref.ref]
+    entries: list[list[int]]
+    slots: list[int]
+
+
 class Runtime:
     """A rewritten graph at run time (see the module docstring)."""
 
@@ -144,6 +157,7 @@ class Runtime:
         self.probe = self.phase == PREFILL and computes_positions(gm.graph, decisions)
         causal = frozenset(d.site.name for d in rewritten if isinstance(d.causal, CausalProof))
         self.padded = None   # the variant keeping the prefill masks: built on first need
+        self.last: CheckedCaches | None = None
         if self.fatal:       # it never runs rewritten
             return
         self.main = self._variant(causal)
@@ -180,10 +194,24 @@ class Runtime:
         """Whether a padding mask input masks a token (a 0 in a 2-D attention_mask)."""
         return any(bool((args[i] == 0).any()) for i in self.padding)
 
+    def _entries(self, args: list) -> list[list[int]]:
+        """The Mirror entry of each compressed cache the graph reads. A decode step mostly reads
+        the caches the step before it read (checked by `_make_room`, `self.last`): their
+        entries are reused, no lookup (the run time's host cost is per layer, every step)."""
+        last = self.last
+        if last is not None and all(
+                args[io.inputs[0]].data_ptr() == ptr and ref() is not None
+                for io, ptr, ref in zip(self.ios, last.pointers, last.storages)):
+            return last.entries
+        self.last = None
+        return [MIRROR.entry(args[io.inputs[0]]) for io in self.ios]
+
     def _make_room(self, args: list, entries: list[list[int]]) -> None:
         """Every compressed cache a decode step appends to gets a free slot: a DynamicCache's
         is grown (twice its slots); a RocketKVCache's is sized by its max_new_tokens. A
         DynamicCache cropped along its tokens (not a size the pass makes) is refused."""
+        if self.last is not None and all(e[0] < n for e, n in zip(entries, self.last.slots)):
+            return
         stateful = bool(self.config.method.state)
         for io, entry in zip(self.ios, entries):
             k, v = io.inputs
@@ -205,6 +233,10 @@ class Runtime:
             for i, tensor in zip((k, v), _grown(keys, args[v], self.config.method.state)):
                 self._swap(args, i, tensor)
             MIRROR.entries[args[k].untyped_storage()] = entry
+        keys = [args[io.inputs[0]] for io in self.ios]
+        self.last = CheckedCaches([k.data_ptr() for k in keys],
+                                  [weakref.ref(k.untyped_storage()) for k in keys], entries,
+                                  [S.Layout.of(k, stateful).slots for k in keys])
 
     def _swap(self, args: list, index: int, tensor: torch.Tensor) -> None:
         """Another cache tensor in input `index`, and its length in the symbolic-size inputs
@@ -243,8 +275,7 @@ class Runtime:
         args = list(args)
         if self.fatal:
             return self._refused(args, self.fatal[0].reason, self.fatal)
-        entries = [] if self.phase == PREFILL else \
-            [MIRROR.entry(args[io.inputs[0]]) for io in self.ios]
+        entries = [] if self.phase == PREFILL else self._entries(args)
         flags = 0
         for entry in entries:
             flags |= entry[1]
