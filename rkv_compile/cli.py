@@ -7,6 +7,12 @@ import argparse
 import os
 import sys
 
+# What --help lists, without importing torch (`rkv --help` starts at once); a test holds them
+# equal to the registries (evaluate.ALL_TASKS, policies.POLICIES).
+TASKS = ("common_words", "common_words-2turn", "multikey", "multikey-2turn", "multivalue",
+         "multivalue-2turn", "passkey", "passkey-2turn", "variables", "variables-2turn")
+POLICIES = ("chunkkv", "full", "h2o", "kvquant", "oracle-topk", "pyramidkv", "quest", "rocketkv",
+            "rocketkv-mt", "shotkv", "snapkv", "sparq", "streamingllm")
 EVAL_POLICIES = ("full,rocketkv,snapkv,pyramidkv,chunkkv,h2o,shotkv,streamingllm,quest,sparq,"
                  "oracle-topk,kvquant,kvquant:kv_bits=4,rocketkv:kv_bits=4")
 
@@ -20,9 +26,6 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .evaluate import ALL_TASKS
-    from .policies import POLICIES
-
     defaults = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="rkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,16 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         help="accuracy of the policies on long-context tasks with SmolLM2-135M")
     evaluate.add_argument("--tasks", type=_list,
                           default="passkey,multikey,multivalue,variables,common_words",
-                          help=f"comma-separated, of {', '.join(sorted(ALL_TASKS))}")
+                          help=f"comma-separated, of {', '.join(TASKS)}")
     evaluate.add_argument("--policies", type=_list, default=EVAL_POLICIES,
-                          help=f"comma-separated, of {', '.join(sorted(POLICIES))}; a "
+                          help=f"comma-separated, of {', '.join(POLICIES)}; a "
                                "policy's own options after colons (rocketkv:kv_bits=4)")
     evaluate.add_argument("--budgets", type=_ints, default="64,128,256,512,1024",
                           help="token budgets, comma-separated (full and kvquant run once)")
     evaluate.add_argument("--contexts", type=_ints, default="4000,7500",
                           help="prompt lengths in tokens (SmolLM2 reads up to 8192)")
     evaluate.add_argument("--samples", type=int, default=10, help="per task and context")
-    evaluate.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
+    evaluate.add_argument("--device", default="auto",
+                          help="a torch device; auto: cuda if there is one, else cpu")
     evaluate.add_argument("--dtype", default="auto",
                           help="a torch dtype name; auto: bfloat16 on CUDA, else float32")
     evaluate.add_argument("--engine", default="eager", choices=["eager", "compile"],
@@ -112,12 +116,6 @@ def _explain(args) -> int:
     return 0
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _eval(args) -> int:
     import json
 
@@ -133,6 +131,8 @@ def _eval(args) -> int:
                 results.append(json.load(f))
         result = evaluate.merge(results)
     else:
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.smoke:
             args.contexts, args.samples, args.budgets = [1000], 1, [128]
             args.policies = ["full", "rocketkv", "snapkv", "h2o", "kvquant:kv_bits=4"]

@@ -207,3 +207,40 @@ def test_rkv_explain_reports_smollm2s_sites(capsys):
     assert out.count("prefill: exact attention") == 30 and out.count("decode: rocketkv") == 30
     assert cli.main(["explain", "--options", "token_budget=64,policy=nope"]) == 2
     assert "'policy' must be one of" in capsys.readouterr().err
+
+
+def test_rkv_help_lists_every_task_and_policy_without_importing_torch():
+    """`rkv --help` starts at once: the package and the command import no torch for it, and
+    the names it lists are the registries' (held here, as --help cannot import them)."""
+    import subprocess
+    import sys
+
+    from rkv_compile.policies import POLICIES
+
+    assert list(cli.TASKS) == sorted(evaluate.ALL_TASKS)
+    assert list(cli.POLICIES) == sorted(POLICIES)
+    probe = ("import sys\nfrom rkv_compile import cli\ntry:\n    cli.main(['eval', '--help'])\n"
+             "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert "torch imported: False" in out and "streamingllm" in out and "passkey-2turn" in out
+
+
+def test_the_backend_name_registers_when_dynamo_loads_after_the_package():
+    """A checkout has no entry point: `import rkv_compile` before torch still gives
+    `backend="rocketkv"` (registered when Dynamo's registry loads)."""
+    import subprocess
+    import sys
+
+    probe = ("import importlib.metadata as m\n"
+             "real = m.entry_points  # as a checkout: no installed dynamo entry point\n"
+             "m.entry_points = lambda **k: (real(group='no such group') if k.get('group') == "
+             "'torch_dynamo_backends' else real(**k))\n"
+             "import rkv_compile\nimport torch\n"
+             "from torch._dynamo.backends.registry import lookup_backend\n"
+             "print(lookup_backend('rocketkv') is rkv_compile._rocketkv_by_name)\n"
+             "f = torch.compile(lambda x: x * 2, backend='rocketkv')\n"
+             "print(f(torch.ones(2)).tolist())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split("\n")[:2] == ["True", "[2.0, 2.0]"]
