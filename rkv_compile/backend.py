@@ -125,12 +125,10 @@ class Variant:
 
 @dataclasses.dataclass
 class CheckedCaches:
-    """The compressed caches a decode step last read and found room in: their addresses and
-    storages (weakly held), their Mirror entries and their slots. A step's cache tensors are
-    new views of the same storages each step; a live storage's address is its own (asking a
-    tensor for its storage costs more than the rest of a step's checks)."""
+    """The compressed caches a decode step last read and found room in: their storages
+    (weakly held: a step's cache tensors are new views of the same storages each step), their
+    Mirror entries and their slots."""
 
-    pointers: list[int]
     storages: list[weakref.ref]
     entries: list[list[int]]
     slots: list[int]
@@ -199,9 +197,8 @@ class Runtime:
         the caches the step before it read (checked by `_make_room`, `self.last`): their
         entries are reused, no lookup (the run time's host cost is per layer, every step)."""
         last = self.last
-        if last is not None and all(
-                args[io.inputs[0]].data_ptr() == ptr and ref() is not None
-                for io, ptr, ref in zip(self.ios, last.pointers, last.storages)):
+        if last is not None and all(ref() is args[io.inputs[0]].untyped_storage()
+                                    for io, ref in zip(self.ios, last.storages)):
             return last.entries
         self.last = None
         return [MIRROR.entry(args[io.inputs[0]]) for io in self.ios]
@@ -234,8 +231,7 @@ class Runtime:
                 self._swap(args, i, tensor)
             MIRROR.entries[args[k].untyped_storage()] = entry
         keys = [args[io.inputs[0]] for io in self.ios]
-        self.last = CheckedCaches([k.data_ptr() for k in keys],
-                                  [weakref.ref(k.untyped_storage()) for k in keys], entries,
+        self.last = CheckedCaches([weakref.ref(k.untyped_storage()) for k in keys], entries,
                                   [S.Layout.of(k, stateful).slots for k in keys])
 
     def _swap(self, args: list, index: int, tensor: torch.Tensor) -> None:
