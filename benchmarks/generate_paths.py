@@ -9,11 +9,17 @@ Rows (setups):
                   options={"token_budget": 256, "max_new_tokens": N})`, then plain generate
                   (the DynamicCache it builds; CUDA graphs by default)
   rocketkv-cache  the same, with `cache=RocketKVCache(model.config, N)` passed to generate
+  rocketkv-untuned  the same as rocketkv, its decode graphs compiled without Inductor's
+                  coordinate-descent tuning (what the tuning costs at the first call and gains
+                  per token)
+  rocketkv-compile-prefill  the same as rocketkv with the `compile_prefill` option (the
+                  prefill compiled by Inductor too, instead of run as traced)
   bare            the rocketkv decode step (the same compiled forward) in a bare loop, over the
                   cache the rocketkv generate returned: the step without generate around it
-For each: the first call's wall time, compiles included (the rocketkv forward is compiled once
+For each: the first call's wall time, compiles included (each rocketkv forward is compiled once
 for all contexts, as a user compiles once for all prompts: at the first context it compiles
-everything, at a later one what that prompt length needs anew; where the time went is recorded),
+everything, at a later one what that prompt length needs anew; where the time went is recorded;
+the variants after the first reuse what Inductor cached on disk for identical graphs),
 and from a second call the prefill time (to the first token), the decode time per token (median
 of the steps, timed by a logits processor that synchronizes), the GPU memory held right after
 prefill beyond the weights, and the peak. For rocketkv also the host time per step the backend's run time spends around the
@@ -26,6 +32,7 @@ compiled graph (its checks), which is part of the gap to the bare loop. The weig
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -42,6 +49,7 @@ from end_to_end import (CUDA, DEVICE, GIB, build, cleanup, llama_8b, peak_gib,  
 from rkv_compile import backend as runtime  # noqa: E402
 from rkv_compile.cache import RocketKVCache  # noqa: E402
 from rkv_compile.hf import cache_argument, returned_cache  # noqa: E402
+from rkv_compile.kernels import kernel_analysis  # noqa: E402
 
 
 class Steps(LogitsProcessor):
@@ -104,11 +112,14 @@ class HostTime:
 class CompileTimes:
     """Where a first call's time goes: each graph Inductor compiles for the backend (its phase,
     the compile itself, and its first calls, which include Triton's compiles, the decode
-    graphs' coordinate-descent tuning and CUDA-graph warm-up and capture), and Dynamo's own
-    totals (tracing, the backend's pass and compiles inside)."""
+    graphs' coordinate-descent tuning and CUDA-graph warm-up and capture), Dynamo's own
+    totals (tracing, the backend's pass and compiles inside), and torch's analyses of our
+    Triton kernels' launches (`kernel_analysis`: how many ran, their time, how many the
+    cache answered)."""
 
     def __init__(self):
         self.graphs = []
+        self.analyses = {"seconds": 0.0}
 
     def __enter__(self):
         compile_graph = runtime.inductor
@@ -117,7 +128,8 @@ class CompileTimes:
         def timed(gm, inputs, decode=False, cudagraphs=False):
             start = time.perf_counter()
             compiled = compile_graph(gm, inputs, decode=decode, cudagraphs=cudagraphs)
-            row = {"phase": "decode" if decode else "other", "cudagraphs": cudagraphs,
+            row = {"phase": "decode" if decode or cudagraphs else "other",
+                   "cudagraphs": cudagraphs,
                    "compile_s": round(time.perf_counter() - start, 2), "calls_s": []}
             graphs.append(row)
 
@@ -135,16 +147,32 @@ class CompileTimes:
         self.saved = compile_graph
         runtime.inductor = timed
         torch._dynamo.utils.compilation_time_metrics.clear()
+        self.wrap = torch._higher_order_ops.triton_kernel_wrap
+        self.name = next(n for n in kernel_analysis._ANALYSES if hasattr(self.wrap, n))
+        self.analyse = getattr(self.wrap, self.name)
+        self.counts = dict(kernel_analysis.stats)
+
+        @functools.wraps(self.analyse)
+        def timed_analysis(*args, analyse=self.analyse, totals=self.analyses):
+            start = time.perf_counter()
+            try:
+                return analyse(*args)
+            finally:
+                totals["seconds"] += time.perf_counter() - start
+        setattr(self.wrap, self.name, timed_analysis)
         return self
 
     def __exit__(self, *exc):
         runtime.inductor = self.saved
+        setattr(self.wrap, self.name, self.analyse)
+        self.analyses.update({k: v - self.counts[k] for k, v in kernel_analysis.stats.items()})
+        self.analyses["seconds"] = round(self.analyses["seconds"], 2)
 
     def summary(self) -> dict:
         metrics = torch._dynamo.utils.compilation_time_metrics
         dynamo = {name: round(sum(times), 2) for name, times in metrics.items()
                   if sum(times) >= 0.5}
-        return {"graphs": self.graphs, "dynamo_s": dynamo}
+        return {"graphs": self.graphs, "dynamo_s": dynamo, "kernel_analyses": self.analyses}
 
 
 def one_call(model, ids, steps: int, new_cache=None, **kwargs):
@@ -203,7 +231,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 131072])
     parser.add_argument("--setups", nargs="+",
-                        default=["generate", "static", "rocketkv", "rocketkv-cache"])
+                        default=["generate", "static", "rocketkv", "rocketkv-cache"],
+                        choices=["generate", "static", "rocketkv", "rocketkv-cache",
+                                 "rocketkv-untuned", "rocketkv-compile-prefill"])
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--tiny", action="store_true", help="a small model: checks the script")
@@ -224,8 +254,14 @@ def main():
 
     options = {"token_budget": args.budget, "max_new_tokens": args.steps + 1}
     eager_forward = model.forward
-    # compiled once for every context, as a user compiles a model once for all prompts
-    compiled_forward = torch.compile(eager_forward, backend="rocketkv", options=options)
+    # each compiled once for every context, as a user compiles a model once for all prompts
+    untuned = runtime.make_backend(decode_compiler=lambda gm, inputs: runtime.inductor(
+        gm, inputs, decode=False, cudagraphs=True))
+    forwards = {
+        "rocketkv": torch.compile(eager_forward, backend="rocketkv", options=options),
+        "rocketkv-untuned": torch.compile(eager_forward, backend=untuned, options=options),
+        "rocketkv-compile-prefill": torch.compile(eager_forward, backend="rocketkv", options={
+            **options, "compile_prefill": True})}
     for context in args.contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, context),
                             generator=torch.Generator().manual_seed(context)).to(DEVICE)
@@ -236,23 +272,27 @@ def main():
         if "static" in args.setups:
             record(measure(model, ids, args.steps, "static", cache_implementation="static")[1])
             cleanup()
-        if "rocketkv" in args.setups or "rocketkv-cache" in args.setups:
-            model.forward = compiled_forward
+        for setup in ("rocketkv", "rocketkv-cache", "rocketkv-untuned",
+                      "rocketkv-compile-prefill"):
+            if setup not in args.setups:
+                continue
+            model.forward = forwards.get(setup, forwards["rocketkv"])
             try:
-                if "rocketkv" in args.setups:
-                    out, row = measure(model, ids, args.steps, "rocketkv")
-                    cache = returned_cache(out)
-                    row["stored_after_generate"] = rkv_compile.stored(cache)[0].lengths[0]
-                    record(row)
+                if setup == "rocketkv-cache":
+                    record(measure(model, ids, args.steps, setup, new_cache=lambda:
+                                   RocketKVCache(model.config, args.steps + 1))[1])
+                    continue
+                out, row = measure(model, ids, args.steps, setup)
+                cache = returned_cache(out)
+                row["stored_after_generate"] = rkv_compile.stored(cache)[0].lengths[0]
+                record(row)
+                if setup == "rocketkv":
                     record({"setup": "bare", "context": context, "decode_ms_per_token":
                             bare_step_ms(model.forward, cache, ids, args.steps)})
-                    del out, cache
-                if "rocketkv-cache" in args.setups:
-                    record(measure(model, ids, args.steps, "rocketkv-cache", new_cache=lambda:
-                                   RocketKVCache(model.config, args.steps + 1))[1])
+                del out, cache
             finally:
                 model.forward = eager_forward
-            cleanup()
+                cleanup()
 
 
 if __name__ == "__main__":

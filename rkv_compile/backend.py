@@ -18,8 +18,10 @@ carried on the side, so transformers' cache operations keep it right.
 On CUDA, decode graphs whose ops CUDA graphs can hold are compiled for each size of the caches
 they read (a size holds many prompt lengths: `state.slot_bucket`) and replayed as CUDA graphs;
 elsewhere, and for a step whose other inputs change size every step, one graph with symbolic
-sizes serves them all. Prefill graphs are compiled for symbolic prompt lengths once
-Dynamo has seen two, and the plan is computed inside the ops at run time.
+sizes serves them all. Prefill and turn graphs run as traced (op by op: the first call then
+compiles only the decode step), or compiled by Inductor with the `compile_prefill` option;
+the plan is computed inside the ops at run time, so a graph of symbolic prompt length (once
+Dynamo has seen two) serves every prompt.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from torch.fx.node import map_arg
 from . import state as S
 from .config import RocketKVConfig
 from .diagnostics import log, warn_once
+from .kernels import kernel_analysis
 from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
 from .passes.kv_source import KVSource
 from .passes.rewrite import (DECODE, PREFILL, TURN, UNSUPPORTED, CacheIO, SiteDecision, analyse,
@@ -57,7 +60,8 @@ def inductor(gm: GraphModule, example_inputs: Sequence, decode: bool = False,
 
     patches = {"coordinate_descent_tuning": True} if decode else {}
     patches["triton.cudagraphs"] = cudagraphs
-    return compile_fx(gm, list(example_inputs), config_patches=patches)
+    with kernel_analysis.memoized():
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 
 def _copy_graph_module(gm: GraphModule) -> GraphModule:
@@ -531,8 +535,9 @@ class _RecompileLimitWatch(logging.Filter):
 
 def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None = None,
                  decode_compiler: Compiler | None = None):
-    """A Dynamo backend running the RocketKV pass before `compiler` (by default Inductor; for
-    decode graphs tuned, with CUDA graphs on CUDA unless the options turn them off;
+    """A Dynamo backend running the RocketKV pass before `compiler` (by default Inductor: for
+    decode graphs tuned, with CUDA graphs on CUDA unless the options turn them off; prefill
+    and turn graphs only with the `compile_prefill` option, otherwise they run as traced;
     `decode_compiler`, if given, compiles the decode graphs instead)."""
 
     def backend(gm: GraphModule, example_inputs: Sequence, options=None, mode=None):
@@ -569,6 +574,8 @@ def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None 
                 return decode_compiler(graph, inputs)
             if compiler is not None:
                 return compiler(graph, inputs)
+            if phase in (PREFILL, TURN) and not config.compile_prefill:
+                return graph.forward
             _allow_dynamic_output_shapes(inputs)
             return inductor(graph, inputs, decode=phase == DECODE,
                             cudagraphs=cudagraphs and phase == DECODE and capturable)

@@ -25,6 +25,11 @@ class RocketKVConfig:
                     "oracle-topk", "kvquant", "full".
     cudagraphs:     on CUDA, decode graphs replay as CUDA graphs (Inductor's cudagraph trees)
                     over the caches' static buffers; None (default): on; False: off.
+    compile_prefill: whether Inductor compiles the graphs that read a prompt (prefill, a new
+                    turn) too. False (default): they run as traced, op by op (their time is
+                    in matmuls and attention, which Inductor leaves to the same kernels), so
+                    a first call compiles only the decode step; True: fused, for a workload of
+                    many prompts (BENCHMARKS.md measures both).
     Any other option is a hyperparameter of the selected policy (a field of its dataclass, e.g.
     "kernel_size" of rocketkv and snapkv, "sink_size" of streamingllm, and every policy's
     "kv_bits" and "kv_group_size"); `from_options` collects them into `policy_options`.
@@ -35,12 +40,16 @@ class RocketKVConfig:
     window_size: int = 32
     policy: str = "rocketkv"
     cudagraphs: bool | None = None
+    compile_prefill: bool = False
     policy_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if self.cudagraphs is not None and not isinstance(self.cudagraphs, bool):
             raise ValueError(f"rocketkv option 'cudagraphs' must be True, False or None "
                              f"(got {self.cudagraphs!r})")
+        if not isinstance(self.compile_prefill, bool):
+            raise ValueError(f"rocketkv option 'compile_prefill' must be True or False "
+                             f"(got {self.compile_prefill!r})")
         check_int("token_budget", self.token_budget, 2, none_ok=True)
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("window_size", self.window_size, 1)

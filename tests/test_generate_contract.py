@@ -393,3 +393,22 @@ def test_our_code_gives_no_future_warning():
     ours = [w for w in caught if issubclass(w.category, FutureWarning) and
             "rkv_compile" in w.filename]
     assert not ours, [str(w.message) for w in ours]
+
+
+@pytest.mark.parametrize("compile_prefill", [False, True])
+def test_only_the_decode_step_reaches_inductor_unless_compile_prefill(compile_prefill,
+                                                                      monkeypatch):
+    """By default a prompt's graph runs as traced and only the decode step is compiled (a first
+    call's compile time is the decode step's); `compile_prefill` compiles the prefill too. The
+    tokens are the oracle's either way."""
+    import rkv_compile.backend as runtime
+
+    phases = []
+    monkeypatch.setattr(runtime, "inductor", lambda gm, ex, decode=False, cudagraphs=False: (
+        phases.append("decode" if decode else "prompt") or gm.forward))
+    session = Session(tiny_llama())
+    options = {**OPTION_SETS[0], "compile_prefill": compile_prefill}
+    session.forwards[repr(sorted(options.items()))] = torch.compile(
+        session.eager, backend="rocketkv", options=options)
+    assert_compressed_as_the_oracle(session, prompt(210, seed=4), options, "dynamic", "greedy", 0)
+    assert phases == (["prompt", "decode"] if compile_prefill else ["decode"])

@@ -176,7 +176,8 @@ def test_unknown_option_names_the_key(key):
     ("max_new_tokens", True),
     ("window_size", 0), ("window_size", None), ("window_size", 2.0), ("window_size", True),
     ("policy", "nope"), ("policy", ""), ("policy", None), ("policy", 3),
-    ("cudagraphs", 1), ("cudagraphs", "yes"),
+    ("cudagraphs", 1), ("cudagraphs", "yes"), ("compile_prefill", None),
+    ("compile_prefill", 1),
 ])
 def test_bad_values_name_the_option(name, value):
     with pytest.raises(ValueError, match=name):
