@@ -31,6 +31,30 @@ def test_inductor_traces_the_triton_op():
                                2 * T.sparse_decode(q, k, v, None, 128**-0.5, 3, 60, 128))
 
 
+def test_a_kernels_analysis_serves_every_layer(monkeypatch):
+    """torch analyses each Triton launch in a triton_op (its reads and writes) at
+    functionalization and again at lowering: compiled by the backend, the second layer's
+    launches and the second analyses reuse the first's, with the same result."""
+    from rkv_compile.backend import inductor
+    from rkv_compile.kernels import kernel_analysis
+
+    monkeypatch.setattr(kernel_analysis, "_results", {})
+    before = dict(kernel_analysis.stats)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(*s, generator=gen).to("cuda", torch.bfloat16)
+               for s in [(1, 32, 1, 128), (1, 8, 1500, 128), (1, 8, 1500, 128)])
+
+    def layer(q):
+        return torch.ops.rocketkv.sparse_decode_triton(q, k, v, None, 128**-0.5, [3], [60],
+                                                       [128])
+    f = torch.compile(lambda q: layer(layer(q)), backend=lambda gm, ex: inductor(gm, ex))
+    torch.testing.assert_close(f(q), T.sparse_decode(
+        T.sparse_decode(q, k, v, None, 128**-0.5, 3, 60, 128), k, v, None, 128**-0.5, 3, 60, 128))
+    analysed = kernel_analysis.stats["analysed"] - before["analysed"]
+    reused = kernel_analysis.stats["reused"] - before["reused"]
+    assert 1 <= analysed <= 4 and reused >= analysed   # four kernels a layer, analysed once
+
+
 def generate_on_cuda(model, ids, options, cache=None, **kwargs):
     """generate under the backend, as a user calls it: (its output, CUDA graph launches,
     cudagraph skips)."""
