@@ -211,3 +211,36 @@ def test_packed_layer_decode(case, rows):
                                v[b:b + 1, :, :live[b]].double(), None, scale, chunks[b],
                                dims[b], topk)
         assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
+
+
+@SETTINGS
+@given(case=decode_cases(), live=st.integers(1, 160))
+def test_oracle_topk_is_stage_two_at_chunk_one_over_every_dim(case, live):
+    """Oracle top-k decodes on CUDA through RocketKV's kernels: at chunk 1 over every dim a
+    slot's bound is its key and SparQ's temperature is sqrt(D), so the approximate scores are
+    the exact softmax scores at scale 1/sqrt(D). Its plan's header words run `decode_triton`
+    as OracleTopK.decode, row by row."""
+    from rkv_compile.policies.oracle_topk import OracleTopK
+
+    B, Hkv, G, D, n, _, _, budget, dtype, seed = case
+    live = min(live, n)
+    q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
+    policy = OracleTopK(budget)
+    plan = policy.plan(live, D)
+    scale = D**-0.5
+    assert policy.triton_at(scale, D) and not policy.triton_at(2 * scale, D)
+    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", dtype, DEVICE)
+    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
+    for word, value in ((S.Word.STORED, live), (S.Word.CHUNK, plan.chunk),
+                        (S.Word.DIMS, plan.dims)):
+        layer.set_word(word, value)
+    q64, k64, v64 = (t.double() for t in (q, k[:, :, :live], v[:, :, :live]))
+    exact = torch.softmax(torch.einsum("bhgd,bhnd->bhgn", R.group_queries(q64, Hkv)[:, :, :, -1]
+                                       .double(),
+                                       k64) * scale, dim=-1).mean(2)
+    torch.testing.assert_close(R.approximate_scores(q64, k64, None, plan.chunk, plan.dims),
+                               exact.float())
+    assume(_boundary_is_clear(exact, plan.topk))
+    got = torch.ops.rocketkv.decode_triton(q, keys, values, scale, plan.topk)
+    want = policy.decode(q64, k64, v64, None, scale, plan.chunk, plan.dims, plan.topk)
+    assert relative_error(got, want) < TOLERANCE[dtype]

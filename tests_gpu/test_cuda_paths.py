@@ -96,10 +96,11 @@ def test_generate_replays_cuda_graphs_with_the_oracles_tokens(cache):
 @pytest.mark.parametrize("options", [
     {"policy": "h2o"}, {"policy": "shotkv", "decode_budget": 4}, {"policy": "snapkv"},
     {"policy": "rocketkv", "kv_bits": 4}, {"policy": "chunkkv", "reuse_layers": 2},
-    {"policy": "quest", "dense_layers": 1}])
+    {"policy": "quest", "dense_layers": 1}, {"policy": "oracle-topk"}])
 def test_policies_on_cuda_match_the_oracle(options):
     """The other policies on CUDA through the whole backend (Inductor): the reference ops of
-    the sparse ones run without CUDA graphs (they read their plan on the host)."""
+    the sparse ones run without CUDA graphs (they read their plan on the host); oracle top-k
+    runs RocketKV's Triton kernels (at chunk 1 over every dim), replayed as CUDA graphs."""
     options = {**BUDGET, **options}
     model = tiny_hf("llama").cuda()
     model.generation_config.eos_token_id = None

@@ -72,7 +72,8 @@ class SiteDecision:
         if not self.method.sparse_decode and self.method.state != "scores":
             return "exact"
         cuda = value_of(self.site.query).device.type == "cuda"
-        return "triton" if self.method.triton and cuda else "reference"
+        return "triton" if cuda and self.method.triton_at(self.scale, self.head_dim) \
+            else "reference"
 
     def refuse(self, reason: str) -> None:
         """Keep the site exact after all, for `reason` (fatal if it reads a compressed cache)."""
@@ -277,10 +278,17 @@ def prefill_action(d: SiteDecision) -> str:
     return f"prefill: exact attention; {kept}" + _mask_note(d)
 
 
+def _why_no_triton(d: SiteDecision) -> str:
+    if d.method.triton_at(d.scale, d.head_dim):
+        return ""   # on the CPU
+    if not d.method.triton:
+        return f": {d.method.name} has no Triton kernel yet"
+    return f": {d.method.name}'s Triton kernels take the scale 1/sqrt(head_dim), not {d.scale:.4g}"
+
+
 def decode_action(d: SiteDecision) -> str:
     runs = {"triton": "Triton kernels", "exact": "exact attention",
-            "reference": "the PyTorch reference op" + (
-                "" if d.method.triton else f": {d.method.name} has no Triton kernel yet")}[d.kernel]
+            "reference": "the PyTorch reference op" + _why_no_triton(d)}[d.kernel]
     return (f"decode: {d.method.name}, {d.method.decode_kind} over each row's stored slots "
             f"({runs}; plan read from the cache)")
 

@@ -75,6 +75,11 @@ class Policy:
         return Plan(self.token_budget, prompt_len + self.max_new_tokens, capacity, prompt_budget,
                     0, 0, head_dim)
 
+    def triton_at(self, scale: float, head_dim: int) -> bool:
+        """Whether RocketKV's Triton stage-2 kernels compute this policy's decode step at this
+        attention scale (on CUDA; else its `decode` runs, the PyTorch reference)."""
+        return self.triton
+
     def keep_all(self, prompt_len: int, topk: int = 0, chunk: int = 0, dims: int = 0) -> Plan:
         """The plan of a policy that evicts nothing: every prompt and new token is stored."""
         length = prompt_len + self.max_new_tokens

@@ -6,6 +6,7 @@ number of attended tokens; it reads every key to score, so it saves no memory tr
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -18,14 +19,23 @@ from .base import Policy, register
 class OracleTopK(Policy):
     """No eviction. At each decode step, per KV head: the softmax probabilities of the exact
     logits q.k * scale, averaged over the group's query heads; the `token_budget` most probable
-    tokens (ties: earlier slot first); exact attention over them."""
+    tokens (ties: earlier slot first); exact attention over them.
+
+    On CUDA this is RocketKV's stage 2 run at chunk 1 over every dim: each slot's bound is its
+    key, SparQ's temperature over all dims is sqrt(head_dim), so the approximate logits are the
+    exact ones at the usual scale 1/sqrt(head_dim), and the same Triton kernels select and
+    attend (at another scale the reference runs)."""
 
     name = "oracle-topk"
     sparse_decode = True
+    triton = True
     decode_kind = "exact top-k attention (oracle scores)"
 
     def plan(self, prompt_len, head_dim, layer=0, layers=1):
-        return self.keep_all(prompt_len, topk=self.token_budget, dims=head_dim)
+        return self.keep_all(prompt_len, topk=self.token_budget, chunk=1, dims=head_dim)
+
+    def triton_at(self, scale, head_dim):
+        return math.isclose(scale * math.sqrt(head_dim), 1.0, rel_tol=1e-6)
 
     def decode(self, query, key, value, mask, scale, chunk, dims, topk):
         q = reference.group_queries(query, key.shape[1])[:, :, :, -1]         # B Hkv G D
