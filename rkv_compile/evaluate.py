@@ -23,6 +23,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -214,7 +215,8 @@ def run(model, tokenizer, settings: EvalSettings, progress: bool = True,
         _run(model, tokenizer, settings, configs, stop, done, emit, bar)
     bar.close()
     return {"settings": dataclasses.asdict(settings), "records": records,
-            "summary": summarise(records), "kv_mib": memory(records)}
+            "summary": summarise(records), "interval95": intervals(records),
+            "kv_mib": memory(records)}
 
 
 def _run(model, tokenizer, settings: EvalSettings, configs, stop, done: set, emit, bar) -> None:
@@ -312,6 +314,32 @@ def summarise(records: list[dict]) -> dict:
     return summary
 
 
+def wilson(mean: float, count: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a success rate `mean` over `count` samples, in %
+    (a sample's score is 0 or 1, or a fraction of its answers: then it is approximate, and
+    wider than the spread of fractions needs). Unlike mean +- 2 standard errors it is not
+    empty at 0% or 100%: 6 of 6 right is 61-100%."""
+    centre = (mean + z * z / (2 * count)) / (1 + z * z / count)
+    half = z / (1 + z * z / count) * math.sqrt(mean * (1 - mean) / count + z * z / (4 * count**2))
+    return round(100 * max(centre - half, 0.0), 1), round(100 * min(centre + half, 1.0), 1)
+
+
+def intervals(records: list[dict]) -> dict:
+    """The 95% interval of every mean `summarise` gives (same keys; the mean over tasks over
+    all their samples), as [low, high] in %."""
+    scores: dict = {}
+    for r in records:
+        budget = str(r["budget"] or "full")
+        for task in (r["task"], "mean"):
+            scores.setdefault((str(r["context"]), task, r["policy"], budget), []).append(
+                r["score"])
+    out: dict = {}
+    for (context, task, policy, budget), values in scores.items():
+        out.setdefault(context, {}).setdefault(task, {}).setdefault(policy, {})[budget] = \
+            list(wilson(sum(values) / len(values), len(values)))
+    return out
+
+
 def memory(records: list[dict]) -> dict:
     """Mean KV cache size in MiB after generation, per context -> policy -> budget (eager
     engine records only: the compiled one does not report it)."""
@@ -339,17 +367,26 @@ def merge(results: list[dict]) -> dict:
               for result in results for r in result["records"]}
     records = list(latest.values())
     merged = {"settings": settings, "records": records, "summary": summarise(records),
-              "kv_mib": memory(records)}
+              "interval95": intervals(records), "kv_mib": memory(records)}
     if "environment" in results[0]:
         merged["environment"] = results[0]["environment"]
     return merged
 
 
 def table(result: dict) -> str:
-    """Markdown tables: per context and task, a row per policy, a column per budget; then the
-    mean KV cache size per context."""
+    """Markdown tables: per context and task, a row per policy, a column per budget (the mean
+    and its 95% interval); then the mean KV cache size per context."""
     samples = result["settings"]["samples"]
-    sections = [(f"{task}, {context}-token prompts** (accuracy %, {samples} samples)", by_policy)
+    spans = result.get("interval95", {})
+
+    def cell(mean, context, task, policy, budget):
+        span = spans.get(context, {}).get(task, {}).get(policy, {}).get(budget)
+        return f"{mean} ({span[0]:g}-{span[1]:g})" if span else mean
+
+    sections = [(f"{task}, {context}-token prompts** (accuracy %, 95% interval; {samples} "
+                 "samples a task)", {policy: {b: cell(m, context, task, policy, b)
+                                             for b, m in by_budget.items()}
+                                    for policy, by_budget in by_policy.items()})
                 for context, tasks in result["summary"].items()
                 for task, by_policy in tasks.items()]
     sections += [(f"KV cache after generation, {context}-token prompts** (MiB, all layers; "
@@ -369,7 +406,8 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> bool:
-    """Accuracy vs budget, one panel per context and task; False without matplotlib."""
+    """Accuracy vs budget, one panel per context and task, the 95% intervals shaded; False
+    without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -388,13 +426,20 @@ def plot(result: dict, path: str) -> bool:
             ax = axes[row][col]
             for policy in _ordered(summary[context][task], result):
                 by_budget = summary[context][task][policy]
+                span = result.get("interval95", {}).get(context, {}).get(task, {}).get(policy, {})
                 if "full" in by_budget:   # keeps every token: the same at every budget
-                    ax.axhline(by_budget["full"], linestyle="--", label=policy,
-                               color="black" if policy == "full" else colors[policy])
+                    color = "black" if policy == "full" else colors[policy]
+                    ax.axhline(by_budget["full"], linestyle="--", label=policy, color=color)
+                    if "full" in span:
+                        ax.axhspan(*span["full"], color=color, alpha=0.08, linewidth=0)
                 else:
                     ran = [b for b in budgets if str(b) in by_budget]
                     ax.plot(ran, [by_budget[str(b)] for b in ran], marker="o", label=policy,
                             color=colors[policy])
+                    if all(str(b) in span for b in ran):
+                        ax.fill_between(ran, [span[str(b)][0] for b in ran],
+                                        [span[str(b)][1] for b in ran], color=colors[policy],
+                                        alpha=0.12, linewidth=0)
             ax.set_xscale("log", base=2)
             ax.set_ylim(-5, 105)
             ax.set_title(f"{task}, {context} tokens", fontsize=9)

@@ -244,3 +244,21 @@ def test_the_backend_name_registers_when_dynamo_loads_after_the_package():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout
     assert out.split("\n")[:2] == ["True", "[2.0, 2.0]"]
+
+
+def test_intervals_are_wilsons_and_shown_beside_each_mean():
+    """95% Wilson intervals: 3 of 10 is 10.8-60.3% (the textbook value), 6 of 6 is 61.0-100%
+    (not empty, as mean +- 2 standard errors would be); the mean over tasks pools their
+    samples; the table prints each beside its mean."""
+    assert evaluate.wilson(0.3, 10) == (10.8, 60.3)
+    assert evaluate.wilson(1.0, 6) == (61.0, 100.0)
+    records = [{"context": 100, "task": task, "index": i, "policy": "full", "budget": None,
+                "score": float(i < right)} for task, right in (("a", 3), ("b", 7))
+               for i in range(10)]
+    spans = evaluate.intervals(records)["100"]
+    assert spans["a"]["full"]["full"] == [10.8, 60.3]
+    assert spans["mean"]["full"]["full"] == list(evaluate.wilson(0.5, 20))
+    settings = {"tasks": ["a", "b"], "policies": ["full"], "budgets": [64], "contexts": [100],
+                "samples": 10}
+    text = evaluate.table(evaluate.merge([{"settings": settings, "records": records}]))
+    assert "| full | 30.0 (10.8-60.3) |" in text and "| full | 50.0 (" in text
