@@ -216,7 +216,7 @@ def run(model, tokenizer, settings: EvalSettings, progress: bool = True,
     bar.close()
     return {"settings": dataclasses.asdict(settings), "records": records,
             "summary": summarise(records), "interval95": intervals(records),
-            "kv_mib": memory(records)}
+            "kv_mib": memory(records), "kv_read_kib": memory(records, "kv_read_kib")}
 
 
 def _run(model, tokenizer, settings: EvalSettings, configs, stop, done: set, emit, bar) -> None:
@@ -243,16 +243,20 @@ def _run(model, tokenizer, settings: EvalSettings, configs, stop, done: set, emi
                 for policy, budget in todo:
                     config = settings.config(policy, budget, sample.max_new_tokens)
                     if prompt is None:
-                        tokens, kv_mib = _generate_compiled(model, ids, config, sample, stop), None
+                        tokens = _generate_compiled(model, ids, config, sample, stop)
+                        kv_mib = kv_read = None
                     else:
                         tokens, kept = eager.continue_greedy(model, prompt, config,
                                                              sample.max_new_tokens, stop)
                         kv_mib = _kv_mib(config, prompt, kept, len(tokens) - 1)
+                        kv_read = _kv_read_kib(config, prompt, kept, ids.shape[1],
+                                               model.config)
                     text = tokenizer.decode(tokens, skip_special_tokens=True)
                     emit({"context": context, "task": task, "index": index,
                           "depth": sample.depth, "prompt_tokens": ids.shape[1],
                           "policy": policy, "budget": budget, "score": sample.score(text),
-                          "answers": sample.answers, "output": text, "kv_mib": kv_mib})
+                          "answers": sample.answers, "output": text, "kv_mib": kv_mib,
+                          "kv_read_kib": kv_read})
                     bar.update()
                 del prompt
 
@@ -289,6 +293,21 @@ def _kv_mib(config: RocketKVConfig, prompt: eager.Prefill, kept: list[int], gene
         total += heads * config.method.kv_bytes(stored, generated, dim,
                                                 prompt.keys[layer].element_size())
     return round(total / 2**20, 3)
+
+
+def _kv_read_kib(config: RocketKVConfig, prompt: eager.Prefill, kept: list[int],
+                 prompt_len: int, model_config) -> float:
+    """KiB of KV the first decode step reads, all layers and KV heads (Policy.read_bytes):
+    what "equal traffic" compares."""
+    layers = len(kept)
+    group = model_config.num_attention_heads // model_config.num_key_value_heads
+    total = 0
+    for layer, stored in enumerate(kept):
+        _, heads, _, dim = prompt.keys[layer].shape
+        plan = config.plan(prompt_len, dim, layer, layers)
+        total += heads * config.method.read_bytes(stored, 1, plan, dim,
+                                                  prompt.keys[layer].element_size(), group)
+    return round(total / 2**10, 1)
 
 
 def summarise(records: list[dict]) -> dict:
@@ -340,14 +359,15 @@ def intervals(records: list[dict]) -> dict:
     return out
 
 
-def memory(records: list[dict]) -> dict:
-    """Mean KV cache size in MiB after generation, per context -> policy -> budget (eager
-    engine records only: the compiled one does not report it)."""
+def memory(records: list[dict], field: str = "kv_mib") -> dict:
+    """Mean KV cache size in MiB after generation (or another per-record size, `field`), per
+    context -> policy -> budget (eager engine records only: the compiled one does not report
+    it)."""
     sizes: dict = {}
     for r in records:
-        if r.get("kv_mib") is not None:
+        if r.get(field) is not None:
             key = (str(r["context"]), r["policy"], str(r["budget"] or "full"))
-            sizes.setdefault(key, []).append(r["kv_mib"])
+            sizes.setdefault(key, []).append(r[field])
     summary: dict = {}
     for (context, policy, budget), values in sizes.items():
         summary.setdefault(context, {}).setdefault(policy, {})[budget] = \
@@ -367,7 +387,8 @@ def merge(results: list[dict]) -> dict:
               for result in results for r in result["records"]}
     records = list(latest.values())
     merged = {"settings": settings, "records": records, "summary": summarise(records),
-              "interval95": intervals(records), "kv_mib": memory(records)}
+              "interval95": intervals(records), "kv_mib": memory(records),
+              "kv_read_kib": memory(records, "kv_read_kib")}
     if "environment" in results[0]:
         merged["environment"] = results[0]["environment"]
     return merged
@@ -392,6 +413,9 @@ def table(result: dict) -> str:
     sections += [(f"KV cache after generation, {context}-token prompts** (MiB, all layers; "
                   "quantized prompts as packed codes and scales)", by_policy)
                  for context, by_policy in result.get("kv_mib", {}).items()]
+    sections += [(f"KV read by a decode step, {context}-token prompts** (KiB, all layers: "
+                  "what each policy's selection and attention read)", by_policy)
+                 for context, by_policy in result.get("kv_read_kib", {}).items()]
     budgets = [str(b) for b in result["settings"]["budgets"]]
     lines = []
     for title, by_policy in sections:

@@ -125,6 +125,10 @@ def test_smoke_run_on_smollm2(tmp_path, capsys):
     assert memory["kvquant:kv_bits=4"]["full"] < 0.2 * full_mib   # 4 of 32 bits, plus scales
     assert memory["rocketkv"]["128"] < 0.5 * full_mib and memory["h2o"]["128"] < 0.5 * full_mib
     assert "KV cache after generation" in (tmp_path / "eval.md").read_text()
+    read = result["kv_read_kib"]["1000"]   # a decode step's reads: all of full's cache, ...
+    assert abs(read["full"]["full"] - 1024 * full_mib) < 0.05 * 1024 * full_mib
+    assert read["rocketkv"]["128"] < 0.5 * read["full"]["full"]   # ... a part of rocketkv's
+    assert "KV read by a decode step" in (tmp_path / "eval.md").read_text()
     scores = {(r["task"], r["policy"]): r["score"] for r in result["records"]}
     assert scores["passkey", "full"] == 1.0     # the real model retrieves at 1K tokens
     summary = result["summary"]["1000"]

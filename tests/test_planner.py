@@ -211,3 +211,31 @@ def test_edge_values_accepted(name, value):
 def test_edge_policy_values_accepted(policy, name, value):
     config = RocketKVConfig.from_options({"policy": policy, name: value})
     assert getattr(config.method, name) == value
+
+
+@settings(deadline=None, max_examples=100)
+@given(budget=st.sampled_from([64, 128, 256, 512]), prompt=st.integers(4096, 131072),
+       head_dim=st.sampled_from([64, 128]), group=st.integers(1, 8),
+       policy=st.sampled_from(["full", "rocketkv", "snapkv", "h2o", "quest", "sparq",
+                               "oracle-topk", "streamingllm", "kvquant"]))
+def test_a_decode_step_reads_at_most_what_full_kv_reads(budget, prompt, head_dim, group,
+                                                        policy):
+    """KV bytes a decode step reads (Policy.read_bytes, what "equal traffic" compares): every
+    policy at most full KV's over the whole prompt; RocketKV its formula (r dims of every
+    stored key, top-k tokens' keys and values); the sparse ones over every token less than
+    exact attention over them; the exact ones all they hold."""
+    config = RocketKVConfig.from_options({"policy": policy, "token_budget": budget,
+                                          "max_new_tokens": 16})
+    method, layers = config.method, 4
+    full = 2 * (prompt + 1) * head_dim * 2
+    for layer in range(layers):
+        plan = config.plan(prompt, head_dim, layer, layers)
+        stored = min(plan.prompt_budget, prompt)
+        read = method.read_bytes(stored, 1, plan, head_dim, 2, group)
+        assert 0 < read <= full
+        if policy == "rocketkv":
+            assert read == ((stored + 1) * plan.dims + plan.topk * 2 * head_dim) * 2
+        elif method.sparse_decode and plan.topk < stored:
+            assert read < method.kv_bytes(stored, 1, head_dim, 2)
+        elif not method.sparse_decode:
+            assert read == method.kv_bytes(stored, 1, head_dim, 2)

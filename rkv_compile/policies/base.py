@@ -147,6 +147,18 @@ class Policy:
         return -(-2 * stored * head_dim * self.kv_bits // 8) + 4 * groups \
             + 2 * generated * head_dim * itemsize
 
+    def read_bytes(self, stored: int, generated: int, plan: Plan, head_dim: int, itemsize: int,
+                   group: int) -> int:
+        """Bytes of KV one KV head of one layer reads at a decode step over `stored` prompt
+        and `generated` new tokens (`group` query heads share it): by default all it holds,
+        attended exactly. A sparse policy counts what its selection reads and what it attends
+        to, each number at its stored width (scales and zero points left out)."""
+        return self.kv_bytes(stored, generated, head_dim, itemsize)
+
+    def entry_bytes(self, itemsize: int) -> float:
+        """Bytes of one stored number: the model's, or kv_bits' codes."""
+        return itemsize if self.kv_bits is None else self.kv_bits / 8
+
     def decode(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
                chunk: int, dims: int, topk: int) -> Tensor:
         """One decode step over the stored cache (sparse_decode policies)."""

@@ -34,6 +34,11 @@ class OracleTopK(Policy):
     def plan(self, prompt_len, head_dim, layer=0, layers=1):
         return self.keep_all(prompt_len, topk=self.token_budget, chunk=1, dims=head_dim)
 
+    def read_bytes(self, stored, generated, plan, head_dim, itemsize, group):
+        """Every stored key (to score), the top-k tokens' values."""
+        n = stored + generated
+        return round((n + min(plan.topk, n)) * head_dim * self.entry_bytes(itemsize))
+
     def triton_at(self, scale, head_dim):
         return math.isclose(scale * math.sqrt(head_dim), 1.0, rel_tol=1e-6)
 

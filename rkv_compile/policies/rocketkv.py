@@ -66,5 +66,14 @@ class RocketKV(Policy):
             return triton_compress.snapkv_votes(query_window, key, scale, self.kernel_size)
         return reference.snapkv_votes(query_window, key, mask, scale, self.kernel_size)
 
+    def read_bytes(self, stored, generated, plan, head_dim, itemsize, group):
+        """Stage 2 reads r dims of every stored key (the kernels build the chunk bounds from
+        them) and the top-k tokens' keys and values."""
+        if not self.sparse_decode:
+            return super().read_bytes(stored, generated, plan, head_dim, itemsize, group)
+        n = stored + generated
+        return round((n * plan.dims + min(plan.topk, n) * 2 * head_dim)
+                     * self.entry_bytes(itemsize))
+
     def decode(self, query, key, value, mask, scale, chunk, dims, topk):
         return reference.sparse_decode(query, key, value, mask, scale, chunk, dims, topk)

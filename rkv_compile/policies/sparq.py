@@ -35,6 +35,13 @@ class SparQ(Policy):
         dims = min(max(round(self.token_budget * head_dim / length), 1), head_dim)
         return self.keep_all(prompt_len, topk=self.token_budget // 2, dims=dims)
 
+    def read_bytes(self, stored, generated, plan, head_dim, itemsize, group):
+        """r dims of every key and the top-k tokens' keys and values; mean(V) as the paper
+        keeps it, a running mean (one row: the reference recomputes it from every value)."""
+        n = stored + generated
+        return round((n * plan.dims + min(plan.topk, n) * 2 * head_dim + head_dim)
+                     * self.entry_bytes(itemsize))
+
     def decode(self, query, key, value, mask, scale, chunk, dims, topk):
         B, H, n, D = key.shape
         q = reference.group_queries(query, H)[:, :, :, -1]                      # B H G D
