@@ -248,9 +248,8 @@ def _run(model, tokenizer, settings: EvalSettings, configs, stop, done: set, emi
                     else:
                         tokens, kept = eager.continue_greedy(model, prompt, config,
                                                              sample.max_new_tokens, stop)
-                        kv_mib = _kv_mib(config, prompt, kept, len(tokens) - 1)
-                        kv_read = _kv_read_kib(config, prompt, kept, ids.shape[1],
-                                               model.config)
+                        kv_mib, kv_read = _kv_sizes(config, prompt, kept, len(tokens) - 1,
+                                                    ids.shape[1], model.config)
                     text = tokenizer.decode(tokens, skip_special_tokens=True)
                     emit({"context": context, "task": task, "index": index,
                           "depth": sample.depth, "prompt_tokens": ids.shape[1],
@@ -282,32 +281,24 @@ def _conversations(model, tokenizer, settings: EvalSettings, sample: Sample, ids
     return records
 
 
-def _kv_mib(config: RocketKVConfig, prompt: eager.Prefill, kept: list[int], generated: int
-            ) -> float:
-    """MiB the cache holds after generation, all layers and KV heads: the stored prompt tokens
-    (as packed codes and scales if quantized: Policy.kv_bytes) and the generated ones. Slots a
-    policy evicts during decode are counted: they stay allocated here."""
-    total = 0
-    for layer, stored in enumerate(kept):
-        _, heads, _, dim = prompt.keys[layer].shape
-        total += heads * config.method.kv_bytes(stored, generated, dim,
-                                                prompt.keys[layer].element_size())
-    return round(total / 2**20, 3)
-
-
-def _kv_read_kib(config: RocketKVConfig, prompt: eager.Prefill, kept: list[int],
-                 prompt_len: int, model_config) -> float:
-    """KiB of KV the first decode step reads, all layers and KV heads (Policy.read_bytes):
-    what "equal traffic" compares."""
+def _kv_sizes(config: RocketKVConfig, prompt: eager.Prefill, kept: list[int], generated: int,
+              prompt_len: int, model_config) -> tuple[float, float]:
+    """Per layer's `kept` prompt tokens, all layers and KV heads:
+    - MiB the cache holds after generation: the stored prompt tokens (as packed codes and
+      scales if quantized: Policy.kv_bytes) and the `generated` ones. Slots a policy evicts
+      during decode are counted: they stay allocated here;
+    - KiB of KV the first decode step reads (Policy.read_bytes): what "equal traffic"
+      compares."""
     layers = len(kept)
     group = model_config.num_attention_heads // model_config.num_key_value_heads
-    total = 0
+    held = read = 0
     for layer, stored in enumerate(kept):
         _, heads, _, dim = prompt.keys[layer].shape
+        itemsize = prompt.keys[layer].element_size()
         plan = config.plan(prompt_len, dim, layer, layers)
-        total += heads * config.method.read_bytes(stored, 1, plan, dim,
-                                                  prompt.keys[layer].element_size(), group)
-    return round(total / 2**10, 1)
+        held += heads * config.method.kv_bytes(stored, generated, dim, itemsize)
+        read += heads * config.method.read_bytes(stored, 1, plan, dim, itemsize, group)
+    return round(held / 2**20, 3), round(read / 2**10, 1)
 
 
 def summarise(records: list[dict]) -> dict:
