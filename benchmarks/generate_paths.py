@@ -14,8 +14,12 @@ Rows (setups):
                   per token)
   rocketkv-compile-prefill  the same as rocketkv with the `compile_prefill` option (the
                   prefill compiled by Inductor too, instead of run as traced)
+  rocketkv-tune-all  the same as rocketkv with every generated kernel of the decode graph
+                  tuned, not only those that read weights (`rkv_compile.kernels.tuning`)
   bare            the rocketkv decode step (the same compiled forward) in a bare loop, over the
-                  cache the rocketkv generate returned: the step without generate around it
+                  cache the rocketkv generate returned: the step without generate around it;
+                  then `--rounds` more generate calls and bare loops, alternated, so that the
+                  gap between them is not a drift of the device between two measurements
 For each: the first call's wall time, compiles included (each rocketkv forward is compiled once
 for all contexts, as a user compiles once for all prompts: at the first context it compiles
 everything, at a later one what that prompt length needs anew; where the time went is recorded;
@@ -32,6 +36,7 @@ compiled graph (its checks), which is part of the gap to the bare loop. The weig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import statistics
@@ -49,7 +54,7 @@ from end_to_end import (CUDA, DEVICE, GIB, build, cleanup, llama_8b, peak_gib,  
 from rkv_compile import backend as runtime  # noqa: E402
 from rkv_compile.cache import RocketKVCache  # noqa: E402
 from rkv_compile.hf import cache_argument, returned_cache  # noqa: E402
-from rkv_compile.kernels import kernel_analysis  # noqa: E402
+from rkv_compile.kernels import kernel_analysis, tuning  # noqa: E402
 
 
 class Steps(LogitsProcessor):
@@ -115,7 +120,8 @@ class CompileTimes:
     graphs' coordinate-descent tuning and CUDA-graph warm-up and capture), Dynamo's own
     totals (tracing, the backend's pass and compiles inside), and torch's analyses of our
     Triton kernels' launches (`kernel_analysis`: how many ran, their time, how many the
-    cache answered)."""
+    cache answered), and how many generated kernels were marked for tuning (`tuning`: those
+    that read weights) and not."""
 
     def __init__(self):
         self.graphs = []
@@ -151,6 +157,7 @@ class CompileTimes:
         self.name = next(n for n in kernel_analysis._ANALYSES if hasattr(self.wrap, n))
         self.analyse = getattr(self.wrap, self.name)
         self.counts = dict(kernel_analysis.stats)
+        self.tuning_counts = dict(tuning.stats)
 
         @functools.wraps(self.analyse)
         def timed_analysis(*args, analyse=self.analyse, totals=self.analyses):
@@ -167,12 +174,14 @@ class CompileTimes:
         setattr(self.wrap, self.name, self.analyse)
         self.analyses.update({k: v - self.counts[k] for k, v in kernel_analysis.stats.items()})
         self.analyses["seconds"] = round(self.analyses["seconds"], 2)
+        self.tuned = {k: v - self.tuning_counts[k] for k, v in tuning.stats.items()}
 
     def summary(self) -> dict:
         metrics = torch._dynamo.utils.compilation_time_metrics
         dynamo = {name: round(sum(times), 2) for name, times in metrics.items()
                   if sum(times) >= 0.5}
-        return {"graphs": self.graphs, "dynamo_s": dynamo, "kernel_analyses": self.analyses}
+        return {"graphs": self.graphs, "dynamo_s": dynamo, "kernel_analyses": self.analyses,
+                "kernels_tuned": self.tuned}
 
 
 def one_call(model, ids, steps: int, new_cache=None, **kwargs):
@@ -211,6 +220,20 @@ def measure(model, ids, steps: int, setup: str, **kwargs) -> dict:
     return out, row
 
 
+def alternated(model, ids, steps: int, rounds: int) -> dict:
+    """`rounds` generate calls, each followed by a bare loop over the cache it returned."""
+    through_generate, bare = [], []
+    for _ in range(rounds):
+        out, row = one_call(model, ids, steps)
+        through_generate.append(row["decode_ms_per_token"])
+        cache = returned_cache(out)
+        bare.append(bare_step_ms(model.forward, cache, ids, steps))
+        del out, cache
+        cleanup()
+    return {"setup": "generate-vs-bare", "context": ids.shape[1],
+            "generate_ms_per_token": through_generate, "bare_ms_per_token": bare}
+
+
 def bare_step_ms(forward, cache, ids, steps: int) -> float:
     """The decode step in a loop of its own over `cache` (positions continue after it)."""
     position = ids.shape[1] + steps
@@ -227,13 +250,33 @@ def bare_step_ms(forward, cache, ids, steps: int) -> float:
     return round(statistics.median(times[3:]) * 1e3, 3)
 
 
+@contextlib.contextmanager
+def tuning_every_kernel():
+    """Compiles inside tune every kernel Inductor generates, and bypass Inductor's on-disk graph
+    cache (its key does not see which kernels are tuned)."""
+    from unittest import mock
+    with mock.patch.object(tuning, "weight_reads_only", contextlib.nullcontext), \
+            torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+
+
+def tune_all_backend():
+    def compile_decode(gm, inputs):
+        with tuning_every_kernel():
+            return runtime.inductor(gm, inputs, decode=True, cudagraphs=True)
+    return runtime.make_backend(decode_compiler=compile_decode)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 131072])
     parser.add_argument("--setups", nargs="+",
                         default=["generate", "static", "rocketkv", "rocketkv-cache"],
                         choices=["generate", "static", "rocketkv", "rocketkv-cache",
-                                 "rocketkv-untuned", "rocketkv-compile-prefill"])
+                                 "rocketkv-untuned", "rocketkv-compile-prefill",
+                                 "rocketkv-tune-all"])
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternated generate calls and bare loops after the rocketkv row")
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--tiny", action="store_true", help="a small model: checks the script")
@@ -260,20 +303,16 @@ def main():
     forwards = {
         "rocketkv": torch.compile(eager_forward, backend="rocketkv", options=options),
         "rocketkv-untuned": torch.compile(eager_forward, backend=untuned, options=options),
+        "rocketkv-tune-all": torch.compile(eager_forward, backend=tune_all_backend(),
+                                           options=options),
         "rocketkv-compile-prefill": torch.compile(eager_forward, backend="rocketkv", options={
             **options, "compile_prefill": True})}
     for context in args.contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, context),
                             generator=torch.Generator().manual_seed(context)).to(DEVICE)
         model.set_attn_implementation("sdpa")
-        if "generate" in args.setups:
-            record(measure(model, ids, args.steps, "generate")[1])
-            cleanup()
-        if "static" in args.setups:
-            record(measure(model, ids, args.steps, "static", cache_implementation="static")[1])
-            cleanup()
         for setup in ("rocketkv", "rocketkv-cache", "rocketkv-untuned",
-                      "rocketkv-compile-prefill"):
+                      "rocketkv-compile-prefill", "rocketkv-tune-all"):
             if setup not in args.setups:
                 continue
             model.forward = forwards.get(setup, forwards["rocketkv"])
@@ -289,10 +328,20 @@ def main():
                 if setup == "rocketkv":
                     record({"setup": "bare", "context": context, "decode_ms_per_token":
                             bare_step_ms(model.forward, cache, ids, args.steps)})
+                    del out, cache
+                    record(alternated(model, ids, args.steps, args.rounds))
+                    continue
                 del out, cache
             finally:
                 model.forward = eager_forward
                 cleanup()
+        # after rocketkv's, so that its first call is measured as a fresh process's
+        if "generate" in args.setups:
+            record(measure(model, ids, args.steps, "generate")[1])
+            cleanup()
+        if "static" in args.setups:
+            record(measure(model, ids, args.steps, "static", cache_implementation="static")[1])
+            cleanup()
 
 
 if __name__ == "__main__":

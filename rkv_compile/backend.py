@@ -37,7 +37,7 @@ from torch.fx.node import map_arg
 from . import state as S
 from .config import RocketKVConfig
 from .diagnostics import log, warn_once
-from .kernels import kernel_analysis
+from .kernels import kernel_analysis, tuning
 from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
 from .passes.kv_source import KVSource
 from .passes.rewrite import (DECODE, PREFILL, TURN, UNSUPPORTED, CacheIO, SiteDecision, analyse,
@@ -55,12 +55,13 @@ def inductor(gm: GraphModule, example_inputs: Sequence, decode: bool = False,
              cudagraphs: bool = False) -> Callable:
     """Inductor. A decode graph is tuned (coordinate descent over its Triton kernels' configs, as
     gpt-fast does): at batch 1 its weight GEMVs become tuned Triton reductions fused with their
-    neighbours, 7.96 -> 7.46 ms per 8B-shaped step on the H100 (BENCHMARKS.md)."""
+    neighbours, 7.96 -> 7.46 ms per 8B-shaped step on the H100 (BENCHMARKS.md); only the kernels
+    that read weights are tuned (`tuning.weight_reads_only`)."""
     from torch._inductor.compile_fx import compile_fx
 
     patches = {"coordinate_descent_tuning": True} if decode else {}
     patches["triton.cudagraphs"] = cudagraphs
-    with kernel_analysis.memoized():
+    with kernel_analysis.memoized(), tuning.weight_reads_only():
         return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 

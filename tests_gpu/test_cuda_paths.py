@@ -55,6 +55,26 @@ def test_a_kernels_analysis_serves_every_layer(monkeypatch):
     assert 1 <= analysed <= 4 and reused >= analysed   # four kernels a layer, analysed once
 
 
+def test_a_decode_graph_tunes_its_gemvs_and_not_its_norms():
+    """Compiled as a decode graph, a batch-1 projection becomes a Triton reduction marked for
+    tuning; the RMSNorm before it is generated unmarked; the result is eager's."""
+    from rkv_compile.backend import inductor
+    from rkv_compile.kernels import tuning
+
+    before = dict(tuning.stats)
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(4096, 2048, generator=gen).to("cuda", torch.bfloat16) / 64
+    x = torch.randn(1, 2048, generator=gen).to("cuda", torch.bfloat16)
+
+    def step(x):
+        norm = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+        return torch.nn.functional.linear(norm, weight)
+    f = torch.compile(step, backend=lambda gm, ex: inductor(gm, ex, decode=True))
+    torch.testing.assert_close(f(x), step(x), rtol=2e-2, atol=2e-2)
+    assert tuning.stats["tuned"] > before["tuned"]
+    assert tuning.stats["untuned"] > before["untuned"]
+
+
 def generate_on_cuda(model, ids, options, cache=None, **kwargs):
     """generate under the backend, as a user calls it: (its output, CUDA graph launches,
     cudagraph skips)."""
