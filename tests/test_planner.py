@@ -221,9 +221,11 @@ def test_edge_policy_values_accepted(policy, name, value):
 def test_a_decode_step_reads_at_most_what_full_kv_reads(budget, prompt, head_dim, group,
                                                         policy):
     """KV bytes a decode step reads (Policy.read_bytes, what "equal traffic" compares): every
-    policy at most full KV's over the whole prompt; RocketKV its formula (r dims of every
-    stored key, top-k tokens' keys and values); the sparse ones over every token less than
-    exact attention over them; the exact ones all they hold."""
+    policy at most full KV's over the whole prompt, Quest at most that and its page summaries
+    (each query head picks its own pages: a group of heads may pick every page); RocketKV its
+    formula (r dims of every stored key, top-k tokens' keys and values); the other sparse
+    ones over every token less than exact attention over them; the exact ones all they
+    hold."""
     config = RocketKVConfig.from_options({"policy": policy, "token_budget": budget,
                                           "max_new_tokens": 16})
     method, layers = config.method, 4
@@ -232,6 +234,12 @@ def test_a_decode_step_reads_at_most_what_full_kv_reads(budget, prompt, head_dim
         plan = config.plan(prompt, head_dim, layer, layers)
         stored = min(plan.prompt_budget, prompt)
         read = method.read_bytes(stored, 1, plan, head_dim, 2, group)
+        n = stored + 1
+        if policy == "quest" and plan.topk < n:
+            pages = -(-n // plan.chunk)
+            assert read == (2 * pages + 2 * min(n, group * plan.topk)) * head_dim * 2
+            assert 0 < read <= full + 2 * pages * head_dim * 2
+            continue
         assert 0 < read <= full
         if policy == "rocketkv":
             assert read == ((stored + 1) * plan.dims + plan.topk * 2 * head_dim) * 2

@@ -45,13 +45,15 @@ class Quest(Policy):
         return self.keep_all(prompt_len, pages * self.page_size, self.page_size, head_dim)
 
     def read_bytes(self, stored, generated, plan, head_dim, itemsize, group):
-        """Every page's min and max keys, and each of the `group` query heads its own pages'
-        keys and values (at most: heads may pick the same pages). A dense layer reads all."""
+        """Every page's min and max keys, and the pages the `group` query heads pick, keys and
+        values: at most each head's own, and never more than every page (heads may pick the
+        same pages). A dense layer reads all."""
         n = stored + generated
         if plan.topk >= n:
             return super().read_bytes(stored, generated, plan, head_dim, itemsize, group)
         summaries = 2 * -(-n // plan.chunk) * head_dim
-        return round((summaries + group * plan.topk * 2 * head_dim) * self.entry_bytes(itemsize))
+        picked = min(n, group * plan.topk)
+        return round((summaries + picked * 2 * head_dim) * self.entry_bytes(itemsize))
 
     def decode(self, query, key, value, mask, scale, chunk, dims, topk):
         B, H, n, D = key.shape
