@@ -40,6 +40,7 @@ from .diagnostics import log, warn_once
 from .kernels import kernel_analysis, tuning
 from .passes.causal_mask import NOT_CAUSAL, NOT_CAUSAL_PREFILL, CausalProof, prove_causal
 from .passes.kv_source import KVSource
+from .passes.repeated_layers import outline_repeated_layers
 from .passes.rewrite import (DECODE, PREFILL, TURN, UNSUPPORTED, CacheIO, SiteDecision, analyse,
                              apply, computes_positions, eliminate_dead_code)
 from .passes.sites import value_of
@@ -52,17 +53,32 @@ RECOMPILE_LIMIT = 64
 
 
 def inductor(gm: GraphModule, example_inputs: Sequence, decode: bool = False,
-             cudagraphs: bool = False) -> Callable:
+             cudagraphs: bool = False, layers_once: bool = False) -> Callable:
     """Inductor. A decode graph is tuned (coordinate descent over its Triton kernels' configs, as
     gpt-fast does): at batch 1 its weight GEMVs become tuned Triton reductions fused with their
     neighbours, 7.96 -> 7.46 ms per 8B-shaped step on the H100 (BENCHMARKS.md); only the kernels
-    that read weights are tuned (`tuning.weight_reads_only`)."""
+    that read weights are tuned (`tuning.weight_reads_only`). With `layers_once`, alike layers
+    share one compiled subgraph (passes/repeated_layers.py)."""
     from torch._inductor.compile_fx import compile_fx
 
     patches = {"coordinate_descent_tuning": True} if decode else {}
     patches["triton.cudagraphs"] = cudagraphs
-    with kernel_analysis.memoized(), tuning.weight_reads_only():
-        return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+    def compile_(graph: GraphModule) -> Callable:
+        with kernel_analysis.memoized(), tuning.weight_reads_only():
+            return compile_fx(graph, list(example_inputs), config_patches=patches)
+
+    if layers_once:
+        outlined = _copy_graph_module(gm)
+        if outline_repeated_layers(outlined, example_inputs):
+            try:
+                return compile_(outlined)
+            except Exception as error:   # Inductor's own limits: the whole graph still compiles
+                warn_once(f"rocketkv: compiling a decode graph's layers once failed "
+                          f"({type(error).__name__}: {str(error)[:200]}); it compiles whole "
+                          f"(a slower first call). The option compile_layers_once=False "
+                          f"skips the attempt")
+    return compile_(gm)
 
 
 def _copy_graph_module(gm: GraphModule) -> GraphModule:
@@ -578,8 +594,10 @@ def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None 
             if phase in (PREFILL, TURN) and not config.compile_prefill:
                 return graph.forward
             _allow_dynamic_output_shapes(inputs)
-            return inductor(graph, inputs, decode=phase == DECODE,
-                            cudagraphs=cudagraphs and phase == DECODE and capturable)
+            decode = phase == DECODE
+            return inductor(graph, inputs, decode=decode,
+                            cudagraphs=cudagraphs and decode and capturable,
+                            layers_once=config.compile_layers_once and decode and capturable)
 
         if not any(d.rewritten or d.fatal for d in decisions):
             if _concatenates_packed(gm.graph):

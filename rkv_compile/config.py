@@ -30,6 +30,9 @@ class RocketKVConfig:
                     in matmuls and attention, which Inductor leaves to the same kernels), so
                     a first call compiles only the decode step; True: fused, for a workload of
                     many prompts (BENCHMARKS.md measures both).
+    compile_layers_once: on CUDA, a decode graph's alike layers share one compiled subgraph
+                    (passes/repeated_layers.py): Inductor compiles one layer, not all 32 of an
+                    8B model. True (default); False: the whole graph, fused across layers.
     Any other option is a hyperparameter of the selected policy (a field of its dataclass, e.g.
     "kernel_size" of rocketkv and snapkv, "sink_size" of streamingllm, and every policy's
     "kv_bits" and "kv_group_size"); `from_options` collects them into `policy_options`.
@@ -41,6 +44,7 @@ class RocketKVConfig:
     policy: str = "rocketkv"
     cudagraphs: bool | None = None
     compile_prefill: bool = False
+    compile_layers_once: bool = True
     policy_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
@@ -50,6 +54,9 @@ class RocketKVConfig:
         if not isinstance(self.compile_prefill, bool):
             raise ValueError(f"rocketkv option 'compile_prefill' must be True or False "
                              f"(got {self.compile_prefill!r})")
+        if not isinstance(self.compile_layers_once, bool):
+            raise ValueError(f"rocketkv option 'compile_layers_once' must be True or False "
+                             f"(got {self.compile_layers_once!r})")
         check_int("token_budget", self.token_budget, 2, none_ok=True)
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("window_size", self.window_size, 1)

@@ -290,6 +290,31 @@ def test_decode_graphs_per_cache_size_serve_every_step(cache, monkeypatch):
     assert len(appends) == 2   # the token into each layer
 
 
+@pytest.mark.parametrize("once", [True, False])
+def test_a_per_size_decode_graph_compiles_its_layers_once(once, monkeypatch):
+    """On CUDA, Inductor compiles a decode graph's alike layers once (`compile_layers_once`,
+    default on): each layer is two calls of shared subgraphs, cut at the cache's append; off,
+    the graph compiles whole. Either way the oracle's tokens. The CUDA path through Inductor,
+    on the CPU (`on_cuda` forced)."""
+    import rkv_compile.backend as runtime
+
+    outlined = []
+    outline = runtime.outline_repeated_layers
+    monkeypatch.setattr(runtime, "outline_repeated_layers",
+                        lambda gm, inputs: outlined.append(outline(gm, inputs)) or outlined[-1])
+    cuda_decode_backend(monkeypatch, [])
+    backend = make_backend(decode_compiler=None)
+    session = Session(tiny_llama())
+    options = {**OPTION_SETS[0], "compile_layers_once": once}
+    session.forwards[repr(sorted(options.items()))] = torch.compile(
+        session.eager, backend=lambda gm, ex: backend(gm, ex, options=options))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # no fallback to the whole graph
+        assert_compressed_as_the_oracle(session, prompt(150, seed=2), options, "dynamic",
+                                        "greedy", 0)
+    assert outlined == ([4] if once else [])
+
+
 def test_without_cuda_graphs_a_decode_step_is_one_symbolic_graph(monkeypatch):
     """Per-size graphs exist for CUDA graphs: with the option off, the CUDA path compiles one
     graph of symbolic sizes for every step."""

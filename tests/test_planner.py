@@ -177,7 +177,7 @@ def test_unknown_option_names_the_key(key):
     ("window_size", 0), ("window_size", None), ("window_size", 2.0), ("window_size", True),
     ("policy", "nope"), ("policy", ""), ("policy", None), ("policy", 3),
     ("cudagraphs", 1), ("cudagraphs", "yes"), ("compile_prefill", None),
-    ("compile_prefill", 1),
+    ("compile_prefill", 1), ("compile_layers_once", None), ("compile_layers_once", "no"),
 ])
 def test_bad_values_name_the_option(name, value):
     with pytest.raises(ValueError, match=name):
