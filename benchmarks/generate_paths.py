@@ -16,6 +16,9 @@ Rows (setups):
                   prefill compiled by Inductor too, instead of run as traced)
   rocketkv-tune-all  the same as rocketkv with every generated kernel of the decode graph
                   tuned, not only those that read weights (`rkv_compile.kernels.tuning`)
+  rocketkv-whole  the same as rocketkv with `compile_layers_once=False`: the decode graph
+                  compiled whole, not one subgraph for its alike layers (what compiling the
+                  layers once saves at the first call and costs per token)
   bare            the rocketkv decode step (the same compiled forward) in a bare loop, over the
                   cache the rocketkv generate returned: the step without generate around it;
                   then `--rounds` more generate calls and bare loops, alternated, so that the
@@ -26,8 +29,9 @@ everything, at a later one what that prompt length needs anew; where the time we
 the variants after the first reuse what Inductor cached on disk for identical graphs),
 and from a second call the prefill time (to the first token), the decode time per token (median
 of the steps, timed by a logits processor that synchronizes), the GPU memory held right after
-prefill beyond the weights, and the peak. For rocketkv also the host time per step the backend's run time spends around the
-compiled graph (its checks), which is part of the gap to the bare loop. The weight-read floor
+prefill beyond the weights, and the peak. For rocketkv also the host time per step the
+backend's run time spends around the compiled graph (its checks), which is part of the gap to
+the bare loop. The weight-read floor
 (weight bytes / copy bandwidth) is the least a batch-1 step can take.
 
     python3 benchmarks/generate_paths.py --out benchmarks/results/generate_paths_h200.json
@@ -55,6 +59,7 @@ from rkv_compile import backend as runtime  # noqa: E402
 from rkv_compile.cache import RocketKVCache  # noqa: E402
 from rkv_compile.hf import cache_argument, returned_cache  # noqa: E402
 from rkv_compile.kernels import kernel_analysis, tuning  # noqa: E402
+from rkv_compile.passes import repeated_layers  # noqa: E402
 
 
 class Steps(LogitsProcessor):
@@ -131,11 +136,14 @@ class CompileTimes:
         compile_graph = runtime.inductor
         graphs = self.graphs
 
-        def timed(gm, inputs, decode=False, cudagraphs=False):
+        def timed(gm, inputs, decode=False, cudagraphs=False, layers_once=False):
             start = time.perf_counter()
-            compiled = compile_graph(gm, inputs, decode=decode, cudagraphs=cudagraphs)
+            outlined = repeated_layers.stats["outlined"]
+            compiled = compile_graph(gm, inputs, decode=decode, cudagraphs=cudagraphs,
+                                     layers_once=layers_once)
             row = {"phase": "decode" if decode or cudagraphs else "other",
                    "cudagraphs": cudagraphs,
+                   "layers_outlined": repeated_layers.stats["outlined"] - outlined,
                    "compile_s": round(time.perf_counter() - start, 2), "calls_s": []}
             graphs.append(row)
 
@@ -263,7 +271,7 @@ def tuning_every_kernel():
 def tune_all_backend():
     def compile_decode(gm, inputs):
         with tuning_every_kernel():
-            return runtime.inductor(gm, inputs, decode=True, cudagraphs=True)
+            return runtime.inductor(gm, inputs, decode=True, cudagraphs=True, layers_once=True)
     return runtime.make_backend(decode_compiler=compile_decode)
 
 
@@ -274,7 +282,7 @@ def main():
                         default=["generate", "static", "rocketkv", "rocketkv-cache"],
                         choices=["generate", "static", "rocketkv", "rocketkv-cache",
                                  "rocketkv-untuned", "rocketkv-compile-prefill",
-                                 "rocketkv-tune-all"])
+                                 "rocketkv-tune-all", "rocketkv-whole"])
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternated generate calls and bare loops after the rocketkv row")
     parser.add_argument("--budget", type=int, default=256)
@@ -299,20 +307,22 @@ def main():
     eager_forward = model.forward
     # each compiled once for every context, as a user compiles a model once for all prompts
     untuned = runtime.make_backend(decode_compiler=lambda gm, inputs: runtime.inductor(
-        gm, inputs, decode=False, cudagraphs=True))
+        gm, inputs, decode=False, cudagraphs=True, layers_once=True))
     forwards = {
         "rocketkv": torch.compile(eager_forward, backend="rocketkv", options=options),
         "rocketkv-untuned": torch.compile(eager_forward, backend=untuned, options=options),
         "rocketkv-tune-all": torch.compile(eager_forward, backend=tune_all_backend(),
                                            options=options),
         "rocketkv-compile-prefill": torch.compile(eager_forward, backend="rocketkv", options={
-            **options, "compile_prefill": True})}
+            **options, "compile_prefill": True}),
+        "rocketkv-whole": torch.compile(eager_forward, backend="rocketkv", options={
+            **options, "compile_layers_once": False})}
     for context in args.contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, context),
                             generator=torch.Generator().manual_seed(context)).to(DEVICE)
         model.set_attn_implementation("sdpa")
         for setup in ("rocketkv", "rocketkv-cache", "rocketkv-untuned",
-                      "rocketkv-compile-prefill", "rocketkv-tune-all"):
+                      "rocketkv-compile-prefill", "rocketkv-tune-all", "rocketkv-whole"):
             if setup not in args.setups:
                 continue
             model.forward = forwards.get(setup, forwards["rocketkv"])

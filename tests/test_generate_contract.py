@@ -290,8 +290,9 @@ def test_decode_graphs_per_cache_size_serve_every_step(cache, monkeypatch):
     assert len(appends) == 2   # the token into each layer
 
 
-@pytest.mark.parametrize("once", [True, False])
-def test_a_per_size_decode_graph_compiles_its_layers_once(once, monkeypatch):
+@pytest.mark.parametrize("once, cache", [(True, "dynamic"), (True, "rocketkv"),
+                                         (False, "dynamic")])
+def test_a_per_size_decode_graph_compiles_its_layers_once(once, cache, monkeypatch):
     """On CUDA, Inductor compiles a decode graph's alike layers once (`compile_layers_once`,
     default on): each layer is two calls of shared subgraphs, cut at the cache's append; off,
     the graph compiles whole. Either way the oracle's tokens. The CUDA path through Inductor,
@@ -310,8 +311,8 @@ def test_a_per_size_decode_graph_compiles_its_layers_once(once, monkeypatch):
         session.eager, backend=lambda gm, ex: backend(gm, ex, options=options))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)   # no fallback to the whole graph
-        assert_compressed_as_the_oracle(session, prompt(150, seed=2), options, "dynamic",
-                                        "greedy", 0)
+        assert_compressed_as_the_oracle(session, prompt(150, seed=2), options, cache, "greedy",
+                                        0)
     assert outlined == ([4] if once else [])
 
 
@@ -429,7 +430,7 @@ def test_only_the_decode_step_reaches_inductor_unless_compile_prefill(compile_pr
     import rkv_compile.backend as runtime
 
     phases = []
-    monkeypatch.setattr(runtime, "inductor", lambda gm, ex, decode=False, cudagraphs=False: (
+    monkeypatch.setattr(runtime, "inductor", lambda gm, ex, decode=False, **flags: (
         phases.append("decode" if decode else "prompt") or gm.forward))
     session = Session(tiny_llama())
     options = {**OPTION_SETS[0], "compile_prefill": compile_prefill}

@@ -4,6 +4,8 @@ plain generate (the DynamicCache it builds) and through a RocketKVCache; memory 
 what the cache stores. Run from the repository root on the GPU machine:
     PYTHONPATH=.:tests python3 -m pytest -q tests_gpu
 """
+import warnings
+
 import pytest
 import torch
 from models import stored_lengths, tiny_hf
@@ -15,6 +17,7 @@ from rkv_compile.cache import RocketKVCache
 from rkv_compile.eager import generate as oracle_generate, generate_like, multi_turn
 from rkv_compile.hf import cache_argument, returned_cache
 from rkv_compile.kernels import triton_decode as T
+from rkv_compile.passes import repeated_layers
 
 assert torch.cuda.is_available(), "tests_gpu/ runs on the GPU machine"
 BUDGET = {"token_budget": 64, "max_new_tokens": 10}
@@ -105,12 +108,18 @@ def test_generate_replays_cuda_graphs_with_the_oracles_tokens(cache):
         report = rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=3), options=BUDGET)
     decode = [s for s in report.sites if s.query_len == "1"]
     assert decode and all("Triton kernels" in s.action for s in decode)
-    out, launches, skips = generate_on_cuda(
-        model, ids, BUDGET, RocketKVCache(model.config, STEPS) if cache == "rocketkv" else None)
+    outlined = repeated_layers.stats["outlined"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*layers once.*")   # no fallback
+        out, launches, skips = generate_on_cuda(
+            model, ids, BUDGET,
+            RocketKVCache(model.config, STEPS) if cache == "rocketkv" else None)
     expected, kept = oracle_generate(model, ids, RocketKVConfig.from_options(BUDGET), STEPS)
     assert out.sequences[0, 400:].tolist() == expected
     assert stored_lengths(returned_cache(out)) == [k + STEPS - 1 for k in kept]
     assert skips == 0 and launches >= STEPS - 3
+    # its two layers compiled once: two pieces each (before and after the append)
+    assert repeated_layers.stats["outlined"] - outlined == 4
 
 
 @pytest.mark.parametrize("options", [

@@ -29,6 +29,7 @@ from torch.fx.node import map_aggregate
 from ..diagnostics import log
 
 _CHILD = re.compile(r"^(.*)\.(\d+)$")
+stats = {"outlined": 0}   # pieces replaced by a shared subgraph's call, over the process
 
 
 def outline_repeated_layers(gm: GraphModule, example_inputs) -> int:
@@ -54,6 +55,7 @@ def outline_repeated_layers(gm: GraphModule, example_inputs) -> int:
         if id(piece) in shared:
             piece.replace_by_call(gm.graph, shared[id(piece)], renamed)
     replaced = len(shared)
+    stats["outlined"] += replaced
     if replaced:
         gm.graph.lint()
         gm.recompile()
