@@ -31,8 +31,8 @@ and from a second call the prefill time (to the first token), the decode time pe
 of the steps, timed by a logits processor that synchronizes), the GPU memory held right after
 prefill beyond the weights, and the peak. For rocketkv also the host time per step the
 backend's run time spends around the compiled graph (its checks), which is part of the gap to
-the bare loop. The weight-read floor
-(weight bytes / copy bandwidth) is the least a batch-1 step can take.
+the bare loop. The weight-read floor (weight bytes / copy bandwidth) is the least a batch-1
+step can take.
 
     python3 benchmarks/generate_paths.py --out benchmarks/results/generate_paths_h200.json
     python3 benchmarks/generate_paths.py --tiny     # a small model, on the CPU too
