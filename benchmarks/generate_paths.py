@@ -54,7 +54,7 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import rkv_compile  # noqa: E402
 from end_to_end import (CUDA, DEVICE, GIB, build, cleanup, llama_8b, peak_gib,  # noqa: E402
-                        reset_peak, run_meta, sync, tiny)
+                        release, reset_peak, run_meta, sync, tiny)
 from rkv_compile import backend as runtime  # noqa: E402
 from rkv_compile.cache import RocketKVCache  # noqa: E402
 from rkv_compile.hf import cache_argument, returned_cache  # noqa: E402
@@ -77,13 +77,16 @@ class Steps(LogitsProcessor):
         return scores
 
 
-class HostTime:
-    """Time the backend's run time spends per call outside the compiled graph it runs: the
-    median over a generate's calls (its decode steps; the prefill's call, which marks the
-    caches it returns, is one of them)."""
+class StepTimes:
+    """Per call of the backend's run time (a generate's calls are its decode steps and its
+    prefill): the host time it spends outside the compiled graph it runs (its checks), and the
+    device time of the graph itself, from CUDA events recorded just before and after the graph
+    is launched (a replayed CUDA graph is one launch: the events bracket its execution, so a
+    step's wall time less this is time the device waited on the host). Medians over calls."""
 
     def __init__(self):
         self.outside: list[float] = []
+        self.events: list[tuple] = []
 
     def __enter__(self):
         call, run = runtime.Runtime.__call__, runtime.Runtime._run
@@ -98,9 +101,17 @@ class HostTime:
 
         def timed_run(self, variant, args):
             start = time.perf_counter()
+            begin = end = None
+            if CUDA:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                begin.record()
             try:
                 return run(self, variant, args)
             finally:
+                if CUDA:
+                    end.record()
+                    meter.events.append((begin, end))
                 inside[0] += time.perf_counter() - start
 
         self.saved = call, run
@@ -116,7 +127,16 @@ class HostTime:
 
     @property
     def us_per_call(self) -> float:
+        """Median host time outside the graph, µs."""
         return round(statistics.median(self.outside) * 1e6, 1)
+
+    @property
+    def graph_ms(self) -> float | None:
+        """Median device time of the graph a call runs, ms (None off CUDA)."""
+        if not self.events:
+            return None
+        sync()
+        return round(statistics.median(b.elapsed_time(e) for b, e in self.events), 3)
 
 
 class CompileTimes:
@@ -200,8 +220,9 @@ def one_call(model, ids, steps: int, new_cache=None, **kwargs):
     reset_peak()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
-                             do_sample=False, return_dict_in_generate=True,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
+                             min_new_tokens=steps + 1, do_sample=False,
+                             return_dict_in_generate=True,
                              logits_processor=LogitsProcessorList([timer]), **kwargs)
     wall = time.perf_counter() - start
     gaps = [b - a for a, b in zip(timer.times, timer.times[1:])]
@@ -218,7 +239,7 @@ def measure(model, ids, steps: int, setup: str, **kwargs) -> dict:
     with CompileTimes() as compiles:
         one_call(model, ids, steps, **kwargs)
     first = time.perf_counter() - start
-    with HostTime() as host:
+    with StepTimes() as host:
         out, row = one_call(model, ids, steps, **kwargs)
     row = {"setup": setup, "context": ids.shape[1], "first_call_s": round(first, 1), **row}
     if host.calls:
@@ -229,33 +250,60 @@ def measure(model, ids, steps: int, setup: str, **kwargs) -> dict:
 
 
 def alternated(model, ids, steps: int, rounds: int) -> dict:
-    """`rounds` generate calls, each followed by a bare loop over the cache it returned."""
-    through_generate, bare = [], []
+    """`rounds` generate calls through the same compiled forward, each followed by a bare loop
+    over the cache it returned. Per call: ms per token, the median device time of the decode
+    graph (`StepTimes.graph_ms`), so that wall less graph is the time per step the device waits
+    on the host (generate's own work, Dynamo's guards, the backend's checks, the launch), and
+    the backend's host time per call. Each round also runs a generate under
+    `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` (Dynamo then checks only the
+    guards that tell its compiled graphs apart): what Dynamo's guard evaluation costs a step."""
+    rounds_ = {"generate_ms_per_token": [], "generate_graph_ms": [], "generate_backend_us": [],
+               "generate_skip_guards_ms_per_token": [],
+               "bare_ms_per_token": [], "bare_graph_ms": [], "bare_backend_us": [],
+               "bare_forward_host_ms": []}
     for _ in range(rounds):
-        out, row = one_call(model, ids, steps)
-        through_generate.append(row["decode_ms_per_token"])
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            rounds_["generate_skip_guards_ms_per_token"].append(
+                one_call(model, ids, steps)[1]["decode_ms_per_token"])
+        release()
+        with StepTimes() as through_generate:
+            out, row = one_call(model, ids, steps)
         cache = returned_cache(out)
-        bare.append(bare_step_ms(model.forward, cache, ids, steps))
+        with StepTimes() as bare:
+            bare_ms, forward_host_ms = bare_step_ms(model.forward, cache, ids, steps,
+                                                    host_time=True)
+        for name, ms, meter in (("generate", row["decode_ms_per_token"], through_generate),
+                                ("bare", bare_ms, bare)):
+            rounds_[f"{name}_ms_per_token"].append(ms)
+            rounds_[f"{name}_graph_ms"].append(meter.graph_ms)
+            rounds_[f"{name}_backend_us"].append(meter.us_per_call)
+        rounds_["bare_forward_host_ms"].append(forward_host_ms)
         del out, cache
-        cleanup()
-    return {"setup": "generate-vs-bare", "context": ids.shape[1],
-            "generate_ms_per_token": through_generate, "bare_ms_per_token": bare}
+        release()   # not cleanup(): the rounds reuse the compiled forward, as a user's calls do
+    return {"setup": "generate-vs-bare", "context": ids.shape[1], **rounds_}
 
 
-def bare_step_ms(forward, cache, ids, steps: int) -> float:
-    """The decode step in a loop of its own over `cache` (positions continue after it)."""
+def bare_step_ms(forward, cache, ids, steps: int, host_time: bool = False):
+    """The decode step in a loop of its own over `cache` (positions continue after it), each
+    step synchronized as generate's are (its stopping check reads the device): median ms per
+    step, and with `host_time` also the median ms until the forward returns (its host work:
+    Dynamo's guards, the backend, CUDA-graph bookkeeping and the launch; the device idles
+    through it)."""
     position = ids.shape[1] + steps
     token = ids[:, -1:]
-    times = []
+    times, host = [], []
     with torch.no_grad():
         for step in range(steps + 3):
+            positions = torch.tensor([[position + step]], device=DEVICE)
             sync()
             start = time.perf_counter()
-            forward(token, position_ids=torch.tensor([[position + step]], device=DEVICE),
-                    **{cache_argument(): cache}, logits_to_keep=1)
+            forward(token, position_ids=positions, **{cache_argument(): cache}, logits_to_keep=1)
+            returned = time.perf_counter()
             sync()
             times.append(time.perf_counter() - start)
-    return round(statistics.median(times[3:]) * 1e3, 3)
+            host.append(returned - start)
+    step_ms = round(statistics.median(times[3:]) * 1e3, 3)
+    return (step_ms, round(statistics.median(host[3:]) * 1e3, 3)) if host_time else step_ms
 
 
 @contextlib.contextmanager

@@ -1,0 +1,97 @@
+"""Many `generate` calls through one compiled forward, as an evaluation loop makes them: does a
+decode step stay as fast at the 200th call as at the second?
+
+Each call builds a new DynamicCache, so the compressed caches a decode graph reads are new
+tensors at new addresses every call. Inductor's CUDA graphs (cudagraph trees) take a static
+input at a new address as a reason to record the graph again; this script counts the
+recordings and the CUDA graphs Inductor skipped, and times the decode steps of every call.
+
+A small Llama (2 layers, bf16 on CUDA) keeps each call short, so that a step's host time (where
+a growing list of recorded graphs would show) is most of it.
+
+    python3 benchmarks/repeated_generate.py --calls 200 --out benchmarks/results/repeated_generate_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "benchmarks")
+import rkv_compile  # noqa: E402,F401
+from end_to_end import CUDA, DEVICE, build, run_meta, sync, tiny  # noqa: E402
+
+
+class Steps(LogitsProcessor):
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        sync()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def recorded_graphs() -> int:
+    """CUDA graphs the cudagraph trees of this device hold (every node of every tree)."""
+    if not CUDA:
+        return 0
+    from torch._inductor import cudagraph_trees
+    manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+    if manager is None:
+        return 0
+    count, todo = 0, [n for nodes in manager.roots.values() for n in nodes]
+    while todo:
+        node = todo.pop()
+        count += 1
+        todo.extend(n for nodes in node.children.values() for n in nodes)
+    return count
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--prompt", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--budget", type=int, default=64)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    model = build(tiny())
+    meta = run_meta(model, args.steps)
+    model.forward = torch.compile(model.forward, backend="rocketkv", options={
+        "token_budget": args.budget, "max_new_tokens": args.steps + 1})
+    torch._dynamo.utils.counters.clear()
+    rows = []
+    for call in range(args.calls):
+        ids = torch.randint(0, model.config.vocab_size, (1, args.prompt),
+                            generator=torch.Generator().manual_seed(call)).to(DEVICE)
+        timer = Steps()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.steps + 1, min_new_tokens=args.steps + 1,
+                           do_sample=False, logits_processor=LogitsProcessorList([timer]))
+        gaps = [b - a for a, b in zip(timer.times, timer.times[1:])]
+        row = {"call": call, "decode_ms_per_token": round(statistics.median(gaps) * 1e3, 3),
+               "recorded_graphs": recorded_graphs(),
+               "cudagraph_skips": sum(torch._dynamo.utils.counters["inductor"][k] for k in
+                                      ("cudagraph_skips",))}
+        rows.append(row)
+        if call in (0, 1, 2) or (call + 1) % 25 == 0:
+            print(json.dumps(row), flush=True)
+    result = {**meta, "prompt": args.prompt, "budget": args.budget, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    first, last = rows[1], rows[-1]
+    print(f"decode ms/token: call 2 {first['decode_ms_per_token']}, call {args.calls} "
+          f"{last['decode_ms_per_token']}; recorded graphs {last['recorded_graphs']}; "
+          f"cudagraph skips {last['cudagraph_skips']}")
+
+
+if __name__ == "__main__":
+    main()
