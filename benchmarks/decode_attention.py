@@ -5,7 +5,8 @@ context and token budget, in one run: dense SDPA with enable_gqa over the full c
 for reading that cache once at the copy bandwidth measured here; and stage 2 over the compressed
 cache RocketKV keeps (its plan's capacity): the Triton kernels launched one by one, the same
 replayed as a CUDA graph, a compressed cache's whole step (append + stage 2 over the packed
-layout) as a CUDA graph, and the plain-PyTorch reference. Also
+layout: three launches) as a CUDA graph, the same step as it ran before its kernels were fused
+(torch ops for the mask and plan, five launches), and the plain-PyTorch reference. Also
 stage 1 (Triton and reference) against exact causal prefill attention. Medians of
 triton.testing.do_bench / do_bench_cudagraph.
 
@@ -81,12 +82,28 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
             layer.header.copy_(start)
             return out
 
+        def cache_step_unfused():
+            # the same step as it ran before the fused kernel (to 2026-12-05): the mask and the
+            # plan made by torch ops, then four kernels (logits, select, attention, combine)
+            T.append_packed(keys, values, new_k, new_v)
+            valid = layer.valid()[:, 0, 0].to(torch.uint8).contiguous()
+            per_row = torch.stack([layer.word(S.Word.CHUNK), layer.word(S.Word.DIMS)],
+                                  1).contiguous()
+            logits = T.chunk_logits(q, layer.keys, 1, 1, valid, per_row)
+            slots = T.select_slots(logits, layer.keys.shape[2], 1, plan.topk, valid, per_row)
+            out = T.sparse_attention(q, layer.keys, layer.values, slots, scale, valid)
+            layer.header.copy_(start)
+            return out
+
+        fused_vs_unfused = float((cache_step().float() - cache_step_unfused().float()).norm()
+                                 / cache_step_unfused().float().norm())
         want = R.sparse_decode(q.float(), kc.float(), vc.float(), None, scale, plan.chunk,
                                plan.dims, plan.topk)
         error = float((ours().float() - want).norm() / want.norm())
         triton_ms = do_bench(ours, warmup=25, rep=200, return_mode="median")
         graph_ms = do_bench_cudagraph(ours, rep=200, return_mode="median")
         step_ms = do_bench_cudagraph(cache_step, rep=200, return_mode="median")
+        unfused_ms = do_bench_cudagraph(cache_step_unfused, rep=200, return_mode="median")
         reference_ms = do_bench(lambda: R.sparse_decode(q, kc, vc, None, scale, plan.chunk,
                                                         plan.dims, plan.topk),
                                 warmup=10, rep=100, return_mode="median")
@@ -97,11 +114,14 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
                          dense_sdpa_ms=dense, kv_read_floor_ms=floor,
                          stage2_triton_ms=triton_ms, stage2_triton_cudagraph_ms=graph_ms,
                          cache_step_cudagraph_ms=step_ms,
+                         cache_step_unfused_cudagraph_ms=unfused_ms,
+                         cache_step_fused_vs_unfused_rel_error=fused_vs_unfused,
                          stage2_reference_ms=reference_ms, stage2_read_floor_ms=ours_floor,
                          stage2_rel_error_vs_fp32_reference=error))
         print(f"B={batch:2} ctx={context // 1024:4}K budget={budget:5} cache={n:5} | dense "
               f"{dense:7.3f} ms  floor {floor:7.3f} | ours triton {triton_ms:7.3f}  graph "
-              f"{graph_ms:7.3f}  append+stage2 {step_ms:7.3f}  "
+              f"{graph_ms:7.3f}  append+stage2 {step_ms:7.3f} (unfused {unfused_ms:7.3f}, "
+              f"diff {fused_vs_unfused:.1e})  "
               f"reference {reference_ms:7.3f} ms  (err {error:.1e})", flush=True)
     return rows
 

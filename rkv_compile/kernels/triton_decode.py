@@ -41,12 +41,21 @@ def _chunk_logits_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
+    FROM_HEADER: tl.constexpr = False, STORED: tl.constexpr = 0, CHUNK: tl.constexpr = 0,
+    DIMS: tl.constexpr = 0,
 ):
     bh = tl.program_id(0)
     b, h = bh // Hkv, bh % Hkv
     if PER_ROW:  # rows evicted apart (a padded batch): each row's own chunk and r
         chunk = tl.load(plan_ptr + 2 * b)
         dims = tl.load(plan_ptr + 2 * b + 1)
+    if FROM_HEADER:  # a packed layer: the row's stored slots and plan from its header
+        # (plan_ptr: the header, stride_vb its row stride); chunks counts up to one per slot
+        n = tl.load(plan_ptr + b * stride_vb + STORED)
+        chunk = tl.load(plan_ptr + b * stride_vb + CHUNK)
+        dims = tl.load(plan_ptr + b * stride_vb + DIMS)
+        if tl.program_id(1) * BLOCK_C * chunk >= n:   # past the row's last chunk
+            return
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     g_ok, d_ok = g < G, d < D
@@ -107,9 +116,19 @@ def _select_kernel(
     G: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    b = bh // Hkv
     if PER_ROW:
-        chunk = tl.load(plan_ptr + 2 * b)
+        chunk = tl.load(plan_ptr + 2 * (bh // Hkv))
+    _select(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, chunks, k, Hkv,
+            stride_vb, G, BLOCK_C, HAS_VALID)
+
+
+@triton.jit
+def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, Hkv, stride_vb,
+            G: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr):
+    """The top k slots of KV head `bh` by chunk score, in slot order, into out_ptr[:k]. The
+    chunk array is held in registers: `chunks` (at most BLOCK_C) logits per query head, rows
+    `stride_lg` apart."""
+    b = bh // Hkv
     c = tl.arange(0, BLOCK_C)
     c_ok = c < chunks
     size = tl.minimum(tl.maximum(n - c * chunk, 0), chunk)
@@ -127,7 +146,8 @@ def _select_kernel(
     # masked token scores 0.
     score = tl.zeros((BLOCK_C,), tl.float32)
     for gi in tl.static_range(G):
-        logit = tl.load(logits_ptr + (bh * G + gi) * chunks + c, mask=c_ok, other=float("-inf"))
+        logit = tl.load(logits_ptr + (bh * G + gi) * stride_lg + c, mask=c_ok,
+                        other=float("-inf"))
         top = tl.max(logit, axis=0)
         e = tl.exp(logit - tl.where(top == float("-inf"), 0.0, top))
         z = tl.sum(e * live, axis=0)
@@ -162,7 +182,7 @@ def _select_kernel(
             is_live &= tl.load(valid_ptr + b * stride_vb + slot, mask=in_range, other=0) != 0
         is_tied = (is_live & (bits == threshold)) | (in_range & ~is_live & (threshold == 0))
         take = (is_live & (bits > threshold)) | (is_tied & (tied_seen < take_tied))
-        tl.store(out_ptr + bh * k + offset + written, slot, mask=take)
+        tl.store(out_ptr + offset + written, slot, mask=take)
         written += take.to(tl.int32)
         tied_seen += is_tied.to(tl.int32)
 
@@ -180,22 +200,44 @@ def _sparse_attention_kernel(
     bh = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
+    g = tl.arange(0, G_PAD)
+    dv = tl.arange(0, BLOCK_DV)
+    start = split * per_split
+    m, l, acc = _attend(q_ptr, k_ptr, v_ptr, idx_ptr + bh * count, valid_ptr, bh, Hkv, n,
+                        start, tl.minimum(start + per_split, count), scale,
+                        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn, stride_validb,
+                        G, G_PAD, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_VALID)
+    row = (bh * splits + split) * G + g
+    tl.store(part_m_ptr + row, m, mask=g < G)
+    tl.store(part_l_ptr + row, l, mask=g < G)
+    tl.store(part_out_ptr + row[:, None] * DV + dv[None, :], acc,
+             mask=(g < G)[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, scale,
+            stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+            stride_vn, stride_validb,
+            G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+            HAS_VALID: tl.constexpr):
+    """Online softmax of KV head `bh`'s whole GQA group over the slots idx_ptr[start:stop],
+    loading each K/V row in place by index: (running max, sum, unnormalized output), one row
+    per query head."""
     b, h = bh // Hkv, bh % Hkv
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    # The whole GQA group's queries, one row per head.
     q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
                 mask=(g < G)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
     m = tl.full((G_PAD,), float("-inf"), tl.float32)
     l = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, BLOCK_DV), tl.float32)
-    start = split * per_split
-    stop = tl.minimum(start + per_split, count)
     for base in range(start, stop, BLOCK_N):
         i = base + tl.arange(0, BLOCK_N)
         ok = i < stop
-        slot = tl.load(idx_ptr + bh * count + i, mask=ok, other=0)
+        slot = tl.load(idx_ptr + i, mask=ok, other=0)
         ok &= slot < n  # a short list is padded with slots past the end
         if HAS_VALID:  # a masked slot can be selected (fewer live slots than top-k): skip it
             ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
@@ -213,11 +255,7 @@ def _sparse_attention_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
-    row = (bh * splits + split) * G + g
-    tl.store(part_m_ptr + row, m, mask=g < G)
-    tl.store(part_l_ptr + row, l, mask=g < G)
-    tl.store(part_out_ptr + row[:, None] * DV + dv[None, :], acc,
-             mask=(g < G)[:, None] & (dv < DV)[None, :])
+    return m, l, acc
 
 
 @triton.jit
@@ -237,6 +275,39 @@ def _combine_kernel(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, splits, G,
                    mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     tl.store(out_ptr + (bh * G + g) * DV + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
+
+
+@triton.jit
+def _packed_select_attend_kernel(
+    q_ptr, k_ptr, v_ptr, header_ptr, logits_ptr, idx_ptr, out_ptr,
+    slots, topk, Hkv, scale,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_hb,
+    STORED: tl.constexpr, CHUNK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per KV head of a packed layer: its row's stored slots and chunk from the
+    # header, the selection (`_select`) into this head's list, then attention over the list
+    # (`_attend`), normalized and written: no partials, no combine, no mask tensor.
+    bh = tl.program_id(0)
+    b = bh // Hkv
+    n = tl.load(header_ptr + b * stride_hb + STORED)
+    chunk = tl.load(header_ptr + b * stride_hb + CHUNK)
+    k = tl.minimum(topk, n)
+    selected = idx_ptr + bh * topk
+    _select(logits_ptr, slots, header_ptr, selected, bh, n, chunk, tl.cdiv(n, chunk), k, Hkv, 0,
+            G, BLOCK_C, False)
+    tl.debug_barrier()   # the list, written by the whole program, is read by all of it
+    m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, header_ptr, bh, Hkv, n, 0, k, scale,
+                        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn, 0,
+                        G, G_PAD, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False)
+    g = tl.arange(0, G_PAD)
+    dv = tl.arange(0, BLOCK_DV)
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + (bh * G + g)[:, None] * DV + dv[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None] & (dv < DV)[None, :])
 
 
 @triton.jit
@@ -394,13 +465,37 @@ def append_packed(keys: Tensor, values: Tensor, new_key: Tensor, new_value: Tens
 def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
                          ) -> Tensor:
     """Stage 2 over a packed layer's stored slots, each row with the chunk and query dims of
-    its header's plan (bounds built from the keys: chunks are counted up to one per slot)."""
+    its header's plan, in two launches: chunk logits (bounds built from the keys; up to one
+    chunk per slot, since the chunk is read on the device), then per KV head selection and
+    attention (`_packed_select_attend_kernel`). Both read the header: no torch op between."""
     layer = S.unpack(keys, values, False, query.dtype)
-    key, value = layer.keys, layer.values
-    n = key.shape[2]
-    valid = layer.valid()[:, 0, 0].to(torch.uint8).contiguous()
-    per_row = torch.stack([layer.word(S.Word.CHUNK), layer.word(S.Word.DIMS)], 1).contiguous()
+    key, value, header = layer.keys, layer.values, layer.header
     query = query if query.stride(-1) == 1 else query.contiguous()
-    logits = chunk_logits(query, key, 1, 1, valid, per_row)
-    slots = select_slots(logits, n, 1, topk, valid, per_row)
-    return sparse_attention(query, key, value, slots, scale, valid)
+    B, Hkv, slots, D = key.shape
+    Hq, DV = query.shape[1], value.shape[-1]
+    G = Hq // Hkv
+    BLOCK_C = 16
+    G_PAD = max(triton.next_power_of_2(G), 2)
+    BLOCK_D = triton.next_power_of_2(D)
+    logits = torch.empty(B, Hkv, G, slots, device=key.device, dtype=torch.float32)
+    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(slots, BLOCK_C))](
+        query, key, header, header, logits,
+        slots, 1, slots, 1, Hkv,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        header.stride(0),
+        G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C, HAS_VALID=False,
+        PER_ROW=False, FROM_HEADER=True, STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK),
+        DIMS=int(S.Word.DIMS))
+    k = min(topk, slots)
+    selected = torch.empty(B * Hkv * k, device=key.device, dtype=torch.int32)
+    out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
+    block_chunks = max(triton.next_power_of_2(slots), 16)
+    wrap_triton(_packed_select_attend_kernel)[(B * Hkv,)](
+        query, key, value, header, logits, selected, out,
+        slots, k, Hkv, scale,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), header.stride(0),
+        STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK), G=G, G_PAD=G_PAD, D=D, DV=DV,
+        BLOCK_D=BLOCK_D, BLOCK_DV=triton.next_power_of_2(DV), BLOCK_C=block_chunks, BLOCK_N=32,
+        num_warps=4 if block_chunks <= 1024 else 8 if block_chunks <= 4096 else 16)
+    return out
