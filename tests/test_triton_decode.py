@@ -6,6 +6,8 @@ and float16 at small shapes; on a CUDA machine the same tests run on the GPU, bf
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 from devices import CUDA, DEVICE, DTYPES, relative_error
 from hypothesis import assume, example, given, settings
@@ -187,10 +189,12 @@ def test_rows_with_their_own_plans(case, rows):
 
 @SETTINGS
 @given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 128),
-                                                    st.integers(1, 160)), min_size=1, max_size=3))
-def test_packed_layer_decode(case, rows):
+                                                    st.integers(1, 160)), min_size=1, max_size=3),
+       fused=st.booleans())
+def test_packed_layer_decode(case, rows, fused):
     """RocketKV's decode op on CUDA over a packed layer (`rocketkv.decode_triton`): each row's
-    chunk and r from its header, over its stored slots, as that row alone."""
+    chunk and r from its header, over its stored slots, as that row alone; through the fused
+    kernel (one program per KV head) and through the split path alike."""
     _, Hkv, G, D, n, _, _, topk, dtype, seed = case
     B = len(rows)
     chunks, dims, live = ([row[i] for row in rows] for i in range(3))
@@ -205,7 +209,8 @@ def test_packed_layer_decode(case, rows):
         row = [t[b:b + 1, :, :live[b]] if t is k else t[b:b + 1] for t in (q, k)]
         assume(_dims_are_clear(row[0], Hkv, dims[b]))
         assume(_boundary_is_clear(R.approximate_scores(*row, None, chunks[b], dims[b]), topk))
-    got = torch.ops.rocketkv.decode_triton(q, keys, values, scale, topk)
+    with mock.patch.object(T, "_one_program_per_head", lambda heads, k: fused):
+        got = torch.ops.rocketkv.decode_triton(q, keys, values, scale, topk)
     for b in range(B):
         want = R.sparse_decode(q[b:b + 1].double(), k[b:b + 1, :, :live[b]].double(),
                                v[b:b + 1, :, :live[b]].double(), None, scale, chunks[b],

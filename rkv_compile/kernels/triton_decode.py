@@ -1,20 +1,25 @@
-"""Stage 2 (hybrid sparse attention, one decode step) in Triton: four kernels, no torch glue.
+"""Stage 2 (hybrid sparse attention, one decode step) in Triton, no torch glue.
 
 Read block by block:
 1. `_chunk_logits_kernel`, per KV head and block of chunks. Query prep first: the sign of each
    dim's group sum, the r dims of largest group-mean |q|, SparQ's temperature. Then each chunk's
    bound over the chosen dims only (max of K where the sign is +, min where -), built from the
    chunk's K rows as they are read, and its dot product with each query head: one approximate
-   logit per (query head, chunk). No token-level score is written.
-2. `_select_kernel`, one program per KV head holding all its chunks in registers: per-chunk
-   softmax and group mean (the reference's scores), the k-th largest token score by a binary
-   search over its bits, then the selected slots in slot order (ties to the earlier slot, as a
-   stable sort). No sort, no top-k op.
-3. `_sparse_attention_kernel`: flash-decoding over the selected slots only. Each program takes
-   one KV head and one split of its slot list, loads the K/V rows in place by index (nothing is
-   gathered into a new tensor), and runs an online softmax for the whole GQA group at once.
+   logit per (query head, chunk). No token-level score is written. Over a packed layer it reads
+   each row's stored count and plan from the header itself.
+2. `_select` (in `_select_kernel`), one program per KV head holding all its chunks in
+   registers: per-chunk softmax and group mean (the reference's scores), the k-th largest token
+   score by a binary search over its bits, then the selected slots in slot order (ties to the
+   earlier slot, as a stable sort). No sort, no top-k op.
+3. `_attend` (in `_sparse_attention_kernel`): flash-decoding over selected slots only. Each
+   program takes one KV head and one split of its slot list, loads the K/V rows in place by
+   index (nothing is gathered into a new tensor), and runs an online softmax for the whole GQA
+   group at once.
 4. `_combine_kernel`: merges the splits' partial outputs with their running max and sum.
-5. `_append_packed_kernel`: a decode token into a packed layer's next slot, in place, with its
+5. `_packed_select_attend_kernel`: 2 and 3 in one program per KV head of a packed layer, over
+   its whole list, normalized in place of 4. With 1, a packed layer's stage 2 is two launches
+   (`packed_sparse_decode`; a long list over few heads takes the split of 2-4 instead).
+6. `_append_packed_kernel`: a decode token into a packed layer's next slot, in place, with its
    header's counts (one launch for every row and head).
 Kernels are launched through `wrap_triton`, so that inside the `rocketkv::decode_triton` op
 (ops.py; over a packed layer, each row's plan read from its header) and
@@ -462,16 +467,33 @@ def append_packed(keys: Tensor, values: Tensor, new_key: Tensor, new_value: Tens
         BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV))
 
 
+def _one_program_per_head(heads: int, k: int) -> bool:
+    """Whether one program per KV head should attend to its whole list (the fused kernel), or
+    the list be split over programs and combined (two launches more). Measured on the H100
+    (decode_attention.py, 2026-12-06, append + stage 2 per layer): fused 51 against 57-62 µs
+    at 8 heads x k=128, 93 against 181 at 64 heads x 128, 315 against 576 at 64 heads x 512,
+    but 146 against 119 at 8 heads x 512: a long list over few heads wants the split."""
+    return k <= 128 or heads >= 32
+
+
 def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
                          ) -> Tensor:
     """Stage 2 over a packed layer's stored slots, each row with the chunk and query dims of
     its header's plan, in two launches: chunk logits (bounds built from the keys; up to one
     chunk per slot, since the chunk is read on the device), then per KV head selection and
-    attention (`_packed_select_attend_kernel`). Both read the header: no torch op between."""
+    attention (`_packed_select_attend_kernel`). Both read the header: no torch op between.
+    A long list over few KV heads goes through the split path instead
+    (`_one_program_per_head`)."""
     layer = S.unpack(keys, values, False, query.dtype)
     key, value, header = layer.keys, layer.values, layer.header
     query = query if query.stride(-1) == 1 else query.contiguous()
     B, Hkv, slots, D = key.shape
+    if not _one_program_per_head(B * Hkv, min(topk, slots)):
+        valid = layer.valid()[:, 0, 0].to(torch.uint8).contiguous()
+        per_row = torch.stack([layer.word(S.Word.CHUNK), layer.word(S.Word.DIMS)], 1).contiguous()
+        logits = chunk_logits(query, key, 1, 1, valid, per_row)
+        return sparse_attention(query, key, value,
+                                select_slots(logits, slots, 1, topk, valid, per_row), scale, valid)
     Hq, DV = query.shape[1], value.shape[-1]
     G = Hq // Hkv
     BLOCK_C = 16
