@@ -1,14 +1,15 @@
 """Per-layer decode attention on the GPU: dense SDPA, the KV-read floor, and RocketKV stage 2.
 
 Llama-3.1-8B attention shape (32 query / 8 KV heads, head_dim 128), bf16. For each batch,
-context and token budget, in one run: dense SDPA with enable_gqa over the full cache; the floor
-for reading that cache once at the copy bandwidth measured here; and stage 2 over the compressed
-cache RocketKV keeps (its plan's capacity): the Triton kernels launched one by one, the same
-replayed as a CUDA graph, a compressed cache's whole step (append + stage 2 over the packed
-layout: three launches) as a CUDA graph, the same step as it ran before its kernels were fused
-(torch ops for the mask and plan, five launches), and the plain-PyTorch reference. Also
-stage 1 (Triton and reference) against exact causal prefill attention. Medians of
-triton.testing.do_bench / do_bench_cudagraph.
+context and token budget, in one run: dense SDPA with enable_gqa over the full cache; dense on
+our stack (`packed_exact_decode`: flash-decoding over a packed layer's stored slots, as a CUDA
+graph); the floor for reading that cache once at the copy bandwidth measured here; and stage 2
+over the compressed cache RocketKV keeps (its plan's capacity): the Triton kernels launched one
+by one, the same replayed as a CUDA graph, a compressed cache's whole step (append + stage 2
+over the packed layout: three launches) as a CUDA graph, the same step as it ran before its
+kernels were fused (torch ops for the mask and plan, five launches), and the plain-PyTorch
+reference. Also stage 1 (Triton and reference) against exact causal prefill attention.
+Medians of triton.testing.do_bench / do_bench_cudagraph.
 
     python3 benchmarks/decode_attention.py --out results.json
 """
@@ -53,6 +54,20 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
     dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                      warmup=25, rep=200, return_mode="median")
     floor = 2 * k.numel() * k.element_size() / bandwidth * 1e3
+    # dense decode on our stack: flash-decoding over a packed layer holding the whole context,
+    # reading exactly its stored slots (the fair dense row), against SDPA's output
+    packed_k, packed_v, packed = S.allocate(batch, HKV, D, D, S.slot_bucket(context), "",
+                                            torch.bfloat16, "cuda")
+    packed.keys[:, :, :context], packed.values[:, :, :context] = k, v
+    packed.set_word(S.Word.STORED, context)
+
+    def dense_ours():
+        return T.packed_exact_decode(q, packed_k, packed_v, D**-0.5)
+
+    sdpa = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
+    dense_ours_error = float((dense_ours().float() - sdpa).norm() / sdpa.norm())
+    dense_ours_ms = do_bench_cudagraph(dense_ours, rep=200, return_mode="median")
+    del packed_k, packed_v, packed
     rows = []
     for budget in budgets:
         plan = RocketKV(budget, NEW_TOKENS).plan(context - NEW_TOKENS, D)
@@ -112,6 +127,8 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
         rows.append(dict(batch=batch, context=context, budget=budget, cache_tokens=n,
                          chunk=plan.chunk, dims=plan.dims, topk=plan.topk,
                          dense_sdpa_ms=dense, kv_read_floor_ms=floor,
+                         dense_packed_triton_cudagraph_ms=dense_ours_ms,
+                         dense_packed_triton_vs_sdpa_rel_error=dense_ours_error,
                          stage2_triton_ms=triton_ms, stage2_triton_cudagraph_ms=graph_ms,
                          cache_step_cudagraph_ms=step_ms,
                          cache_step_unfused_cudagraph_ms=unfused_ms,
@@ -119,7 +136,8 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
                          stage2_reference_ms=reference_ms, stage2_read_floor_ms=ours_floor,
                          stage2_rel_error_vs_fp32_reference=error))
         print(f"B={batch:2} ctx={context // 1024:4}K budget={budget:5} cache={n:5} | dense "
-              f"{dense:7.3f} ms  floor {floor:7.3f} | ours triton {triton_ms:7.3f}  graph "
+              f"{dense:7.3f} ms  ours {dense_ours_ms:7.3f} ({dense_ours_error:.1e})  floor "
+              f"{floor:7.3f} | ours triton {triton_ms:7.3f}  graph "
               f"{graph_ms:7.3f}  append+stage2 {step_ms:7.3f} (unfused {unfused_ms:7.3f}, "
               f"diff {fused_vs_unfused:.1e})  "
               f"reference {reference_ms:7.3f} ms  (err {error:.1e})", flush=True)

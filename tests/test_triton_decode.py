@@ -219,6 +219,28 @@ def test_packed_layer_decode(case, rows, fused):
 
 
 @SETTINGS
+@given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3))
+def test_packed_exact_decode(case, live):
+    """Flash-decoding over every stored slot of a packed layer (`packed_exact_decode`), each
+    row's count from its header, as the exact attention of the reference op (float64)."""
+    from rkv_compile.kernels.cache_ops import exact_attention
+
+    _, Hkv, G, D, n, _, _, _, dtype, seed = case
+    B = len(live)
+    live = [min(m, n) for m in live]
+    q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
+    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", dtype, DEVICE)
+    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
+    layer.set_word(S.Word.STORED, torch.tensor(live, device=DEVICE))
+    scale = D**-0.5
+    got = T.packed_exact_decode(q, keys, values, scale)
+    want = exact_attention(q.double(), S.LayerState(layer.keys.double(), layer.values.double(),
+                                                    layer.state, layer.header, layer.layout), scale)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert relative_error(got, want) < TOLERANCE[dtype]
+
+
+@SETTINGS
 @given(case=decode_cases(), live=st.integers(1, 160))
 def test_oracle_topk_is_stage_two_at_chunk_one_over_every_dim(case, live):
     """Oracle top-k decodes on CUDA through RocketKV's kernels: at chunk 1 over every dim a

@@ -16,6 +16,9 @@ Read block by block:
    index (nothing is gathered into a new tensor), and runs an online softmax for the whole GQA
    group at once.
 4. `_combine_kernel`: merges the splits' partial outputs with their running max and sum.
+   With DENSE, 3 and 4 attend to every stored slot of a packed layer's rows, in order
+   (`packed_exact_decode`: flash-decoding that reads exactly the stored tokens; the benchmarks'
+   dense row, not yet what exact-decoding policies run).
 5. `_packed_select_attend_kernel`: 2 and 3 in one program per KV head of a packed layer, over
    its whole list, normalized in place of 4. With 1, a packed layer's stage 2 is two launches
    (`packed_sparse_decode`; a long list over few heads takes the split of 2-4 instead).
@@ -200,19 +203,22 @@ def _sparse_attention_kernel(
     stride_validb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_VALID: tl.constexpr,
+    HAS_VALID: tl.constexpr, DENSE: tl.constexpr = False, STORED: tl.constexpr = 0,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     g = tl.arange(0, G_PAD)
     dv = tl.arange(0, BLOCK_DV)
+    if DENSE:  # every stored slot of a packed layer's row, in order (valid_ptr: the header)
+        n = tl.load(valid_ptr + (bh // Hkv) * stride_validb + STORED)
+        count = n
     start = split * per_split
     m, l, acc = _attend(q_ptr, k_ptr, v_ptr, idx_ptr + bh * count, valid_ptr, bh, Hkv, n,
                         start, tl.minimum(start + per_split, count), scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_validb,
-                        G, G_PAD, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_VALID)
+                        G, G_PAD, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_VALID, DENSE)
     row = (bh * splits + split) * G + g
     tl.store(part_m_ptr + row, m, mask=g < G)
     tl.store(part_l_ptr + row, l, mask=g < G)
@@ -226,10 +232,10 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
             stride_vn, stride_validb,
             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-            HAS_VALID: tl.constexpr):
-    """Online softmax of KV head `bh`'s whole GQA group over the slots idx_ptr[start:stop],
-    loading each K/V row in place by index: (running max, sum, unnormalized output), one row
-    per query head."""
+            HAS_VALID: tl.constexpr, DENSE: tl.constexpr = False):
+    """Online softmax of KV head `bh`'s whole GQA group over the slots idx_ptr[start:stop]
+    (or, DENSE, the slots start:stop themselves), loading each K/V row in place:
+    (running max, sum, unnormalized output), one row per query head."""
     b, h = bh // Hkv, bh % Hkv
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
@@ -242,7 +248,10 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
     for base in range(start, stop, BLOCK_N):
         i = base + tl.arange(0, BLOCK_N)
         ok = i < stop
-        slot = tl.load(idx_ptr + i, mask=ok, other=0)
+        if DENSE:
+            slot = i
+        else:
+            slot = tl.load(idx_ptr + i, mask=ok, other=0)
         ok &= slot < n  # a short list is padded with slots past the end
         if HAS_VALID:  # a masked slot can be selected (fewer live slots than top-k): skip it
             ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
@@ -405,25 +414,46 @@ def select_slots(logits: Tensor, n: int, chunk: int, topk: int, valid: Tensor | 
 def sparse_attention(query: Tensor, key: Tensor, value: Tensor, slots: Tensor, scale: float,
                      valid: Tensor | None = None) -> Tensor:
     """Exact attention of each GQA group over its selected live slots: (B, Hq, 1, Dv)."""
+    return _split_attention(query, key, value, scale, slots.shape[-1], slots, valid)
+
+
+def packed_exact_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+    """Exact attention over every stored slot of a packed layer's rows, each row's count read
+    from its header: flash-decoding that reads exactly the stored tokens, as
+    cache_ops.exact_attention computes it (B, Hq, 1, Dv)."""
+    layer = S.unpack(keys, values, False, query.dtype)
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    return _split_attention(query, layer.keys, layer.values, scale, layer.keys.shape[2], None,
+                            None, header=layer.header)
+
+
+def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, count: int,
+                     slots: Tensor | None, valid: Tensor | None, header: Tensor | None = None
+                     ) -> Tensor:
+    """Flash-decoding over `count` slots per KV head (the list `slots`, or with `header` each
+    row's stored slots, `count` at most), split over programs so that a few KV heads still fill
+    the GPU, then the splits combined."""
     B, Hq, _, D = query.shape
     Hkv, n, DV = key.shape[1], key.shape[2], value.shape[-1]
-    G, count = Hq // Hkv, slots.shape[-1]
+    G = Hq // Hkv
     BLOCK_N = 32
-    # Split the list across programs so a few KV heads still fill the GPU.
     splits = max(1, min(triton.cdiv(count, BLOCK_N), triton.cdiv(4 * _sm_count(query.device), B * Hkv)))
     per_split = triton.cdiv(triton.cdiv(count, splits), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(count, per_split)
     part_out = torch.empty(B * Hkv * splits * G, DV, device=query.device, dtype=torch.float32)
     part_m = torch.empty(B * Hkv * splits * G, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
+    dense = header is not None
+    rows = header if dense else valid   # what the kernel reads per row: stored count or mask
     wrap_triton(_sparse_attention_kernel)[(B * Hkv, splits)](
-        query, key, value, slots, valid if valid is not None else slots, part_out, part_m, part_l,
+        query, key, value, slots if slots is not None else header,
+        rows if rows is not None else slots, part_out, part_m, part_l,
         n, count, per_split, Hkv, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), valid.stride(0) if valid is not None else 0,
+        value.stride(0), value.stride(1), value.stride(2), rows.stride(0) if rows is not None else 0,
         G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D, DV=DV,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_N=BLOCK_N,
-        HAS_VALID=valid is not None)
+        HAS_VALID=valid is not None, DENSE=dense, STORED=int(S.Word.STORED))
     out = torch.empty(B, Hq, 1, DV, device=query.device, dtype=query.dtype)
     wrap_triton(_combine_kernel)[(B * Hkv, G)](part_out, part_m, part_l, out, splits, G, DV=DV,
                                                BLOCK_S=max(triton.next_power_of_2(splits), 2),
