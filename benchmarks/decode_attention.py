@@ -110,8 +110,8 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
             layer.header.copy_(start)
             return out
 
-        fused_vs_unfused = float((cache_step().float() - cache_step_unfused().float()).norm()
-                                 / cache_step_unfused().float().norm())
+        unfused = cache_step_unfused().float()
+        fused_vs_unfused = float((cache_step().float() - unfused).norm() / unfused.norm())
         want = R.sparse_decode(q.float(), kc.float(), vc.float(), None, scale, plan.chunk,
                                plan.dims, plan.topk)
         error = float((ours().float() - want).norm() / want.norm())

@@ -270,8 +270,7 @@ def alternated(model, ids, steps: int, rounds: int) -> dict:
             out, row = one_call(model, ids, steps)
         cache = returned_cache(out)
         with StepTimes() as bare:
-            bare_ms, forward_host_ms = bare_step_ms(model.forward, cache, ids, steps,
-                                                    host_time=True)
+            bare_ms, forward_host_ms = bare_step_ms(model.forward, cache, ids, steps)
         for name, ms, meter in (("generate", row["decode_ms_per_token"], through_generate),
                                 ("bare", bare_ms, bare)):
             rounds_[f"{name}_ms_per_token"].append(ms)
@@ -283,12 +282,11 @@ def alternated(model, ids, steps: int, rounds: int) -> dict:
     return {"setup": "generate-vs-bare", "context": ids.shape[1], **rounds_}
 
 
-def bare_step_ms(forward, cache, ids, steps: int, host_time: bool = False):
+def bare_step_ms(forward, cache, ids, steps: int) -> tuple[float, float]:
     """The decode step in a loop of its own over `cache` (positions continue after it), each
     step synchronized as generate's are (its stopping check reads the device): median ms per
-    step, and with `host_time` also the median ms until the forward returns (its host work:
-    Dynamo's guards, the backend, CUDA-graph bookkeeping and the launch; the device idles
-    through it)."""
+    step, and median ms until the forward returns (its host work: Dynamo's guards, the
+    backend, CUDA-graph bookkeeping and the launch; the device idles through it)."""
     position = ids.shape[1] + steps
     token = ids[:, -1:]
     times, host = [], []
@@ -302,8 +300,8 @@ def bare_step_ms(forward, cache, ids, steps: int, host_time: bool = False):
             sync()
             times.append(time.perf_counter() - start)
             host.append(returned - start)
-    step_ms = round(statistics.median(times[3:]) * 1e3, 3)
-    return (step_ms, round(statistics.median(host[3:]) * 1e3, 3)) if host_time else step_ms
+    return (round(statistics.median(times[3:]) * 1e3, 3),
+            round(statistics.median(host[3:]) * 1e3, 3))
 
 
 @contextlib.contextmanager
@@ -385,7 +383,7 @@ def main():
                 record(row)
                 if setup == "rocketkv":
                     record({"setup": "bare", "context": context, "decode_ms_per_token":
-                            bare_step_ms(model.forward, cache, ids, args.steps)})
+                            bare_step_ms(model.forward, cache, ids, args.steps)[0]})
                     del out, cache
                     record(alternated(model, ids, args.steps, args.rounds))
                     continue

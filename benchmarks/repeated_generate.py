@@ -17,25 +17,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import rkv_compile  # noqa: E402,F401
-from end_to_end import CUDA, DEVICE, build, run_meta, sync, tiny  # noqa: E402
-
-
-class Steps(LogitsProcessor):
-    def __init__(self):
-        self.times = []
-
-    def __call__(self, input_ids, scores):
-        sync()
-        self.times.append(time.perf_counter())
-        return scores
+from end_to_end import CUDA, DEVICE, StepTimer, build, run_meta, tiny  # noqa: E402
 
 
 def recorded_graphs() -> int:
@@ -71,15 +60,14 @@ def main():
     for call in range(args.calls):
         ids = torch.randint(0, model.config.vocab_size, (1, args.prompt),
                             generator=torch.Generator().manual_seed(call)).to(DEVICE)
-        timer = Steps()
+        timer = StepTimer()
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.steps + 1, min_new_tokens=args.steps + 1,
                            do_sample=False, logits_processor=LogitsProcessorList([timer]))
         gaps = [b - a for a, b in zip(timer.times, timer.times[1:])]
         row = {"call": call, "decode_ms_per_token": round(statistics.median(gaps) * 1e3, 3),
                "recorded_graphs": recorded_graphs(),
-               "cudagraph_skips": sum(torch._dynamo.utils.counters["inductor"][k] for k in
-                                      ("cudagraph_skips",))}
+               "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]}
         rows.append(row)
         if call in (0, 1, 2) or (call + 1) % 25 == 0:
             print(json.dumps(row), flush=True)
