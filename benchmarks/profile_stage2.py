@@ -1,7 +1,11 @@
 """Where one stage-2 decode step spends GPU time: kernels, their count and their device time.
 
-Llama-3.1-8B attention shape, bf16, the plan for a 128K context at token budget 256.
-    python3 benchmarks/profile_stage2.py [--batch 1]
+Llama-3.1-8B attention shape, bf16, RocketKV's plan for the given context and token budget.
+Three steps are profiled: stage 2 over plain keys (`sparse_decode`, the plan as ints), a
+compressed cache's step over the packed layout (append + `packed_sparse_decode`, the plan read
+from the header), and exact flash-decoding over a packed layer holding the whole context
+(`packed_exact_decode`, the dense row on our stack).
+    python3 benchmarks/profile_stage2.py [--batch 1] [--context 131072] [--budget 256]
 """
 import argparse
 import sys
@@ -10,36 +14,74 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, ".")
+from rkv_compile import state as S  # noqa: E402
 from rkv_compile.kernels import triton_decode as T  # noqa: E402
 from rkv_compile.policies import RocketKV  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+
+
+def packed_layer(batch: int, keys: torch.Tensor, values: torch.Tensor, **words):
+    """A packed layer holding `keys`/`values` as its stored slots, room for more after them."""
+    n = keys.shape[2]
+    packed_k, packed_v, layer = S.allocate(batch, HKV, D, D, S.slot_bucket(n + 1), "",
+                                           keys.dtype, "cuda")
+    layer.keys[:, :, :n], layer.values[:, :, :n] = keys, values
+    layer.set_word(S.Word.STORED, n)
+    for word, value in words.items():
+        layer.set_word(S.Word[word], value)
+    return packed_k, packed_v, layer
+
+
+def report(name: str, step, steps: int = 10) -> None:
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    launches = sum(e.count for e in events) / steps
+    busy = sum(e.device_time_total for e in events) / steps
+    print(f"{name}: {launches:.0f} kernels per step, {busy:.1f} us of GPU time per step")
+    for e in sorted(events, key=lambda e: -e.device_time_total):
+        print(f"  {e.device_time_total / steps:7.2f} us  x{e.count // steps:<3} {e.key[:90]}")
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=128 * 1024)
+    parser.add_argument("--budget", type=int, default=256)
     args = parser.parse_args()
-    plan = RocketKV(256, 128).plan(128 * 1024 - 128, 128)
-    q = torch.randn(args.batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(args.batch, 8, plan.capacity, 128, device="cuda", dtype=torch.bfloat16)
+    plan = RocketKV(args.budget, 128).plan(args.context - 128, D)
+    B, scale = args.batch, D**-0.5
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, HKV, plan.capacity, D, device="cuda", dtype=torch.bfloat16)
             for _ in range(2))
+    print(f"batch {B}, {args.context // 1024}K context, budget {args.budget}: cache "
+          f"{plan.capacity} tokens, chunk {plan.chunk}, dims {plan.dims}, top-k {plan.topk}")
+    report("stage 2 over plain keys", lambda: T.sparse_decode(
+        q, k, v, None, scale, plan.chunk, plan.dims, plan.topk))
 
-    def step():
-        return T.sparse_decode(q, k, v, None, 128**-0.5, plan.chunk, plan.dims, plan.topk)
+    keys, values, layer = packed_layer(B, k[:, :, :-1], v[:, :, :-1], CHUNK=plan.chunk,
+                                       DIMS=plan.dims, TOPK=plan.topk)
+    start = layer.header.clone()
+    new_k, new_v = k[:, :, -1:], v[:, :, -1:]
 
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    launches = sum(e.count for e in events) / 10
-    busy = sum(e.device_time_total for e in events) / 10
-    print(f"batch {args.batch}, cache {plan.capacity} tokens: {launches:.0f} kernels per step, "
-          f"{busy:.1f} us of GPU time per step")
-    for e in sorted(events, key=lambda e: -e.device_time_total):
-        print(f"  {e.device_time_total / 10:7.2f} us  x{e.count // 10:<3} {e.key[:90]}")
+    def cache_step():   # the stored counts put back after each step (one tiny copy)
+        T.append_packed(keys, values, new_k, new_v)
+        T.packed_sparse_decode(q, keys, values, scale, plan.topk)
+        layer.header.copy_(start)
+
+    report("a compressed cache's step (append + stage 2, packed)", cache_step)
+    del keys, values, layer
+    whole = [torch.randn(B, HKV, args.context, D, device="cuda", dtype=torch.bfloat16)
+             for _ in range(2)]
+    keys, values, _ = packed_layer(B, *whole)
+    report(f"exact decode over {args.context // 1024}K packed tokens",
+           lambda: T.packed_exact_decode(q, keys, values, scale))
 
 
 if __name__ == "__main__":

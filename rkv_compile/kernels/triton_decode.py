@@ -9,12 +9,15 @@ Read block by block:
    each row's stored count and plan from the header itself.
 2. `_select` (in `_select_kernel`), one program per KV head holding all its chunks in
    registers: per-chunk softmax and group mean (the reference's scores), the k-th largest token
-   score by a binary search over its bits, then the selected slots in slot order (ties to the
-   earlier slot, as a stable sort). No sort, no top-k op.
+   score by a radix search over its bits (`_kth_largest_bits`, a few bits a pass), then the
+   selected slots in slot order (ties to the earlier slot, as a stable sort). No sort, no
+   top-k op.
 3. `_attend` (in `_sparse_attention_kernel`): flash-decoding over selected slots only. Each
    program takes one KV head and one split of its slot list, loads the K/V rows in place by
    index (nothing is gathered into a new tensor), and runs an online softmax for the whole GQA
-   group at once.
+   group at once, its products on the tensor cores (the group padded to 16 rows; the
+   probabilities enter the second product as a 16-bit head and tail, so nothing is lost to
+   their rounding).
 4. `_combine_kernel`: merges the splits' partial outputs with their running max and sum.
    With DENSE, 3 and 4 attend to every stored slot of a packed layer's rows, in order
    (`packed_exact_decode`: flash-decoding that reads exactly the stored tokens; the benchmarks'
@@ -77,11 +80,7 @@ def _chunk_logits_kernel(
     # means computed twice, in two layouts, could rank a dim against a differently rounded self.)
     positive = tl.sum(q, axis=0) >= 0
     weight = tl.where(d_ok, (tl.sum(tl.abs(q), axis=0) / G).to(tl.int32, bitcast=True), -1)
-    threshold = 0
-    for bit in tl.static_range(30, -1, -1):
-        candidate = threshold | (1 << bit)
-        count = tl.sum((weight >= candidate).to(tl.int32), axis=0)
-        threshold = tl.where(count >= dims, candidate, threshold)
+    threshold = _kth_largest_bits(weight, d_ok.to(tl.int32), dims, 4)
     tied = (weight == threshold).to(tl.int32)
     need = dims - tl.sum((weight > threshold).to(tl.int32), axis=0)
     chosen = (weight > threshold) | ((tied != 0) & (tl.cumsum(tied, axis=0) <= need))
@@ -119,20 +118,38 @@ def _chunk_logits_kernel(
 
 
 @triton.jit
+def _kth_largest_bits(bits, weight, k, RADIX: tl.constexpr):
+    """The largest T >= 0 such that the `weight`s of the `bits` >= T sum to k or more (0 if
+    they never do), found RADIX bits at a time: each pass counts for every value of the next
+    digit at once, so 32 / RADIX reductions find it instead of 31. Candidates with the sign
+    bit set are negative and never taken."""
+    digit = tl.arange(0, 1 << RADIX)
+    threshold = 0
+    for shift in tl.static_range(32 - RADIX, -1, -RADIX):
+        candidate = threshold | (digit << shift)
+        count = tl.sum(tl.where(bits[None, :] >= candidate[:, None], weight[None, :], 0), axis=1)
+        taken = (count >= k) & (candidate >= 0)
+        threshold = threshold | (tl.max(tl.where(taken, digit, 0), axis=0) << shift)
+    return threshold
+
+
+@triton.jit
 def _select_kernel(
     logits_ptr, valid_ptr, plan_ptr, out_ptr, n, chunk, chunks, k, Hkv, stride_vb,
-    G: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
+    G: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
+    PER_ROW: tl.constexpr, RADIX: tl.constexpr,
 ):
     bh = tl.program_id(0)
     if PER_ROW:
         chunk = tl.load(plan_ptr + 2 * (bh // Hkv))
     _select(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, chunks, k, Hkv,
-            stride_vb, G, BLOCK_C, HAS_VALID)
+            stride_vb, G, G_ROWS, BLOCK_C, HAS_VALID, RADIX)
 
 
 @triton.jit
 def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, Hkv, stride_vb,
-            G: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr):
+            G: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
+            RADIX: tl.constexpr):
     """The top k slots of KV head `bh` by chunk score, in slot order, into out_ptr[:k]. The
     chunk array is held in registers: `chunks` (at most BLOCK_C) logits per query head, rows
     `stride_lg` apart."""
@@ -152,24 +169,20 @@ def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, 
     # Chunk probabilities: per query head a softmax over tokens (a chunk weighs as many times as
     # it has live tokens), then the group mean. Every live token of a chunk has its score; a
     # masked token scores 0.
-    score = tl.zeros((BLOCK_C,), tl.float32)
-    for gi in tl.static_range(G):
-        logit = tl.load(logits_ptr + (bh * G + gi) * stride_lg + c, mask=c_ok,
-                        other=float("-inf"))
-        top = tl.max(logit, axis=0)
-        e = tl.exp(logit - tl.where(top == float("-inf"), 0.0, top))
-        z = tl.sum(e * live, axis=0)
-        score += tl.where(z > 0, e / tl.where(z > 0, z, 1.0), 0.0)
-    score = score / G
+    # All G heads at once (G_ROWS >= G rows, the padding all -inf): three reductions, not 2G.
+    g = tl.arange(0, G_ROWS)
+    logit = tl.load(logits_ptr + (bh * G + g)[:, None] * stride_lg + c[None, :],
+                    mask=(g < G)[:, None] & c_ok[None, :], other=float("-inf"))
+    top = tl.max(logit, axis=1)
+    e = tl.exp(logit - tl.where(top == float("-inf"), 0.0, top)[:, None])
+    z = tl.sum(e * live[None, :], axis=1)
+    score = tl.sum(tl.where(z[:, None] > 0, e / tl.where(z > 0, z, 1.0)[:, None], 0.0),
+                   axis=0) / G
 
-    # The k-th largest token score, T, by binary search over its bits (scores are >= 0, so
-    # their bit patterns order as the floats do): the largest T with k tokens scoring >= T.
+    # The k-th largest token score, T: the largest T with k tokens scoring >= T (scores are
+    # >= 0, so their bit patterns order as the floats do).
     bits = tl.where(c_ok, score.to(tl.int32, bitcast=True), -1)
-    threshold = 0
-    for bit in tl.static_range(30, -1, -1):
-        candidate = threshold | (1 << bit)
-        count = tl.sum(tl.where(bits >= candidate, live, 0), axis=0)
-        threshold = tl.where(count >= k, candidate, threshold)
+    threshold = _kth_largest_bits(bits, live, k, RADIX)
 
     # Every token above T is taken; tokens at T are taken in slot order until there are k (as a
     # stable sort would). At T = 0 masked tokens tie too: attention skips them.
@@ -235,13 +248,15 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
             HAS_VALID: tl.constexpr, DENSE: tl.constexpr = False):
     """Online softmax of KV head `bh`'s whole GQA group over the slots idx_ptr[start:stop]
     (or, DENSE, the slots start:stop themselves), loading each K/V row in place:
-    (running max, sum, unnormalized output), one row per query head."""
+    (running max, sum, unnormalized output), one row per query head (G_PAD >= 16 rows: the
+    group is padded to a tensor-core tile, padding rows are zeros)."""
     b, h = bh // Hkv, bh % Hkv
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
-                mask=(g < G)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+                mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
     m = tl.full((G_PAD,), float("-inf"), tl.float32)
     l = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, BLOCK_DV), tl.float32)
@@ -256,17 +271,24 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
         if HAS_VALID:  # a masked slot can be selected (fewer live slots than top-k): skip it
             ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + slot[:, None] * stride_kn + d[None, :],
-                    mask=ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+                    mask=ok[:, None] & (d < D)[None, :], other=0.0)
+        # Products of 16-bit numbers are exact in float32: the tensor cores lose nothing here.
         # (Inductor passes `scale` as a float64 scalar: keep the loop state in float32.)
-        s = (tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale).to(tl.float32)
+        s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
         alpha = tl.exp(m - m_use)
         p = tl.exp(s - m_use[:, None])
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + slot[:, None] * stride_vn + dv[None, :],
-                    mask=ok[:, None] & (dv < DV)[None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+                    mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        if v.dtype == tl.float32:
+            acc = tl.dot(p, v, acc, input_precision="ieee")
+        else:   # p as a 16-bit head and tail: about float32's precision in two products
+            p_head = p.to(v.dtype)
+            acc = tl.dot(p_head, v, acc)
+            acc = tl.dot((p - p_head.to(tl.float32)).to(v.dtype), v, acc)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
     return m, l, acc
@@ -299,7 +321,7 @@ def _packed_select_attend_kernel(
     stride_hb,
     STORED: tl.constexpr, CHUNK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, RADIX: tl.constexpr,
 ):
     # One program per KV head of a packed layer: its row's stored slots and chunk from the
     # header, the selection (`_select`) into this head's list, then attention over the list
@@ -311,7 +333,7 @@ def _packed_select_attend_kernel(
     k = tl.minimum(topk, n)
     selected = idx_ptr + bh * topk
     _select(logits_ptr, slots, header_ptr, selected, bh, n, chunk, tl.cdiv(n, chunk), k, Hkv, 0,
-            G, BLOCK_C, False)
+            G, G_ROWS, BLOCK_C, False, RADIX)
     tl.debug_barrier()   # the list, written by the whole program, is read by all of it
     m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, header_ptr, bh, Hkv, n, 0, k, scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
@@ -351,6 +373,29 @@ def _append_packed_kernel(
         tl.store(header + POSITION, tl.load(header + POSITION) + 1, mask=room)
 
 
+# Launch parameters, as data: block sizes and warps of the kernels above (a selection's warps
+# follow its size, `_selection_launch`). benchmarks/tune_stage2.py times the alternatives on a GPU.
+CHUNK_LOGITS = dict(BLOCK_C=16, num_warps=4)   # chunks per program
+ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split path's programs
+PACKED_ATTENTION = dict(BLOCK_N=32)            # one program per KV head (warps: the selection's)
+SELECTION_WARPS = None                         # None: by the number of chunks held
+
+
+def _dot_rows(n: int) -> int:
+    """A power of two >= n and >= 16, tl.dot's least tile side (a GQA group of 4 query heads
+    is attended as 16 rows, 12 of them zeros)."""
+    return max(triton.next_power_of_2(n), 16)
+
+
+def _selection_launch(block_chunks: int) -> dict:
+    """Warps for a program holding `block_chunks` chunk scores, and the radix of its k-th
+    largest search: the most bits a pass (2**RADIX candidates against every chunk) can count
+    while each thread holds at most 64 of those comparisons."""
+    warps = SELECTION_WARPS or (4 if block_chunks <= 1024 else 8 if block_chunks <= 4096 else 16)
+    radix = next(r for r in (4, 2, 1) if (block_chunks << r) <= 64 * 32 * warps or r == 1)
+    return dict(num_warps=warps, RADIX=radix)
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -382,15 +427,14 @@ def chunk_logits(query: Tensor, key: Tensor, chunk: int, dims: int, valid: Tenso
     chunks = triton.cdiv(n, chunk)
     logits = torch.empty(B, Hkv, G, chunks, device=key.device, dtype=torch.float32)
     BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_C = 16
-    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(chunks, BLOCK_C))](
+    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(chunks, CHUNK_LOGITS["BLOCK_C"]))](
         query, key, valid if valid is not None else key,
         per_row if per_row is not None else key, logits,
         n, chunk, chunks, dims, Hkv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         valid.stride(0) if valid is not None else 0,
-        G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
-        HAS_VALID=valid is not None, PER_ROW=per_row is not None)
+        G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D, BLOCK_D=BLOCK_D,
+        HAS_VALID=valid is not None, PER_ROW=per_row is not None, **CHUNK_LOGITS)
     return logits
 
 
@@ -406,8 +450,8 @@ def select_slots(logits: Tensor, n: int, chunk: int, topk: int, valid: Tensor | 
         logits, valid if valid is not None else logits,
         per_row if per_row is not None else logits, slots, n, chunk, chunks, k, Hkv,
         valid.stride(0) if valid is not None else 0,
-        G=G, BLOCK_C=BLOCK_C, HAS_VALID=valid is not None, PER_ROW=per_row is not None,
-        num_warps=4 if BLOCK_C <= 1024 else 8 if BLOCK_C <= 4096 else 16)
+        G=G, G_ROWS=max(triton.next_power_of_2(G), 2), BLOCK_C=BLOCK_C,
+        HAS_VALID=valid is not None, PER_ROW=per_row is not None, **_selection_launch(BLOCK_C))
     return slots
 
 
@@ -436,7 +480,7 @@ def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, co
     B, Hq, _, D = query.shape
     Hkv, n, DV = key.shape[1], key.shape[2], value.shape[-1]
     G = Hq // Hkv
-    BLOCK_N = 32
+    BLOCK_N = ATTENTION["BLOCK_N"]
     splits = max(1, min(triton.cdiv(count, BLOCK_N), triton.cdiv(4 * _sm_count(query.device), B * Hkv)))
     per_split = triton.cdiv(triton.cdiv(count, splits), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(count, per_split)
@@ -451,8 +495,8 @@ def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, co
         n, count, per_split, Hkv, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), rows.stride(0) if rows is not None else 0,
-        G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D, DV=DV,
-        BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_N=BLOCK_N,
+        G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
+        **ATTENTION,
         HAS_VALID=valid is not None, DENSE=dense, STORED=int(S.Word.STORED))
     out = torch.empty(B, Hq, 1, DV, device=query.device, dtype=query.dtype)
     wrap_triton(_combine_kernel)[(B * Hkv, G)](part_out, part_m, part_l, out, splits, G, DV=DV,
@@ -526,18 +570,17 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
                                 select_slots(logits, slots, 1, topk, valid, per_row), scale, valid)
     Hq, DV = query.shape[1], value.shape[-1]
     G = Hq // Hkv
-    BLOCK_C = 16
-    G_PAD = max(triton.next_power_of_2(G), 2)
+    G_ROWS = max(triton.next_power_of_2(G), 2)
     BLOCK_D = triton.next_power_of_2(D)
     logits = torch.empty(B, Hkv, G, slots, device=key.device, dtype=torch.float32)
-    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(slots, BLOCK_C))](
+    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(slots, CHUNK_LOGITS["BLOCK_C"]))](
         query, key, header, header, logits,
         slots, 1, slots, 1, Hkv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         header.stride(0),
-        G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C, HAS_VALID=False,
+        G=G, G_PAD=G_ROWS, D=D, BLOCK_D=BLOCK_D, HAS_VALID=False,
         PER_ROW=False, FROM_HEADER=True, STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK),
-        DIMS=int(S.Word.DIMS))
+        DIMS=int(S.Word.DIMS), **CHUNK_LOGITS)
     k = min(topk, slots)
     selected = torch.empty(B * Hkv * k, device=key.device, dtype=torch.int32)
     out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
@@ -547,7 +590,7 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
         slots, k, Hkv, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), header.stride(0),
-        STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK), G=G, G_PAD=G_PAD, D=D, DV=DV,
-        BLOCK_D=BLOCK_D, BLOCK_DV=triton.next_power_of_2(DV), BLOCK_C=block_chunks, BLOCK_N=32,
-        num_warps=4 if block_chunks <= 1024 else 8 if block_chunks <= 4096 else 16)
+        STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK), G=G, G_PAD=_dot_rows(G), D=D,
+        DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV), G_ROWS=G_ROWS,
+        BLOCK_C=block_chunks, **PACKED_ATTENTION, **_selection_launch(block_chunks))
     return out

@@ -1,0 +1,106 @@
+"""Sweep the stage-2 kernels' launch parameters (triton_decode's configs-as-data) on a GPU.
+
+For each shape (Llama-3.1-8B attention, bf16, RocketKV's plan for the context and budget), one
+knob at a time is moved off its default while the others keep theirs, and three steps are timed
+as CUDA graphs (medians of do_bench_cudagraph): a compressed cache's step (append + stage 2 over
+the packed layout), stage 2 over plain keys, and exact decode over the whole context.
+    python3 benchmarks/tune_stage2.py --out tune.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, ".")
+from rkv_compile.kernels import triton_decode as T  # noqa: E402
+from rkv_compile.policies import RocketKV  # noqa: E402
+from profile_stage2 import HQ, HKV, D, packed_layer  # noqa: E402
+
+KNOBS = {   # (config name, key): values tried; the first of each is not the default necessarily
+    ("CHUNK_LOGITS", "BLOCK_C"): [8, 16, 32, 64],
+    ("CHUNK_LOGITS", "num_warps"): [1, 2, 4, 8],
+    ("ATTENTION", "BLOCK_N"): [16, 32, 64],
+    ("ATTENTION", "num_warps"): [2, 4, 8],
+    ("PACKED_ATTENTION", "BLOCK_N"): [16, 32, 64],
+    ("SELECTION_WARPS", None): [1, 2, 4, 8, 16],
+}
+
+
+def setting(name, key, value):
+    """Set one knob; returns a function that puts the old value back."""
+    if key is None:
+        old = getattr(T, name)
+        setattr(T, name, value)
+        return lambda: setattr(T, name, old)
+    config = getattr(T, name)
+    old = config[key]
+    config[key] = value
+    return lambda: config.__setitem__(key, old)
+
+
+def steps(batch: int, context: int, budget: int):
+    plan = RocketKV(budget, 128).plan(context - 128, D)
+    scale = D**-0.5
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, HKV, plan.capacity, D, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+    keys, values, layer = packed_layer(batch, k[:, :, :-1], v[:, :, :-1], CHUNK=plan.chunk,
+                                       DIMS=plan.dims, TOPK=plan.topk)
+    start = layer.header.clone()
+
+    def cache_step():
+        T.append_packed(keys, values, k[:, :, -1:], v[:, :, -1:])
+        out = T.packed_sparse_decode(q, keys, values, scale, plan.topk)
+        layer.header.copy_(start)
+        return out
+
+    whole = [torch.randn(batch, HKV, context, D, device="cuda", dtype=torch.bfloat16)
+             for _ in range(2)]
+    exact_k, exact_v, _ = packed_layer(batch, *whole)
+    return dict(
+        cache_step=cache_step,
+        plain=lambda: T.sparse_decode(q, k, v, None, scale, plan.chunk, plan.dims, plan.topk),
+        exact=lambda: T.packed_exact_decode(q, exact_k, exact_v, scale))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="1x131072x256,1x131072x1024,8x131072x256")
+    parser.add_argument("--budget-s", type=float, default=240, help="stop sweeping after this")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    began = time.time()
+    rows = []
+    result = dict(device=torch.cuda.get_device_name(), date=str(datetime.date.today()),
+                  torch=torch.__version__, triton=triton.__version__,
+                  command=" ".join(sys.argv), rows=rows)
+    for shape in args.shapes.split(","):
+        batch, context, budget = map(int, shape.split("x"))
+        timed = steps(batch, context, budget)
+        for (name, key), values in KNOBS.items():
+            for value in values:
+                if time.time() - began > args.budget_s:
+                    break
+                restore = setting(name, key, value)
+                try:
+                    ms = {step: do_bench_cudagraph(fn, rep=50, return_mode="median")
+                          for step, fn in timed.items() if step != "exact" or name == "ATTENTION"}
+                finally:
+                    restore()
+                rows.append(dict(batch=batch, context=context, budget=budget, config=name,
+                                 key=key, value=value, **{f"{s}_us": t * 1e3 for s, t in ms.items()}))
+                print(f"{shape:>14} {name}.{key}={value}: " + "  ".join(
+                    f"{s} {t * 1e3:7.1f} us" for s, t in ms.items()), flush=True)
+                if args.out:
+                    json.dump(result, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
