@@ -375,7 +375,10 @@ def _append_packed_kernel(
 
 # Launch parameters, as data: block sizes and warps of the kernels above (a selection's warps
 # follow its size, `_selection_launch`). benchmarks/tune_stage2.py times the alternatives on a GPU.
-CHUNK_LOGITS = dict(BLOCK_C=16, num_warps=4)   # chunks per program
+# Chunk logits: 32 chunks a program was the fastest step at 1x128K over both caches and both
+# budgets on the H100 (tune_stage2.py, 2026-12-06: 33.1 against 34.1 us packed at B=256, 108
+# against 131 at B=1024), warps changed little.
+CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4)   # chunks per program
 ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split path's programs
 PACKED_ATTENTION = dict(BLOCK_N=32)            # one program per KV head (warps: the selection's)
 SELECTION_WARPS = None                         # None: by the number of chunks held
