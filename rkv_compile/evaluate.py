@@ -36,6 +36,7 @@ from tqdm import tqdm
 from . import eager
 from .backend import rocketkv
 from .config import RocketKVConfig
+from .hf import MODELS
 from .policies import POLICIES
 from .tasks import FIRST_TURN_TOKENS, TASKS, TWO_TURN_TASKS, Sample
 
@@ -54,6 +55,7 @@ class EvalSettings:
     dtype: str = "float32"
     engine: str = "eager"     # or "compile"
     window_size: int = 32
+    model: str = "smollm2"    # a key of hf.MODELS: what the run's records were made with
 
     def __post_init__(self):
         for name in self.tasks:
@@ -70,6 +72,13 @@ class EvalSettings:
                              f"evict during decode ({evicting})")
         if self.engine not in ("eager", "compile"):
             raise ValueError(f"rkv eval: engine must be 'eager' or 'compile' (got {self.engine!r})")
+        if self.model not in MODELS:
+            raise ValueError(f"rkv eval: unknown model {self.model!r}; the models are "
+                             f"{sorted(MODELS)}")
+        longest = MODELS[self.model].context
+        if max(self.contexts) + 64 > longest:   # room for the question and the answer
+            raise ValueError(f"rkv eval: {self.model} reads {longest} tokens: contexts must be "
+                             f"at most {longest - 64} (got {max(self.contexts)})")
         if self.samples < 1:
             raise ValueError(f"rkv eval: samples must be >= 1 (got {self.samples})")
         for policy, budget in configurations(self):   # each must be a valid config
@@ -481,8 +490,8 @@ def write(result: dict, out: str) -> None:
     plot(result, os.path.join(out, "eval.png"))
 
 
-def environment(settings: EvalSettings, model_name: str) -> dict:
+def environment(settings: EvalSettings) -> dict:
     device = torch.cuda.get_device_name() if settings.device.startswith("cuda") else \
         platform.processor() or platform.machine()
-    return {"model": model_name, "device": device, "torch": torch.__version__,
+    return {"model": MODELS[settings.model].title, "device": device, "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}

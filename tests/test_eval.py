@@ -8,14 +8,14 @@ from models import tiny_hf
 from transformers import AutoTokenizer
 
 from rkv_compile import cli, evaluate
-from rkv_compile.hf import SMOLLM2_GGUF, smollm2_dir
+from rkv_compile.hf import MODELS, model_dir
 from rkv_compile.eager import multi_turn
 from rkv_compile.tasks import FIRST_TURN_QUESTION, FIRST_TURN_TOKENS, TASKS, TWO_TURN_TASKS, Sample
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+    return AutoTokenizer.from_pretrained(model_dir("smollm2"), gguf_file=MODELS["smollm2"].gguf)
 
 
 @settings(deadline=None, max_examples=25)
@@ -57,6 +57,11 @@ def test_bad_settings_are_named():
         evaluate.EvalSettings(["passkey"], ["full"], [64], [100], 1, engine="jit")
     with pytest.raises(ValueError, match="samples must be"):
         evaluate.EvalSettings(["passkey"], ["full"], [64], [100], 0)
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        evaluate.EvalSettings(["passkey"], ["full"], [64], [100], 1, model="nope")
+    with pytest.raises(ValueError, match="smollm2 reads 8192 tokens: contexts must be at most"):
+        evaluate.EvalSettings(["passkey"], ["full"], [64], [100, 16000], 1)
+    evaluate.EvalSettings(["passkey"], ["full"], [64], [16000], 1, model="qwen2.5-coder-0.5b")
 
 
 def test_compile_engine_matches_eager_engine(tokenizer):
@@ -223,6 +228,7 @@ def test_rkv_help_lists_every_task_and_policy_without_importing_torch():
 
     assert list(cli.TASKS) == sorted(evaluate.ALL_TASKS)
     assert list(cli.POLICIES) == sorted(POLICIES)
+    assert list(cli.MODELS) == sorted(MODELS)
     probe = ("import sys\nfrom rkv_compile import cli\ntry:\n    cli.main(['eval', '--help'])\n"
              "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

@@ -6,7 +6,7 @@ import torch
 from models import stored_lengths
 
 from rkv_compile import RocketKVConfig
-from rkv_compile.hf import load_smollm2, returned_cache
+from rkv_compile.hf import load_model, returned_cache
 from rkv_compile.tasks import passkey_prompt
 
 OPTIONS = {"token_budget": 256, "max_new_tokens": 10}
@@ -15,7 +15,7 @@ CASES = [(0.1, 0), (0.5, 1), (0.9, 2)]   # (needle depth, seed)
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_smollm2()
+    return load_model("smollm2")
 
 
 def generate(model, ids):
