@@ -138,12 +138,20 @@ def _select_kernel(
     logits_ptr, valid_ptr, plan_ptr, out_ptr, n, chunk, chunks, k, Hkv, stride_vb,
     G: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
     PER_ROW: tl.constexpr, RADIX: tl.constexpr,
+    FROM_HEADER: tl.constexpr = False, STORED: tl.constexpr = 0, CHUNK: tl.constexpr = 0,
 ):
     bh = tl.program_id(0)
+    b = bh // Hkv
+    row_chunks, count = chunks, k
     if PER_ROW:
-        chunk = tl.load(plan_ptr + 2 * (bh // Hkv))
-    _select(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, chunks, k, Hkv,
-            stride_vb, G, G_ROWS, BLOCK_C, HAS_VALID, RADIX)
+        chunk = tl.load(plan_ptr + 2 * b)
+    if FROM_HEADER:  # a packed layer (plan_ptr: the header, stride_vb its row stride): the
+        # row's stored slots and chunk; a row with fewer than k slots selects them all
+        n = tl.load(plan_ptr + b * stride_vb + STORED)
+        chunk = tl.load(plan_ptr + b * stride_vb + CHUNK)
+        row_chunks, count = tl.cdiv(n, chunk), tl.minimum(k, n)
+    _select(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, row_chunks, count,
+            Hkv, stride_vb, G, G_ROWS, BLOCK_C, HAS_VALID, RADIX)
 
 
 @triton.jit
@@ -216,18 +224,24 @@ def _sparse_attention_kernel(
     stride_validb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_VALID: tl.constexpr, DENSE: tl.constexpr = False, STORED: tl.constexpr = 0,
+    HAS_VALID: tl.constexpr, DENSE: tl.constexpr = False, HEADER_COUNT: tl.constexpr = False,
+    STORED: tl.constexpr = 0,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     g = tl.arange(0, G_PAD)
     dv = tl.arange(0, BLOCK_DV)
-    if DENSE:  # every stored slot of a packed layer's row, in order (valid_ptr: the header)
+    selected = idx_ptr + bh * count
+    # Over a packed layer (valid_ptr: the header): DENSE, every stored slot of the row, in
+    # order; HEADER_COUNT, the first min(count, stored) of the row's list.
+    if DENSE:
         n = tl.load(valid_ptr + (bh // Hkv) * stride_validb + STORED)
         count = n
+    if HEADER_COUNT:
+        count = tl.minimum(count, tl.load(valid_ptr + (bh // Hkv) * stride_validb + STORED))
     start = split * per_split
-    m, l, acc = _attend(q_ptr, k_ptr, v_ptr, idx_ptr + bh * count, valid_ptr, bh, Hkv, n,
+    m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, valid_ptr, bh, Hkv, n,
                         start, tl.minimum(start + per_split, count), scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_validb,
@@ -477,9 +491,10 @@ def packed_exact_decode(query: Tensor, keys: Tensor, values: Tensor, scale: floa
 def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, count: int,
                      slots: Tensor | None, valid: Tensor | None, header: Tensor | None = None
                      ) -> Tensor:
-    """Flash-decoding over `count` slots per KV head (the list `slots`, or with `header` each
-    row's stored slots, `count` at most), split over programs so that a few KV heads still fill
-    the GPU, then the splits combined."""
+    """Flash-decoding over `count` slots per KV head, split over programs so that a few KV
+    heads still fill the GPU, then the splits combined: the list `slots` (masked by `valid`),
+    or over a packed layer (`header`) the first min(count, stored) of the list, or with no list
+    each row's stored slots (`count` at most)."""
     B, Hq, _, D = query.shape
     Hkv, n, DV = key.shape[1], key.shape[2], value.shape[-1]
     G = Hq // Hkv
@@ -490,8 +505,8 @@ def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, co
     part_out = torch.empty(B * Hkv * splits * G, DV, device=query.device, dtype=torch.float32)
     part_m = torch.empty(B * Hkv * splits * G, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    dense = header is not None
-    rows = header if dense else valid   # what the kernel reads per row: stored count or mask
+    dense = slots is None
+    rows = header if header is not None else valid   # read per row: stored count, or mask
     wrap_triton(_sparse_attention_kernel)[(B * Hkv, splits)](
         query, key, value, slots if slots is not None else header,
         rows if rows is not None else slots, part_out, part_m, part_l,
@@ -500,7 +515,8 @@ def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, co
         value.stride(0), value.stride(1), value.stride(2), rows.stride(0) if rows is not None else 0,
         G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
         **ATTENTION,
-        HAS_VALID=valid is not None, DENSE=dense, STORED=int(S.Word.STORED))
+        HAS_VALID=valid is not None, DENSE=dense, HEADER_COUNT=header is not None and not dense,
+        STORED=int(S.Word.STORED))
     out = torch.empty(B, Hq, 1, DV, device=query.device, dtype=query.dtype)
     wrap_triton(_combine_kernel)[(B * Hkv, G)](part_out, part_m, part_l, out, splits, G, DV=DV,
                                                BLOCK_S=max(triton.next_power_of_2(splits), 2),
@@ -558,42 +574,41 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
     """Stage 2 over a packed layer's stored slots, each row with the chunk and query dims of
     its header's plan, in two launches: chunk logits (bounds built from the keys; up to one
     chunk per slot, since the chunk is read on the device), then per KV head selection and
-    attention (`_packed_select_attend_kernel`). Both read the header: no torch op between.
-    A long list over few KV heads goes through the split path instead
-    (`_one_program_per_head`)."""
+    attention (`_packed_select_attend_kernel`). A long list over few KV heads is selected by
+    one program per KV head, then attended by split programs and combined (four launches;
+    `_one_program_per_head`). Every kernel reads the header: no torch op between them."""
     layer = S.unpack(keys, values, False, query.dtype)
     key, value, header = layer.keys, layer.values, layer.header
     query = query if query.stride(-1) == 1 else query.contiguous()
     B, Hkv, slots, D = key.shape
-    if not _one_program_per_head(B * Hkv, min(topk, slots)):
-        valid = layer.valid()[:, 0, 0].to(torch.uint8).contiguous()
-        per_row = torch.stack([layer.word(S.Word.CHUNK), layer.word(S.Word.DIMS)], 1).contiguous()
-        logits = chunk_logits(query, key, 1, 1, valid, per_row)
-        return sparse_attention(query, key, value,
-                                select_slots(logits, slots, 1, topk, valid, per_row), scale, valid)
     Hq, DV = query.shape[1], value.shape[-1]
     G = Hq // Hkv
     G_ROWS = max(triton.next_power_of_2(G), 2)
-    BLOCK_D = triton.next_power_of_2(D)
+    words = dict(STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK))
     logits = torch.empty(B, Hkv, G, slots, device=key.device, dtype=torch.float32)
     wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(slots, CHUNK_LOGITS["BLOCK_C"]))](
         query, key, header, header, logits,
         slots, 1, slots, 1, Hkv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         header.stride(0),
-        G=G, G_PAD=G_ROWS, D=D, BLOCK_D=BLOCK_D, HAS_VALID=False,
-        PER_ROW=False, FROM_HEADER=True, STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK),
-        DIMS=int(S.Word.DIMS), **CHUNK_LOGITS)
+        G=G, G_PAD=G_ROWS, D=D, BLOCK_D=triton.next_power_of_2(D), HAS_VALID=False,
+        PER_ROW=False, FROM_HEADER=True, DIMS=int(S.Word.DIMS), **words, **CHUNK_LOGITS)
     k = min(topk, slots)
     selected = torch.empty(B * Hkv * k, device=key.device, dtype=torch.int32)
-    out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
     block_chunks = max(triton.next_power_of_2(slots), 16)
+    if not _one_program_per_head(B * Hkv, k):
+        wrap_triton(_select_kernel)[(B * Hkv,)](
+            logits, header, header, selected, slots, 1, slots, k, Hkv, header.stride(0),
+            G=G, G_ROWS=G_ROWS, BLOCK_C=block_chunks, HAS_VALID=False, PER_ROW=False,
+            FROM_HEADER=True, **words, **_selection_launch(block_chunks))
+        return _split_attention(query, key, value, scale, k, selected, None, header=header)
+    out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
     wrap_triton(_packed_select_attend_kernel)[(B * Hkv,)](
         query, key, value, header, logits, selected, out,
         slots, k, Hkv, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), header.stride(0),
-        STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK), G=G, G_PAD=_dot_rows(G), D=D,
-        DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV), G_ROWS=G_ROWS,
-        BLOCK_C=block_chunks, **PACKED_ATTENTION, **_selection_launch(block_chunks))
+        G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
+        G_ROWS=G_ROWS, BLOCK_C=block_chunks, **words, **PACKED_ATTENTION,
+        **_selection_launch(block_chunks))
     return out
