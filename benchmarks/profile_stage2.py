@@ -33,6 +33,34 @@ def packed_layer(batch: int, keys: torch.Tensor, values: torch.Tensor, **words):
     return packed_k, packed_v, layer
 
 
+def steps(batch: int, context: int, budget: int):
+    """RocketKV's plan for the shape, and the three steps as functions: stage 2 over plain keys,
+    a compressed cache's step over the packed layout (the stored counts put back after each
+    step: one tiny copy), and exact decode over a packed layer holding the whole context."""
+    plan = RocketKV(budget, 128).plan(context - 128, D)
+    scale = D**-0.5
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, HKV, plan.capacity, D, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+    keys, values, layer = packed_layer(batch, k[:, :, :-1], v[:, :, :-1], CHUNK=plan.chunk,
+                                       DIMS=plan.dims, TOPK=plan.topk)
+    start = layer.header.clone()
+
+    def cache_step():
+        T.append_packed(keys, values, k[:, :, -1:], v[:, :, -1:])
+        out = T.packed_sparse_decode(q, keys, values, scale, plan.topk)
+        layer.header.copy_(start)
+        return out
+
+    whole = [torch.randn(batch, HKV, context, D, device="cuda", dtype=torch.bfloat16)
+             for _ in range(2)]
+    exact_k, exact_v, _ = packed_layer(batch, *whole)
+    return plan, dict(
+        plain=lambda: T.sparse_decode(q, k, v, None, scale, plan.chunk, plan.dims, plan.topk),
+        cache_step=cache_step,
+        exact=lambda: T.packed_exact_decode(q, exact_k, exact_v, scale))
+
+
 def report(name: str, step, steps: int = 10) -> None:
     for _ in range(20):
         step()
@@ -55,33 +83,12 @@ def main():
     parser.add_argument("--context", type=int, default=128 * 1024)
     parser.add_argument("--budget", type=int, default=256)
     args = parser.parse_args()
-    plan = RocketKV(args.budget, 128).plan(args.context - 128, D)
-    B, scale = args.batch, D**-0.5
-    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(B, HKV, plan.capacity, D, device="cuda", dtype=torch.bfloat16)
-            for _ in range(2))
-    print(f"batch {B}, {args.context // 1024}K context, budget {args.budget}: cache "
+    plan, timed = steps(args.batch, args.context, args.budget)
+    print(f"batch {args.batch}, {args.context // 1024}K context, budget {args.budget}: cache "
           f"{plan.capacity} tokens, chunk {plan.chunk}, dims {plan.dims}, top-k {plan.topk}")
-    report("stage 2 over plain keys", lambda: T.sparse_decode(
-        q, k, v, None, scale, plan.chunk, plan.dims, plan.topk))
-
-    keys, values, layer = packed_layer(B, k[:, :, :-1], v[:, :, :-1], CHUNK=plan.chunk,
-                                       DIMS=plan.dims, TOPK=plan.topk)
-    start = layer.header.clone()
-    new_k, new_v = k[:, :, -1:], v[:, :, -1:]
-
-    def cache_step():   # the stored counts put back after each step (one tiny copy)
-        T.append_packed(keys, values, new_k, new_v)
-        T.packed_sparse_decode(q, keys, values, scale, plan.topk)
-        layer.header.copy_(start)
-
-    report("a compressed cache's step (append + stage 2, packed)", cache_step)
-    del keys, values, layer
-    whole = [torch.randn(B, HKV, args.context, D, device="cuda", dtype=torch.bfloat16)
-             for _ in range(2)]
-    keys, values, _ = packed_layer(B, *whole)
-    report(f"exact decode over {args.context // 1024}K packed tokens",
-           lambda: T.packed_exact_decode(q, keys, values, scale))
+    report("stage 2 over plain keys", timed["plain"])
+    report("a compressed cache's step (append + stage 2, packed)", timed["cache_step"])
+    report(f"exact decode over {args.context // 1024}K packed tokens", timed["exact"])
 
 
 if __name__ == "__main__":

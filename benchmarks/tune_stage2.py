@@ -20,8 +20,7 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, ".")
 from rkv_compile.kernels import triton_decode as T  # noqa: E402
-from rkv_compile.policies import RocketKV  # noqa: E402
-from profile_stage2 import HQ, HKV, D, packed_layer  # noqa: E402
+from profile_stage2 import steps  # noqa: E402
 
 KNOBS = {   # (config name, key): values tried; the first of each is not the default necessarily
     ("CHUNK_LOGITS", "BLOCK_C"): [8, 16, 32, 64],
@@ -45,31 +44,6 @@ def setting(name, key, value):
     return lambda: config.__setitem__(key, old)
 
 
-def steps(batch: int, context: int, budget: int):
-    plan = RocketKV(budget, 128).plan(context - 128, D)
-    scale = D**-0.5
-    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, HKV, plan.capacity, D, device="cuda", dtype=torch.bfloat16)
-            for _ in range(2))
-    keys, values, layer = packed_layer(batch, k[:, :, :-1], v[:, :, :-1], CHUNK=plan.chunk,
-                                       DIMS=plan.dims, TOPK=plan.topk)
-    start = layer.header.clone()
-
-    def cache_step():
-        T.append_packed(keys, values, k[:, :, -1:], v[:, :, -1:])
-        out = T.packed_sparse_decode(q, keys, values, scale, plan.topk)
-        layer.header.copy_(start)
-        return out
-
-    whole = [torch.randn(batch, HKV, context, D, device="cuda", dtype=torch.bfloat16)
-             for _ in range(2)]
-    exact_k, exact_v, _ = packed_layer(batch, *whole)
-    return dict(
-        cache_step=cache_step,
-        plain=lambda: T.sparse_decode(q, k, v, None, scale, plan.chunk, plan.dims, plan.topk),
-        exact=lambda: T.packed_exact_decode(q, exact_k, exact_v, scale))
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="1x131072x256,1x131072x1024,8x131072x256")
@@ -83,7 +57,7 @@ def main():
                   command=" ".join(sys.argv), rows=rows)
     for shape in args.shapes.split(","):
         batch, context, budget = map(int, shape.split("x"))
-        timed = steps(batch, context, budget)
+        _, timed = steps(batch, context, budget)
         for (name, key), values in KNOBS.items():
             for value in values:
                 if time.time() - began > args.budget_s:

@@ -235,11 +235,12 @@ def _sparse_attention_kernel(
     selected = idx_ptr + bh * count
     # Over a packed layer (valid_ptr: the header): DENSE, every stored slot of the row, in
     # order; HEADER_COUNT, the first min(count, stored) of the row's list.
-    if DENSE:
-        n = tl.load(valid_ptr + (bh // Hkv) * stride_validb + STORED)
-        count = n
-    if HEADER_COUNT:
-        count = tl.minimum(count, tl.load(valid_ptr + (bh // Hkv) * stride_validb + STORED))
+    if DENSE or HEADER_COUNT:
+        stored = tl.load(valid_ptr + (bh // Hkv) * stride_validb + STORED)
+        if DENSE:
+            n, count = stored, stored
+        else:
+            count = tl.minimum(count, stored)
     start = split * per_split
     m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, valid_ptr, bh, Hkv, n,
                         start, tl.minimum(start + per_split, count), scale,
@@ -398,6 +399,11 @@ PACKED_ATTENTION = dict(BLOCK_N=32)            # one program per KV head (warps:
 SELECTION_WARPS = None                         # None: by the number of chunks held
 
 
+def _group_rows(G: int) -> int:
+    """Rows for a GQA group held elementwise (a power of two, at least 2 for tl.arange)."""
+    return max(triton.next_power_of_2(G), 2)
+
+
 def _dot_rows(n: int) -> int:
     """A power of two >= n and >= 16, tl.dot's least tile side (a GQA group of 4 query heads
     is attended as 16 rows, 12 of them zeros)."""
@@ -450,7 +456,7 @@ def chunk_logits(query: Tensor, key: Tensor, chunk: int, dims: int, valid: Tenso
         n, chunk, chunks, dims, Hkv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         valid.stride(0) if valid is not None else 0,
-        G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D, BLOCK_D=BLOCK_D,
+        G=G, G_PAD=_group_rows(G), D=D, BLOCK_D=BLOCK_D,
         HAS_VALID=valid is not None, PER_ROW=per_row is not None, **CHUNK_LOGITS)
     return logits
 
@@ -467,7 +473,7 @@ def select_slots(logits: Tensor, n: int, chunk: int, topk: int, valid: Tensor | 
         logits, valid if valid is not None else logits,
         per_row if per_row is not None else logits, slots, n, chunk, chunks, k, Hkv,
         valid.stride(0) if valid is not None else 0,
-        G=G, G_ROWS=max(triton.next_power_of_2(G), 2), BLOCK_C=BLOCK_C,
+        G=G, G_ROWS=_group_rows(G), BLOCK_C=BLOCK_C,
         HAS_VALID=valid is not None, PER_ROW=per_row is not None, **_selection_launch(BLOCK_C))
     return slots
 
@@ -565,7 +571,9 @@ def _one_program_per_head(heads: int, k: int) -> bool:
     the list be split over programs and combined (two launches more). Measured on the H100
     (decode_attention.py, 2026-12-06, append + stage 2 per layer): fused 51 against 57-62 µs
     at 8 heads x k=128, 93 against 181 at 64 heads x 128, 315 against 576 at 64 heads x 512,
-    but 146 against 119 at 8 heads x 512: a long list over few heads wants the split."""
+    but 146 against 119 at 8 heads x 512: a long list over few heads wants the split. (Measured
+    before attention ran on the tensor cores, d7cd2bb, and before the split path read the
+    header, 6ad21c8; not re-measured since.)"""
     return k <= 128 or heads >= 32
 
 
@@ -583,7 +591,7 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
     B, Hkv, slots, D = key.shape
     Hq, DV = query.shape[1], value.shape[-1]
     G = Hq // Hkv
-    G_ROWS = max(triton.next_power_of_2(G), 2)
+    G_ROWS = _group_rows(G)
     words = dict(STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK))
     logits = torch.empty(B, Hkv, G, slots, device=key.device, dtype=torch.float32)
     wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(slots, CHUNK_LOGITS["BLOCK_C"]))](
