@@ -221,8 +221,9 @@ def test_packed_layer_decode(case, rows, fused):
 @SETTINGS
 @given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3))
 def test_packed_exact_decode(case, live):
-    """Flash-decoding over every stored slot of a packed layer (`packed_exact_decode`), each
-    row's count from its header, as the exact attention of the reference op (float64)."""
+    """Flash-decoding over every stored slot of a packed layer (`rocketkv.exact_decode_triton`,
+    what exact-decoding policies run on CUDA), each row's count from its header, as the exact
+    attention of the reference op (float64)."""
     from rkv_compile.kernels.cache_ops import exact_attention
 
     _, Hkv, G, D, n, _, _, _, dtype, seed = case
@@ -233,7 +234,7 @@ def test_packed_exact_decode(case, live):
     layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
     layer.set_word(S.Word.STORED, torch.tensor(live, device=DEVICE))
     scale = D**-0.5
-    got = T.packed_exact_decode(q, keys, values, scale)
+    got = torch.ops.rocketkv.exact_decode_triton(q, keys, values, scale)
     want = exact_attention(q.double(), S.LayerState(layer.keys.double(), layer.values.double(),
                                                     layer.state, layer.header, layer.layout), scale)
     assert got.shape == q.shape and got.dtype == dtype

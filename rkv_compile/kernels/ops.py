@@ -7,14 +7,14 @@ Cache ops, over a layer packed as `rkv_compile.state` lays it out (the implement
   kernel gives it sizes of its own (unbacked: one compiled prefill serves every prompt length;
   only the pass inserts it, after Dynamo has traced);
 - `append_`: one decode token into the packed tensors, in place;
-- `decode`, `evicting_decode_` and `decode_triton`: a decode step's attention over the stored
-  slots, with each row's plan read from its header;
+- `decode`, `evicting_decode_`, `decode_triton` and `exact_decode_triton`: a decode step's
+  attention over the stored slots, with each row's plan read from its header;
 - `extend` (a new turn kept whole) and `turn` (a new turn's attention and the policy's
   selection again over the stored tokens and the turn's).
-They take the policy as its `spec` string (a custom op takes no Python objects). All but
-`decode_triton` are opaque custom ops with fake kernels (Dynamo, AOTAutograd and Inductor trace
-around them); `decode_triton` and `sparse_decode_triton` are `triton_op`s, which Inductor traces
-into and schedules with the rest of the graph on CUDA.
+They take the policy as its `spec` string (a custom op takes no Python objects). The
+`*_triton` ops are `triton_op`s, which Inductor traces into and schedules with the rest of the
+graph on CUDA; the others are opaque custom ops with fake kernels (Dynamo, AOTAutograd and
+Inductor trace around them).
 `sparse_decode` (the reference stage 2 over plain keys) is what the tests hold the kernels to.
 """
 from __future__ import annotations
@@ -115,6 +115,14 @@ def decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float, top
     """RocketKV's stage 2 over a packed layer through the Triton kernels (CUDA): each row's
     chunk and query dims from its header."""
     return triton_decode.packed_sparse_decode(query, keys, values, scale, topk)
+
+
+@triton_op("rocketkv::exact_decode_triton", mutates_args=())
+def exact_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+    """Exact attention over each row's stored slots of a packed layer through the Triton
+    flash-decoding kernel (CUDA): what `decode` computes for a policy that decodes exactly,
+    reading the stored tokens only (the count from the header), where SDPA reads every slot."""
+    return triton_decode.packed_exact_decode(query, keys, values, scale)
 
 
 @torch.library.custom_op("rocketkv::turn", mutates_args=())

@@ -71,9 +71,12 @@ class SiteDecision:
         CUDA), the policy's PyTorch decode ("reference") or exact attention ("exact")."""
         if not self.method.sparse_decode and self.method.state != "scores":
             return "exact"
-        cuda = value_of(self.site.query).device.type == "cuda"
-        return "triton" if cuda and self.method.triton_at(self.scale, self.head_dim) \
+        return "triton" if self.on_cuda and self.method.triton_at(self.scale, self.head_dim) \
             else "reference"
+
+    @property
+    def on_cuda(self) -> bool:
+        return value_of(self.site.query).device.type == "cuda"
 
     def refuse(self, reason: str) -> None:
         """Keep the site exact after all, for `reason` (fatal if it reads a compressed cache)."""
@@ -256,6 +259,9 @@ def _decode_attention(graph: Graph, d: SiteDecision, keys: Node, values: Node) -
         topk = d.method.plan(d.method.token_budget, d.head_dim).topk
         return graph.call_function(torch.ops.rocketkv.decode_triton.default, (
             d.site.query, keys, values, d.scale, topk))
+    if d.kernel == "exact" and d.on_cuda:
+        return graph.call_function(torch.ops.rocketkv.exact_decode_triton.default, (
+            d.site.query, keys, values, d.scale))
     return graph.call_function(torch.ops.rocketkv.decode.default, (
         d.site.query, keys, values, d.scale, d.method.spec))
 
@@ -287,7 +293,8 @@ def _why_no_triton(d: SiteDecision) -> str:
 
 
 def decode_action(d: SiteDecision) -> str:
-    runs = {"triton": "Triton kernels", "exact": "exact attention",
+    exact = "exact attention" + (", the Triton flash-decoding kernel" if d.on_cuda else "")
+    runs = {"triton": "Triton kernels", "exact": exact,
             "reference": "the PyTorch reference op" + _why_no_triton(d)}[d.kernel]
     return (f"decode: {d.method.name}, {d.method.decode_kind} over each row's stored slots "
             f"({runs}; plan read from the cache)")
