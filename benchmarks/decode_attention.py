@@ -8,7 +8,9 @@ over the compressed cache RocketKV keeps (its plan's capacity): the Triton kerne
 by one, the same replayed as a CUDA graph, a compressed cache's whole step (append + stage 2
 over the packed layout: three launches) as a CUDA graph, the same step as it ran before its
 kernels were fused (torch ops for the mask and plan, five launches), and the plain-PyTorch
-reference. Also stage 1 (Triton and reference) against exact causal prefill attention.
+reference. Quest at the same budget over the whole context (it evicts nothing): its page
+kernels (`packed_page_decode`, pages of 16 per query head) as a CUDA graph. Also stage 1
+(Triton and reference) against exact causal prefill attention.
 Medians of triton.testing.do_bench / do_bench_cudagraph.
 
     python3 benchmarks/decode_attention.py --out results.json
@@ -30,7 +32,7 @@ from rkv_compile import state as S  # noqa: E402
 from rkv_compile.kernels import reference as R  # noqa: E402
 from rkv_compile.kernels import triton_compress as TC  # noqa: E402
 from rkv_compile.kernels import triton_decode as T  # noqa: E402
-from rkv_compile.policies import RocketKV  # noqa: E402
+from rkv_compile.policies import Quest, RocketKV  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 NEW_TOKENS = 128
@@ -67,9 +69,24 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
     sdpa = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()
     dense_ours_error = float((dense_ours().float() - sdpa).norm() / sdpa.norm())
     dense_ours_ms = do_bench_cudagraph(dense_ours, rep=200, return_mode="median")
-    del packed_k, packed_v, packed
     rows = []
     for budget in budgets:
+        # Quest over the whole context (the packed layer above, its pages in the header)
+        quest = Quest(budget, NEW_TOKENS).plan(context - NEW_TOKENS, D, layer=2, layers=32)
+        packed.set_word(S.Word.CHUNK, quest.chunk)
+        packed.set_word(S.Word.DIMS, quest.dims)
+        pages = quest.topk // quest.chunk
+
+        def quest_ours():
+            return T.packed_page_decode(q, packed_k, packed_v, D**-0.5, pages, quest.chunk)
+
+        quest_ms = do_bench_cudagraph(quest_ours, rep=200, return_mode="median")
+        quest_error = None
+        if batch == 1:   # the reference repeats K and V per query head: one row only
+            want = Quest(budget, NEW_TOKENS).decode(q.float(), k.float(), v.float(), None,
+                                                    D**-0.5, quest.chunk, quest.dims, quest.topk)
+            quest_error = float((quest_ours().float() - want).norm() / want.norm())
+
         plan = RocketKV(budget, NEW_TOKENS).plan(context - NEW_TOKENS, D)
         n = plan.capacity
         kc, vc = randn(batch, HKV, n, D), randn(batch, HKV, n, D)
@@ -134,13 +151,18 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
                          cache_step_unfused_cudagraph_ms=unfused_ms,
                          cache_step_fused_vs_unfused_rel_error=fused_vs_unfused,
                          stage2_reference_ms=reference_ms, stage2_read_floor_ms=ours_floor,
-                         stage2_rel_error_vs_fp32_reference=error))
+                         stage2_rel_error_vs_fp32_reference=error,
+                         quest_pages=pages, quest_page_size=quest.chunk,
+                         quest_triton_cudagraph_ms=quest_ms,
+                         quest_rel_error_vs_fp32_reference=quest_error))
         print(f"B={batch:2} ctx={context // 1024:4}K budget={budget:5} cache={n:5} | dense "
               f"{dense:7.3f} ms  ours {dense_ours_ms:7.3f} ({dense_ours_error:.1e})  floor "
               f"{floor:7.3f} | ours triton {triton_ms:7.3f}  graph "
               f"{graph_ms:7.3f}  append+stage2 {step_ms:7.3f} (unfused {unfused_ms:7.3f}, "
               f"diff {fused_vs_unfused:.1e})  "
-              f"reference {reference_ms:7.3f} ms  (err {error:.1e})", flush=True)
+              f"reference {reference_ms:7.3f} ms  (err {error:.1e}) | quest {quest_ms:7.3f} "
+              f"(err {quest_error if quest_error is None else f'{quest_error:.1e}'})", flush=True)
+    del packed_k, packed_v, packed
     return rows
 
 

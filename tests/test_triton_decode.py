@@ -219,6 +219,40 @@ def test_packed_layer_decode(case, rows, fused):
 
 
 @SETTINGS
+@given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3),
+       page_size=st.integers(1, 16), pages=st.integers(1, 12))
+def test_packed_page_decode(case, live, page_size, pages):
+    """Quest's decode op over a packed layer (`rocketkv.page_decode_triton`): per query head
+    its best pages of the row's stored slots (the last one partial), as `Quest.decode` alone
+    over that row (float64), where no near-tie of page bounds decides the selection."""
+    from rkv_compile.policies.quest import Quest
+
+    _, Hkv, G, D, n, _, _, _, dtype, seed = case
+    B = len(live)
+    live = [min(m, n) for m in live]
+    q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
+    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", dtype, DEVICE)
+    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
+    for word, values_ in ((S.Word.STORED, live), (S.Word.CHUNK, [page_size] * B),
+                          (S.Word.DIMS, [D] * B)):
+        layer.set_word(word, torch.tensor(values_, device=DEVICE))
+    quest, scale = Quest(token_budget=pages * page_size), D**-0.5
+    for b in range(B):
+        kmin, kmax = R.chunk_bounds(k[b:b + 1, :, :live[b]].repeat_interleave(G, 1).double(),
+                                    page_size)
+        qb = q[b:b + 1, :, -1].double().unsqueeze(2)
+        bounds = torch.maximum(qb * kmin, qb * kmax).sum(-1)
+        assume(_boundary_is_clear(bounds, pages))
+    got = torch.ops.rocketkv.page_decode_triton(q, keys, values, scale, pages, page_size)
+    assert got.shape == q.shape and got.dtype == dtype
+    for b in range(B):
+        want = quest.decode(q[b:b + 1].double(), k[b:b + 1, :, :live[b]].double(),
+                            v[b:b + 1, :, :live[b]].double(), None, scale, page_size, D,
+                            pages * page_size)
+        assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
+
+
+@SETTINGS
 @given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3))
 def test_packed_exact_decode(case, live):
     """Flash-decoding over every stored slot of a packed layer (`rocketkv.exact_decode_triton`,

@@ -53,8 +53,11 @@ def _chunk_logits_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
     FROM_HEADER: tl.constexpr = False, STORED: tl.constexpr = 0, CHUNK: tl.constexpr = 0,
-    DIMS: tl.constexpr = 0,
+    DIMS: tl.constexpr = 0, HEAD_BOUNDS: tl.constexpr = False,
 ):
+    # One program per (KV head, BLOCK_C chunks): the chunks' key bounds, built once for the G
+    # query heads, and each head's logit. HEAD_BOUNDS (Quest): each head's own upper bound of
+    # q.k, sum_d max(q_d min_d, q_d max_d), instead of the bound on the group's signs.
     bh = tl.program_id(0)
     b, h = bh // Hkv, bh % Hkv
     if PER_ROW:  # rows evicted apart (a padded batch): each row's own chunk and r
@@ -110,9 +113,14 @@ def _chunk_logits_kernel(
         kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
     bound = tl.where(chosen[None, :] & (live > 0)[:, None],
                      tl.where(positive[None, :], kmax, kmin), 0.0)
+    counted = chosen[None, :] & (live > 0)[:, None]
     for gi in tl.static_range(G):
         q_g = tl.sum(tl.where((g == gi)[:, None], q_r, 0.0), axis=0)
-        logit = tl.sum(bound * q_g[None, :], axis=1)
+        if HEAD_BOUNDS:
+            logit = tl.sum(tl.where(counted, tl.maximum(q_g[None, :] * kmin,
+                                                        q_g[None, :] * kmax), 0.0), axis=1)
+        else:
+            logit = tl.sum(bound * q_g[None, :], axis=1)
         logit = tl.where(live > 0, logit, float("-inf"))
         tl.store(out_ptr + (bh * G + gi) * chunks + c, logit, mask=c_ok)
 
@@ -157,10 +165,11 @@ def _select_kernel(
 @triton.jit
 def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, Hkv, stride_vb,
             G: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
-            RADIX: tl.constexpr):
+            RADIX: tl.constexpr, PAGES: tl.constexpr = False, list_len=0):
     """The top k slots of KV head `bh` by chunk score, in slot order, into out_ptr[:k]. The
     chunk array is held in registers: `chunks` (at most BLOCK_C) logits per query head, rows
-    `stride_lg` apart."""
+    `stride_lg` apart. PAGES: the top k chunks instead (Quest's pages), every live slot of
+    each, the list padded to `list_len` with n (a slot attention skips)."""
     b = bh // Hkv
     c = tl.arange(0, BLOCK_C)
     c_ok = c < chunks
@@ -190,16 +199,26 @@ def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, 
     # The k-th largest token score, T: the largest T with k tokens scoring >= T (scores are
     # >= 0, so their bit patterns order as the floats do).
     bits = tl.where(c_ok, score.to(tl.int32, bitcast=True), -1)
-    threshold = _kth_largest_bits(bits, live, k, RADIX)
+    # What is counted toward k: a chunk's live tokens, or (PAGES) the chunk once if it has any.
+    if PAGES:
+        weight = (live > 0).to(tl.int32)
+    else:
+        weight = live
+    threshold = _kth_largest_bits(bits, weight, k, RADIX)
 
     # Every token above T is taken; tokens at T are taken in slot order until there are k (as a
-    # stable sort would). At T = 0 masked tokens tie too: attention skips them.
-    above = tl.where(bits > threshold, live, 0)
-    tied = tl.where(bits == threshold, live, 0) + tl.where(c_ok & (threshold == 0), size - live, 0)
+    # stable sort would). At T = 0 masked tokens tie too: attention skips them. (PAGES: the
+    # same over whole chunks, then each taken chunk's live tokens.)
+    above = tl.where(bits > threshold, weight, 0)
+    tied = tl.where(bits == threshold, weight, 0)
+    if not PAGES:
+        tied += tl.where(c_ok & (threshold == 0), size - live, 0)
     need = k - tl.sum(above, axis=0)
     tied_before = tl.cumsum(tied, axis=0) - tied
     take_tied = tl.minimum(tl.maximum(need - tied_before, 0), tied)
     taken = above + take_tied
+    if PAGES:
+        taken = taken * live
     offset = tl.cumsum(taken, axis=0) - taken
     written = tl.zeros((BLOCK_C,), tl.int32)
     tied_seen = tl.zeros((BLOCK_C,), tl.int32)
@@ -209,11 +228,19 @@ def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, 
         is_live = in_range
         if HAS_VALID:
             is_live &= tl.load(valid_ptr + b * stride_vb + slot, mask=in_range, other=0) != 0
-        is_tied = (is_live & (bits == threshold)) | (in_range & ~is_live & (threshold == 0))
-        take = (is_live & (bits > threshold)) | (is_tied & (tied_seen < take_tied))
+        if PAGES:
+            take = is_live & (taken > 0)
+        else:
+            is_tied = (is_live & (bits == threshold)) | (in_range & ~is_live & (threshold == 0))
+            take = (is_live & (bits > threshold)) | (is_tied & (tied_seen < take_tied))
+            tied_seen += is_tied.to(tl.int32)
         tl.store(out_ptr + offset + written, slot, mask=take)
         written += take.to(tl.int32)
-        tied_seen += is_tied.to(tl.int32)
+    if PAGES:
+        total = tl.sum(taken, axis=0)
+        for base in range(0, list_len, BLOCK_C):
+            i = base + c
+            tl.store(out_ptr + i, n, mask=(i >= total) & (i < list_len))
 
 
 @triton.jit
@@ -260,12 +287,14 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
             stride_vn, stride_validb,
             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-            HAS_VALID: tl.constexpr, DENSE: tl.constexpr = False):
+            HAS_VALID: tl.constexpr, DENSE: tl.constexpr = False, KV_GROUP: tl.constexpr = 1):
     """Online softmax of KV head `bh`'s whole GQA group over the slots idx_ptr[start:stop]
     (or, DENSE, the slots start:stop themselves), loading each K/V row in place:
     (running max, sum, unnormalized output), one row per query head (G_PAD >= 16 rows: the
-    group is padded to a tensor-core tile, padding rows are zeros)."""
+    group is padded to a tensor-core tile, padding rows are zeros). KV_GROUP > 1: `bh` is one
+    query head (G = 1) of KV head h // KV_GROUP (Quest selects per query head)."""
     b, h = bh // Hkv, bh % Hkv
+    kv = h // KV_GROUP
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -285,7 +314,7 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
         ok &= slot < n  # a short list is padded with slots past the end
         if HAS_VALID:  # a masked slot can be selected (fewer live slots than top-k): skip it
             ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
-        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + slot[:, None] * stride_kn + d[None, :],
+        k = tl.load(k_ptr + b * stride_kb + kv * stride_kh + slot[:, None] * stride_kn + d[None, :],
                     mask=ok[:, None] & (d < D)[None, :], other=0.0)
         # Products of 16-bit numbers are exact in float32: the tensor cores lose nothing here.
         # (Inductor passes `scale` as a float64 scalar: keep the loop state in float32.)
@@ -295,7 +324,7 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
         alpha = tl.exp(m - m_use)
         p = tl.exp(s - m_use[:, None])
-        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + slot[:, None] * stride_vn + dv[None, :],
+        v = tl.load(v_ptr + b * stride_vb + kv * stride_vh + slot[:, None] * stride_vn + dv[None, :],
                     mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
         acc = acc * alpha[:, None]
         if v.dtype == tl.float32:
@@ -331,29 +360,36 @@ def _combine_kernel(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, splits, G,
 @triton.jit
 def _packed_select_attend_kernel(
     q_ptr, k_ptr, v_ptr, header_ptr, logits_ptr, idx_ptr, out_ptr,
-    slots, topk, Hkv, scale,
+    lanes, topk, Hkv, scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_hb,
     STORED: tl.constexpr, CHUNK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, RADIX: tl.constexpr,
+    PAGES: tl.constexpr = False, KV_GROUP: tl.constexpr = 1,
 ):
-    # One program per KV head of a packed layer: its row's stored slots and chunk from the
-    # header, the selection (`_select`) into this head's list, then attention over the list
-    # (`_attend`), normalized and written: no partials, no combine, no mask tensor.
+    # One program per selecting head of a packed layer (a KV head, or with PAGES a query head
+    # of KV head h // KV_GROUP): its row's stored slots and chunk from the header, the
+    # selection (`_select`) into this head's list, then attention over the list (`_attend`),
+    # normalized and written: no partials, no combine, no mask tensor. `lanes`: the length of
+    # a head's logits row. PAGES: `topk` is the list's length, topk // chunk pages.
     bh = tl.program_id(0)
     b = bh // Hkv
     n = tl.load(header_ptr + b * stride_hb + STORED)
     chunk = tl.load(header_ptr + b * stride_hb + CHUNK)
-    k = tl.minimum(topk, n)
+    if PAGES:
+        k, attended = topk // chunk, topk
+    else:
+        k = tl.minimum(topk, n)
+        attended = k
     selected = idx_ptr + bh * topk
-    _select(logits_ptr, slots, header_ptr, selected, bh, n, chunk, tl.cdiv(n, chunk), k, Hkv, 0,
-            G, G_ROWS, BLOCK_C, False, RADIX)
+    _select(logits_ptr, lanes, header_ptr, selected, bh, n, chunk, tl.cdiv(n, chunk), k, Hkv, 0,
+            G, G_ROWS, BLOCK_C, False, RADIX, PAGES, topk)
     tl.debug_barrier()   # the list, written by the whole program, is read by all of it
-    m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, header_ptr, bh, Hkv, n, 0, k, scale,
+    m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, header_ptr, bh, Hkv, n, 0, attended, scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, 0,
-                        G, G_PAD, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False)
+                        G, G_PAD, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, False, KV_GROUP)
     g = tl.arange(0, G_PAD)
     dv = tl.arange(0, BLOCK_DV)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
@@ -619,4 +655,47 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
         G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
         G_ROWS=G_ROWS, BLOCK_C=block_chunks, **words, **PACKED_ATTENTION,
         **_selection_launch(block_chunks))
+    return out
+
+
+def packed_page_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, pages: int,
+                       page_size: int) -> Tensor:
+    """Quest over a packed layer's stored slots: for each query head, the `pages` pages (runs of
+    the row's header chunk, `page_size` slots) of largest upper bound of q.k, then exact
+    attention over their slots, as `policies.quest.Quest.decode` computes it. Two launches:
+    the bounds of every page per query head (chunk logits with G = 1, all dims), then one
+    program per query head selecting its pages and attending to them. The bounds are built
+    from the keys once per KV head, not read from stored page summaries. (A logit's softmax
+    ranks the pages as the bound does, up to float32 underflow: pages whose probability
+    underflows to 0 tie, and are taken in slot order.)"""
+    layer = S.unpack(keys, values, False, query.dtype)
+    key, value, header = layer.keys, layer.values, layer.header
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    B, Hkv, slots, D = key.shape
+    Hq, DV = query.shape[1], value.shape[-1]
+    words = dict(STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK))
+    G = Hq // Hkv
+    # pages: each row's chunk (its header's) is page_size, so the lanes are counted by it
+    lanes = triton.cdiv(slots, page_size)
+    logits = torch.empty(B, Hkv, G, lanes, device=key.device, dtype=torch.float32)
+    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(lanes, CHUNK_LOGITS["BLOCK_C"]))](
+        query, key, header, header, logits,
+        slots, 1, lanes, 1, Hkv,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        header.stride(0),
+        G=G, G_PAD=_group_rows(G), D=D, BLOCK_D=triton.next_power_of_2(D), HAS_VALID=False,
+        PER_ROW=False, FROM_HEADER=True, DIMS=int(S.Word.DIMS), HEAD_BOUNDS=True, **words,
+        **CHUNK_LOGITS)
+    listed = pages * page_size
+    selected = torch.empty(B * Hq * listed, device=key.device, dtype=torch.int32)
+    out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
+    block_chunks = max(triton.next_power_of_2(lanes), 16)
+    wrap_triton(_packed_select_attend_kernel)[(B * Hq,)](
+        query, key, value, header, logits, selected, out,
+        lanes, listed, Hq, scale,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), header.stride(0),
+        G=1, G_PAD=_dot_rows(1), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
+        G_ROWS=_group_rows(1), BLOCK_C=block_chunks, PAGES=True, KV_GROUP=G, **words,
+        **PACKED_ATTENTION, **_selection_launch(block_chunks))
     return out

@@ -251,15 +251,27 @@ def rewrite_turn(graph: Graph, d: SiteDecision, rw: Rewriting) -> None:
     rw.caches.append((d, new_keys, new_values, None))
 
 
+# A policy's `triton`: the op its decode step runs on CUDA, and that op's static arguments
+# from the layer's plan.
+TRITON_DECODE = {
+    "stage2": (torch.ops.rocketkv.decode_triton.default, lambda plan: (plan.topk,)),
+    "pages": (torch.ops.rocketkv.page_decode_triton.default,
+              lambda plan: (plan.topk // plan.chunk, plan.chunk)),
+}
+
+
 def _decode_attention(graph: Graph, d: SiteDecision, keys: Node, values: Node) -> Node:
     if d.method.state == "scores":
         return graph.call_function(torch.ops.rocketkv.evicting_decode_.default, (
             d.site.query, keys, values, d.scale, d.method.spec))
     if d.kernel == "triton":
-        topk = d.method.plan(d.method.token_budget, d.head_dim).topk
-        return graph.call_function(torch.ops.rocketkv.decode_triton.default, (
-            d.site.query, keys, values, d.scale, topk))
-    if d.kernel == "exact" and d.on_cuda:
+        plan = d.method.plan(d.method.token_budget, d.head_dim, d.layer, d.layers)
+        if plan.topk < plan.length:
+            op, arguments = TRITON_DECODE[d.method.triton]
+            return graph.call_function(op, (d.site.query, keys, values, d.scale,
+                                            *arguments(plan)))
+        # a layer that attends to every token (Quest's first layers): exact, below
+    if d.kernel != "reference" and d.on_cuda:
         return graph.call_function(torch.ops.rocketkv.exact_decode_triton.default, (
             d.site.query, keys, values, d.scale))
     return graph.call_function(torch.ops.rocketkv.decode.default, (

@@ -58,7 +58,9 @@ class Policy:
     # `evicting_decode`), "view" (the cache keeps every token; decode reads a view of them).
     state: ClassVar[str] = ""
     budgeted: ClassVar[bool] = True         # token_budget matters (not: every token is kept)
-    triton: ClassVar[bool] = False          # CUDA runs RocketKV's Triton kernels (else: reference)
+    # The Triton decode CUDA runs (rewrite.TRITON_DECODE): "stage2", RocketKV's (one list per
+    # GQA group), or "pages", Quest's (pages per query head); "": the PyTorch reference
+    triton: ClassVar[str] = ""
     decode_kind: ClassVar[str] = "exact attention over the kept tokens"
 
     def __post_init__(self):
@@ -76,9 +78,9 @@ class Policy:
                     0, 0, head_dim)
 
     def triton_at(self, scale: float, head_dim: int) -> bool:
-        """Whether RocketKV's Triton stage-2 kernels compute this policy's decode step at this
-        attention scale (on CUDA; else its `decode` runs, the PyTorch reference)."""
-        return self.triton
+        """Whether the Triton kernels compute this policy's decode step at this attention
+        scale (on CUDA; else its `decode` runs, the PyTorch reference)."""
+        return bool(self.triton)
 
     def keep_all(self, prompt_len: int, topk: int = 0, chunk: int = 0, dims: int = 0) -> Plan:
         """The plan of a policy that evicts nothing: every prompt and new token is stored."""

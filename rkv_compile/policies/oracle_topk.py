@@ -28,7 +28,7 @@ class OracleTopK(Policy):
 
     name = "oracle-topk"
     sparse_decode = True
-    triton = True
+    triton = "stage2"
     decode_kind = "exact top-k attention (oracle scores)"
 
     def plan(self, prompt_len, head_dim, layer=0, layers=1):

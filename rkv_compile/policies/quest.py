@@ -31,6 +31,7 @@ class Quest(Policy):
 
     name = "quest"
     sparse_decode = True
+    triton = "pages"
     decode_kind = "exact attention over the best pages (per query head)"
 
     def __post_init__(self):

@@ -33,7 +33,7 @@ class RocketKV(Policy):
     stages: str = "both"
 
     name = "rocketkv"
-    triton = True
+    triton = "stage2"
     decode_kind = "stage-2 hybrid sparse attention"
 
     def __post_init__(self):

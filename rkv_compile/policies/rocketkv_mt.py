@@ -36,7 +36,7 @@ class RocketKVMultiTurn(RocketKV):
 
     name = "rocketkv-mt"
     state = "view"
-    triton = False
+    triton = ""
     decode_kind = "stage-2 hybrid sparse attention over the view stage 1 kept at the last prefill"
 
     def view_decode(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
