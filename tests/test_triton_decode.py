@@ -253,6 +253,37 @@ def test_packed_page_decode(case, live, page_size, pages):
 
 
 @SETTINGS
+@given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 128), st.integers(1, 160)),
+                                          min_size=1, max_size=3))
+def test_packed_sparq_decode(case, rows):
+    """SparQ's decode op over a packed layer (`rocketkv.sparq_decode_triton`): each row's r
+    from its header, over its stored slots, as `SparQ.decode` alone over that row (float64),
+    mean-value reallocation included, where no near-tie decides the dims or the selection."""
+    from rkv_compile.policies.sparq import SparQ
+
+    _, Hkv, G, D, n, _, _, topk, dtype, seed = case
+    B = len(rows)
+    dims, live = [min(r, D) for r, _ in rows], [min(m, n) for _, m in rows]
+    q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
+    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", dtype, DEVICE)
+    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
+    for word, values_ in ((S.Word.STORED, live), (S.Word.CHUNK, [1] * B), (S.Word.DIMS, dims)):
+        layer.set_word(word, torch.tensor(values_, device=DEVICE))
+    for b in range(B):
+        row = [t[b:b + 1, :, :live[b]] if t is k else t[b:b + 1] for t in (q, k)]
+        assume(_dims_are_clear(row[0], Hkv, dims[b]))
+        assume(_boundary_is_clear(R.approximate_scores(*row, None, 1, dims[b]), topk))
+    scale = D**-0.5
+    got = torch.ops.rocketkv.sparq_decode_triton(q, keys, values, scale, topk)
+    assert got.shape == q.shape and got.dtype == dtype
+    for b in range(B):
+        want = SparQ(token_budget=2 * topk).decode(
+            q[b:b + 1].double(), k[b:b + 1, :, :live[b]].double(),
+            v[b:b + 1, :, :live[b]].double(), None, scale, 1, dims[b], topk)
+        assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
+
+
+@SETTINGS
 @given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3))
 def test_packed_exact_decode(case, live):
     """Flash-decoding over every stored slot of a packed layer (`rocketkv.exact_decode_triton`,

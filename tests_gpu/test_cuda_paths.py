@@ -125,23 +125,24 @@ def test_generate_replays_cuda_graphs_with_the_oracles_tokens(cache):
 @pytest.mark.parametrize("options", [
     {"policy": "h2o"}, {"policy": "shotkv", "decode_budget": 4}, {"policy": "snapkv"},
     {"policy": "rocketkv", "kv_bits": 4}, {"policy": "chunkkv", "reuse_layers": 2},
-    {"policy": "quest", "dense_layers": 1}, {"policy": "oracle-topk"}])
+    {"policy": "quest", "dense_layers": 1}, {"policy": "oracle-topk"}, {"policy": "sparq"}])
 def test_policies_on_cuda_match_the_oracle(options):
     """The other policies on CUDA through the whole backend (Inductor): oracle top-k runs
-    RocketKV's Triton kernels (at chunk 1 over every dim) and Quest its page kernels (its
-    first layer, dense, the exact one), replayed as CUDA graphs; the policies that decode
+    RocketKV's Triton kernels (at chunk 1 over every dim), SparQ the same at its r dims with
+    mean-value reallocation, and Quest its page kernels (its first layer, dense, the exact
+    one), replayed as CUDA graphs; the policies that decode
     exactly (SnapKV, ChunkKV) through the Triton flash-decoding kernel over the stored slots;
     H2O and ShotKV, which evict as they decode, through their reference ops."""
     options = {**BUDGET, **options}
     model = tiny_hf("llama").cuda()
     model.generation_config.eos_token_id = None
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(302)).cuda()
-    if options["policy"] in ("snapkv", "chunkkv", "quest"):
+    if options["policy"] in ("snapkv", "chunkkv", "quest", "sparq"):
         with torch.no_grad():
             report = rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=2),
                                          options=options)
         decode = [s for s in report.sites if s.query_len == "1"]
-        runs = "Triton kernels" if options["policy"] == "quest" else "flash-decoding"
+        runs = "Triton kernels" if options["policy"] in ("quest", "sparq") else "flash-decoding"
         assert decode and all(runs in s.action for s in decode)
     out, _, _ = generate_on_cuda(model, ids, options)
     expected, kept = oracle_generate(model, ids, RocketKVConfig.from_options(options), STEPS)

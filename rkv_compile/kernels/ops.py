@@ -7,9 +7,9 @@ Cache ops, over a layer packed as `rkv_compile.state` lays it out (the implement
   kernel gives it sizes of its own (unbacked: one compiled prefill serves every prompt length;
   only the pass inserts it, after Dynamo has traced);
 - `append_`: one decode token into the packed tensors, in place;
-- `decode`, `evicting_decode_`, `decode_triton`, `page_decode_triton` and
-  `exact_decode_triton`: a decode step's attention over the stored slots, with each row's plan
-  read from its header;
+- `decode`, `evicting_decode_`, `decode_triton`, `page_decode_triton`, `sparq_decode_triton`
+  and `exact_decode_triton`: a decode step's attention over the stored slots, with each row's
+  plan read from its header;
 - `extend` (a new turn kept whole) and `turn` (a new turn's attention and the policy's
   selection again over the stored tokens and the turn's).
 They take the policy as its `spec` string (a custom op takes no Python objects). The
@@ -124,6 +124,14 @@ def page_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float
     """Quest's decode step over a packed layer through the Triton kernels (CUDA): per query
     head the best `pages` pages by their key bounds, then exact attention over them."""
     return triton_decode.packed_page_decode(query, keys, values, scale, pages, page_size)
+
+
+@triton_op("rocketkv::sparq_decode_triton", mutates_args=())
+def sparq_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
+                        ) -> Tensor:
+    """SparQ's decode step over a packed layer through the Triton kernels (CUDA): RocketKV's
+    stage 2 at chunk 1 over the header's r dims, then mean-value reallocation."""
+    return triton_decode.packed_sparq_decode(query, keys, values, scale, topk)
 
 
 @triton_op("rocketkv::exact_decode_triton", mutates_args=())

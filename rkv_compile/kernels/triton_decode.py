@@ -159,17 +159,18 @@ def _select_kernel(
         chunk = tl.load(plan_ptr + b * stride_vb + CHUNK)
         row_chunks, count = tl.cdiv(n, chunk), tl.minimum(k, n)
     _select(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, row_chunks, count,
-            Hkv, stride_vb, G, G_ROWS, BLOCK_C, HAS_VALID, RADIX)
+            Hkv, stride_vb, G, G_ROWS, BLOCK_C, HAS_VALID, RADIX, False, k, False, logits_ptr)
 
 
 @triton.jit
 def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, Hkv, stride_vb,
             G: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
-            RADIX: tl.constexpr, PAGES: tl.constexpr = False, list_len=0):
+            RADIX: tl.constexpr, PAGES: tl.constexpr, list_len, MASS: tl.constexpr, mass_ptr):
     """The top k slots of KV head `bh` by chunk score, in slot order, into out_ptr[:k]. The
     chunk array is held in registers: `chunks` (at most BLOCK_C) logits per query head, rows
     `stride_lg` apart. PAGES: the top k chunks instead (Quest's pages), every live slot of
-    each, the list padded to `list_len` with n (a slot attention skips)."""
+    each, the list padded to `list_len` with n (a slot attention skips). MASS: each query
+    head's probability mass on the taken tokens into mass_ptr[bh * G + g] (SparQ's a)."""
     b = bh // Hkv
     c = tl.arange(0, BLOCK_C)
     c_ok = c < chunks
@@ -193,8 +194,8 @@ def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, 
     top = tl.max(logit, axis=1)
     e = tl.exp(logit - tl.where(top == float("-inf"), 0.0, top)[:, None])
     z = tl.sum(e * live[None, :], axis=1)
-    score = tl.sum(tl.where(z[:, None] > 0, e / tl.where(z > 0, z, 1.0)[:, None], 0.0),
-                   axis=0) / G
+    probability = tl.where(z[:, None] > 0, e / tl.where(z > 0, z, 1.0)[:, None], 0.0)
+    score = tl.sum(probability, axis=0) / G
 
     # The k-th largest token score, T: the largest T with k tokens scoring >= T (scores are
     # >= 0, so their bit patterns order as the floats do).
@@ -219,6 +220,9 @@ def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, 
     taken = above + take_tied
     if PAGES:
         taken = taken * live
+    if MASS:
+        mass = tl.sum(probability * taken[None, :], axis=1)
+        tl.store(mass_ptr + bh * G + g, mass, mask=g < G)
     offset = tl.cumsum(taken, axis=0) - taken
     written = tl.zeros((BLOCK_C,), tl.int32)
     tied_seen = tl.zeros((BLOCK_C,), tl.int32)
@@ -359,20 +363,23 @@ def _combine_kernel(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, splits, G,
 
 @triton.jit
 def _packed_select_attend_kernel(
-    q_ptr, k_ptr, v_ptr, header_ptr, logits_ptr, idx_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, header_ptr, logits_ptr, idx_ptr, out_ptr, mass_ptr,
     lanes, topk, Hkv, scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_hb,
     STORED: tl.constexpr, CHUNK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, RADIX: tl.constexpr,
-    PAGES: tl.constexpr = False, KV_GROUP: tl.constexpr = 1,
+    PAGES: tl.constexpr = False, KV_GROUP: tl.constexpr = 1, MEAN_V: tl.constexpr = False,
 ):
     # One program per selecting head of a packed layer (a KV head, or with PAGES a query head
     # of KV head h // KV_GROUP): its row's stored slots and chunk from the header, the
     # selection (`_select`) into this head's list, then attention over the list (`_attend`),
     # normalized and written: no partials, no combine, no mask tensor. `lanes`: the length of
-    # a head's logits row. PAGES: `topk` is the list's length, topk // chunk pages.
+    # a head's logits row. PAGES: `topk` is the list's length, topk // chunk pages. MEAN_V
+    # (SparQ): the output is a y + (1 - a) mean(V), a each head's probability mass on the
+    # list (through mass_ptr, B * Hq floats; else unused), mean(V) over the row's stored values
+    # (read here: the cache keeps no running mean).
     bh = tl.program_id(0)
     b = bh // Hkv
     n = tl.load(header_ptr + b * stride_hb + STORED)
@@ -384,7 +391,7 @@ def _packed_select_attend_kernel(
         attended = k
     selected = idx_ptr + bh * topk
     _select(logits_ptr, lanes, header_ptr, selected, bh, n, chunk, tl.cdiv(n, chunk), k, Hkv, 0,
-            G, G_ROWS, BLOCK_C, False, RADIX, PAGES, topk)
+            G, G_ROWS, BLOCK_C, False, RADIX, PAGES, topk, MEAN_V, mass_ptr)
     tl.debug_barrier()   # the list, written by the whole program, is read by all of it
     m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, header_ptr, bh, Hkv, n, 0, attended, scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
@@ -393,6 +400,16 @@ def _packed_select_attend_kernel(
     g = tl.arange(0, G_PAD)
     dv = tl.arange(0, BLOCK_DV)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    if MEAN_V:
+        total = tl.zeros((BLOCK_DV,), tl.float32)
+        v_rows = v_ptr + b * stride_vb + (bh % Hkv) * stride_vh
+        for base in range(0, n, BLOCK_N):
+            i = base + tl.arange(0, BLOCK_N)
+            v = tl.load(v_rows + i[:, None] * stride_vn + dv[None, :],
+                        mask=(i < n)[:, None] & (dv < DV)[None, :], other=0.0)
+            total += tl.sum(v.to(tl.float32), axis=0)
+        mass = tl.load(mass_ptr + bh * G + g, mask=g < G, other=0.0)
+        out = mass[:, None] * out + (1 - mass)[:, None] * (total / n)[None, :]
     tl.store(out_ptr + (bh * G + g)[:, None] * DV + dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None] & (dv < DV)[None, :])
 
@@ -648,7 +665,7 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
         return _split_attention(query, key, value, scale, k, selected, None, header=header)
     out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
     wrap_triton(_packed_select_attend_kernel)[(B * Hkv,)](
-        query, key, value, header, logits, selected, out,
+        query, key, value, header, logits, selected, out, logits,
         slots, k, Hkv, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), header.stride(0),
@@ -691,11 +708,50 @@ def packed_page_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float
     out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
     block_chunks = max(triton.next_power_of_2(lanes), 16)
     wrap_triton(_packed_select_attend_kernel)[(B * Hq,)](
-        query, key, value, header, logits, selected, out,
+        query, key, value, header, logits, selected, out, logits,
         lanes, listed, Hq, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), header.stride(0),
         G=1, G_PAD=_dot_rows(1), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
         G_ROWS=_group_rows(1), BLOCK_C=block_chunks, PAGES=True, KV_GROUP=G, **words,
+        **PACKED_ATTENTION, **_selection_launch(block_chunks))
+    return out
+
+
+def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
+                        ) -> Tensor:
+    """SparQ over a packed layer's stored slots, as `policies.sparq.SparQ.decode` computes it:
+    RocketKV's stage 2 at chunk 1 over the row's r dims (its header's plan: per token,
+    q[r] . K[:, r] over SparQ's temperature, the group's mean softmax, the top k), exact
+    attention over the k tokens, then mean-value reallocation, a y + (1 - a) mean(V). Two
+    launches: chunk logits, then one program per KV head that selects, attends and reallocates
+    (`_packed_select_attend_kernel` MEAN_V)."""
+    layer = S.unpack(keys, values, False, query.dtype)
+    key, value, header = layer.keys, layer.values, layer.header
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    B, Hkv, slots, D = key.shape
+    Hq, DV = query.shape[1], value.shape[-1]
+    G = Hq // Hkv
+    words = dict(STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK))
+    logits = torch.empty(B, Hkv, G, slots, device=key.device, dtype=torch.float32)
+    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(slots, CHUNK_LOGITS["BLOCK_C"]))](
+        query, key, header, header, logits,
+        slots, 1, slots, 1, Hkv,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        header.stride(0),
+        G=G, G_PAD=_group_rows(G), D=D, BLOCK_D=triton.next_power_of_2(D), HAS_VALID=False,
+        PER_ROW=False, FROM_HEADER=True, DIMS=int(S.Word.DIMS), **words, **CHUNK_LOGITS)
+    k = min(topk, slots)
+    selected = torch.empty(B * Hkv * k, device=key.device, dtype=torch.int32)
+    mass = torch.empty(B * Hq, device=key.device, dtype=torch.float32)
+    out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
+    block_chunks = max(triton.next_power_of_2(slots), 16)
+    wrap_triton(_packed_select_attend_kernel)[(B * Hkv,)](
+        query, key, value, header, logits, selected, out, mass,
+        slots, k, Hkv, scale,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), header.stride(0),
+        G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
+        G_ROWS=_group_rows(G), BLOCK_C=block_chunks, MEAN_V=True, **words,
         **PACKED_ATTENTION, **_selection_launch(block_chunks))
     return out

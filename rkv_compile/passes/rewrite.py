@@ -257,6 +257,7 @@ TRITON_DECODE = {
     "stage2": (torch.ops.rocketkv.decode_triton.default, lambda plan: (plan.topk,)),
     "pages": (torch.ops.rocketkv.page_decode_triton.default,
               lambda plan: (plan.topk // plan.chunk, plan.chunk)),
+    "sparq": (torch.ops.rocketkv.sparq_decode_triton.default, lambda plan: (plan.topk,)),
 }
 
 

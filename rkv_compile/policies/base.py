@@ -59,7 +59,8 @@ class Policy:
     state: ClassVar[str] = ""
     budgeted: ClassVar[bool] = True         # token_budget matters (not: every token is kept)
     # The Triton decode CUDA runs (rewrite.TRITON_DECODE): "stage2", RocketKV's (one list per
-    # GQA group), or "pages", Quest's (pages per query head); "": the PyTorch reference
+    # GQA group), "pages", Quest's (pages per query head), or "sparq" (stage 2 at chunk 1 and
+    # mean-value reallocation); "": the PyTorch reference
     triton: ClassVar[str] = ""
     decode_kind: ClassVar[str] = "exact attention over the kept tokens"
 

@@ -28,12 +28,14 @@ class SparQ(Policy):
 
     name = "sparq"
     sparse_decode = True
+    triton = "sparq"
     decode_kind = "exact top-k attention (SparQ scores) with mean-value reallocation"
 
     def plan(self, prompt_len, head_dim, layer=0, layers=1):
         length = prompt_len + self.max_new_tokens
         dims = min(max(round(self.token_budget * head_dim / length), 1), head_dim)
-        return self.keep_all(prompt_len, topk=self.token_budget // 2, dims=dims)
+        # chunk 1: each token its own bound, which is its key (the Triton kernels' reading)
+        return self.keep_all(prompt_len, topk=self.token_budget // 2, chunk=1, dims=dims)
 
     def read_bytes(self, stored, generated, plan, head_dim, itemsize, group):
         """r dims of every key and the top-k tokens' keys and values; mean(V) as the paper
