@@ -541,10 +541,8 @@ def packed_exact_decode(query: Tensor, keys: Tensor, values: Tensor, scale: floa
     """Exact attention over every stored slot of a packed layer's rows, each row's count read
     from its header: flash-decoding that reads exactly the stored tokens, as
     cache_ops.exact_attention computes it (B, Hq, 1, Dv)."""
-    layer = S.unpack(keys, values, False, query.dtype)
-    query = query if query.stride(-1) == 1 else query.contiguous()
-    return _split_attention(query, layer.keys, layer.values, scale, layer.keys.shape[2], None,
-                            None, header=layer.header)
+    query, key, value, header = _packed_inputs(query, keys, values)
+    return _split_attention(query, key, value, scale, key.shape[2], None, None, header=header)
 
 
 def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, count: int,
@@ -630,6 +628,58 @@ def _one_program_per_head(heads: int, k: int) -> bool:
     return k <= 128 or heads >= 32
 
 
+def _packed_chunk_logits(query: Tensor, key: Tensor, header: Tensor, lanes: int,
+                         head_bounds: bool = False) -> Tensor:
+    """Chunk logits over a packed layer's rows, each row's stored slots, chunk and dims read
+    from its header: (B, Hkv, G, lanes) float32, `lanes` at least the chunks of any row (one
+    per slot where the chunk is only known on the device). `head_bounds`: Quest's bound of
+    each query head instead of RocketKV's (HEAD_BOUNDS)."""
+    B, Hkv, slots, D = key.shape
+    G = query.shape[1] // Hkv
+    logits = torch.empty(B, Hkv, G, lanes, device=key.device, dtype=torch.float32)
+    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(lanes, CHUNK_LOGITS["BLOCK_C"]))](
+        query, key, header, header, logits,
+        slots, 1, lanes, 1, Hkv,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        header.stride(0),
+        G=G, G_PAD=_group_rows(G), D=D, BLOCK_D=triton.next_power_of_2(D), HAS_VALID=False,
+        PER_ROW=False, FROM_HEADER=True, STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK),
+        DIMS=int(S.Word.DIMS), HEAD_BOUNDS=head_bounds, **CHUNK_LOGITS)
+    return logits
+
+
+def _packed_select_attend(query: Tensor, key: Tensor, value: Tensor, header: Tensor,
+                          logits: Tensor, listed: int, selecting: int, scale: float,
+                          mass: Tensor | None = None, **mode) -> Tensor:
+    """One program per selecting head (`selecting` per row: KV heads, or Quest's query heads)
+    selects from its `logits` row into a list of `listed` slots and attends over it
+    (`_packed_select_attend_kernel`; `mode`: its PAGES / KV_GROUP / MEAN_V, `mass` the
+    scratch MEAN_V needs)."""
+    B, Hq, DV = key.shape[0], query.shape[1], value.shape[-1]
+    G = Hq // selecting   # query heads a selecting head attends for
+    lanes = logits.shape[-1]
+    selected = torch.empty(B * selecting * listed, device=key.device, dtype=torch.int32)
+    out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
+    block_chunks = max(triton.next_power_of_2(lanes), 16)
+    wrap_triton(_packed_select_attend_kernel)[(B * selecting,)](
+        query, key, value, header, logits, selected, out, mass if mass is not None else logits,
+        lanes, listed, selecting, scale,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), header.stride(0),
+        STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK), G=G, G_PAD=_dot_rows(G),
+        D=key.shape[-1], DV=DV, BLOCK_D=_dot_rows(key.shape[-1]), BLOCK_DV=_dot_rows(DV),
+        G_ROWS=_group_rows(G), BLOCK_C=block_chunks, **mode, **PACKED_ATTENTION,
+        **_selection_launch(block_chunks))
+    return out
+
+
+def _packed_inputs(query: Tensor, keys: Tensor, values: Tensor):
+    """(query with unit last stride, keys, values, header) of a packed layer."""
+    layer = S.unpack(keys, values, False, query.dtype)
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    return query, layer.keys, layer.values, layer.header
+
+
 def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
                          ) -> Tensor:
     """Stage 2 over a packed layer's stored slots, each row with the chunk and query dims of
@@ -638,41 +688,21 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
     attention (`_packed_select_attend_kernel`). A long list over few KV heads is selected by
     one program per KV head, then attended by split programs and combined (four launches;
     `_one_program_per_head`). Every kernel reads the header: no torch op between them."""
-    layer = S.unpack(keys, values, False, query.dtype)
-    key, value, header = layer.keys, layer.values, layer.header
-    query = query if query.stride(-1) == 1 else query.contiguous()
-    B, Hkv, slots, D = key.shape
-    Hq, DV = query.shape[1], value.shape[-1]
-    G = Hq // Hkv
-    G_ROWS = _group_rows(G)
-    words = dict(STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK))
-    logits = torch.empty(B, Hkv, G, slots, device=key.device, dtype=torch.float32)
-    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(slots, CHUNK_LOGITS["BLOCK_C"]))](
-        query, key, header, header, logits,
-        slots, 1, slots, 1, Hkv,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        header.stride(0),
-        G=G, G_PAD=G_ROWS, D=D, BLOCK_D=triton.next_power_of_2(D), HAS_VALID=False,
-        PER_ROW=False, FROM_HEADER=True, DIMS=int(S.Word.DIMS), **words, **CHUNK_LOGITS)
+    query, key, value, header = _packed_inputs(query, keys, values)
+    B, Hkv, slots, _ = key.shape
+    G = query.shape[1] // Hkv
+    logits = _packed_chunk_logits(query, key, header, slots)
     k = min(topk, slots)
+    if _one_program_per_head(B * Hkv, k):
+        return _packed_select_attend(query, key, value, header, logits, k, Hkv, scale)
     selected = torch.empty(B * Hkv * k, device=key.device, dtype=torch.int32)
     block_chunks = max(triton.next_power_of_2(slots), 16)
-    if not _one_program_per_head(B * Hkv, k):
-        wrap_triton(_select_kernel)[(B * Hkv,)](
-            logits, header, header, selected, slots, 1, slots, k, Hkv, header.stride(0),
-            G=G, G_ROWS=G_ROWS, BLOCK_C=block_chunks, HAS_VALID=False, PER_ROW=False,
-            FROM_HEADER=True, **words, **_selection_launch(block_chunks))
-        return _split_attention(query, key, value, scale, k, selected, None, header=header)
-    out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
-    wrap_triton(_packed_select_attend_kernel)[(B * Hkv,)](
-        query, key, value, header, logits, selected, out, logits,
-        slots, k, Hkv, scale,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), header.stride(0),
-        G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
-        G_ROWS=G_ROWS, BLOCK_C=block_chunks, **words, **PACKED_ATTENTION,
+    wrap_triton(_select_kernel)[(B * Hkv,)](
+        logits, header, header, selected, slots, 1, slots, k, Hkv, header.stride(0),
+        G=G, G_ROWS=_group_rows(G), BLOCK_C=block_chunks, HAS_VALID=False, PER_ROW=False,
+        FROM_HEADER=True, STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK),
         **_selection_launch(block_chunks))
-    return out
+    return _split_attention(query, key, value, scale, k, selected, None, header=header)
 
 
 def packed_page_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, pages: int,
@@ -680,42 +710,18 @@ def packed_page_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float
     """Quest over a packed layer's stored slots: for each query head, the `pages` pages (runs of
     the row's header chunk, `page_size` slots) of largest upper bound of q.k, then exact
     attention over their slots, as `policies.quest.Quest.decode` computes it. Two launches:
-    the bounds of every page per query head (chunk logits with G = 1, all dims), then one
-    program per query head selecting its pages and attending to them. The bounds are built
-    from the keys once per KV head, not read from stored page summaries. (A logit's softmax
+    each query head's bound of every page (chunk logits HEAD_BOUNDS, all dims; the bounds
+    built from the keys once per KV head, not read from stored page summaries), then one
+    program per query head selecting its pages and attending to them. (A logit's softmax
     ranks the pages as the bound does, up to float32 underflow: pages whose probability
     underflows to 0 tie, and are taken in slot order.)"""
-    layer = S.unpack(keys, values, False, query.dtype)
-    key, value, header = layer.keys, layer.values, layer.header
-    query = query if query.stride(-1) == 1 else query.contiguous()
-    B, Hkv, slots, D = key.shape
-    Hq, DV = query.shape[1], value.shape[-1]
-    words = dict(STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK))
-    G = Hq // Hkv
-    # pages: each row's chunk (its header's) is page_size, so the lanes are counted by it
-    lanes = triton.cdiv(slots, page_size)
-    logits = torch.empty(B, Hkv, G, lanes, device=key.device, dtype=torch.float32)
-    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(lanes, CHUNK_LOGITS["BLOCK_C"]))](
-        query, key, header, header, logits,
-        slots, 1, lanes, 1, Hkv,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        header.stride(0),
-        G=G, G_PAD=_group_rows(G), D=D, BLOCK_D=triton.next_power_of_2(D), HAS_VALID=False,
-        PER_ROW=False, FROM_HEADER=True, DIMS=int(S.Word.DIMS), HEAD_BOUNDS=True, **words,
-        **CHUNK_LOGITS)
-    listed = pages * page_size
-    selected = torch.empty(B * Hq * listed, device=key.device, dtype=torch.int32)
-    out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
-    block_chunks = max(triton.next_power_of_2(lanes), 16)
-    wrap_triton(_packed_select_attend_kernel)[(B * Hq,)](
-        query, key, value, header, logits, selected, out, logits,
-        lanes, listed, Hq, scale,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), header.stride(0),
-        G=1, G_PAD=_dot_rows(1), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
-        G_ROWS=_group_rows(1), BLOCK_C=block_chunks, PAGES=True, KV_GROUP=G, **words,
-        **PACKED_ATTENTION, **_selection_launch(block_chunks))
-    return out
+    query, key, value, header = _packed_inputs(query, keys, values)
+    Hkv, slots, Hq = key.shape[1], key.shape[2], query.shape[1]
+    # each row's chunk (its header's) is page_size: the lanes are counted by it
+    logits = _packed_chunk_logits(query, key, header, triton.cdiv(slots, page_size),
+                                  head_bounds=True)
+    return _packed_select_attend(query, key, value, header, logits, pages * page_size, Hq,
+                                 scale, PAGES=True, KV_GROUP=Hq // Hkv)
 
 
 def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
@@ -726,32 +732,9 @@ def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: floa
     attention over the k tokens, then mean-value reallocation, a y + (1 - a) mean(V). Two
     launches: chunk logits, then one program per KV head that selects, attends and reallocates
     (`_packed_select_attend_kernel` MEAN_V)."""
-    layer = S.unpack(keys, values, False, query.dtype)
-    key, value, header = layer.keys, layer.values, layer.header
-    query = query if query.stride(-1) == 1 else query.contiguous()
-    B, Hkv, slots, D = key.shape
-    Hq, DV = query.shape[1], value.shape[-1]
-    G = Hq // Hkv
-    words = dict(STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK))
-    logits = torch.empty(B, Hkv, G, slots, device=key.device, dtype=torch.float32)
-    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(slots, CHUNK_LOGITS["BLOCK_C"]))](
-        query, key, header, header, logits,
-        slots, 1, slots, 1, Hkv,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        header.stride(0),
-        G=G, G_PAD=_group_rows(G), D=D, BLOCK_D=triton.next_power_of_2(D), HAS_VALID=False,
-        PER_ROW=False, FROM_HEADER=True, DIMS=int(S.Word.DIMS), **words, **CHUNK_LOGITS)
-    k = min(topk, slots)
-    selected = torch.empty(B * Hkv * k, device=key.device, dtype=torch.int32)
-    mass = torch.empty(B * Hq, device=key.device, dtype=torch.float32)
-    out = torch.empty(B, Hq, 1, DV, device=key.device, dtype=query.dtype)
-    block_chunks = max(triton.next_power_of_2(slots), 16)
-    wrap_triton(_packed_select_attend_kernel)[(B * Hkv,)](
-        query, key, value, header, logits, selected, out, mass,
-        slots, k, Hkv, scale,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), header.stride(0),
-        G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
-        G_ROWS=_group_rows(G), BLOCK_C=block_chunks, MEAN_V=True, **words,
-        **PACKED_ATTENTION, **_selection_launch(block_chunks))
-    return out
+    query, key, value, header = _packed_inputs(query, keys, values)
+    Hkv, slots = key.shape[1], key.shape[2]
+    logits = _packed_chunk_logits(query, key, header, slots)
+    mass = torch.empty(key.shape[0] * query.shape[1], device=key.device, dtype=torch.float32)
+    return _packed_select_attend(query, key, value, header, logits, min(topk, slots), Hkv,
+                                 scale, mass, MEAN_V=True)
