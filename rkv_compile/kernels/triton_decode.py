@@ -6,12 +6,14 @@ Read block by block:
    bound over the chosen dims only (max of K where the sign is +, min where -), built from the
    chunk's K rows as they are read, and its dot product with each query head: one approximate
    logit per (query head, chunk). No token-level score is written. Over a packed layer it reads
-   each row's stored count and plan from the header itself.
+   each row's stored count and plan from the header itself. HEAD_BOUNDS (Quest): each query
+   head's own bound, sum_d max(q_d min_d, q_d max_d), from the same K rows.
 2. `_select` (in `_select_kernel`), one program per KV head holding all its chunks in
    registers: per-chunk softmax and group mean (the reference's scores), the k-th largest token
    score by a radix search over its bits (`_kth_largest_bits`, a few bits a pass), then the
    selected slots in slot order (ties to the earlier slot, as a stable sort). No sort, no
-   top-k op.
+   top-k op. PAGES (Quest): the top k chunks, whole; MASS (SparQ): each head's probability on
+   the taken tokens.
 3. `_attend` (in `_sparse_attention_kernel`): flash-decoding over selected slots only. Each
    program takes one KV head and one split of its slot list, loads the K/V rows in place by
    index (nothing is gathered into a new tensor), and runs an online softmax for the whole GQA
@@ -20,14 +22,16 @@ Read block by block:
    their rounding).
 4. `_combine_kernel`: merges the splits' partial outputs with their running max and sum.
    With DENSE, 3 and 4 attend to every stored slot of a packed layer's rows, in order
-   (`packed_exact_decode`: flash-decoding that reads exactly the stored tokens; the benchmarks'
-   dense row, not yet what exact-decoding policies run).
+   (`packed_exact_decode`: flash-decoding that reads exactly the stored tokens; what the
+   exact-decoding policies run on CUDA, and the benchmarks' dense row).
 5. `_packed_select_attend_kernel`: 2 and 3 in one program per KV head of a packed layer, over
    its whole list, normalized in place of 4. With 1, a packed layer's stage 2 is two launches
-   (`packed_sparse_decode`; a long list over few heads takes the split of 2-4 instead).
+   (`packed_sparse_decode`; a long list over few heads takes the split of 2-4 instead). The
+   same program per query head with PAGES and KV_GROUP is Quest (`packed_page_decode`), and
+   with MEAN_V it ends in SparQ's mean-value reallocation (`packed_sparq_decode`).
 6. `_append_packed_kernel`: a decode token into a packed layer's next slot, in place, with its
    header's counts (one launch for every row and head).
-Kernels are launched through `wrap_triton`, so that inside the `rocketkv::decode_triton` op
+Kernels are launched through `wrap_triton`, so that inside the `rocketkv::*_triton` ops
 (ops.py; over a packed layer, each row's plan read from its header) and
 `rocketkv::sparse_decode_triton` (over plain keys, for the tests and benchmarks) Inductor sees
 and schedules them with the rest of the graph.
