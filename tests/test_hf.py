@@ -20,7 +20,7 @@ def parted(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = hf.BundledModel("Fake", "fake.gguf", ("fake_part1", "fake_part2"), "1.0",
                             hashlib.sha256(b"".join(blocks)).hexdigest(), "RKV_FAKE_DIR",
-                            "none", 128)
+                            "none", 128, ("passkey",), (100,))
     monkeypatch.setitem(hf.MODELS, "fake", model)
     return model, b"".join(blocks)
 
