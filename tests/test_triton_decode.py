@@ -63,6 +63,18 @@ def _dims_are_clear(q: torch.Tensor, kv_heads: int, dims: int) -> bool:
     return dims == means.shape[-1] or bool((means[..., dims - 1] != means[..., dims]).all())
 
 
+def _packed(k, v, words: dict):
+    """(keys, values, layer): a packed layer holding k and v, each header word of `words` set
+    (a value for every row, or one per row)."""
+    B, Hkv, n, D = k.shape
+    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", k.dtype, DEVICE)
+    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
+    for word, value in words.items():
+        layer.set_word(word, value if isinstance(value, int) else
+                       torch.tensor(value, device=DEVICE))
+    return keys, values, layer
+
+
 def _check_op(q, k, v, mask, chunk, dims, topk):
     """The triton_op against the float64 reference, where no near-tie decides the selection."""
     assume(_dims_are_clear(q, k.shape[1], dims))
@@ -200,10 +212,8 @@ def test_packed_layer_decode(case, rows, fused):
     chunks, dims, live = ([row[i] for row in rows] for i in range(3))
     dims, live = [min(r, D) for r in dims], [min(m, n) for m in live]
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", dtype, DEVICE)
-    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
-    for word, values_ in ((S.Word.STORED, live), (S.Word.CHUNK, chunks), (S.Word.DIMS, dims)):
-        layer.set_word(word, torch.tensor(values_, device=DEVICE))
+    keys, values, layer = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: chunks,
+                                         S.Word.DIMS: dims})
     scale = D**-0.5
     for b in range(B):
         row = [t[b:b + 1, :, :live[b]] if t is k else t[b:b + 1] for t in (q, k)]
@@ -231,11 +241,8 @@ def test_packed_page_decode(case, live, page_size, pages):
     B = len(live)
     live = [min(m, n) for m in live]
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", dtype, DEVICE)
-    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
-    for word, values_ in ((S.Word.STORED, live), (S.Word.CHUNK, [page_size] * B),
-                          (S.Word.DIMS, [D] * B)):
-        layer.set_word(word, torch.tensor(values_, device=DEVICE))
+    keys, values, layer = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: page_size,
+                                         S.Word.DIMS: D})
     quest, scale = Quest(token_budget=pages * page_size), D**-0.5
     for b in range(B):
         kmin, kmax = R.chunk_bounds(k[b:b + 1, :, :live[b]].repeat_interleave(G, 1).double(),
@@ -265,10 +272,7 @@ def test_packed_sparq_decode(case, rows):
     B = len(rows)
     dims, live = [min(r, D) for r, _ in rows], [min(m, n) for _, m in rows]
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", dtype, DEVICE)
-    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
-    for word, values_ in ((S.Word.STORED, live), (S.Word.CHUNK, [1] * B), (S.Word.DIMS, dims)):
-        layer.set_word(word, torch.tensor(values_, device=DEVICE))
+    keys, values, layer = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: 1, S.Word.DIMS: dims})
     for b in range(B):
         row = [t[b:b + 1, :, :live[b]] if t is k else t[b:b + 1] for t in (q, k)]
         assume(_dims_are_clear(row[0], Hkv, dims[b]))
@@ -295,9 +299,7 @@ def test_packed_exact_decode(case, live):
     B = len(live)
     live = [min(m, n) for m in live]
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", dtype, DEVICE)
-    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
-    layer.set_word(S.Word.STORED, torch.tensor(live, device=DEVICE))
+    keys, values, layer = _packed(k, v, {S.Word.STORED: live})
     scale = D**-0.5
     got = torch.ops.rocketkv.exact_decode_triton(q, keys, values, scale)
     want = exact_attention(q.double(), S.LayerState(layer.keys.double(), layer.values.double(),
@@ -322,11 +324,8 @@ def test_oracle_topk_is_stage_two_at_chunk_one_over_every_dim(case, live):
     plan = policy.plan(live, D)
     scale = D**-0.5
     assert policy.triton_at(scale, D) and not policy.triton_at(2 * scale, D)
-    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", dtype, DEVICE)
-    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
-    for word, value in ((S.Word.STORED, live), (S.Word.CHUNK, plan.chunk),
-                        (S.Word.DIMS, plan.dims)):
-        layer.set_word(word, value)
+    keys, values, layer = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: plan.chunk,
+                                         S.Word.DIMS: plan.dims})
     q64, k64, v64 = (t.double() for t in (q, k[:, :, :live], v[:, :, :live]))
     exact = torch.softmax(torch.einsum("bhgd,bhnd->bhgn", R.group_queries(q64, Hkv)[:, :, :, -1]
                                        .double(),
