@@ -8,7 +8,7 @@ bfloat16 included:
 from __future__ import annotations
 
 import torch
-from devices import CUDA, DEVICE, DTYPES, relative_error
+from devices import CUDA, DEVICE, DTYPES, GPU_EXAMPLES, relative_error
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_reference import _clear_boundary, _ranked
@@ -19,7 +19,7 @@ from rkv_compile.kernels import triton_compress as T
 # Against float64 on the same rounded inputs. Half-precision products are exact in float32, but
 # tensor cores (fp16/bf16 on the GPU) accumulate them a little less exactly than float32 FMAs.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
-SETTINGS = settings(deadline=None, max_examples=50 if CUDA else 10)
+SETTINGS = settings(deadline=None, max_examples=GPU_EXAMPLES if CUDA else 10)
 
 
 @st.composite

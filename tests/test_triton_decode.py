@@ -6,22 +6,26 @@ and float16 at small shapes; on a CUDA machine the same tests run on the GPU, bf
 """
 from __future__ import annotations
 
+import inspect
 from unittest import mock
 
+import pytest
 import torch
-from devices import CUDA, DEVICE, DTYPES, relative_error
+import triton
+from devices import CUDA, DEVICE, DTYPES, GPU_EXAMPLES, relative_error
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from test_reference import NEAR_TIE
 
 import rkv_compile.kernels  # noqa: F401  (registers torch.ops.rocketkv)
 from rkv_compile.kernels import reference as R
+from rkv_compile.kernels import triton_compress as TC
 from rkv_compile.kernels import triton_decode as T
 from rkv_compile import state as S
 
 # bf16/fp16 outputs are rounded once at the end; the kernels accumulate in float32
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-SETTINGS = settings(deadline=None, max_examples=60 if CUDA else 12)
+SETTINGS = settings(deadline=None, max_examples=GPU_EXAMPLES if CUDA else 12)
 
 
 @st.composite
@@ -123,6 +127,21 @@ def test_selection_matches_reference(case, masked):
     want = R.select_tokens(scores, topk).sort(-1).values
     got = T.select_slots(logits, n, chunk, topk, T.slot_validity(mask, B, n)).long()
     assert torch.equal(got, want)  # the same slots, in slot order
+
+
+@pytest.mark.parametrize("module", [T, TC], ids=["decode", "compress"])
+def test_launched_kernels_declare_no_constexpr_defaults(module):
+    """A kernel Inductor lowers from a `triton_op` gets only the constexprs its launch passes:
+    a default arrives as None (the fused select-attend kernel failed to compile so on the GPU
+    while the interpreter, which applies defaults, passed). So the launched kernels have none
+    and every launch names them all."""
+    kernels = {name: fn for name, fn in vars(module).items()
+               if isinstance(fn, triton.runtime.jit.KernelInterface) and name.endswith("_kernel")}
+    assert kernels
+    defaults = {name: [p.name for p in inspect.signature(fn.fn).parameters.values()
+                       if p.default is not inspect.Parameter.empty]
+                for name, fn in kernels.items()}
+    assert defaults == {name: [] for name in kernels}
 
 
 def test_selection_ties_go_to_earlier_slots():

@@ -34,7 +34,8 @@ Read block by block:
 Kernels are launched through `wrap_triton`, so that inside the `rocketkv::*_triton` ops
 (ops.py; over a packed layer, each row's plan read from its header) and
 `rocketkv::sparse_decode_triton` (over plain keys, for the tests and benchmarks) Inductor sees
-and schedules them with the rest of the graph.
+and schedules them with the rest of the graph. Every launch passes every constexpr: a kernel
+Inductor lowers gets only those passed (a default arrives as None).
 """
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ def _chunk_logits_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
-    FROM_HEADER: tl.constexpr = False, STORED: tl.constexpr = 0, CHUNK: tl.constexpr = 0,
-    DIMS: tl.constexpr = 0, HEAD_BOUNDS: tl.constexpr = False,
+    FROM_HEADER: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr, DIMS: tl.constexpr,
+    HEAD_BOUNDS: tl.constexpr,
 ):
     # One program per (KV head, BLOCK_C chunks): the chunks' key bounds, built once for the G
     # query heads, and each head's logit. HEAD_BOUNDS (Quest): each head's own upper bound of
@@ -150,7 +151,7 @@ def _select_kernel(
     logits_ptr, valid_ptr, plan_ptr, out_ptr, n, chunk, chunks, k, Hkv, stride_vb,
     G: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
     PER_ROW: tl.constexpr, RADIX: tl.constexpr,
-    FROM_HEADER: tl.constexpr = False, STORED: tl.constexpr = 0, CHUNK: tl.constexpr = 0,
+    FROM_HEADER: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // Hkv
@@ -259,8 +260,8 @@ def _sparse_attention_kernel(
     stride_validb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_VALID: tl.constexpr, DENSE: tl.constexpr = False, HEADER_COUNT: tl.constexpr = False,
-    STORED: tl.constexpr = 0,
+    HAS_VALID: tl.constexpr, DENSE: tl.constexpr, HEADER_COUNT: tl.constexpr,
+    STORED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -374,7 +375,7 @@ def _packed_select_attend_kernel(
     STORED: tl.constexpr, CHUNK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, RADIX: tl.constexpr,
-    PAGES: tl.constexpr = False, KV_GROUP: tl.constexpr = 1, MEAN_V: tl.constexpr = False,
+    PAGES: tl.constexpr, KV_GROUP: tl.constexpr, MEAN_V: tl.constexpr,
 ):
     # One program per selecting head of a packed layer (a KV head, or with PAGES a query head
     # of KV head h // KV_GROUP): its row's stored slots and chunk from the header, the
@@ -514,7 +515,8 @@ def chunk_logits(query: Tensor, key: Tensor, chunk: int, dims: int, valid: Tenso
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         valid.stride(0) if valid is not None else 0,
         G=G, G_PAD=_group_rows(G), D=D, BLOCK_D=BLOCK_D,
-        HAS_VALID=valid is not None, PER_ROW=per_row is not None, **CHUNK_LOGITS)
+        HAS_VALID=valid is not None, PER_ROW=per_row is not None, FROM_HEADER=False, STORED=0,
+        CHUNK=0, DIMS=0, HEAD_BOUNDS=False, **CHUNK_LOGITS)
     return logits
 
 
@@ -531,7 +533,8 @@ def select_slots(logits: Tensor, n: int, chunk: int, topk: int, valid: Tensor | 
         per_row if per_row is not None else logits, slots, n, chunk, chunks, k, Hkv,
         valid.stride(0) if valid is not None else 0,
         G=G, G_ROWS=_group_rows(G), BLOCK_C=BLOCK_C,
-        HAS_VALID=valid is not None, PER_ROW=per_row is not None, **_selection_launch(BLOCK_C))
+        HAS_VALID=valid is not None, PER_ROW=per_row is not None, FROM_HEADER=False, STORED=0,
+        CHUNK=0, **_selection_launch(BLOCK_C))
     return slots
 
 
@@ -654,11 +657,12 @@ def _packed_chunk_logits(query: Tensor, key: Tensor, header: Tensor, lanes: int,
 
 def _packed_select_attend(query: Tensor, key: Tensor, value: Tensor, header: Tensor,
                           logits: Tensor, listed: int, selecting: int, scale: float,
-                          mass: Tensor | None = None, **mode) -> Tensor:
+                          mass: Tensor | None = None, pages: bool = False, kv_group: int = 1,
+                          mean_v: bool = False) -> Tensor:
     """One program per selecting head (`selecting` per row: KV heads, or Quest's query heads)
     selects from its `logits` row into a list of `listed` slots and attends over it
-    (`_packed_select_attend_kernel`; `mode`: its PAGES / KV_GROUP / MEAN_V, `mass` the
-    scratch MEAN_V needs)."""
+    (`_packed_select_attend_kernel`; `pages`, `kv_group`, `mean_v`: its PAGES / KV_GROUP /
+    MEAN_V, `mass` the scratch MEAN_V needs)."""
     B, Hq, DV = key.shape[0], query.shape[1], value.shape[-1]
     G = Hq // selecting   # query heads a selecting head attends for
     lanes = logits.shape[-1]
@@ -672,7 +676,8 @@ def _packed_select_attend(query: Tensor, key: Tensor, value: Tensor, header: Ten
         value.stride(0), value.stride(1), value.stride(2), header.stride(0),
         STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK), G=G, G_PAD=_dot_rows(G),
         D=key.shape[-1], DV=DV, BLOCK_D=_dot_rows(key.shape[-1]), BLOCK_DV=_dot_rows(DV),
-        G_ROWS=_group_rows(G), BLOCK_C=block_chunks, **mode, **PACKED_ATTENTION,
+        G_ROWS=_group_rows(G), BLOCK_C=block_chunks, PAGES=pages, KV_GROUP=kv_group,
+        MEAN_V=mean_v, **PACKED_ATTENTION,
         **_selection_launch(block_chunks))
     return out
 
@@ -725,7 +730,7 @@ def packed_page_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float
     logits = _packed_chunk_logits(query, key, header, triton.cdiv(slots, page_size),
                                   head_bounds=True)
     return _packed_select_attend(query, key, value, header, logits, pages * page_size, Hq,
-                                 scale, PAGES=True, KV_GROUP=Hq // Hkv)
+                                 scale, pages=True, kv_group=Hq // Hkv)
 
 
 def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
@@ -741,4 +746,4 @@ def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: floa
     logits = _packed_chunk_logits(query, key, header, slots)
     mass = torch.empty(key.shape[0] * query.shape[1], device=key.device, dtype=torch.float32)
     return _packed_select_attend(query, key, value, header, logits, min(topk, slots), Hkv,
-                                 scale, mass, MEAN_V=True)
+                                 scale, mass, mean_v=True)
