@@ -221,11 +221,12 @@ def test_rows_with_their_own_plans(case, rows):
 @SETTINGS
 @given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 128),
                                                     st.integers(1, 160)), min_size=1, max_size=3),
-       fused=st.booleans())
-def test_packed_layer_decode(case, rows, fused):
+       fused=st.booleans(), small=st.sampled_from([16, 256]))
+def test_packed_layer_decode(case, rows, fused, small):
     """RocketKV's decode op on CUDA over a packed layer (`rocketkv.decode_triton`): each row's
     chunk and r from its header, over its stored slots, as that row alone; through the fused
-    kernel (one program per KV head) and through the split path alike."""
+    kernel (one program per KV head) and through the split path alike, and with rows of more
+    chunks than the small selection's lanes (`small`) beside rows of fewer."""
     _, Hkv, G, D, n, _, _, topk, dtype, seed = case
     B = len(rows)
     chunks, dims, live = ([row[i] for row in rows] for i in range(3))
@@ -238,7 +239,8 @@ def test_packed_layer_decode(case, rows, fused):
         row = [t[b:b + 1, :, :live[b]] if t is k else t[b:b + 1] for t in (q, k)]
         assume(_dims_are_clear(row[0], Hkv, dims[b]))
         assume(_boundary_is_clear(R.approximate_scores(*row, None, chunks[b], dims[b]), topk))
-    with mock.patch.object(T, "_one_program_per_head", lambda heads, k: fused):
+    with mock.patch.object(T, "_one_program_per_head", lambda heads, k: fused), \
+            mock.patch.object(T, "SELECTION_SMALL", small):
         got = torch.ops.rocketkv.decode_triton(q, keys, values, scale, topk)
     for b in range(B):
         want = R.sparse_decode(q[b:b + 1].double(), k[b:b + 1, :, :live[b]].double(),
@@ -280,8 +282,9 @@ def test_packed_page_decode(case, live, page_size, pages):
 
 @SETTINGS
 @given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 128), st.integers(1, 160)),
-                                          min_size=1, max_size=3))
-def test_packed_sparq_decode(case, rows):
+                                          min_size=1, max_size=3),
+       small=st.sampled_from([16, 256]))
+def test_packed_sparq_decode(case, rows, small):
     """SparQ's decode op over a packed layer (`rocketkv.sparq_decode_triton`): each row's r
     from its header, over its stored slots, as `SparQ.decode` alone over that row (float64),
     mean-value reallocation included, where no near-tie decides the dims or the selection."""
@@ -297,7 +300,8 @@ def test_packed_sparq_decode(case, rows):
         assume(_dims_are_clear(row[0], Hkv, dims[b]))
         assume(_boundary_is_clear(R.approximate_scores(*row, None, 1, dims[b]), topk))
     scale = D**-0.5
-    got = torch.ops.rocketkv.sparq_decode_triton(q, keys, values, scale, topk)
+    with mock.patch.object(T, "SELECTION_SMALL", small):
+        got = torch.ops.rocketkv.sparq_decode_triton(q, keys, values, scale, topk)
     assert got.shape == q.shape and got.dtype == dtype
     for b in range(B):
         want = SparQ(token_budget=2 * topk).decode(

@@ -58,7 +58,7 @@ def _chunk_logits_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
     FROM_HEADER: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr, DIMS: tl.constexpr,
-    HEAD_BOUNDS: tl.constexpr,
+    HEAD_BOUNDS: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # One program per (KV head, BLOCK_C chunks): the chunks' key bounds, built once for the G
     # query heads, and each head's logit. HEAD_BOUNDS (Quest): each head's own upper bound of
@@ -99,23 +99,26 @@ def _chunk_logits_kernel(
 
     # Bounds of BLOCK_C chunks over the chosen dims only, built from the chunk's K rows. Live
     # slots per chunk: a partial last chunk and masked slots count less; a chunk without any
-    # (past a row's last chunk too) gets no logit.
+    # (past a row's last chunk too) gets no logit. UNROLL rows of each chunk are loaded per
+    # step, so that their loads are in flight together (the chunk is only known at run time).
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < chunks
     live = tl.zeros((BLOCK_C,), tl.int32)
     kmin = tl.full((BLOCK_C, BLOCK_D), float("inf"), tl.float32)
     kmax = tl.full((BLOCK_C, BLOCK_D), float("-inf"), tl.float32)
     k_base = k_ptr + b * stride_kb + h * stride_kh
-    for j in range(chunk):
-        slot = c * chunk + j
-        ok = c_ok & (slot < n)
-        if HAS_VALID:
-            ok &= tl.load(valid_ptr + b * stride_vb + slot, mask=ok, other=0) != 0
-        live += ok.to(tl.int32)
-        rows_ok = ok[:, None] & chosen[None, :]
-        rows = tl.load(k_base + slot[:, None] * stride_kn + d[None, :], mask=rows_ok).to(tl.float32)
-        kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
-        kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
+    for j0 in range(0, chunk, UNROLL):
+        for u in tl.static_range(UNROLL):
+            slot = c * chunk + j0 + u
+            ok = c_ok & (slot < n) & (j0 + u < chunk)
+            if HAS_VALID:
+                ok &= tl.load(valid_ptr + b * stride_vb + slot, mask=ok, other=0) != 0
+            live += ok.to(tl.int32)
+            rows_ok = ok[:, None] & chosen[None, :]
+            rows = tl.load(k_base + slot[:, None] * stride_kn + d[None, :],
+                           mask=rows_ok).to(tl.float32)
+            kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
+            kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
     bound = tl.where(chosen[None, :] & (live > 0)[:, None],
                      tl.where(positive[None, :], kmax, kmin), 0.0)
     counted = chosen[None, :] & (live > 0)[:, None]
@@ -150,7 +153,7 @@ def _kth_largest_bits(bits, weight, k, RADIX: tl.constexpr):
 def _select_kernel(
     logits_ptr, valid_ptr, plan_ptr, out_ptr, n, chunk, chunks, k, Hkv, stride_vb,
     G: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
-    PER_ROW: tl.constexpr, RADIX: tl.constexpr,
+    PER_ROW: tl.constexpr, RADIX: tl.constexpr, SMALL_C: tl.constexpr, SMALL_RADIX: tl.constexpr,
     FROM_HEADER: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -163,8 +166,31 @@ def _select_kernel(
         n = tl.load(plan_ptr + b * stride_vb + STORED)
         chunk = tl.load(plan_ptr + b * stride_vb + CHUNK)
         row_chunks, count = tl.cdiv(n, chunk), tl.minimum(k, n)
-    _select(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, row_chunks, count,
-            Hkv, stride_vb, G, G_ROWS, BLOCK_C, HAS_VALID, RADIX, False, k, False, logits_ptr)
+    _select_sized(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, row_chunks,
+                  count, Hkv, stride_vb, G, G_ROWS, BLOCK_C, HAS_VALID, RADIX, False, k, False,
+                  logits_ptr, SMALL_C, SMALL_RADIX)
+
+
+@triton.jit
+def _select_sized(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, Hkv,
+                  stride_vb, G: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                  HAS_VALID: tl.constexpr, RADIX: tl.constexpr, PAGES: tl.constexpr, list_len,
+                  MASS: tl.constexpr, mass_ptr, SMALL_C: tl.constexpr, SMALL_RADIX: tl.constexpr):
+    """`_select` over SMALL_C lanes where the row has no more chunks, else over BLOCK_C. A
+    packed layer's chunk is read on the device, so its lanes are sized for a chunk of one
+    slot: a row of 1296 slots in chunks of 8 would be searched over 2048 lanes for 162."""
+    if SMALL_C < BLOCK_C:
+        if chunks <= SMALL_C:
+            _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, Hkv,
+                    stride_vb, G, G_ROWS, SMALL_C, HAS_VALID, SMALL_RADIX, PAGES, list_len, MASS,
+                    mass_ptr)
+        else:
+            _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, Hkv,
+                    stride_vb, G, G_ROWS, BLOCK_C, HAS_VALID, RADIX, PAGES, list_len, MASS,
+                    mass_ptr)
+    else:
+        _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, Hkv,
+                stride_vb, G, G_ROWS, BLOCK_C, HAS_VALID, RADIX, PAGES, list_len, MASS, mass_ptr)
 
 
 @triton.jit
@@ -375,6 +401,7 @@ def _packed_select_attend_kernel(
     STORED: tl.constexpr, CHUNK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, RADIX: tl.constexpr,
+    SMALL_C: tl.constexpr, SMALL_RADIX: tl.constexpr,
     PAGES: tl.constexpr, KV_GROUP: tl.constexpr, MEAN_V: tl.constexpr,
 ):
     # One program per selecting head of a packed layer (a KV head, or with PAGES a query head
@@ -395,8 +422,9 @@ def _packed_select_attend_kernel(
         k = tl.minimum(topk, n)
         attended = k
     selected = idx_ptr + bh * topk
-    _select(logits_ptr, lanes, header_ptr, selected, bh, n, chunk, tl.cdiv(n, chunk), k, Hkv, 0,
-            G, G_ROWS, BLOCK_C, False, RADIX, PAGES, topk, MEAN_V, mass_ptr)
+    _select_sized(logits_ptr, lanes, header_ptr, selected, bh, n, chunk, tl.cdiv(n, chunk), k,
+                  Hkv, 0, G, G_ROWS, BLOCK_C, False, RADIX, PAGES, topk, MEAN_V, mass_ptr,
+                  SMALL_C, SMALL_RADIX)
     tl.debug_barrier()   # the list, written by the whole program, is read by all of it
     m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, header_ptr, bh, Hkv, n, 0, attended, scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
@@ -427,23 +455,23 @@ def _append_packed_kernel(
     STORED: tl.constexpr, POSITION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # One program per row, all its KV heads: only it reads and then bumps the row's header.
-    b = tl.program_id(0)
-    slot = tl.load(header_ptr + b * stride_hb + STORED)
+    # One program per row and KV head: it reads and then bumps that head's copy of the row's
+    # header (every head holds one), so no two programs touch the same words.
+    bh = tl.program_id(0)
+    b, h = bh // Hkv, bh % Hkv
+    header = header_ptr + b * stride_hb + h * stride_hh
+    slot = tl.load(header + STORED)
     room = slot < slots
     tl.device_assert(room, "rocketkv: the cache is full")
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    for h in range(Hkv):
-        k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d, mask=(d < D) & room)
-        v = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + dv, mask=(dv < DV) & room)
-        tl.store(k_ptr + b * stride_kb + h * stride_kh + slot * stride_kn + d, k,
-                 mask=(d < D) & room)
-        tl.store(v_ptr + b * stride_vb + h * stride_vh + slot * stride_vn + dv, v,
-                 mask=(dv < DV) & room)
-        header = header_ptr + b * stride_hb + h * stride_hh   # every head's copy
-        tl.store(header + STORED, slot + 1, mask=room)
-        tl.store(header + POSITION, tl.load(header + POSITION) + 1, mask=room)
+    k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d, mask=(d < D) & room)
+    v = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + dv, mask=(dv < DV) & room)
+    tl.store(k_ptr + b * stride_kb + h * stride_kh + slot * stride_kn + d, k, mask=(d < D) & room)
+    tl.store(v_ptr + b * stride_vb + h * stride_vh + slot * stride_vn + dv, v,
+             mask=(dv < DV) & room)
+    tl.store(header + STORED, slot + 1, mask=room)
+    tl.store(header + POSITION, tl.load(header + POSITION) + 1, mask=room)
 
 
 # Launch parameters, as data: block sizes and warps of the kernels above (a selection's warps
@@ -451,10 +479,11 @@ def _append_packed_kernel(
 # Chunk logits: 32 chunks a program was the fastest step at 1x128K over both caches and both
 # budgets on the H100 (tune_stage2.py, 2026-12-06: 33.1 against 34.1 us packed at B=256, 108
 # against 131 at B=1024), warps changed little.
-CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4)   # chunks per program
+CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4, UNROLL=4)   # chunks per program, rows in flight
 ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split path's programs
 PACKED_ATTENTION = dict(BLOCK_N=32)            # one program per KV head (warps: the selection's)
 SELECTION_WARPS = None                         # None: by the number of chunks held
+SELECTION_SMALL = 256   # lanes of a selection whose row has that few chunks (`_select_sized`)
 
 
 def _group_rows(G: int) -> int:
@@ -471,10 +500,16 @@ def _dot_rows(n: int) -> int:
 def _selection_launch(block_chunks: int) -> dict:
     """Warps for a program holding `block_chunks` chunk scores, and the radix of its k-th
     largest search: the most bits a pass (2**RADIX candidates against every chunk) can count
-    while each thread holds at most 64 of those comparisons."""
+    while each thread holds at most 64 of those comparisons; the same for the small selection
+    a row with at most SELECTION_SMALL chunks takes (`_select_sized`)."""
     warps = SELECTION_WARPS or (4 if block_chunks <= 1024 else 8 if block_chunks <= 4096 else 16)
-    radix = next(r for r in (4, 2, 1) if (block_chunks << r) <= 64 * 32 * warps or r == 1)
-    return dict(num_warps=warps, RADIX=radix)
+
+    def radix(lanes: int) -> int:
+        return next(r for r in (4, 2, 1) if (lanes << r) <= 64 * 32 * warps or r == 1)
+
+    small = min(block_chunks, triton.next_power_of_2(max(SELECTION_SMALL, 16)))
+    return dict(num_warps=warps, RADIX=radix(block_chunks), SMALL_C=small,
+                SMALL_RADIX=radix(small))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -615,7 +650,7 @@ def append_packed(keys: Tensor, values: Tensor, new_key: Tensor, new_value: Tens
     k, v, header = layer.keys, layer.values, layer.header
     B, Hkv, slots, D = k.shape
     DV = v.shape[-1]
-    wrap_triton(_append_packed_kernel)[(B,)](
+    wrap_triton(_append_packed_kernel)[(B * Hkv,)](
         k, v, header, new_key, new_value, slots, Hkv,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         header.stride(0), header.stride(1), new_key.stride(0), new_key.stride(1),
