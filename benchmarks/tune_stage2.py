@@ -25,6 +25,8 @@ from profile_stage2 import steps  # noqa: E402
 KNOBS = {   # (config name, key): values tried; the first of each is not the default necessarily
     ("CHUNK_LOGITS", "BLOCK_C"): [8, 16, 32, 64],
     ("CHUNK_LOGITS", "num_warps"): [1, 2, 4, 8],
+    ("CHUNK_LOGITS", "UNROLL"): [1, 2, 4, 8],   # 1: a chunk's rows loaded one at a time
+    ("SELECTION_SMALL", None): [1 << 20, 64, 128, 256, 512],   # 1 << 20: every lane, always
     ("ATTENTION", "BLOCK_N"): [16, 32, 64],
     ("ATTENTION", "num_warps"): [2, 4, 8],
     ("PACKED_ATTENTION", "BLOCK_N"): [16, 32, 64],
@@ -49,6 +51,9 @@ def main():
     parser.add_argument("--shapes", default="1x131072x256,1x131072x1024,8x131072x256")
     parser.add_argument("--budget-s", type=float, default=240, help="stop sweeping after this")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--knobs", default=None,
+                        help="comma-separated knob names to sweep (CHUNK_LOGITS.UNROLL, "
+                             "SELECTION_SMALL, ...); all by default")
     args = parser.parse_args()
     began = time.time()
     rows = []
@@ -59,6 +64,8 @@ def main():
         batch, context, budget = map(int, shape.split("x"))
         _, timed = steps(batch, context, budget)
         for (name, key), values in KNOBS.items():
+            if args.knobs and (name if key is None else f"{name}.{key}") not in args.knobs.split(","):
+                continue
             for value in values:
                 if time.time() - began > args.budget_s:
                     break
