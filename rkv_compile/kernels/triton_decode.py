@@ -13,7 +13,9 @@ Read block by block:
    score by a radix search over its bits (`_kth_largest_bits`, a few bits a pass), then the
    selected slots in slot order (ties to the earlier slot, as a stable sort). No sort, no
    top-k op. PAGES (Quest): the top k chunks, whole; MASS (SparQ): each head's probability on
-   the taken tokens.
+   the taken tokens. Over a packed layer the chunk is read on the device, so the lanes are
+   sized for a chunk of one slot; a row with few chunks takes a small copy of the selection
+   (`_select_sized`).
 3. `_attend` (in `_sparse_attention_kernel`): flash-decoding over selected slots only. Each
    program takes one KV head and one split of its slot list, loads the K/V rows in place by
    index (nothing is gathered into a new tensor), and runs an online softmax for the whole GQA
