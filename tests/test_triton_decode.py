@@ -6,6 +6,7 @@ and float16 at small shapes; on a CUDA machine the same tests run on the GPU, bf
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from unittest import mock
 
@@ -218,15 +219,29 @@ def test_rows_with_their_own_plans(case, rows):
         assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
 
 
+# (SELECTION_SMALL, SELECTION_LANES): the test rows' chunks (up to 160) mostly over 16 lanes,
+# mostly under 256, and every row past 8 lanes (selected by torch ops)
+SELECTIONS = [(16, 1 << 20), (256, 1 << 20), (256, 8)]
+
+
+@contextlib.contextmanager
+def _selection(sizes):
+    small, lanes = sizes
+    with mock.patch.object(T, "SELECTION_SMALL", small), \
+            mock.patch.object(T, "SELECTION_LANES", lanes):
+        yield
+
+
 @SETTINGS
 @given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 128),
                                                     st.integers(1, 160)), min_size=1, max_size=3),
-       fused=st.booleans(), small=st.sampled_from([16, 256]))
-def test_packed_layer_decode(case, rows, fused, small):
+       fused=st.booleans(), selection=st.sampled_from(SELECTIONS))
+def test_packed_layer_decode(case, rows, fused, selection):
     """RocketKV's decode op on CUDA over a packed layer (`rocketkv.decode_triton`): each row's
     chunk and r from its header, over its stored slots, as that row alone; through the fused
-    kernel (one program per KV head) and through the split path alike, and with rows of more
-    chunks than the small selection's lanes (`small`) beside rows of fewer."""
+    kernel (one program per KV head) and through the split path alike, with rows of more
+    chunks than the small selection's lanes beside rows of fewer, and selected by torch ops
+    as rows too long for a program are (`SELECTIONS`)."""
     _, Hkv, G, D, n, _, _, topk, dtype, seed = case
     B = len(rows)
     chunks, dims, live = ([row[i] for row in rows] for i in range(3))
@@ -240,7 +255,7 @@ def test_packed_layer_decode(case, rows, fused, small):
         assume(_dims_are_clear(row[0], Hkv, dims[b]))
         assume(_boundary_is_clear(R.approximate_scores(*row, None, chunks[b], dims[b]), topk))
     with mock.patch.object(T, "_one_program_per_head", lambda heads, k: fused), \
-            mock.patch.object(T, "SELECTION_SMALL", small):
+            _selection(selection):
         got = torch.ops.rocketkv.decode_triton(q, keys, values, scale, topk)
     for b in range(B):
         want = R.sparse_decode(q[b:b + 1].double(), k[b:b + 1, :, :live[b]].double(),
@@ -283,8 +298,8 @@ def test_packed_page_decode(case, live, page_size, pages):
 @SETTINGS
 @given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 128), st.integers(1, 160)),
                                           min_size=1, max_size=3),
-       small=st.sampled_from([16, 256]))
-def test_packed_sparq_decode(case, rows, small):
+       selection=st.sampled_from(SELECTIONS))
+def test_packed_sparq_decode(case, rows, selection):
     """SparQ's decode op over a packed layer (`rocketkv.sparq_decode_triton`): each row's r
     from its header, over its stored slots, as `SparQ.decode` alone over that row (float64),
     mean-value reallocation included, where no near-tie decides the dims or the selection."""
@@ -300,7 +315,7 @@ def test_packed_sparq_decode(case, rows, small):
         assume(_dims_are_clear(row[0], Hkv, dims[b]))
         assume(_boundary_is_clear(R.approximate_scores(*row, None, 1, dims[b]), topk))
     scale = D**-0.5
-    with mock.patch.object(T, "SELECTION_SMALL", small):
+    with _selection(selection):
         got = torch.ops.rocketkv.sparq_decode_triton(q, keys, values, scale, topk)
     assert got.shape == q.shape and got.dtype == dtype
     for b in range(B):

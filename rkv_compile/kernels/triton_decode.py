@@ -486,6 +486,10 @@ ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split 
 PACKED_ATTENTION = dict(BLOCK_N=32)            # one program per KV head (warps: the selection's)
 SELECTION_WARPS = None                         # None: by the number of chunks held
 SELECTION_SMALL = 256   # lanes of a selection whose row has that few chunks (`_select_sized`)
+# A selection program holds a row's chunk scores in registers (16 warps at 16384 lanes: oracle
+# top-k at 16K tokens ran so on the H100, EVALUATION.md). Longer rows (oracle top-k and SparQ
+# keep every token, a chunk per slot) are selected by torch ops (`_selection_in_torch`).
+SELECTION_LANES = 16384
 
 
 def _group_rows(G: int) -> int:
@@ -733,12 +737,17 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
     chunk per slot, since the chunk is read on the device), then per KV head selection and
     attention (`_packed_select_attend_kernel`). A long list over few KV heads is selected by
     one program per KV head, then attended by split programs and combined (four launches;
-    `_one_program_per_head`). Every kernel reads the header: no torch op between them."""
+    `_one_program_per_head`). Every kernel reads the header: no torch op between them. A row
+    of more slots than a selection program holds is selected by torch ops, then attended by
+    the split programs (`_selection_in_torch`)."""
     query, key, value, header = _packed_inputs(query, keys, values)
     B, Hkv, slots, _ = key.shape
     G = query.shape[1] // Hkv
     logits = _packed_chunk_logits(query, key, header, slots)
     k = min(topk, slots)
+    if slots > SELECTION_LANES:
+        selected, _ = _selection_in_torch(logits, header, k)
+        return _split_attention(query, key, value, scale, k, selected, None, header=header)
     if _one_program_per_head(B * Hkv, k):
         return _packed_select_attend(query, key, value, header, logits, k, Hkv, scale)
     selected = torch.empty(B * Hkv * k, device=key.device, dtype=torch.int32)
@@ -777,10 +786,47 @@ def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: floa
     q[r] . K[:, r] over SparQ's temperature, the group's mean softmax, the top k), exact
     attention over the k tokens, then mean-value reallocation, a y + (1 - a) mean(V). Two
     launches: chunk logits, then one program per KV head that selects, attends and reallocates
-    (`_packed_select_attend_kernel` MEAN_V)."""
+    (`_packed_select_attend_kernel` MEAN_V); past SELECTION_LANES slots, the selection and the
+    reallocation as torch ops around the split attention."""
     query, key, value, header = _packed_inputs(query, keys, values)
-    Hkv, slots = key.shape[1], key.shape[2]
+    B, Hkv, slots = key.shape[:3]
     logits = _packed_chunk_logits(query, key, header, slots)
-    mass = torch.empty(key.shape[0] * query.shape[1], device=key.device, dtype=torch.float32)
-    return _packed_select_attend(query, key, value, header, logits, min(topk, slots), Hkv,
-                                 scale, mass, mean_v=True)
+    k = min(topk, slots)
+    if slots > SELECTION_LANES:
+        selected, mass = _selection_in_torch(logits, header, k, mass=True)
+        attended = _split_attention(query, key, value, scale, k, selected, None, header=header)
+        stored = header[:, 0, S.Word.STORED]
+        live = torch.arange(slots, device=key.device)[None] < stored[:, None]
+        mean_v = (value.float() * live[:, None, :, None]).sum(2) / stored.clamp(min=1)[:, None, None]
+        mean_v = mean_v.repeat_interleave(query.shape[1] // Hkv, 1)[:, :, None]
+        a = mass.view(B, -1, 1, 1)
+        return (a * attended.float() + (1 - a) * mean_v).to(query.dtype)
+    mass = torch.empty(B * query.shape[1], device=key.device, dtype=torch.float32)
+    return _packed_select_attend(query, key, value, header, logits, k, Hkv, scale, mass,
+                                 mean_v=True)
+
+
+def _selection_in_torch(logits: Tensor, header: Tensor, k: int, mass: bool = False):
+    """`_select` as torch ops, for rows of more lanes than a selection program holds
+    (SELECTION_LANES; `logits` with a lane per slot): each row's top min(k, stored) slots by
+    the group's mean softmax over tokens (a token scores its chunk's, the chunk from the
+    header), ties to the earlier slot (a stable sort), in slot order, as a (B * Hkv * k) int32
+    list whose entries past a row's stored count attention skips. With `mass`, also each query
+    head's probability on its slots (B * Hq float32; SparQ's a), else None."""
+    B, Hkv, G, slots = logits.shape
+    stored = header[:, 0, S.Word.STORED].long()
+    chunk = header[:, 0, S.Word.CHUNK].long()
+    token = torch.arange(slots, device=logits.device)
+    live = token[None] < stored[:, None]                                       # (B, slots)
+    of_chunk = (token[None] // chunk[:, None]).clamp(max=slots - 1)
+    logit = logits.gather(-1, of_chunk[:, None, None].expand(B, Hkv, G, slots))
+    logit = logit.masked_fill(~live[:, None, None], float("-inf"))
+    probability = torch.softmax(logit, -1).nan_to_num(0.0)   # a row with no slot: all 0
+    score = probability.sum(2).div(G).masked_fill(~live[:, None], -1.0)
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
+    selected = order.sort(-1).values
+    if not mass:
+        return selected.to(torch.int32).reshape(-1), None
+    taken = torch.zeros_like(score, dtype=torch.bool).scatter(-1, order, True) & live[:, None]
+    return (selected.to(torch.int32).reshape(-1),
+            (probability * taken[:, :, None]).sum(-1).reshape(-1))
