@@ -503,17 +503,20 @@ def _dot_rows(n: int) -> int:
     return max(triton.next_power_of_2(n), 16)
 
 
-def _selection_launch(block_chunks: int) -> dict:
+def _selection_launch(block_chunks: int, chunks_on_device: bool = True) -> dict:
     """Warps for a program holding `block_chunks` chunk scores, and the radix of its k-th
     largest search: the most bits a pass (2**RADIX candidates against every chunk) can count
     while each thread holds at most 64 of those comparisons; the same for the small selection
-    a row with at most SELECTION_SMALL chunks takes (`_select_sized`)."""
+    a row with at most SELECTION_SMALL chunks takes (`_select_sized`), where the chunks are
+    only counted on the device (a packed layer's header). Counted on the host, `block_chunks`
+    already fits them: no small copy is compiled."""
     warps = SELECTION_WARPS or (4 if block_chunks <= 1024 else 8 if block_chunks <= 4096 else 16)
 
     def radix(lanes: int) -> int:
         return next(r for r in (4, 2, 1) if (lanes << r) <= 64 * 32 * warps or r == 1)
 
-    small = min(block_chunks, triton.next_power_of_2(max(SELECTION_SMALL, 16)))
+    small = min(block_chunks, triton.next_power_of_2(max(SELECTION_SMALL, 16))) \
+        if chunks_on_device else block_chunks
     return dict(num_warps=warps, RADIX=radix(block_chunks), SMALL_C=small,
                 SMALL_RADIX=radix(small))
 
@@ -575,7 +578,7 @@ def select_slots(logits: Tensor, n: int, chunk: int, topk: int, valid: Tensor | 
         valid.stride(0) if valid is not None else 0,
         G=G, G_ROWS=_group_rows(G), BLOCK_C=BLOCK_C,
         HAS_VALID=valid is not None, PER_ROW=per_row is not None, FROM_HEADER=False, STORED=0,
-        CHUNK=0, **_selection_launch(BLOCK_C))
+        CHUNK=0, **_selection_launch(BLOCK_C, chunks_on_device=False))
     return slots
 
 
