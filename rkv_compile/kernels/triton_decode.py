@@ -480,8 +480,10 @@ def _append_packed_kernel(
 # follow its size, `_selection_launch`). benchmarks/tune_stage2.py times the alternatives on a GPU.
 # Chunk logits: 32 chunks a program was the fastest step at 1x128K over both caches and both
 # budgets on the H100 (tune_stage2.py, 2026-12-06: 33.1 against 34.1 us packed at B=256, 108
-# against 131 at B=1024), warps changed little.
-CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4, UNROLL=4)   # chunks per program, rows in flight
+# against 131 at B=1024), warps changed little. A chunk's rows one at a time (UNROLL 1) beat
+# 2, 4 and 8 in flight at every shape (tune_stage2.py --knobs, ced62b2: 46.6 against 51.6 us
+# over plain keys at 1x128K B=1024, 47.1 against 53.2 at 8x128K B=256; BENCHMARKS.md).
+CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4, UNROLL=1)   # chunks per program, rows in flight
 ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split path's programs
 PACKED_ATTENTION = dict(BLOCK_N=32)            # one program per KV head (warps: the selection's)
 SELECTION_WARPS = None                         # None: by the number of chunks held
