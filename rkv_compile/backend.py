@@ -99,6 +99,16 @@ def _copy_graph_module(gm: GraphModule) -> GraphModule:
     return copy
 
 
+def _fakes(example_inputs: Sequence) -> list:
+    """Dynamo's fake tensors for a graph's real example inputs (symbolic sizes and all), where
+    Dynamo's fake mode is found; else the inputs."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return list(example_inputs)
+    return [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+            for x in example_inputs]
+
+
 def _allow_dynamic_output_shapes(example_inputs) -> None:
     """The cache ops' outputs have sizes of their own (the plan's, decided at run time). Dynamo
     allows such ops in the graphs it traces only if told to (its
@@ -135,6 +145,16 @@ MIRROR = Mirror()
 WHOLE_PROMPTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _forget(storage: torch.UntypedStorage) -> None:
+    """A dropped cache's storage is handed to a new cache (`state.POOL`): what was known of
+    the old one is not true of the new."""
+    MIRROR.entries.pop(storage, None)
+    WHOLE_PROMPTS.pop(storage, None)
+
+
+S.POOL.on_recycle.append(_forget)
+
+
 @dataclasses.dataclass
 class Variant:
     """A rewritten graph and how it runs: compiled (`run`), or as FX (`compiled` is None)."""
@@ -153,6 +173,7 @@ class CheckedCaches:
     storages: list[weakref.ref]
     entries: list[list[int]]
     slots: list[int]
+    recycled: int   # state.POOL's count then: a recycled storage is another cache
 
 
 class Runtime:
@@ -181,7 +202,9 @@ class Runtime:
             return
         self.main = self._variant(causal)
         self.ios = self.main.ios
-        self.example_inputs = example_inputs
+        # for a symbolic graph compiled later: fakes, since the real inputs are the first
+        # call's, and holding them would hold its caches (and their memory) for ever
+        self.example_inputs = _fakes(example_inputs)
         # On CUDA a decode step CUDA graphs can hold is compiled for each size of its caches
         # (CUDA graphs take static shapes), replayed as a CUDA graph (unless the options turn
         # CUDA graphs off).
@@ -190,12 +213,13 @@ class Runtime:
         if self.per_size:
             self.sizes: dict[tuple, list[tuple[Callable, dict]]] = {}
         else:
-            self._compile_symbolic()
+            self._compile_symbolic(example_inputs)
 
-    def _compile_symbolic(self) -> None:
+    def _compile_symbolic(self, example_inputs: Sequence | None = None) -> None:
         """One graph for every size (Dynamo's symbolic shapes), without CUDA graphs."""
         self.per_size = False
-        self.main.run = self.compile_graph(self.main.gm, self.example_inputs, self.phase, False)
+        self.main.run = self.compile_graph(self.main.gm, example_inputs or self.example_inputs,
+                                           self.phase, False)
 
     def _variant(self, causal: frozenset[str]) -> Variant:
         gm = _copy_graph_module(self.original)
@@ -218,8 +242,9 @@ class Runtime:
         the caches the step before it read (checked by `_make_room`, `self.last`): their
         entries are reused, no lookup (the run time's host cost is per layer, every step)."""
         last = self.last
-        if last is not None and all(ref() is args[io.inputs[0]].untyped_storage()
-                                    for io, ref in zip(self.ios, last.storages)):
+        if last is not None and last.recycled == S.POOL.recycled and \
+                all(ref() is args[io.inputs[0]].untyped_storage()
+                    for io, ref in zip(self.ios, last.storages)):
             return last.entries
         self.last = None
         return [MIRROR.entry(args[io.inputs[0]]) for io in self.ios]
@@ -253,7 +278,8 @@ class Runtime:
             MIRROR.entries[args[k].untyped_storage()] = entry
         keys = [args[io.inputs[0]] for io in self.ios]
         self.last = CheckedCaches([weakref.ref(k.untyped_storage()) for k in keys], entries,
-                                  [S.Layout.of(k, stateful).slots for k in keys])
+                                  [S.Layout.of(k, stateful).slots for k in keys],
+                                  S.POOL.recycled)
 
     def _swap(self, args: list, index: int, tensor: torch.Tensor) -> None:
         """Another cache tensor in input `index`, and its length in the symbolic-size inputs

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -187,16 +189,76 @@ def unpack(keys: Tensor, values: Tensor, stateful: bool, dtype: torch.dtype) -> 
                       layout)
 
 
+class BufferPool:
+    """The packed tensors of compressed caches, kept when their cache is dropped and handed out
+    again, zeroed, for the next cache of the same shape. An evaluation loop's generate calls
+    then store their caches at the same addresses, and the decode graphs that the first call
+    recorded as CUDA graphs replay in every later one (a cache at a new address is recorded
+    again: a recording per call, each costing time at every later step, and memory).
+
+    A buffer is free when no tensor but the pool's uses its storage, so a cache someone still
+    holds (a returned past_key_values, an earlier turn) is never handed out. Only the free
+    buffers of the shape last asked for are kept: asking for a new shape releases the others,
+    so the pool holds at most what the last dropped cache held (`release` frees that too).
+    A recycled storage is a new cache: `on_recycle` tells whoever keys state by storage."""
+
+    def __init__(self):
+        self.buffers: OrderedDict[tuple, list[Tensor]] = OrderedDict()
+        self.on_recycle: list[Callable[[torch.UntypedStorage], None]] = []
+        self.recycled = 0   # buffers handed out again, ever
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(shape, dtype=dtype, device=device)   # a CUDA graph's own pool
+        key = (tuple(shape), dtype, device)
+        buffers = self.buffers.pop(key, [])
+        self.buffers[key] = buffers
+        for buffer in buffers:
+            if _unshared(buffer):
+                self.recycled += 1
+                for forget in self.on_recycle:
+                    forget(buffer.untyped_storage())
+                return buffer.zero_().view(shape)   # a new tensor: its holders count
+        for other in list(self.buffers)[:-1]:
+            held = [b for b in self.buffers[other] if not _unshared(b)]
+            if held:
+                self.buffers[other] = held   # still someone's: kept to hand out when freed
+            else:
+                del self.buffers[other]
+        buffer = torch.zeros(shape, dtype=dtype, device=device)
+        buffers.append(buffer)
+        return buffer.view(shape)
+
+    def release(self) -> None:
+        """Forget every buffer (the memory of those no cache uses is freed)."""
+        self.buffers.clear()
+
+    def free_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for buffers in self.buffers.values()
+                   for b in buffers if _unshared(b))
+
+
+def _unshared(buffer: Tensor) -> bool:
+    """No tensor but `buffer` uses its storage (the count includes the storage's Python object,
+    which lives as long as the storage does)."""
+    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2
+
+
+POOL = BufferPool()
+
+
 def allocate(batch: int, heads: int, head_dim: int, value_dim: int, slots: int, state: str,
              dtype: torch.dtype, device) -> tuple[Tensor, Tensor, LayerState]:
     """Zeroed packed tensors for `slots` slots (a state region if `state`, "scores" or
-    "view"), their views, and a header with the magic word, the dtype and the flags filled."""
+    "view"), their views, and a header with the magic word, the dtype and the flags filled.
+    The tensors come from `POOL` (a dropped cache's memory)."""
     stateful = bool(state)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     layout = Layout.new(slots, stateful, head_dim, itemsize)
     int_dtype = packed_dtype(dtype)
-    keys = torch.zeros(batch, heads, layout.rows, head_dim, dtype=int_dtype, device=device)
-    values = torch.zeros(batch, heads, layout.rows, value_dim, dtype=int_dtype, device=device)
+    keys = POOL.zeros((batch, heads, layout.rows, head_dim), int_dtype, device)
+    values = POOL.zeros((batch, heads, layout.rows, value_dim), int_dtype, device)
     layer = unpack(keys, values, stateful, dtype)
     layer.set_word(Word.MAGIC, MAGIC)
     layer.set_word(Word.DTYPE, DTYPE_CODES[dtype])

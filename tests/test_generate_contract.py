@@ -135,6 +135,61 @@ def test_an_eval_loop_over_twelve_prompt_lengths(cache):
     assert len(graphs) <= 5
 
 
+def test_an_eval_loop_reuses_dropped_caches_and_never_a_held_one():
+    """generate calls of one shape store their caches in the memory of the last dropped one
+    (on CUDA: at the same addresses, so the recorded decode graphs replay), never in a cache
+    someone holds: a held cache keeps its tokens through later calls and can be continued."""
+    from rkv_compile.state import POOL
+    session, options = Session(tiny_llama()), OPTION_SETS[0]
+
+    def storages(out):
+        return {layer.keys.untyped_storage().data_ptr() for layer in returned_cache(out).layers}
+
+    held = assert_compressed_as_the_oracle(session, prompt(220, seed=1), options, "dynamic",
+                                           "greedy", 0)
+    held_stored = [(s.keys.clone(), s.values.clone(), s.lengths) for s in
+                   stored(returned_cache(held))]
+    recycled = POOL.recycled
+    second = assert_compressed_as_the_oracle(session, prompt(220, seed=2), options, "dynamic",
+                                             "greedy", 0)
+    assert not storages(second) & storages(held)
+    addresses = storages(second)
+    del second
+    third = assert_compressed_as_the_oracle(session, prompt(221, seed=3), options, "dynamic",
+                                            "greedy", 0)
+    assert storages(third) == addresses and POOL.recycled > recycled
+    for (keys, values, lengths), now in zip(held_stored, stored(returned_cache(held))):
+        assert torch.equal(keys, now.keys) and torch.equal(values, now.values)
+        assert lengths == now.lengths
+    # the held cache decodes on: its next token is the oracle's
+    forward = session.forwards[repr(sorted(options.items()))]
+    with torch.no_grad():
+        logits = forward(held.sequences[:, -1:], position_ids=torch.tensor([[220 + STEPS - 1]]),
+                         **{cache_argument(): returned_cache(held)}, use_cache=True).logits
+    want = generate_like(session.model, prompt(220, seed=1), RocketKVConfig.from_options(options),
+                         max_new_tokens=STEPS + 1, min_new_tokens=STEPS + 1, do_sample=False)
+    assert int(logits[0, -1].argmax()) == int(want[0, -1])
+
+
+def test_a_new_cache_shape_releases_the_dropped_ones():
+    """The pool keeps the free memory of one shape only: a call of another shape frees it.
+    (gc.collect: Dynamo's tracing holds a compiling call's cache in reference cycles.)"""
+    import gc
+
+    from rkv_compile.state import POOL
+    POOL.release()
+    session, options = Session(tiny_llama()), OPTION_SETS[0]
+    shapes = []
+    for length in (220, 2000):
+        assert_compressed_as_the_oracle(session, prompt(length), options, "dynamic", "greedy", 0)
+        gc.collect()
+        assert len(POOL.buffers) == 1
+        (shape, _, _), buffers = next(iter(POOL.buffers.items()))
+        assert POOL.free_bytes() == sum(b.numel() * b.element_size() for b in buffers) > 0
+        shapes.append(shape)
+    assert shapes[0] != shapes[1]
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "rocketkv"])
 def test_beam_search_compresses_as_the_oracle(cache):
     session = Session(tiny_llama())

@@ -4,6 +4,7 @@ plain generate (the DynamicCache it builds) and through a RocketKVCache; memory 
 what the cache stores. Run from the repository root on the GPU machine:
     PYTHONPATH=.:tests python3 -m pytest -q tests_gpu
 """
+import gc
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import rkv_compile
 from rkv_compile import RocketKVConfig, stored
+from rkv_compile import state as S
 from rkv_compile.cache import RocketKVCache
 from rkv_compile.eager import generate as oracle_generate, generate_like, multi_turn
 from rkv_compile.hf import cache_argument, returned_cache
@@ -122,6 +124,46 @@ def test_generate_replays_cuda_graphs_with_the_oracles_tokens(cache):
     assert repeated_layers.stats["outlined"] - outlined == 4
 
 
+def recorded_graphs() -> int:
+    """CUDA graphs the cudagraph trees of this device hold (every node of every tree)."""
+    from torch._inductor import cudagraph_trees
+    manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+    if manager is None:
+        return 0
+    count, todo = 0, [n for nodes in manager.roots.values() for n in nodes]
+    while todo:
+        node = todo.pop()
+        count += 1
+        todo.extend(n for nodes in node.children.values() for n in nodes)
+    return count
+
+
+def test_an_eval_loop_replays_the_graphs_it_recorded():
+    """generate calls of one shape through one compiled forward, as an evaluation loop makes
+    them: a call's caches take the memory of the cache the call before dropped (state.POOL),
+    so the decode graphs recorded as CUDA graphs replay instead of being recorded again each
+    call (the first call's cache outlives it, held by Dynamo's tracing until gc: the second
+    records once more); every call has the oracle's tokens."""
+    model = tiny_hf("llama").cuda()
+    model.generation_config.eos_token_id = None
+    prompts = [torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(c)).cuda()
+               for c in range(5)]
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="rocketkv", options=BUDGET)
+    outs, counts = [], []
+    try:
+        for ids in prompts:
+            with torch.no_grad():
+                outs.append(model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                                           do_sample=False)[0, 400:].tolist())
+            counts.append(recorded_graphs())
+    finally:
+        model.forward = forward
+    for ids, out in zip(prompts, outs):
+        assert out == oracle_generate(model, ids, RocketKVConfig.from_options(BUDGET), STEPS)[0]
+    assert counts[-1] == counts[2], counts
+
+
 @pytest.mark.parametrize("options", [
     {"policy": "h2o"}, {"policy": "shotkv", "decode_budget": 4}, {"policy": "snapkv"},
     {"policy": "rocketkv", "kv_bits": 4}, {"policy": "chunkkv", "reuse_layers": 2},
@@ -201,6 +243,8 @@ def test_memory_after_prefill_is_what_the_cache_stores():
         for n in (T_ - 100, T_ - 50):
             forward(ids[:, :n], position_ids=torch.arange(n, device="cuda")[None],
                     use_cache=True, logits_to_keep=1)
+    gc.collect()
+    S.POOL.release()   # the warm-up calls' dropped caches: not this prefill's
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with torch.no_grad():
