@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -203,7 +202,7 @@ class BufferPool:
     A recycled storage is a new cache: `on_recycle` tells whoever keys state by storage."""
 
     def __init__(self):
-        self.buffers: OrderedDict[tuple, list[Tensor]] = OrderedDict()
+        self.buffers: dict[tuple, list[Tensor]] = {}   # by shape, the last asked for last
         self.on_recycle: list[Callable[[torch.UntypedStorage], None]] = []
         self.recycled = 0   # buffers handed out again, ever
 

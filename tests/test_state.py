@@ -299,3 +299,25 @@ def test_compress_reuses_another_layers_positions():
     torch.library.opcheck(torch.ops.rocketkv.compress, (q[..., -4:, :], k, v, None, 0.25, 4,
                                                          spec, 0, 2, False),
                           test_utils=("test_schema",))
+
+
+def test_the_pool_hands_out_only_unheld_memory_zeroed():
+    """A dropped buffer serves the next ask of its shape, zeroed; a held one never does (a view
+    of it counts as held); asking for a new shape frees the dropped buffers of the others."""
+    pool = S.BufferPool()
+    first = pool.zeros((2, 3), torch.int16, "cpu")
+    first.fill_(7)
+    held, view = first.data_ptr(), first[1]
+    del first
+    second = pool.zeros((2, 3), torch.int16, "cpu")   # `view` holds the first
+    assert second.data_ptr() != held and (view == 7).all()
+    address = second.data_ptr()
+    second.fill_(5)
+    del second
+    third = pool.zeros((2, 3), torch.int16, "cpu")
+    assert third.data_ptr() == address and not third.any()
+    del view, third
+    assert pool.free_bytes() == 2 * (2 * 3 * 2)
+    other = pool.zeros((4,), torch.int16, "cpu")
+    assert list(pool.buffers) == [((4,), torch.int16, torch.device("cpu"))]
+    assert pool.free_bytes() == 0 and other.shape == (4,)
