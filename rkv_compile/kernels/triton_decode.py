@@ -487,7 +487,11 @@ CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4, UNROLL=1)   # chunks per program, r
 ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split path's programs
 PACKED_ATTENTION = dict(BLOCK_N=32)            # one program per KV head (warps: the selection's)
 SELECTION_WARPS = None                         # None: by the number of chunks held
-SELECTION_SMALL = 256   # lanes of a selection whose row has that few chunks (`_select_sized`)
+# Lanes of a selection whose row has that few chunks (`_select_sized`). RocketKV's chunk of 3
+# gives 432 chunks at 1x128K B=256: 512 lanes took the step from 32.9 (256: the small copy
+# never taken) and 31.0 us (no small copy) to 28.7, and 61.5 / 59.7 to 57.1 at 8x128K (H100,
+# tune_stage2.py --knobs on ced62b2).
+SELECTION_SMALL = 512
 # A selection program holds a row's chunk scores in registers (16 warps at 16384 lanes: oracle
 # top-k at 16K tokens ran so on the H100, EVALUATION.md). Longer rows (oracle top-k and SparQ
 # keep every token, a chunk per slot) are selected by torch ops (`_selection_in_torch`).
