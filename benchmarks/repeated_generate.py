@@ -1,10 +1,11 @@
 """Many `generate` calls through one compiled forward, as an evaluation loop makes them: does a
 decode step stay as fast at the 200th call as at the second?
 
-Each call builds a new DynamicCache, so the compressed caches a decode graph reads are new
-tensors at new addresses every call. Inductor's CUDA graphs (cudagraph trees) take a static
-input at a new address as a reason to record the graph again; this script counts the
-recordings and the CUDA graphs Inductor skipped, and times the decode steps of every call.
+Each call builds a new DynamicCache. Inductor's CUDA graphs (cudagraph trees) take a static
+input at a new address as a reason to record the graph again, so the compressed caches a decode
+graph reads are kept at the addresses of the cache the call before dropped (`state.POOL`); this
+script counts the recordings and the CUDA graphs Inductor skipped, and times the decode steps
+of every call.
 
 A small Llama (2 layers, bf16 on CUDA) keeps each call short, so that a step's host time (where
 a growing list of recorded graphs would show) is most of it.
@@ -24,23 +25,8 @@ from transformers import LogitsProcessorList
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import rkv_compile  # noqa: E402,F401
-from end_to_end import CUDA, DEVICE, StepTimer, build, run_meta, tiny  # noqa: E402
-
-
-def recorded_graphs() -> int:
-    """CUDA graphs the cudagraph trees of this device hold (every node of every tree)."""
-    if not CUDA:
-        return 0
-    from torch._inductor import cudagraph_trees
-    manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
-    if manager is None:
-        return 0
-    count, todo = 0, [n for nodes in manager.roots.values() for n in nodes]
-    while todo:
-        node = todo.pop()
-        count += 1
-        todo.extend(n for nodes in node.children.values() for n in nodes)
-    return count
+from rkv_compile.diagnostics import recorded_cuda_graphs  # noqa: E402
+from end_to_end import DEVICE, StepTimer, build, run_meta, tiny  # noqa: E402
 
 
 def main():
@@ -66,7 +52,7 @@ def main():
                            do_sample=False, logits_processor=LogitsProcessorList([timer]))
         gaps = [b - a for a, b in zip(timer.times, timer.times[1:])]
         row = {"call": call, "decode_ms_per_token": round(statistics.median(gaps) * 1e3, 3),
-               "recorded_graphs": recorded_graphs(),
+               "recorded_graphs": recorded_cuda_graphs(),
                "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]}
         rows.append(row)
         if call in (0, 1, 2) or (call + 1) % 25 == 0:

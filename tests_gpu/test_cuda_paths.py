@@ -16,6 +16,7 @@ import rkv_compile
 from rkv_compile import RocketKVConfig, stored
 from rkv_compile import state as S
 from rkv_compile.cache import RocketKVCache
+from rkv_compile.diagnostics import recorded_cuda_graphs
 from rkv_compile.eager import generate as oracle_generate, generate_like, multi_turn
 from rkv_compile.hf import cache_argument, returned_cache
 from rkv_compile.kernels import triton_decode as T
@@ -124,20 +125,6 @@ def test_generate_replays_cuda_graphs_with_the_oracles_tokens(cache):
     assert repeated_layers.stats["outlined"] - outlined == 4
 
 
-def recorded_graphs() -> int:
-    """CUDA graphs the cudagraph trees of this device hold (every node of every tree)."""
-    from torch._inductor import cudagraph_trees
-    manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
-    if manager is None:
-        return 0
-    count, todo = 0, [n for nodes in manager.roots.values() for n in nodes]
-    while todo:
-        node = todo.pop()
-        count += 1
-        todo.extend(n for nodes in node.children.values() for n in nodes)
-    return count
-
-
 def test_an_eval_loop_replays_the_graphs_it_recorded():
     """generate calls of one shape through one compiled forward, as an evaluation loop makes
     them: a call's caches take the memory of the cache the call before dropped (state.POOL),
@@ -156,7 +143,7 @@ def test_an_eval_loop_replays_the_graphs_it_recorded():
             with torch.no_grad():
                 outs.append(model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS,
                                            do_sample=False)[0, 400:].tolist())
-            counts.append(recorded_graphs())
+            counts.append(recorded_cuda_graphs())
     finally:
         model.forward = forward
     for ids, out in zip(prompts, outs):
