@@ -210,7 +210,8 @@ class BufferPool:
         device = torch.device(device)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return torch.zeros(shape, dtype=dtype, device=device)   # a CUDA graph's own pool
-        key = (tuple(shape), dtype, device)
+        # an inference tensor takes no in-place write outside inference mode: kept apart
+        key = (tuple(shape), dtype, device, torch.is_inference_mode_enabled())
         buffers = self.buffers.pop(key, [])
         self.buffers[key] = buffers
         for buffer in buffers:

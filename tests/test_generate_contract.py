@@ -184,10 +184,29 @@ def test_a_new_cache_shape_releases_the_dropped_ones():
         assert_compressed_as_the_oracle(session, prompt(length), options, "dynamic", "greedy", 0)
         gc.collect()
         assert len(POOL.buffers) == 1
-        (shape, _, _), buffers = next(iter(POOL.buffers.items()))
+        (shape, *_), buffers = next(iter(POOL.buffers.items()))
         assert POOL.free_bytes() == sum(b.numel() * b.element_size() for b in buffers) > 0
         shapes.append(shape)
     assert shapes[0] != shapes[1]
+
+
+def test_calls_in_and_out_of_inference_mode_compress_as_the_oracle():
+    """An eval harness under torch.inference_mode, then a call outside it, then inside again:
+    each cache appends in place where it was made (a dropped inference tensor is not lent to
+    a cache outside inference mode)."""
+    session, options = Session(tiny_llama()), OPTION_SETS[0]
+    key = repr(sorted(options.items()))
+    session.forwards[key] = compiled(session.eager, options, inductor=False)
+    for inference in (True, True, False, True):   # the first call's cache outlives it (compiling)
+        ids = prompt(220, seed=5)
+        session.model.forward = session.forwards[key]
+        try:
+            with torch.inference_mode() if inference else torch.no_grad():
+                out = session.model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                                             do_sample=False)
+        finally:
+            session.model.forward = session.eager
+        assert torch.equal(out, session.oracle(ids, options, "greedy", 0))
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "rocketkv"])

@@ -319,5 +319,21 @@ def test_the_pool_hands_out_only_unheld_memory_zeroed():
     del view, third
     assert pool.free_bytes() == 2 * (2 * 3 * 2)
     other = pool.zeros((4,), torch.int16, "cpu")
-    assert list(pool.buffers) == [((4,), torch.int16, torch.device("cpu"))]
+    assert list(pool.buffers) == [((4,), torch.int16, torch.device("cpu"), False)]
     assert pool.free_bytes() == 0 and other.shape == (4,)
+
+
+def test_the_pool_keeps_inference_tensors_apart():
+    """A buffer made under inference_mode (an inference tensor) is never handed to a cache
+    outside it, where its appends would raise."""
+    pool = S.BufferPool()
+    with torch.inference_mode():
+        made = pool.zeros((2, 3), torch.int16, "cpu")
+    del made
+    outside = pool.zeros((2, 3), torch.int16, "cpu")
+    outside[0, 0] = 1
+    assert not outside.is_inference()
+    del outside
+    with torch.inference_mode():
+        inside = pool.zeros((2, 3), torch.int16, "cpu")
+        inside[0, 0] = 1
