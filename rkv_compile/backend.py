@@ -451,10 +451,23 @@ def _with_sizes_fixed(gm: GraphModule, args: list, compile_graph: Compiler) -> t
     constants of the graph and are dropped from its inputs. Most are dead once the pass has
     rewritten attention (the attention mask, whose length grows every step): those inputs are
     dropped too (Inductor checks the size of every input it is given), so that a graph serves
-    every step."""
+    every step.
+
+    An input the graph returns as it is (a DynamicCache's packed layer, appended in place) is
+    returned by `run`, not by the compiled graph: a CUDA-graph recording keeps every output
+    that lies in a static input's memory for as long as it lives, so each call's caches
+    would stay allocated for good (one recording per call of an evaluation loop)."""
     gm = _copy_graph_module(gm)
-    eliminate_dead_code(gm.graph)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    output = gm.graph.output_node()
+    returned = output.args[0]
+    inputs_returned = {}   # output position: input index
+    if isinstance(returned, (tuple, list)):   # as Dynamo's graphs return
+        inputs_returned = {at: placeholders.index(out) for at, out in enumerate(returned)
+                           if getattr(out, "op", None) == "placeholder"}
+        output.args = (tuple(out for at, out in enumerate(returned)
+                             if at not in inputs_returned),)
+    eliminate_dead_code(gm.graph)
     read = [i for i, p in enumerate(placeholders) if p.users]
     fixed = {i: _size_key(args[i]) for i in read if not isinstance(args[i], torch.Tensor) or any(
         isinstance(n, torch.SymInt) for n in getattr(value_of(placeholders[i]), "shape", ()))}
@@ -471,7 +484,12 @@ def _with_sizes_fixed(gm: GraphModule, args: list, compile_graph: Compiler) -> t
     compiled = compile_graph(gm, [args[i] for i in tensors])
 
     def run(*call_args):
-        return compiled(*[call_args[i] for i in tensors])
+        outputs = compiled(*[call_args[i] for i in tensors])
+        if inputs_returned:
+            outputs = list(outputs)
+            for at, i in inputs_returned.items():   # by position: each lands where it was
+                outputs.insert(at, call_args[i])
+        return outputs
     return run, fixed
 
 
