@@ -26,6 +26,7 @@ KNOBS = {   # (config name, key): values tried; the first of each is not the def
     ("CHUNK_LOGITS", "BLOCK_C"): [8, 16, 32, 64],
     ("CHUNK_LOGITS", "num_warps"): [1, 2, 4, 8],
     ("CHUNK_LOGITS", "UNROLL"): [1, 2, 4, 8],   # 1: a chunk's rows loaded one at a time
+    ("CHUNK_LOGITS", "DIMS_BY_RANK"): [False, True],
     ("SELECTION_SMALL", None): [1 << 20, 256, 512, 1024],   # 1 << 20: every lane, always
     ("ATTENTION", "BLOCK_N"): [16, 32, 64],
     ("ATTENTION", "num_warps"): [2, 4, 8],

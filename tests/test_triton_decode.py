@@ -115,6 +115,21 @@ def test_chunk_logits_match_reference(case, masked):
 
 
 @SETTINGS
+@given(case=decode_cases(), levels=st.integers(1, 4))
+def test_both_ways_of_choosing_dims_agree(case, levels):
+    """The query's r dims by the bit search and by ranks (CHUNK_LOGITS["DIMS_BY_RANK"]) are the
+    same dims, ties at the r-th mean to the lower dims: queries of a few levels tie often."""
+    B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
+    q, k, _ = _inputs(B, Hkv, G, D, n, dtype, seed)
+    q = (q * levels).round() / levels
+    got = {}
+    for by_rank in (False, True):
+        with mock.patch.dict(T.CHUNK_LOGITS, DIMS_BY_RANK=by_rank):
+            got[by_rank] = T.chunk_logits(q, k, chunk, dims)
+    assert torch.equal(got[False], got[True])
+
+
+@SETTINGS
 @given(case=decode_cases(), masked=st.booleans())
 def test_selection_matches_reference(case, masked):
     """Same logits in, the same slots out: the k-th score, ties to the earlier slot (masked

@@ -60,7 +60,7 @@ def _chunk_logits_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
     FROM_HEADER: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr, DIMS: tl.constexpr,
-    HEAD_BOUNDS: tl.constexpr, UNROLL: tl.constexpr,
+    HEAD_BOUNDS: tl.constexpr, UNROLL: tl.constexpr, DIMS_BY_RANK: tl.constexpr,
 ):
     # One program per (KV head, BLOCK_C chunks): the chunks' key bounds, built once for the G
     # query heads, and each head's logit. HEAD_BOUNDS (Quest): each head's own upper bound of
@@ -84,16 +84,24 @@ def _chunk_logits_kernel(
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
 
     # Query prep, per KV head: the sign of each dim's group sum picks max or min bounds; the
-    # r dims of largest group-mean |q| are read; each head's query is scaled by 1 / SparQ's
-    # temperature. The r-th largest mean is found by a search over its bits (means are >= 0, so
-    # their bit patterns order as the floats do); ties at it go to the lower dims. (Comparing
-    # means computed twice, in two layouts, could rank a dim against a differently rounded self.)
+    # r dims of largest group-mean |q| are read, ties to the lower dims; each head's query is
+    # scaled by 1 / SparQ's temperature. The means are computed once and compared as they are
+    # (computed twice, in two layouts, a dim could be ranked against a differently rounded
+    # self). Two ways to find the r dims, timed against each other by tune_stage2.py: the r-th
+    # largest mean by a search over its bits (means are >= 0, so their bit patterns order as
+    # the floats do; 32 / 4 passes of a reduction each), or each dim's rank from all D x D
+    # comparisons at once (one reduction, D * D / threads comparisons a thread).
     positive = tl.sum(q, axis=0) >= 0
     weight = tl.where(d_ok, (tl.sum(tl.abs(q), axis=0) / G).to(tl.int32, bitcast=True), -1)
-    threshold = _kth_largest_bits(weight, d_ok.to(tl.int32), dims, 4)
-    tied = (weight == threshold).to(tl.int32)
-    need = dims - tl.sum((weight > threshold).to(tl.int32), axis=0)
-    chosen = (weight > threshold) | ((tied != 0) & (tl.cumsum(tied, axis=0) <= need))
+    if DIMS_BY_RANK:
+        ahead = (weight[None, :] > weight[:, None]) | (
+            (weight[None, :] == weight[:, None]) & (d[None, :] < d[:, None]))
+        chosen = d_ok & (tl.sum(ahead.to(tl.int32), axis=1) < dims)
+    else:
+        threshold = _kth_largest_bits(weight, d_ok.to(tl.int32), dims, 4)
+        tied = (weight == threshold).to(tl.int32)
+        need = dims - tl.sum((weight > threshold).to(tl.int32), axis=0)
+        chosen = (weight > threshold) | ((tied != 0) & (tl.cumsum(tied, axis=0) <= need))
     q_r = tl.where(chosen[None, :], q, 0.0)
     q_norm = tl.where(g_ok, tl.sum(tl.abs(q), axis=1), 1.0)   # padding heads: no 0 / 0
     temperature = tl.maximum(tl.sqrt(D * tl.sum(tl.abs(q_r), axis=1) / q_norm), 1e-6)
@@ -483,7 +491,9 @@ def _append_packed_kernel(
 # against 131 at B=1024), warps changed little. A chunk's rows one at a time (UNROLL 1) beat
 # 2, 4 and 8 in flight at every shape (tune_stage2.py --knobs, ced62b2: 46.6 against 51.6 us
 # over plain keys at 1x128K B=1024, 47.1 against 53.2 at 8x128K B=256; BENCHMARKS.md).
-CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4, UNROLL=1)   # chunks per program, rows in flight
+# DIMS_BY_RANK: the query's r dims by ranks rather than the bit search (not yet timed on a GPU).
+CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4, UNROLL=1,   # chunks per program, rows in flight
+                    DIMS_BY_RANK=False)
 ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split path's programs
 PACKED_ATTENTION = dict(BLOCK_N=32)            # one program per KV head (warps: the selection's)
 SELECTION_WARPS = None                         # None: by the number of chunks held
