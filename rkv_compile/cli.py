@@ -12,9 +12,9 @@ import sys
 TASKS = ("common_words", "common_words-2turn", "multikey", "multikey-2turn", "multivalue",
          "multivalue-2turn", "passkey", "passkey-2turn", "variables", "variables-2turn")
 POLICIES = ("chunkkv", "full", "h2o", "kvquant", "oracle-topk", "pyramidkv", "quest", "rocketkv",
-            "rocketkv-mt", "shotkv", "snapkv", "sparq", "streamingllm")
+            "rocketkv-fine", "rocketkv-mt", "shotkv", "snapkv", "sparq", "streamingllm")
 MODELS = ("qwen2.5-coder-0.5b", "smollm2")
-EVAL_POLICIES = ("full,rocketkv,snapkv,pyramidkv,chunkkv,h2o,shotkv,streamingllm,quest,sparq,"
+EVAL_POLICIES = ("full,rocketkv,rocketkv-fine,snapkv,pyramidkv,chunkkv,h2o,shotkv,streamingllm,quest,sparq,"
                  "oracle-topk,kvquant,kvquant:kv_bits=4,rocketkv:kv_bits=4")
 
 

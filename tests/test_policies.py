@@ -12,8 +12,8 @@ from rkv_compile import RocketKVConfig, state, stored
 from rkv_compile.backend import make_backend
 from rkv_compile.cache import RocketKVCache
 from rkv_compile.kernels import reference
-from rkv_compile.policies import (H2O, ChunkKV, Full, KVQuant, OracleTopK, PyramidKV, Quest, ShotKV,
-                                  SnapKV, SparQ, StreamingLLM)
+from rkv_compile.policies import (H2O, ChunkKV, Full, KVQuant, OracleTopK, PyramidKV, Quest,
+                                  RocketKV, RocketKVFine, ShotKV, SnapKV, SparQ, StreamingLLM)
 
 rewrite_only = make_backend(compiler=lambda gm, example_inputs: gm.forward)
 
@@ -231,6 +231,26 @@ def test_pyramidkv_budgets_shrink_with_depth(budget, window, layers, beta):
     assert P * layers <= sum(kept) <= P * layers + layers * (layers - 1) // 2
 
 
+@given(prompt=st.integers(1, 200_000), budget=st.integers(16, 4096),
+       new=st.integers(1, 512), head_dim=st.sampled_from([32, 64, 80, 128, 256]),
+       divisor=st.integers(1, 8))
+def test_rocketkv_fine_reads_what_rocketkv_reads(prompt, budget, new, head_dim, divisor):
+    """Stage 2 at chunk 1 on r // divisor dims, the reads it frees spent on attended tokens:
+    at the plan's capacity a step reads RocketKV's entries, n r + 2 D (B / 2), less at most
+    one token's worth (2 D). Stage 1 is RocketKV's."""
+    ours = RocketKVFine(budget, new, dims_divisor=divisor).plan(prompt, head_dim)
+    theirs = RocketKV(budget, new).plan(prompt, head_dim)
+    assert (ours.capacity, ours.prompt_budget, ours.chunk) == \
+        (theirs.capacity, theirs.prompt_budget, 1)
+    assert ours.dims == max(1, theirs.dims // divisor)
+    n = theirs.capacity
+    reads, budgeted = n * ours.dims + 2 * head_dim * ours.topk, \
+        n * theirs.dims + 2 * head_dim * theirs.topk
+    assert budgeted - 2 * head_dim < reads <= budgeted
+    with pytest.raises(ValueError, match="dims_divisor"):
+        RocketKVFine(budget, new, dims_divisor=0)
+
+
 def test_plans_keep_what_their_papers_keep():
     full = Full(64, 8).plan(300, 16)
     assert (full.capacity, full.prompt_budget, full.topk) == (308, 300, 0)
@@ -251,7 +271,7 @@ def _rewrite(options):
     ("snapkv", {}), ("oracle-topk", {}), ("full", {}), ("streamingllm", {}),
     ("quest", {"dense_layers": 1}),   # one sparse layer of the two
     ("sparq", {}), ("chunkkv", {}), ("rocketkv", {"stages": "stage1"}),
-    ("rocketkv", {"stages": "stage2"})])
+    ("rocketkv", {"stages": "stage2"}), ("rocketkv-fine", {})])
 def test_policy_through_the_pass_matches_the_oracle(policy, own):
     """DynamicCache and RocketKVCache paths give the eager oracle's tokens, and hold what the
     plan keeps."""

@@ -8,6 +8,7 @@ from .oracle_topk import OracleTopK
 from .pyramidkv import PyramidKV
 from .quest import Quest
 from .rocketkv import RocketKV
+from .rocketkv_fine import RocketKVFine
 from .rocketkv_mt import RocketKVMultiTurn
 from .shotkv import ShotKV
 from .snapkv import SnapKV
@@ -15,5 +16,5 @@ from .sparq import SparQ
 from .streamingllm import StreamingLLM
 
 __all__ = ["POLICIES", "ChunkKV", "Full", "H2O", "KVQuant", "OracleTopK", "Plan", "Policy",
-           "PyramidKV", "Quest", "RocketKV", "RocketKVMultiTurn", "ShotKV", "SnapKV", "SparQ", "StreamingLLM",
+           "PyramidKV", "Quest", "RocketKV", "RocketKVFine", "RocketKVMultiTurn", "ShotKV", "SnapKV", "SparQ", "StreamingLLM",
            "from_spec"]
