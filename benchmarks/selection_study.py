@@ -38,13 +38,14 @@ from rkv_compile import eager, hf, tasks  # noqa: E402
 from rkv_compile.kernels import reference  # noqa: E402
 from rkv_compile.policies.oracle_topk import OracleTopK  # noqa: E402
 from rkv_compile.policies.rocketkv import RocketKV  # noqa: E402
+from rkv_compile.policies.rocketkv_fine import RocketKVFine  # noqa: E402
 
 
-def variants(plan, head_dim: int) -> list[tuple[str, int, int, int]]:
-    """(name, chunk, dims, top-k) of the stage-2 selections tried, named relative to the plan
-    (c, r, k: RocketKV's chunk, dims and top-k for the prompt): its own, its neighbours at
-    top-k k, and at chunk 1 fewer dims with the top-k their reads leave room for (the same
-    entries read at the plan's capacity n: n r' + 2 D k' = n r + 2 D k, rounded down)."""
+def variants(policy: RocketKV, prompt_len: int, head_dim: int) -> list[tuple[str, int, int, int]]:
+    """(name, chunk, dims, top-k) of the stage-2 selections tried, named relative to RocketKV's
+    plan (c, r, k: its chunk, dims and top-k for the prompt): its own, its neighbours at top-k
+    k, and rocketkv-fine's plans (chunk 1, fewer dims, the top-k their reads leave room for)."""
+    plan = policy.plan(prompt_len, head_dim)
     out = []
     for chunk_name, chunk in (("1", 1), ("2", 2), ("c", plan.chunk)):
         for dims_name, dims in (("r/2", max(plan.dims // 2, 1)), ("r", plan.dims),
@@ -53,9 +54,10 @@ def variants(plan, head_dim: int) -> list[tuple[str, int, int, int]]:
             out.append((name + (" (RocketKV)" if name == "chunk c, dims r" else ""), chunk,
                         dims, plan.topk))
     for dims_name, divisor in (("r/2", 2), ("r/4", 4), ("r/8", 8)):
-        dims = max(plan.dims // divisor, 1)
-        topk = plan.topk + plan.capacity * (plan.dims - dims) // (2 * head_dim)
-        out.append((f"chunk 1, dims {dims_name}, top-k for equal reads", 1, dims, topk))
+        fine = RocketKVFine(policy.token_budget, policy.max_new_tokens,
+                            dims_divisor=divisor).plan(prompt_len, head_dim)
+        out.append((f"chunk 1, dims {dims_name}, top-k for equal reads", fine.chunk, fine.dims,
+                    fine.topk))
     return out
 
 
@@ -97,7 +99,7 @@ def study_sample(model, tokenizer, sample, steps: int, budget: int):
                 q, k, v, scale=scale, enable_gqa=True), stored * 2 * D),
                 "oracle top-k": (oracle.decode(q, k, v, None, scale, 1, D, plan.topk),
                                  stored * D + min(plan.topk, stored) * D)}
-            for name, chunk, dims, topk in variants(plan, D):
+            for name, chunk, dims, topk in variants(policy, T, D):
                 tried[name] = (reference.sparse_decode(q, k, v, None, scale, chunk, dims, topk),
                                stored * dims + min(topk, stored) * 2 * D)
             for name, (out, read) in tried.items():
