@@ -154,11 +154,13 @@ def test_an_eval_loop_replays_the_graphs_it_recorded():
 @pytest.mark.parametrize("options", [
     {"policy": "h2o"}, {"policy": "shotkv", "decode_budget": 4}, {"policy": "snapkv"},
     {"policy": "rocketkv", "kv_bits": 4}, {"policy": "chunkkv", "reuse_layers": 2},
-    {"policy": "quest", "dense_layers": 1}, {"policy": "oracle-topk"}, {"policy": "sparq"}])
+    {"policy": "quest", "dense_layers": 1}, {"policy": "oracle-topk"}, {"policy": "sparq"},
+    {"policy": "rocketkv-fine"}])
 def test_policies_on_cuda_match_the_oracle(options):
     """The other policies on CUDA through the whole backend (Inductor): oracle top-k runs
     RocketKV's Triton kernels (at chunk 1 over every dim), SparQ the same at its r dims with
-    mean-value reallocation, and Quest its page kernels (its first layer, dense, the exact
+    mean-value reallocation, rocketkv-fine the same at chunk 1 on a quarter of RocketKV's
+    dims, and Quest its page kernels (its first layer, dense, the exact
     one), replayed as CUDA graphs; the policies that decode
     exactly (SnapKV, ChunkKV) through the Triton flash-decoding kernel over the stored slots;
     H2O and ShotKV, which evict as they decode, through their reference ops."""
