@@ -16,9 +16,9 @@ import rkv_compile
 def main() -> dict:
     model, ids = tiny_llama(), random_prompt(400)
     with torch.no_grad():
-        report = rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=3),
+        report = rkv_compile.explain(model.generate, ids, max_new_tokens=3,
                                      options={"token_budget": 128, "max_new_tokens": 3})
-        exact = rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=3),
+        exact = rkv_compile.explain(model.generate, ids, max_new_tokens=3,
                                     options={"token_budget": None})
     print(report)
     print("\nwith token_budget=None (every site exact, each with its reason):")

@@ -115,7 +115,7 @@ def _explain(args) -> int:
     ids = torch.randint(0, model.config.vocab_size, (1, args.context),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        report = explain(lambda: model.generate(ids, max_new_tokens=2, do_sample=False),
+        report = explain(model.generate, ids, max_new_tokens=2, do_sample=False,
                          options=options)
     print(f"SmolLM2-135M-Instruct, a {args.context}-token prompt, options {options}:\n")
     print(report)

@@ -112,9 +112,8 @@ def test_cache_through_inductor_and_explain():
     ids = torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         report = rkv_compile.explain(
-            lambda: model.generate(ids, max_new_tokens=3,
-                                   **{cache_argument(): RocketKVCache(model.config, 6)}),
-            options=options)
+            model.generate, ids, max_new_tokens=3,
+            **{cache_argument(): RocketKVCache(model.config, 6)}, options=options)
         kinds = {(s.kv_source, s.rewritten) for s in report.sites}
         assert kinds == {("new RocketKVCache", True), ("RocketKVCache", True)}
         assert "the RocketKVCache stores the 175 tokens rocketkv keeps" in str(report)

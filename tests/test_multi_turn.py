@@ -65,7 +65,7 @@ def test_rocketkv_mt_explain():
     model = tiny_hf("llama")
     ids = prompt(200)
     with torch.no_grad():
-        report = rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=3), options=MT)
+        report = rkv_compile.explain(model.generate, ids, max_new_tokens=3, options=MT)
     prefill = [s for s in report.sites if s.query_len == "200"]
     decode = [s for s in report.sites if s.query_len == "1" and s.rewritten]
     assert prefill and all("the cache keeps every token, and decode reads a view of the 138 "

@@ -478,7 +478,7 @@ def test_new_policies_through_the_pass_match_the_oracle(policy, own):
         static, static_cache = generate(model, ids, 6, RocketKVCache(model.config, 6),
                                         _rewrite(options))
         torch._dynamo.reset()
-        report = str(rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=3),
+        report = str(rkv_compile.explain(model.generate, ids, max_new_tokens=3,
                                          options=options))
     assert dynamic == static == expected
     assert stored_lengths(dynamic_cache) == stored_lengths(static_cache) == [k + 5 for k in kept]

@@ -51,7 +51,7 @@ def main(model_dir: str, out_dir: str) -> None:
     result = {"world": world, "rank": rank}
     with torch.no_grad():
         result["explain"] = str(rkv_compile.explain(
-            lambda: model.generate(ids, max_new_tokens=3, do_sample=False), options=OPTIONS))
+            model.generate, ids, max_new_tokens=3, do_sample=False, options=OPTIONS))
         forward = model.forward
         model.forward = torch.compile(forward, backend=backend, options=OPTIONS)
         for name, cache in (("dynamic", None), ("rocketkv_cache", RocketKVCache(model.config, 8))):

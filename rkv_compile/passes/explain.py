@@ -58,6 +58,11 @@ def explain(fn: Callable, *args, options: dict | None = None, **kwargs) -> Repor
     Every graph Dynamo captures during the call is analysed (a `generate` call gives a prefill
     and a decode graph). Rewritten graphs run eagerly, not through Inductor, so this is quick.
     `options` are the backend options (as for torch.compile).
+
+    A model's own `generate` (`explain(model.generate, ids, max_new_tokens=3)`) runs as users
+    run it: its forward compiled (`model.forward = torch.compile(model.forward, ...)`), its
+    Python loop not. That reports the graphs the usage compiles, and skips tracing generate's
+    loop, which takes Dynamo longer than the model (SmolLM2: about a minute on a CPU).
     """
     from ..backend import make_backend
 
@@ -68,10 +73,33 @@ def explain(fn: Callable, *args, options: dict | None = None, **kwargs) -> Repor
         reports.extend(SiteReport.of(graph, d) for d in decisions)
 
     backend = make_backend(compiler=lambda gm, _: gm.forward, on_analysis=record)
-    compiled = torch.compile(fn, backend=lambda gm, ex: backend(gm, ex, options=options))
+
+    def recording(gm, example_inputs):
+        return backend(gm, example_inputs, options=options)
+
+    model = getattr(fn, "__self__", None)
     with _dynamo_quiet():
-        compiled(*args, **kwargs)
+        if isinstance(model, torch.nn.Module) and getattr(fn, "__name__", "") == "generate":
+            with _forward_compiled(model, recording):
+                fn(*args, **kwargs)
+        else:
+            torch.compile(fn, backend=recording)(*args, **kwargs)
     return Report(reports)
+
+
+@contextlib.contextmanager
+def _forward_compiled(model: torch.nn.Module, backend: Callable):
+    """`model.forward` compiled with `backend` for the block, then as it was."""
+    own = "forward" in vars(model)
+    forward = model.forward
+    model.forward = torch.compile(forward, backend=backend)
+    try:
+        yield
+    finally:
+        if own:
+            model.forward = forward
+        else:
+            del model.forward
 
 
 @contextlib.contextmanager
