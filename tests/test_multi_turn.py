@@ -66,6 +66,7 @@ def test_rocketkv_mt_explain():
     ids = prompt(200)
     with torch.no_grad():
         report = rkv_compile.explain(model.generate, ids, max_new_tokens=3, options=MT)
+    assert "forward" not in vars(model)   # explain compiled it for the call, then put it back
     prefill = [s for s in report.sites if s.query_len == "200"]
     decode = [s for s in report.sites if s.query_len == "1" and s.rewritten]
     assert prefill and all("the cache keeps every token, and decode reads a view of the 138 "
