@@ -118,15 +118,78 @@ def model_dir(name: str) -> str:
 
 def load_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) of bundled model `name` (a key of MODELS), dequantised to `dtype`,
-    in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    in eval mode.
+
+    The first load reads the GGUF file (SmolLM2: about 35 s on a 2-core CPU, most of it the
+    gguf reader parsing the vocabulary, once each for the tokenizer, the config and the
+    weights) and keeps what it read as a transformers folder (`converted_dir`, float32, the
+    GGUF's dequantised numbers exactly); later loads read that folder in a few seconds."""
+    from transformers import AutoModelForCausalLM
 
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; the models are {sorted(MODELS)}")
-    folder, gguf = model_dir(name), MODELS[name].gguf
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+    folder = converted_dir(name)
+    if not os.path.exists(os.path.join(folder, CONVERTED)):
+        _convert(name, folder)
+    tokenizer = load_tokenizer(name)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(name: str = "smollm2"):
+    """The tokenizer of bundled model `name` (from its converted folder, made if missing)."""
+    from transformers import AutoTokenizer
+
+    folder = converted_dir(name)
+    if not os.path.exists(os.path.join(folder, CONVERTED)):
+        _convert(name, folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+CONVERTED = "rkv_converted"   # the marker of a finished folder
+
+
+def converted_dir(name: str) -> str:
+    """Where model `name`'s GGUF file, read once, is kept as a transformers folder: per file
+    digest and transformers version (the folder's format is that version's)."""
+    import transformers
+
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    return os.path.join(cache, "rkv_compile", "converted",
+                        f"{name}-{MODELS[name].sha256[:12]}-transformers{transformers.__version__}")
+
+
+def _convert(name: str, folder: str) -> None:
+    """Read model `name`'s GGUF file and keep it in `folder` (written aside, then renamed, so a
+    stopped conversion leaves no folder a later load would trust)."""
+    import copy
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf = model_dir(name), MODELS[name].gguf
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+    # transformers will not save a model it loaded from GGUF (marked quantized, though its
+    # weights are dequantised): save the same weights as a plain model of its config
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    partial = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".partial-")
+    try:
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        open(os.path.join(partial, CONVERTED), "w").close()
+        try:
+            os.replace(partial, folder)
+        except OSError:   # another process kept it first
+            if not os.path.exists(os.path.join(folder, CONVERTED)):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 @functools.cache

@@ -5,17 +5,16 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 from models import tiny_hf
-from transformers import AutoTokenizer
 
 from rkv_compile import cli, evaluate
-from rkv_compile.hf import MODELS, model_dir
+from rkv_compile.hf import MODELS, load_tokenizer
 from rkv_compile.eager import multi_turn
 from rkv_compile.tasks import FIRST_TURN_QUESTION, FIRST_TURN_TOKENS, TASKS, TWO_TURN_TASKS, Sample
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(model_dir("smollm2"), gguf_file=MODELS["smollm2"].gguf)
+    return load_tokenizer("smollm2")
 
 
 @settings(deadline=None, max_examples=25)

@@ -6,7 +6,7 @@ import torch
 from models import stored_lengths
 
 from rkv_compile import RocketKVConfig
-from rkv_compile.hf import load_model, returned_cache
+from rkv_compile.hf import MODELS, load_model, model_dir, returned_cache
 from rkv_compile.tasks import passkey_prompt
 
 OPTIONS = {"token_budget": 256, "max_new_tokens": 10}
@@ -16,6 +16,28 @@ CASES = [(0.1, 0), (0.5, 1), (0.9, 2)]   # (needle depth, seed)
 @pytest.fixture(scope="module")
 def smollm2():
     return load_model("smollm2")
+
+
+def test_the_converted_copy_is_the_gguf_file(smollm2):
+    """load_model reads the GGUF file once and keeps it as a transformers folder: what later
+    loads read is what the file holds (every weight, the tokenizer, the chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = smollm2
+    folder, gguf = model_dir("smollm2"), MODELS["smollm2"].gguf
+    direct = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    assert direct.state_dict().keys() == model.state_dict().keys()
+    for name, weight in direct.state_dict().items():
+        assert torch.equal(weight, model.state_dict()[name]), name
+    bookkeeping = ("_name_or_path", "architectures", "dtype", "quantization_config")
+    assert {k: v for k, v in direct.config.to_dict().items() if k not in bookkeeping} == \
+        {k: v for k, v in model.config.to_dict().items() if k not in bookkeeping}
+    tokens = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    text = passkey_prompt(tokens, 300, 0.5, 0)[0] + " Ünïcode\n\t <|im_start|>"
+    assert tokens(text).input_ids == tokenizer(text).input_ids
+    chat = [{"role": "user", "content": "hi"}]
+    assert tokens.apply_chat_template(chat, tokenize=False) == \
+        tokenizer.apply_chat_template(chat, tokenize=False)
 
 
 def generate(model, ids):
