@@ -146,7 +146,7 @@ def test_cross_attention_stays_exact():
                   do_sample=False, decoder_input_ids=prompt(199, seed=2))
     with torch.no_grad():
         expected = model.generate(ids, **kwargs)
-        report = rkv_compile.explain(lambda: model.generate(ids, **kwargs), options=BUDGET)
+        report = rkv_compile.explain(model.generate, ids, **kwargs, options=BUDGET)
         model.forward = compiled(model.forward, BUDGET, inductor=False)
         try:
             got = model.generate(ids, **kwargs)
