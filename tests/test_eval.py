@@ -116,15 +116,19 @@ def test_two_turn_tasks_run_conversations(tokenizer):
 
 
 def test_smoke_run_on_smollm2(tmp_path, capsys):
-    """What CI runs: every task once at 1K tokens, full KV / rocketkv / snapkv / h2o at budget
+    """`rkv eval --smoke` on two tasks (the shortest answer and the longest list; every task's
+    prompts are checked above): once at 1K tokens, full KV / rocketkv / snapkv / h2o at budget
     128 and 4-bit kvquant; the KV cache each leaves, quantized as packed codes and scales."""
-    assert cli.main(["eval", "--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    tasks = ["passkey", "common_words"]
+    assert cli.main(["eval", "--smoke", "--tasks", ",".join(tasks), "--device", "cpu",
+                     "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert len(result["records"]) == len(TASKS) * 5
+    assert len(result["records"]) == len(tasks) * 5
     memory = result["kv_mib"]["1000"]
     layers, heads, dim = 30, 3, 64   # SmolLM2-135M, float32 on the CPU
     full_mib = memory["full"]["full"]
-    prompt = next(r["prompt_tokens"] for r in result["records"])
+    prompts = [r["prompt_tokens"] for r in result["records"] if r["policy"] == "full"]
+    prompt = sum(prompts) / len(prompts)   # kv_mib is the mean over the samples
     assert full_mib > layers * heads * 2 * prompt * dim * 4 / 2**20
     assert memory["kvquant:kv_bits=4"]["full"] < 0.2 * full_mib   # 4 of 32 bits, plus scales
     assert memory["rocketkv"]["128"] < 0.5 * full_mib and memory["h2o"]["128"] < 0.5 * full_mib
@@ -136,7 +140,7 @@ def test_smoke_run_on_smollm2(tmp_path, capsys):
     scores = {(r["task"], r["policy"]): r["score"] for r in result["records"]}
     assert scores["passkey", "full"] == 1.0     # the real model retrieves at 1K tokens
     summary = result["summary"]["1000"]
-    assert set(summary) == set(TASKS) | {"mean"}
+    assert set(summary) == set(tasks) | {"mean"}
     assert summary["passkey"]["rocketkv"]["128"] == 100 * scores["passkey", "rocketkv"]
     assert "| rocketkv |" in (tmp_path / "eval.md").read_text()
     assert "| snapkv |" in capsys.readouterr().out
