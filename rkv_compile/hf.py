@@ -126,27 +126,29 @@ def load_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, device
     GGUF's dequantised numbers exactly); later loads read that folder in a few seconds."""
     from transformers import AutoModelForCausalLM
 
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; the models are {sorted(MODELS)}")
-    folder = converted_dir(name)
-    if not os.path.exists(os.path.join(folder, CONVERTED)):
-        _convert(name, folder)
-    tokenizer = load_tokenizer(name)
+    folder = _converted(name)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), load_tokenizer(name)
 
 
 def load_tokenizer(name: str = "smollm2"):
     """The tokenizer of bundled model `name` (from its converted folder, made if missing)."""
     from transformers import AutoTokenizer
 
-    folder = converted_dir(name)
-    if not os.path.exists(os.path.join(folder, CONVERTED)):
-        _convert(name, folder)
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(_converted(name))
 
 
 CONVERTED = "rkv_converted"   # the marker of a finished folder
+
+
+def _converted(name: str) -> str:
+    """Model `name`'s converted folder, made if missing."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; the models are {sorted(MODELS)}")
+    folder = converted_dir(name)
+    if not os.path.exists(os.path.join(folder, CONVERTED)):
+        _convert(name, folder)
+    return folder
 
 
 def converted_dir(name: str) -> str:

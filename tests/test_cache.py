@@ -76,7 +76,7 @@ def test_eager_cache_is_exact(length, steps, seed):
             generate(model, ids, steps)[0]
 
 
-@settings(deadline=None, max_examples=6)
+@settings(deadline=None, max_examples=4)
 # The model's argmax here is its EOS token: generate must not suppress it (the oracle does not).
 @example(arch="llama", length=205, budget=64, steps=4, seed=27481)
 @given(arch=st.sampled_from(["llama", "qwen2"]), length=st.integers(40, 400),

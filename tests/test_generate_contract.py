@@ -95,7 +95,7 @@ CALLS = st.tuples(st.integers(30, 260), st.sampled_from(["dynamic", "rocketkv"])
                   st.integers(0, 2**16))
 
 
-@settings(deadline=None, max_examples=6)
+@settings(deadline=None, max_examples=4)
 @given(calls=st.lists(CALLS, min_size=2, max_size=4))
 def test_generate_sessions_compress_as_the_oracle(calls):
     """Drawn sequences of generate calls in one process: each call's sequences are the oracle's

@@ -10,7 +10,7 @@ from rkv_compile.hf import MODELS, load_model, model_dir, returned_cache
 from rkv_compile.tasks import passkey_prompt
 
 OPTIONS = {"token_budget": 256, "max_new_tokens": 10}
-CASES = [(0.1, 0), (0.5, 1), (0.9, 2)]   # (needle depth, seed)
+CASES = [(0.1, 0), (0.9, 2)]   # (needle depth, seed): two prompt lengths near 2K
 
 
 @pytest.fixture(scope="module")
