@@ -25,6 +25,7 @@ Dynamo has seen two) serves every prompt.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import weakref
@@ -657,3 +658,20 @@ def make_backend(compiler: Compiler | None = None, on_analysis: Callable | None 
 
 
 rocketkv = make_backend()
+
+
+@contextlib.contextmanager
+def forward_compiled(model: torch.nn.Module, backend: Callable):
+    """`model.forward` compiled with `backend` for the block (`model.forward =
+    torch.compile(model.forward, backend=...)`, the README's usage), then as it was: the
+    class's forward again, or the instance's own if it had one."""
+    own = "forward" in vars(model)
+    forward = model.forward
+    model.forward = torch.compile(forward, backend=backend)
+    try:
+        yield
+    finally:
+        if own:
+            model.forward = forward
+        else:
+            del model.forward

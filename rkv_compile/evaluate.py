@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from . import eager
-from .backend import rocketkv
+from .backend import forward_compiled, rocketkv
 from .config import RocketKVConfig
 from .hf import MODELS
 from .policies import POLICIES
@@ -117,15 +117,11 @@ def _depth(index: int, samples: int) -> float:
 
 def _generate_compiled(model, ids, config: RocketKVConfig, sample: Sample, stop) -> list[int]:
     torch._dynamo.reset()
-    forward = model.forward
     options = dataclasses.asdict(config) | dict(config.policy_options)
     options.pop("policy_options")
     # the backend object itself: the "rocketkv" name needs the package installed (entry point)
-    model.forward = torch.compile(forward, backend=functools.partial(rocketkv, options=options))
-    try:
+    with forward_compiled(model, functools.partial(rocketkv, options=options)):
         out = model.generate(ids, max_new_tokens=sample.max_new_tokens, do_sample=False)
-    finally:
-        model.forward = forward
     tokens = out[0, ids.shape[1]:].tolist()
     return tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop), len(tokens))]
 

@@ -64,7 +64,7 @@ def explain(fn: Callable, *args, options: dict | None = None, **kwargs) -> Repor
     Python loop not. That reports the graphs the usage compiles, and skips tracing generate's
     loop, which takes Dynamo longer than the model (SmolLM2: about a minute on a CPU).
     """
-    from ..backend import make_backend
+    from ..backend import forward_compiled, make_backend
 
     reports: list[SiteReport] = []
 
@@ -80,26 +80,11 @@ def explain(fn: Callable, *args, options: dict | None = None, **kwargs) -> Repor
     model = getattr(fn, "__self__", None)
     with _dynamo_quiet():
         if isinstance(model, torch.nn.Module) and getattr(fn, "__name__", "") == "generate":
-            with _forward_compiled(model, recording):
+            with forward_compiled(model, recording):
                 fn(*args, **kwargs)
         else:
             torch.compile(fn, backend=recording)(*args, **kwargs)
     return Report(reports)
-
-
-@contextlib.contextmanager
-def _forward_compiled(model: torch.nn.Module, backend: Callable):
-    """`model.forward` compiled with `backend` for the block, then as it was."""
-    own = "forward" in vars(model)
-    forward = model.forward
-    model.forward = torch.compile(forward, backend=backend)
-    try:
-        yield
-    finally:
-        if own:
-            model.forward = forward
-        else:
-            del model.forward
 
 
 @contextlib.contextmanager
