@@ -260,7 +260,7 @@ class Runtime:
         for io, entry in zip(self.ios, entries):
             k, v = io.inputs
             keys = args[k]
-            slots = S.Layout.of(keys, stateful).slots
+            slots = self._exact_slots(keys, args[v])
             if io.source is KVSource.PACKED and \
                     S.slot_bucket(slots, keys.shape[-1], keys.element_size(), stateful) != slots:
                 raise NotImplementedError(
@@ -279,8 +279,17 @@ class Runtime:
             MIRROR.entries[args[k].untyped_storage()] = entry
         keys = [args[io.inputs[0]] for io in self.ios]
         self.last = CheckedCaches([weakref.ref(k.untyped_storage()) for k in keys], entries,
-                                  [S.Layout.of(k, stateful).slots for k in keys],
+                                  [self._exact_slots(args[io.inputs[0]], args[io.inputs[1]])
+                                   for io in self.ios],
                                   S.POOL.recycled)
+
+    def _exact_slots(self, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """The slots a compressed cache has for new tokens (a quantized cache's header says how
+        many rows its codes take: read only when the policy quantizes)."""
+        stateful = bool(self.config.method.state)
+        if self.config.method.kv_bits is None:
+            return S.Layout.of(keys, stateful).slots
+        return S.exact_slots(keys, values, stateful)
 
     def _swap(self, args: list, index: int, tensor: torch.Tensor) -> None:
         """Another cache tensor in input `index`, and its length in the symbolic-size inputs
@@ -498,12 +507,17 @@ def _grown(keys: torch.Tensor, values: torch.Tensor, state: str) -> tuple:
     """A compressed DynamicCache layer with twice the slots (its state and header copied), for
     generating past the option's max_new_tokens."""
     old = S.read(keys, values)
-    n = old.keys.shape[2]
+    coded = S.coded(keys, values, bool(state))
+    n = old.keys.shape[2] if coded is None else coded[1]
     slots = S.slot_bucket(2 * n, keys.shape[3], old.keys.element_size(), bool(state))
     new_keys, new_values, new = S.allocate(keys.shape[0], keys.shape[1], keys.shape[3],
                                            values.shape[3], slots, state, old.keys.dtype,
-                                           keys.device)
-    new.keys[:, :, :n], new.values[:, :, :n] = old.keys, old.values
+                                           keys.device, None if coded is None else coded[0])
+    new.keys[:, :, :n], new.values[:, :, :n] = old.keys[:, :, :n], old.values[:, :, :n]
+    if coded is not None:   # the codes, after the new exact slots
+        rows = coded[0].rows
+        new_keys[:, :, slots:slots + rows] = keys[:, :, n:n + rows]
+        new_values[:, :, slots:slots + rows] = values[:, :, n:n + rows]
     if old.layout.state:
         new.state[..., :n] = old.state
     new.header.copy_(old.header)

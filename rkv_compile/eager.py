@@ -150,6 +150,7 @@ def evict(config: RocketKVConfig, query: Tensor, key: Tensor, value: Tensor, mas
         *kept, scores = method.compress(query[:, :, -observed:], key, value,
                                         None if mask is None else mask[..., -observed:, :],
                                         scale, min(plan.prompt_budget, T), reused)
+        kept[:2] = method.quantized(*kept[:2])
     layer = LayerDecode(plan, scores if method.state == "scores" else None,
                         tuple(kept) if method.keeps_history else None)
     stored = (key, value) if method.keeps_history else tuple(kept[:2])
@@ -320,6 +321,7 @@ def multi_turn(model, turns: list[Tensor], config: RocketKVConfig,
                 kept = method.compress(record.queries[layer], key, value, record.masks[layer],
                                        record.scales[layer], min(plan.prompt_budget, stored),
                                        None if source is None else selections[source])[:3]
+                kept = (*method.quantized(*kept[:2]), kept[2])
             selections[layer] = kept[2]
             decodes[layer] = LayerDecode(plan, view=kept if method.keeps_history else None)
             if not method.keeps_history:

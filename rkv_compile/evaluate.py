@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import eager
 from .backend import forward_compiled, rocketkv
 from .config import RocketKVConfig
-from .hf import MODELS
+from .hf import MODELS, returned_cache
 from .policies import POLICIES
 from .tasks import FIRST_TURN_TOKENS, TASKS, TWO_TURN_TASKS, Sample
 
@@ -115,15 +115,22 @@ def _depth(index: int, samples: int) -> float:
     return index / (samples - 1) if samples > 1 else 0.5
 
 
-def _generate_compiled(model, ids, config: RocketKVConfig, sample: Sample, stop) -> list[int]:
+def _generate_compiled(model, ids, config: RocketKVConfig, sample: Sample, stop
+                       ) -> tuple[list[int], float]:
+    """The greedy reply through generate under backend="rocketkv", and the MiB its cache's
+    tensors hold after it (measured: codes, slots for new tokens, headers, rounding)."""
     torch._dynamo.reset()
     options = dataclasses.asdict(config) | dict(config.policy_options)
     options.pop("policy_options")
     # the backend object itself: the "rocketkv" name needs the package installed (entry point)
     with forward_compiled(model, functools.partial(rocketkv, options=options)):
-        out = model.generate(ids, max_new_tokens=sample.max_new_tokens, do_sample=False)
-    tokens = out[0, ids.shape[1]:].tolist()
-    return tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop), len(tokens))]
+        out = model.generate(ids, max_new_tokens=sample.max_new_tokens, do_sample=False,
+                             return_dict_in_generate=True)
+    held = sum(t.numel() * t.element_size() for layer in returned_cache(out).layers
+               for t in (layer.keys, layer.values))
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop), len(tokens))]
+    return tokens, round(held / 2**20, 3)
 
 
 JOURNAL = "records.jsonl"
@@ -248,8 +255,8 @@ def _run(model, tokenizer, settings: EvalSettings, configs, stop, done: set, emi
                 for policy, budget in todo:
                     config = settings.config(policy, budget, sample.max_new_tokens)
                     if prompt is None:
-                        tokens = _generate_compiled(model, ids, config, sample, stop)
-                        kv_mib = kv_read = None
+                        tokens, kv_mib = _generate_compiled(model, ids, config, sample, stop)
+                        kv_read = None
                     else:
                         tokens, kept = eager.continue_greedy(model, prompt, config,
                                                              sample.max_new_tokens, stop)
@@ -406,8 +413,10 @@ def table(result: dict) -> str:
                                     for policy, by_budget in by_policy.items()})
                 for context, tasks in result["summary"].items()
                 for task, by_policy in tasks.items()]
+    held = "held by the cache's tensors" if result["settings"].get("engine") == "compile" else \
+        "computed: quantized prompts as packed codes and scales"
     sections += [(f"KV cache after generation, {context}-token prompts** (MiB, all layers; "
-                  "quantized prompts as packed codes and scales)", by_policy)
+                  f"{held})", by_policy)
                  for context, by_policy in result.get("kv_mib", {}).items()]
     sections += [(f"KV read by a decode step, {context}-token prompts** (KiB, all layers: "
                   "what each policy's selection and attention read)", by_policy)

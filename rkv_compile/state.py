@@ -19,7 +19,10 @@ Why the cache's own tensors: transformers moves a cache along the batch (beam se
 these two tensors, so every row's stored tokens, state, lengths and plan move together, on
 either cache, with nothing to keep in step. And Dynamo guards a graph input's dtype, so a
 decode graph traced over a packed cache is never run over plain keys, or the reverse.
-`Layout` derives the regions from the length S alone. Rows past a row's stored slots are never
+A quantized layer (`kv_bits`, Flag.CODED) keeps its prompt's tokens as codes in the last rows of
+the slot region (`Coded`); its slots before them hold the generated tokens exactly, STORED
+counting those. `Layout` derives the regions from the length S alone (a code region is inside
+`slots`: its size is in the header). Rows past a row's stored slots are never
 attended: exact attention can run over all S rows with the mask `slot < stored`.
 """
 from __future__ import annotations
@@ -53,6 +56,10 @@ class Word(enum.IntEnum):
     FLAGS = 7
     DTYPE = 8      # DTYPE_CODES of the model's numbers
     VIEW = 9       # rocketkv-mt: the view's length (its slot indices are the state)
+    CODED = 10     # a quantized layer (Flag.CODED): the row's prompt tokens kept as codes
+    CODED_CAPACITY = 11   # tokens the code region holds (every row alike)
+    BITS = 12      #   bits per code
+    GROUP = 13     #   entries sharing a step and a zero point
 
 
 HEADER_WORDS = len(Word)
@@ -66,6 +73,7 @@ class Flag(enum.IntFlag):
     # decode step that cannot prove its positions do not derive from the stored length must
     # not read it.
     PROBE = 8
+    CODED = 16  # the prompt's kept tokens are codes (`Coded`); STORED counts the exact slots
 
 
 def packed_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -249,21 +257,28 @@ POOL = BufferPool()
 
 
 def allocate(batch: int, heads: int, head_dim: int, value_dim: int, slots: int, state: str,
-             dtype: torch.dtype, device) -> tuple[Tensor, Tensor, LayerState]:
+             dtype: torch.dtype, device, code: Coded | None = None
+             ) -> tuple[Tensor, Tensor, LayerState]:
     """Zeroed packed tensors for `slots` slots (a state region if `state`, "scores" or
-    "view"), their views, and a header with the magic word, the dtype and the flags filled.
-    The tensors come from `POOL` (a dropped cache's memory)."""
+    "view"; `code`'s region after them for a quantized layer), their views, and a header with
+    the magic word, the dtype and the flags filled (and the code's words). The tensors come
+    from `POOL` (a dropped cache's memory)."""
     stateful = bool(state)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    layout = Layout.new(slots, stateful, head_dim, itemsize)
+    layout = Layout.new(slots + (code.rows if code else 0), stateful, head_dim, itemsize)
     int_dtype = packed_dtype(dtype)
     keys = POOL.zeros((batch, heads, layout.rows, head_dim), int_dtype, device)
     values = POOL.zeros((batch, heads, layout.rows, value_dim), int_dtype, device)
     layer = unpack(keys, values, stateful, dtype)
     layer.set_word(Word.MAGIC, MAGIC)
     layer.set_word(Word.DTYPE, DTYPE_CODES[dtype])
-    flags = (Flag.STATE if stateful else 0) | (Flag.VIEW if state == "view" else 0)
+    flags = (Flag.STATE if stateful else 0) | (Flag.VIEW if state == "view" else 0) | \
+        (Flag.CODED if code else 0)
     layer.set_word(Word.FLAGS, int(flags))
+    if code:
+        for word, value in ((Word.CODED_CAPACITY, code.capacity), (Word.BITS, code.bits),
+                            (Word.GROUP, code.group)):
+            layer.set_word(word, value)
     return keys, values, layer
 
 
@@ -298,6 +313,158 @@ def read(keys: Tensor, values: Tensor) -> LayerState:
     return unpack(keys, values, stateful, model_dtype(keys))
 
 
+CODE_BITS = (2, 4, 8)   # widths that pack whole codes into bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Coded:
+    """Where a quantized layer keeps its prompt's tokens (KVComp, arXiv 2509.00579; KIVI's
+    grouping): `rows` rows at the end of the slot region of both tensors, after the `exact`
+    slots that hold the generated tokens. Per row and KV head, as bytes:
+
+        keys:    [ key codes (capacity x D) | steps, zeros: fp16 (capacity / group x D) each ]
+        values:  [ value codes (capacity x Dv) | steps, zeros: fp16 (capacity x Dv / group) each ]
+
+    A token's codes are contiguous, `8 / bits` to a byte, the lower channel in the lower bits;
+    keys share a step and zero per channel over `group` tokens, values per token over `group`
+    channels (`reference.quantize`). The capacity is a multiple of the group and of 16 tokens
+    (whole bytes, fp16-aligned steps)."""
+
+    capacity: int
+    bits: int
+    group: int
+    head_dim: int
+    value_dim: int
+    itemsize: int
+
+    @classmethod
+    def new(cls, tokens: int, bits: int, group: int, head_dim: int, value_dim: int,
+            itemsize: int) -> "Coded":
+        if bits not in CODE_BITS:
+            raise ValueError(f"rocketkv option 'kv_bits' must be one of {CODE_BITS} (got {bits})")
+        unit = 16 * group // math.gcd(16, group)
+        return cls(-(-max(tokens, 1) // unit) * unit, bits, group, head_dim, value_dim, itemsize)
+
+    def _bytes(self, dim: int, scales: int) -> tuple[int, int]:
+        """(code bytes, fp16 steps of one kind) of one tensor's region."""
+        return self.capacity * dim * self.bits // 8, scales
+
+    @property
+    def key_parts(self) -> tuple[int, int]:
+        return self._bytes(self.head_dim, self.capacity // self.group * self.head_dim)
+
+    @property
+    def value_parts(self) -> tuple[int, int]:
+        return self._bytes(self.value_dim, self.capacity * -(-self.value_dim // self.group))
+
+    @property
+    def rows(self) -> int:
+        def rows_of(parts, dim):
+            return -(-(parts[0] + 4 * parts[1]) // (dim * self.itemsize))
+        return max(rows_of(self.key_parts, self.head_dim),
+                   rows_of(self.value_parts, self.value_dim))
+
+    def regions(self, keys: Tensor, values: Tensor, exact: int):
+        """Views of the (codes as bytes, steps, zeros) of keys and of values: (B, H, ...)."""
+        out = []
+        for tensor, (code_bytes, scales) in ((keys, self.key_parts), (values, self.value_parts)):
+            region = tensor.narrow(2, exact, self.rows).view(torch.uint8).flatten(2)
+            fp16 = region.narrow(2, code_bytes, 4 * scales).view(torch.float16)
+            out.append((region.narrow(2, 0, code_bytes), fp16.narrow(2, 0, scales),
+                        fp16.narrow(2, scales, scales)))
+        return out
+
+    def write(self, keys: Tensor, values: Tensor, exact: int, row: int, key, value) -> None:
+        """Row `row`'s quantized keys and values (`reference.Quantized`, (1, H, n, D), n <=
+        capacity) into the region after `exact` slots."""
+        for (codes, steps, zeros), q in zip(self.regions(keys, values, exact), (key, value)):
+            packed = _pack_codes(q.codes[0], self.bits)          # H, n * dim * bits / 8
+            codes[row, :, :packed.shape[-1]] = packed
+            step, zero = q.step[0].flatten(1), q.zero[0].flatten(1)
+            steps[row, :, :step.shape[-1]] = step
+            zeros[row, :, :zero.shape[-1]] = zero
+
+    def read(self, keys: Tensor, values: Tensor, exact: int, dtype: torch.dtype
+             ) -> tuple[Tensor, Tensor]:
+        """Every row's coded keys and values, dequantized: (B, H, capacity, D) and (..., Dv)
+        (rows past a row's own count hold whatever was there: mask them)."""
+        from .kernels.reference import Quantized, dequantize   # (the kernels import state)
+        (kc, ks, kz), (vc, vs, vz) = self.regions(keys, values, exact)
+        B, H = keys.shape[:2]
+        D, Dv, n, G = self.head_dim, self.value_dim, self.capacity, self.group
+        key = Quantized(_unpack_codes(kc, self.bits).view(B, H, n, D),
+                        ks.view(B, H, n // G, D), kz.view(B, H, n // G, D), self.bits, G, 2)
+        value = Quantized(_unpack_codes(vc, self.bits).view(B, H, n, Dv),
+                          vs.view(B, H, n, -1), vz.view(B, H, n, -1), self.bits, G, 3)
+        return dequantize(key, dtype), dequantize(value, dtype)
+
+
+def _pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """(..., n, dim) uint8 codes < 2**bits as bytes (..., n * dim * bits / 8)."""
+    per_byte = 8 // bits
+    flat = codes.flatten(-2).to(torch.int32)
+    flat = torch.nn.functional.pad(flat, (0, -flat.shape[-1] % per_byte)) \
+        .unflatten(-1, (-1, per_byte))
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (flat << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack_codes(packed: Tensor, bits: int) -> Tensor:
+    """Bytes (..., m) as their codes (..., m * 8 / bits), uint8."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    return ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)) \
+        .flatten(-2).to(torch.uint8)
+
+
+def coded(keys: Tensor, values: Tensor, stateful: bool = False) -> tuple[Coded, int] | None:
+    """A quantized layer's `Coded` and its exact slots, from its header (on the host); None for
+    a layer without codes."""
+    words = _header_words(keys)
+    if not words.shape[0] or not int(words[0, Word.FLAGS]) & Flag.CODED:
+        return None
+    code = Coded(int(words[0, Word.CODED_CAPACITY]), int(words[0, Word.BITS]),
+                 int(words[0, Word.GROUP]), keys.shape[-1], values.shape[-1],
+                 keys.element_size())
+    return code, Layout.of(keys, stateful).slots - code.rows
+
+
+def exact_slots(keys: Tensor, values: Tensor, stateful: bool) -> int:
+    """The slots a layer has for exact tokens (a quantized layer's codes take the rest), read
+    on the host."""
+    found = coded(keys, values, stateful)
+    return Layout.of(keys, stateful).slots if found is None else found[1]
+
+
+def tokens(keys: Tensor, values: Tensor, stateful: bool, dtype: torch.dtype
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """Every stored token's keys and values as numbers of `dtype` and which are stored: for a
+    layer without codes its slots and `valid()`; for a quantized one its coded tokens
+    dequantized, then its exact slots, (B, H, capacity + exact, D), and (B, 1, 1, capacity +
+    exact) bool, True at each row's coded tokens and stored exact slots."""
+    layer = unpack(keys, values, stateful, dtype)
+    found = coded(keys, values, stateful)
+    if found is None:
+        return layer.keys, layer.values, layer.valid()
+    code, exact = found
+    k, v = code.read(keys, values, exact, dtype)
+    slots = torch.arange(code.capacity + exact, device=keys.device)
+    counts = layer.word(Word.CODED).view(-1, 1, 1, 1)
+    valid = (slots < counts) | (slots >= code.capacity) & \
+        (slots < code.capacity + layer.stored.view(-1, 1, 1, 1))
+    return (torch.cat([k, layer.keys[:, :, :exact]], 2),
+            torch.cat([v, layer.values[:, :, :exact]], 2), valid)
+
+
+def row_tokens(keys: Tensor, values: Tensor, stateful: bool, dtype: torch.dtype, row: int
+               ) -> tuple[Tensor, Tensor]:
+    """Row `row`'s stored tokens in order, (1, H, n, D) and (1, H, n, Dv): its coded ones
+    dequantized (if any), then its exact slots."""
+    k, v, valid = tokens(keys[row:row + 1], values[row:row + 1], stateful, dtype)
+    index = valid[0, 0, 0].nonzero().squeeze(1)
+    return k[:, :, index], v[:, :, index]
+
+
 @dataclasses.dataclass
 class StoredLayer:
     """What a compressed layer holds, for people and tests (`stored`): per row, the stored
@@ -329,7 +496,22 @@ def stored(cache) -> list[StoredLayer | None]:
             continue
         state = read(keys, values)
         words = {w: state.word(w).tolist() for w in Word}
-        out.append(StoredLayer(state.keys, state.values, words[Word.STORED],
-                               words[Word.POSITION], words[Word.CHUNK], words[Word.DIMS],
-                               words[Word.TOPK]))
+        k, v, lengths = state.keys, state.values, words[Word.STORED]
+        if coded(keys, values, state.layout.state > 0) is not None:   # codes dequantized
+            k, v, lengths = _left_aligned(keys, values, state.keys.dtype)
+        out.append(StoredLayer(k, v, lengths, words[Word.POSITION], words[Word.CHUNK],
+                               words[Word.DIMS], words[Word.TOPK]))
     return out
+
+
+def _left_aligned(keys: Tensor, values: Tensor, dtype: torch.dtype
+                  ) -> tuple[Tensor, Tensor, list[int]]:
+    """A quantized layer's tokens, each row's first (coded, dequantized, then exact), and
+    their counts."""
+    rows = [row_tokens(keys, values, False, dtype, b) for b in range(keys.shape[0])]
+    width = max(k.shape[2] for k, _ in rows)
+    pad = [(k.new_zeros(1, k.shape[1], width - k.shape[2], k.shape[3]),
+            v.new_zeros(1, v.shape[1], width - v.shape[2], v.shape[3])) for k, v in rows]
+    return (torch.cat([torch.cat([k, p], 2) for (k, _), (p, _) in zip(rows, pad)]),
+            torch.cat([torch.cat([v, p], 2) for (_, v), (_, p) in zip(rows, pad)]),
+            [k.shape[2] for k, _ in rows])

@@ -308,12 +308,12 @@ def test_a_full_rocketkv_cache_names_its_argument():
                                do_sample=False, **{cache_argument(): cache})
 
 
-def test_a_dynamic_cache_grows_past_the_options_max_new_tokens():
+@pytest.mark.parametrize("options", [OPTION_SETS[0], OPTION_SETS[3]], ids=["exact", "codes"])
+def test_a_dynamic_cache_grows_past_the_options_max_new_tokens(options):
     """The option sizes a DynamicCache for 5 tokens; generating 24 grows it (the plan stays the
-    prompt's), with the oracle's tokens."""
+    prompt's; a quantized cache's codes move after its new slots), with the oracle's tokens."""
     session = Session(tiny_llama())
     ids = prompt(220, seed=10)
-    options = OPTION_SETS[0]
     session.model.forward = compiled(session.eager, options, inductor=False)
     try:
         with torch.no_grad():

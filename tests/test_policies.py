@@ -339,7 +339,7 @@ def test_kvquant_stores_keys_per_channel_and_values_per_token(B, H, n, D, bits, 
     policy = RocketKVConfig.from_options({"policy": "kvquant", "kv_bits": bits,
                                           "kv_group_size": group}).method
     index = torch.arange(n).expand(B, H, n)
-    kk, vv = policy.store(k, v, index)
+    kk, vv = policy.quantized(*policy.store(k, v, index))
     torch.testing.assert_close(kk, _quantize_by_definition(k, bits, group, 2), rtol=0, atol=1e-6)
     torch.testing.assert_close(vv, _quantize_by_definition(v, bits, group, 3), rtol=0, atol=1e-6)
     for x, q, dim in ((k, kk, 2), (v, vv, 3)):

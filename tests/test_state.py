@@ -96,8 +96,16 @@ def test_compress_stores_each_rows_selection(lengths, H, G, policy, room, layer,
             want_k, want_v = k[b:b + 1, :, own], v[b:b + 1, :, own]
             want_pos = torch.arange(m).expand(1, H, m)
         kept = m if method.keeps_history else want_k.shape[2]
-        assert layer_state.stored[b] == kept
         assert layer_state.position[b] == m
+        if method.kv_bits is not None:   # codes, no exact slot used yet
+            assert [layer_state.stored[b], layer_state.word(Word.CODED)[b]] == [0, kept]
+            got = S.row_tokens(keys, values, False, torch.float32, b)
+            for tokens, want in zip(got, method.quantized(want_k, want_v)):
+                torch.testing.assert_close(tokens, want, rtol=0, atol=0)
+            assert torch.equal(positions[b:b + 1, :, :kept], want_pos)
+            widest = max(widest, kept)
+            continue
+        assert layer_state.stored[b] == kept
         stored_k = layer_state.keys[b:b + 1, :, :kept]
         if method.keeps_history:   # every token, and the selection as the view
             torch.testing.assert_close(stored_k, k[b:b + 1, :, own], rtol=0, atol=0)
@@ -118,6 +126,10 @@ def test_compress_stores_each_rows_selection(lengths, H, G, policy, room, layer,
             p = method.plan(m, D, other, 3)
             widest = max(widest, m if method.keeps_history or not method.rewrites_prompt(m, p)
                          else min(p.prompt_budget, m))
+    if method.kv_bits is not None:   # the exact slots for new tokens, then the codes
+        code, exact = S.coded(keys, values)
+        assert exact == S.slot_bucket(room) and code.capacity >= widest
+        return
     assert layer_state.keys.shape[2] == S.slot_bucket(widest + room, D, 4, bool(method.state))
 
 

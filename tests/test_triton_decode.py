@@ -355,8 +355,8 @@ def test_packed_exact_decode(case, live):
     keys, values, layer = _packed(k, v, {S.Word.STORED: live})
     scale = D**-0.5
     got = torch.ops.rocketkv.exact_decode_triton(q, keys, values, scale)
-    want = exact_attention(q.double(), S.LayerState(layer.keys.double(), layer.values.double(),
-                                                    layer.state, layer.header, layer.layout), scale)
+    want = exact_attention(q.double(), layer.keys.double(), layer.values.double(),
+                           layer.valid(), scale)
     assert got.shape == q.shape and got.dtype == dtype
     assert relative_error(got, want) < TOLERANCE[dtype]
 

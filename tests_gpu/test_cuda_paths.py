@@ -155,7 +155,7 @@ def test_an_eval_loop_replays_the_graphs_it_recorded():
     {"policy": "h2o"}, {"policy": "shotkv", "decode_budget": 4}, {"policy": "snapkv"},
     {"policy": "rocketkv", "kv_bits": 4}, {"policy": "chunkkv", "reuse_layers": 2},
     {"policy": "quest", "dense_layers": 1}, {"policy": "oracle-topk"}, {"policy": "sparq"},
-    {"policy": "rocketkv-fine"}])
+    {"policy": "rocketkv-fine"}, {"policy": "kvquant", "kv_bits": 4}])
 def test_policies_on_cuda_match_the_oracle(options):
     """The other policies on CUDA through the whole backend (Inductor): oracle top-k runs
     RocketKV's Triton kernels (at chunk 1 over every dim), SparQ the same at its r dims with
@@ -163,7 +163,8 @@ def test_policies_on_cuda_match_the_oracle(options):
     dims, and Quest its page kernels (its first layer, dense, the exact
     one), replayed as CUDA graphs; the policies that decode
     exactly (SnapKV, ChunkKV) through the Triton flash-decoding kernel over the stored slots;
-    H2O and ShotKV, which evict as they decode, through their reference ops."""
+    H2O and ShotKV, which evict as they decode, through their reference ops; a cache of
+    codes (kv_bits) through the reference op, which dequantizes them."""
     options = {**BUDGET, **options}
     model = tiny_hf("llama").cuda()
     model.generation_config.eos_token_id = None

@@ -73,21 +73,34 @@ def pack(rows: list[Row], room: int, method, dtype: torch.dtype, probe: bool, wi
     builds one mask for all layers)."""
     first = rows[0]
     B, H, D, Dv = len(rows), first.keys.shape[1], first.keys.shape[3], first.values.shape[3]
-    slots = S.slot_bucket(widest + room, D, torch.empty(0, dtype=dtype).element_size(),
-                          bool(method.state))
-    keys, values, layer = S.allocate(B, H, D, Dv, slots, method.state, dtype, first.keys.device)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    code = None
+    if method.kv_bits is not None:   # the prompt's tokens as codes, the slots for new ones
+        code = S.Coded.new(S.slot_bucket(widest), method.kv_bits, method.kv_group_size, D, Dv,
+                           itemsize)
+        slots = S.slot_bucket(room)
+    else:
+        slots = S.slot_bucket(widest + room, D, itemsize, bool(method.state))
+    keys, values, layer = S.allocate(B, H, D, Dv, slots, method.state, dtype, first.keys.device,
+                                     code)
     if probe:
         layer.set_word(Word.FLAGS, layer.word(Word.FLAGS) | S.Flag.PROBE)
     for b, row in enumerate(rows):
         n = row.keys.shape[2]
-        layer.keys[b, :, :n], layer.values[b, :, :n] = row.keys[0], row.values[0]
+        if code is not None:
+            code.write(keys, values, slots, b,
+                       reference.quantize(row.keys, code.bits, code.group, dim=2),
+                       reference.quantize(row.values, code.bits, code.group, dim=3))
+            layer.header[b, :, Word.CODED] = n
+        else:
+            layer.keys[b, :, :n], layer.values[b, :, :n] = row.keys[0], row.values[0]
         if row.view is not None:
             layer.state[b, :, :row.view.shape[2]] = row.view[0]
             layer.header[b, :, Word.VIEW] = row.view.shape[2]
         elif row.state.numel():
             layer.state.view(torch.float32)[b, :, :n] = row.state[0]
         plan = row.plan
-        for word, value in ((Word.STORED, n), (Word.POSITION, row.position),
+        for word, value in ((Word.STORED, 0 if code else n), (Word.POSITION, row.position),
                             (Word.CHUNK, plan.chunk), (Word.DIMS, plan.dims),
                             (Word.TOPK, plan.topk or S.NOT_SELECTED), (Word.PROMPT, row.prompt)):
             layer.header[b, :, word] = value
@@ -182,11 +195,12 @@ def _plans(layer: S.LayerState) -> list[tuple[int, int, int]]:
     return list(zip(*(layer.word(w).tolist() for w in (Word.CHUNK, Word.DIMS, Word.TOPK))))
 
 
-def exact_attention(query: Tensor, layer: S.LayerState, scale: float) -> Tensor:
-    """Exact attention over each row's stored slots (tensor ops only: CUDA graphs hold it)."""
-    return F.scaled_dot_product_attention(query, layer.keys, layer.values,
-                                          attn_mask=layer.valid(), scale=scale,
-                                          enable_gqa=query.shape[1] != layer.keys.shape[1])
+def exact_attention(query: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float
+                    ) -> Tensor:
+    """Exact attention over each row's stored slots (`valid`; tensor ops only: CUDA graphs
+    hold it)."""
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=valid, scale=scale,
+                                          enable_gqa=query.shape[1] != keys.shape[1])
 
 
 def decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, method) -> Tensor:
@@ -194,8 +208,13 @@ def decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, method) ->
     exactly (and for a layer stored whole, without selection), else the policy's `decode` for
     each row with its own plan (rows sharing a plan in one call)."""
     layer = S.unpack(keys, values, bool(method.state), query.dtype)
+    # a quantized layer (the header says, read only for a policy that quantizes): its codes
+    # dequantized, then its exact slots
+    code = S.coded(keys, values) if method.kv_bits is not None else None
     if not method.sparse_decode:
-        return exact_attention(query, layer, scale)
+        if code is not None:
+            return exact_attention(query, *S.tokens(keys, values, False, query.dtype), scale)
+        return exact_attention(query, layer.keys, layer.values, layer.valid(), scale)
     plans, stored = _plans(layer), layer.stored.tolist()
     views = layer.word(Word.VIEW).tolist() if method.keeps_history else None
     out = torch.empty(*query.shape[:-1], values.shape[-1], dtype=query.dtype,
@@ -205,6 +224,8 @@ def decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, method) ->
         if views is not None:   # the view: kept prompt tokens and every decoded one
             index = layer.state[b:b + 1, :, :views[b]].long()
             k, v = (reference.gather_tokens(t[b:b + 1], index) for t in (layer.keys, layer.values))
+        elif code is not None:
+            k, v = S.row_tokens(keys, values, False, query.dtype, b)
         else:
             k, v = layer.keys[b:b + 1, :, :stored[b]], layer.values[b:b + 1, :, :stored[b]]
         if topk >= S.NOT_SELECTED:
@@ -251,6 +272,7 @@ def turn(query: Tensor, key: Tensor, value: Tensor, keys: Tensor, values: Tensor
     turn's; then the policy selects again over all of them, voted by the turn's last queries,
     with the plan of the row's logical length after the turn. A turn with fewer tokens than the
     selection reads queries keeps every token (and the row's last plan)."""
+    _refuse_codes(keys, values, "a new turn (or a later prompt chunk)")
     layer = S.unpack(keys, values, bool(method.state), query.dtype)
     roomy = dataclasses.replace(method, max_new_tokens=room)
     T = query.shape[2]
@@ -289,6 +311,7 @@ def extend(keys: Tensor, values: Tensor, key: Tensor, value: Tensor, room: int, 
     """A new turn kept whole (a RocketKVCache without the pass): the stored slots and the
     turn's tokens, in tensors of `slots + turn + room` slots (a size that follows from the
     shapes, as the mask transformers builds for the turn must), decode still exact."""
+    _refuse_codes(keys, values, "a new turn")
     layer = S.read(keys, values)
     B, H, T, D = key.shape
     slots = layer.keys.shape[2] + T + room
@@ -301,3 +324,10 @@ def extend(keys: Tensor, values: Tensor, key: Tensor, value: Tensor, room: int, 
     new.set_word(Word.STORED, layer.stored + T)
     new.set_word(Word.POSITION, layer.position + T)
     return new_keys, new_values
+
+
+def _refuse_codes(keys: Tensor, values: Tensor, what: str) -> None:
+    if S.coded(keys, values) is not None:
+        raise NotImplementedError(
+            f"rocketkv: {what} over a cache whose prompt is stored as codes (kv_bits) is not "
+            "supported yet; use one prompt per cache with kv_bits, or no kv_bits")

@@ -7,6 +7,8 @@ Scores are computed in float32 whatever the input dtype.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -109,22 +111,51 @@ def gather_tokens(t: Tensor, index: Tensor) -> Tensor:
     return t.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])).contiguous()
 
 
-def fake_quantize(x: Tensor, bits: int, group_size: int, dim: int) -> Tensor:
-    """x through `bits`-bit codes and back (what a quantized cache reads): each run of
-    `group_size` consecutive entries along `dim` (the last run may be shorter) shares a scale and
-    a zero point, its min, both stored as fp16; asymmetric, round to nearest. Keys take dim 2
-    (one scale per channel over a run of tokens), values dim 3 (per token over a run of
-    channels), as KIVI quantizes them."""
+@dataclasses.dataclass
+class Quantized:
+    """x as `bits`-bit codes: `codes` (x's shape, uint8, one code per entry), and per run of
+    `group_size` entries along `dim` a `step` and a `zero` (the run's min), fp16, in x's shape
+    with that dim cut to the number of runs."""
+
+    codes: Tensor
+    step: Tensor
+    zero: Tensor
+    bits: int
+    group_size: int
+    dim: int
+
+
+def quantize(x: Tensor, bits: int, group_size: int, dim: int) -> Quantized:
+    """x through `bits`-bit codes: each run of `group_size` consecutive entries along `dim` (the
+    last run may be shorter) shares a step and a zero point, its min, both fp16; asymmetric,
+    round to nearest. Keys take dim 2 (one step per channel over a run of tokens), values dim 3
+    (per token over a run of channels), as KIVI quantizes them."""
     moved = x.float().movedim(dim, -1)
     m = moved.shape[-1]
     pad = -m % group_size   # the last run, padded with its last entry: min and max unchanged
     groups = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], -1) \
         .unflatten(-1, (-1, group_size))
-    low = groups.amin(-1, keepdim=True).half().float()
-    step = ((groups.amax(-1, keepdim=True) - low) / (2**bits - 1)).half().float()
-    codes = ((groups - low) / step).round().clamp(0, 2**bits - 1)
+    low = groups.amin(-1, keepdim=True).half()
+    step = ((groups.amax(-1, keepdim=True) - low.float()) / (2**bits - 1)).half()
+    codes = ((groups - low.float()) / step.float()).round().clamp(0, 2**bits - 1)
     codes = torch.where(step > 0, codes, 0.0)   # a constant run: every entry is its zero point
-    return (codes * step + low).flatten(-2)[..., :m].movedim(-1, dim).to(x.dtype).contiguous()
+    codes = codes.flatten(-2)[..., :m].to(torch.uint8).movedim(-1, dim).contiguous()
+    return Quantized(codes, step.squeeze(-1).movedim(-1, dim).contiguous(),
+                     low.squeeze(-1).movedim(-1, dim).contiguous(), bits, group_size, dim)
+
+
+def dequantize(q: Quantized, dtype: torch.dtype) -> Tensor:
+    """The numbers `q`'s codes stand for, in `dtype` (computed in float32)."""
+    def per_entry(t: Tensor) -> Tensor:
+        m = q.codes.shape[q.dim]
+        return t.float().repeat_interleave(q.group_size, dim=q.dim).narrow(q.dim, 0, m)
+    return (q.codes.float() * per_entry(q.step) + per_entry(q.zero)).to(dtype)
+
+
+def fake_quantize(x: Tensor, bits: int, group_size: int, dim: int) -> Tensor:
+    """x through `bits`-bit codes and back (what a quantized cache reads): `quantize`, then
+    `dequantize`."""
+    return dequantize(quantize(x, bits, group_size, dim), x.dtype)
 
 
 def accumulated_attention(query: Tensor, key: Tensor, mask: Tensor | None, scale: float,

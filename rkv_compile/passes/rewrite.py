@@ -69,6 +69,8 @@ class SiteDecision:
     def kernel(self) -> str:
         """What runs a decode step's attention: the Triton kernels (the policy has them, on
         CUDA), the policy's PyTorch decode ("reference") or exact attention ("exact")."""
+        if self.method.kv_bits is not None and self.on_cuda:
+            return "reference"   # no Triton kernel reads codes yet
         if not self.method.sparse_decode and self.method.state != "scores":
             return "exact"
         return "triton" if self.on_cuda and self.method.triton_at(self.scale, self.head_dim) \
@@ -298,6 +300,8 @@ def prefill_action(d: SiteDecision) -> str:
 
 
 def _why_no_triton(d: SiteDecision) -> str:
+    if d.method.kv_bits is not None and d.on_cuda:
+        return ": no Triton kernel reads a quantized cache's codes yet (kv_bits)"
     if d.method.triton_at(d.scale, d.head_dim):
         return ""   # on the CPU
     if not d.method.triton:

@@ -6,7 +6,7 @@ window always) or `decode` (one decode step over the stored cache). Methods that
 decode (`state = "scores"`) write `select` and `evicting_decode`, and carry a score per stored
 token from step to step in the cache. The ops receive a method as its `spec` string (a custom op takes no Python
 objects) and rebuild it with `from_spec`. Every method composes with lossy KV quantization
-(`kv_bits`): what the prefill stores is quantized.
+(`kv_bits`): what the prefill stores is kept as codes (`state.Coded`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import reference
+from ..state import CODE_BITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +67,13 @@ class Policy:
 
     def __post_init__(self):
         check_int("kv_bits", self.kv_bits, 2, none_ok=True)
-        if self.kv_bits is not None and self.kv_bits > 8:
-            raise ValueError(f"rocketkv option 'kv_bits' must be at most 8 (got {self.kv_bits})")
+        if self.kv_bits is not None and self.kv_bits not in CODE_BITS:
+            raise ValueError(f"rocketkv option 'kv_bits' must be one of {CODE_BITS} or None "
+                             f"(got {self.kv_bits}): codes pack whole into bytes")
+        if self.kv_bits is not None and self.state:
+            raise ValueError(f"rocketkv option 'kv_bits' is not supported by policy "
+                             f"{self.name!r} yet: its decode re-selects over stored tokens, "
+                             f"which no op reads as codes")
         check_int("kv_group_size", self.kv_group_size, 1)
 
     def plan(self, prompt_len: int, head_dim: int, layer: int = 0, layers: int = 1) -> Plan:
@@ -120,8 +126,13 @@ class Policy:
         return index, key.new_empty(0, dtype=torch.float32)
 
     def store(self, key: Tensor, value: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        """The tokens at `index`, contiguous, as the cache stores them (quantized if kv_bits)."""
-        key, value = (reference.gather_tokens(t, index) for t in (key, value))
+        """The tokens at `index`, contiguous (exact: a quantized cache quantizes them as it
+        packs them)."""
+        return tuple(reference.gather_tokens(t, index) for t in (key, value))
+
+    def quantized(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Kept keys and values as a quantized cache reads them (through `kv_bits`-bit codes,
+        `reference.quantize`); unchanged without kv_bits."""
         if self.kv_bits is None:
             return key, value
         return (reference.fake_quantize(key, self.kv_bits, self.kv_group_size, dim=2),

@@ -22,11 +22,12 @@ class KVQuant(Full):
     Decode attends exactly over them. Any policy takes `kv_bits` too, and then quantizes what it
     keeps: {"policy": "rocketkv", "kv_bits": 4}.
 
-    Stated plainly: the cache holds the dequantized values in the model's dtype (transformers'
-    caches and the attention kernels read that dtype), so this measures the accuracy of the
-    quantized cache, not its memory; `Policy.kv_bytes` gives what a packed store would hold,
-    scales and zero points included, and `rkv eval` reports that. Generated tokens are stored
-    exactly (KIVI's full-precision residual, here up to max_new_tokens long) and counted so."""
+    Through the pass the cache holds codes, steps and zeros (`state.Coded`): a quarter of the
+    bf16 bytes at 4 bits, plus a step and a zero per group. Generated tokens are stored
+    exactly (KIVI's full-precision residual, here up to max_new_tokens long). Decode
+    dequantizes the codes with PyTorch ops before attending: no kernel reads codes in
+    registers yet (docs/KV_CODES.md), so on CUDA it runs without CUDA graphs. A new turn over
+    codes is refused. `rkv eval`'s eager engine computes the bytes (`Policy.kv_bytes`)."""
 
     kv_bits: int | None = 8
 
@@ -35,5 +36,5 @@ class KVQuant(Full):
     def __post_init__(self):
         super().__post_init__()
         if self.kv_bits is None:
-            raise ValueError("rocketkv option 'kv_bits' of policy 'kvquant' must be an int "
-                             "(2..8), not None")
+            raise ValueError("rocketkv option 'kv_bits' of policy 'kvquant' must be 2, 4 "
+                             "or 8, not None")
