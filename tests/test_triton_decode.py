@@ -341,6 +341,40 @@ def test_packed_sparq_decode(case, rows, selection):
 
 
 @SETTINGS
+@given(case=decode_cases(), coded=st.lists(st.integers(0, 120), min_size=1, max_size=3),
+       exact=st.integers(0, 9), bits=st.sampled_from([2, 4, 8]),
+       group=st.sampled_from([1, 5, 32, 64]))
+def test_packed_coded_exact_decode(case, coded, exact, bits, group):
+    """Flash-decoding over a quantized layer (`rocketkv.coded_exact_decode_triton`, what kvquant
+    and exact policies with kv_bits run on CUDA): rows of different counts of coded tokens,
+    dequantized in registers, then their exact slots, as exact attention over
+    `state.tokens` (float64: the codes read back by PyTorch ops)."""
+    from rkv_compile.kernels.cache_ops import append, exact_attention
+
+    _, Hkv, G, D, _, _, _, _, dtype, seed = case
+    B = len(coded)
+    assume(max(coded) + exact > 0)
+    q, k, v = _inputs(B, Hkv, G, D, max(max(coded), 1) + exact, dtype, seed)
+    itemsize = k.element_size()
+    code = S.Coded.new(S.slot_bucket(max(max(coded), 1)), bits, group, D, D, itemsize)
+    slots = S.slot_bucket(exact + 1)
+    keys, values, layer = S.allocate(B, Hkv, D, D, slots, "", dtype, DEVICE, code)
+    for b, n in enumerate(coded):
+        if n:
+            code.write(keys, values, slots, b, R.quantize(k[b:b + 1, :, :n], bits, group, 2),
+                       R.quantize(v[b:b + 1, :, :n], bits, group, 3))
+        layer.header[b, :, S.Word.CODED] = n
+    for i in range(exact):   # exact tokens, after the codes
+        append(keys, values, k[:, :, -i - 1:][:, :, :1], v[:, :, -i - 1:][:, :, :1], "")
+    scale = D**-0.5
+    got = torch.ops.rocketkv.coded_exact_decode_triton(q, keys, values, scale, bits, group)
+    tokens_k, tokens_v, valid = S.tokens(keys, values, False, dtype)
+    want = exact_attention(q.double(), tokens_k.double(), tokens_v.double(), valid, scale)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert relative_error(got, want) < TOLERANCE[dtype]
+
+
+@SETTINGS
 @given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3))
 def test_packed_exact_decode(case, live):
     """Flash-decoding over every stored slot of a packed layer (`rocketkv.exact_decode_triton`,

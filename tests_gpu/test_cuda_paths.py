@@ -163,18 +163,21 @@ def test_policies_on_cuda_match_the_oracle(options):
     dims, and Quest its page kernels (its first layer, dense, the exact
     one), replayed as CUDA graphs; the policies that decode
     exactly (SnapKV, ChunkKV) through the Triton flash-decoding kernel over the stored slots;
-    H2O and ShotKV, which evict as they decode, through their reference ops; a cache of
-    codes (kv_bits) through the reference op, which dequantizes them."""
+    H2O and ShotKV, which evict as they decode, through their reference ops; kvquant's codes
+    through the flash-decoding kernel that dequantizes them in registers, rocketkv's (kv_bits)
+    through the reference op."""
     options = {**BUDGET, **options}
     model = tiny_hf("llama").cuda()
     model.generation_config.eos_token_id = None
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(302)).cuda()
-    if options["policy"] in ("snapkv", "chunkkv", "quest", "sparq"):
+    if options["policy"] in ("snapkv", "chunkkv", "quest", "sparq", "kvquant"):
         with torch.no_grad():
             report = rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=2),
                                          options=options)
         decode = [s for s in report.sites if s.query_len == "1"]
-        runs = "Triton kernels" if options["policy"] in ("quest", "sparq") else "flash-decoding"
+        runs = "Triton kernels" if options["policy"] in ("quest", "sparq") else \
+            "flash-decoding kernel reading the codes" if options["policy"] == "kvquant" else \
+            "flash-decoding"
         assert decode and all(runs in s.action for s in decode)
     out, _, _ = generate_on_cuda(model, ids, options)
     expected, kept = oracle_generate(model, ids, RocketKVConfig.from_options(options), STEPS)

@@ -7,9 +7,10 @@ Cache ops, over a layer packed as `rkv_compile.state` lays it out (the implement
   kernel gives it sizes of its own (unbacked: one compiled prefill serves every prompt length;
   only the pass inserts it, after Dynamo has traced);
 - `append_`: one decode token into the packed tensors, in place;
-- `decode`, `evicting_decode_`, `decode_triton`, `page_decode_triton`, `sparq_decode_triton`
-  and `exact_decode_triton`: a decode step's attention over the stored slots, with each row's
-  plan read from its header;
+- `decode`, `evicting_decode_`, `decode_triton`, `page_decode_triton`, `sparq_decode_triton`,
+  `exact_decode_triton` and `coded_exact_decode_triton` (a quantized layer's codes, then its
+  slots): a decode step's attention over the stored slots, with each row's plan read from its
+  header;
 - `extend` (a new turn kept whole) and `turn` (a new turn's attention and the policy's
   selection again over the stored tokens and the turn's).
 They take the policy as its `spec` string (a custom op takes no Python objects). The
@@ -140,6 +141,14 @@ def exact_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: floa
     flash-decoding kernel (CUDA): what `decode` computes for a policy that decodes exactly,
     reading the stored tokens only (the count from the header), where SDPA reads every slot."""
     return triton_decode.packed_exact_decode(query, keys, values, scale)
+
+
+@triton_op("rocketkv::coded_exact_decode_triton", mutates_args=())
+def coded_exact_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float,
+                              bits: int, group: int) -> Tensor:
+    """`exact_decode_triton` over a quantized layer (kv_bits): its codes dequantized in
+    registers, then its exact slots (CUDA)."""
+    return triton_decode.packed_coded_exact_decode(query, keys, values, scale, bits, group)
 
 
 @torch.library.custom_op("rocketkv::turn", mutates_args=())

@@ -26,6 +26,9 @@ Read block by block:
    With DENSE, 3 and 4 attend to every stored slot of a packed layer's rows, in order
    (`packed_exact_decode`: flash-decoding that reads exactly the stored tokens; what the
    exact-decoding policies run on CUDA, and the benchmarks' dense row).
+   `_coded_attention_kernel` is 3 over a quantized layer's coded tokens (`state.Coded`): each
+   tile's codes and fp16 steps read as bytes and dequantized in registers; its splits join
+   those of the exact slots in 4 (`packed_coded_exact_decode`).
 5. `_packed_select_attend_kernel`: 2 and 3 in one program per KV head of a packed layer, over
    its whole list, normalized in place of 4. With 1, a packed layer's stage 2 is two launches
    (`packed_sparse_decode`; a long list over few heads takes the split of 2-4 instead). The
@@ -291,7 +294,7 @@ def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, 
 @triton.jit
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
-    n, count, per_split, Hkv, scale,
+    n, count, per_split, Hkv, scale, splits,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_validb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -300,8 +303,7 @@ def _sparse_attention_kernel(
     STORED: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
+    split = tl.program_id(1)   # of `splits` partials per head (the first ones, if more)
     g = tl.arange(0, G_PAD)
     dv = tl.arange(0, BLOCK_DV)
     selected = idx_ptr + bh * count
@@ -400,6 +402,90 @@ def _combine_kernel(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, splits, G,
                    mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     tl.store(out_ptr + (bh * G + g) * DV + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
+
+
+@triton.jit
+def _coded_attention_kernel(
+    q_ptr, kb_ptr, kh_ptr, vb_ptr, vh_ptr, header_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+    rows, per_split, Hkv, scale, first_split, splits,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_hb,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, ITEMSIZE: tl.constexpr,
+    CODED: tl.constexpr, CODED_CAPACITY: tl.constexpr,
+):
+    """`_attend` over a quantized layer's coded tokens (state.Coded): each tile's key and value
+    codes are read as bytes and dequantized in registers (code * step + zero, rounded to the
+    model's dtype as reference.dequantize does), never written back. Writes split
+    `first_split + program_id(1)` of `splits` partials for `_combine_kernel`. kb/vb: the
+    tensors as bytes, kh/vh: as fp16 (the steps and zeros), strides in bytes."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b, h = bh // Hkv, bh % Hkv
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    count = tl.load(header_ptr + b * stride_hb + CODED)
+    capacity = tl.load(header_ptr + b * stride_hb + CODED_CAPACITY)
+    # where the code region starts: after the exact slots (state.Coded.rows, from the header)
+    value_groups = (DV + GROUP - 1) // GROUP
+    key_code_bytes = capacity * D * BITS // 8
+    value_code_bytes = capacity * DV * BITS // 8
+    key_rows = (key_code_bytes + 4 * (capacity // GROUP) * D + D * ITEMSIZE - 1) // (D * ITEMSIZE)
+    value_rows = (value_code_bytes + 4 * capacity * value_groups + DV * ITEMSIZE - 1) \
+        // (DV * ITEMSIZE)
+    exact = rows - tl.maximum(key_rows, value_rows)
+    k_base = b * stride_kb + h * stride_kh + exact * D * ITEMSIZE
+    v_base = b * stride_vb + h * stride_vh + exact * DV * ITEMSIZE
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
+    m = tl.full((G_PAD,), float("-inf"), tl.float32)
+    l = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, BLOCK_DV), tl.float32)
+    start = split * per_split
+    stop = tl.minimum(start + per_split, count)
+    for base in range(start, stop, BLOCK_N):
+        t = base + tl.arange(0, BLOCK_N)
+        ok = t < stop
+        k_ok = ok[:, None] & (d < D)[None, :]
+        code = t[:, None] * D + d[None, :]
+        byte = tl.load(kb_ptr + k_base + code * BITS // 8, mask=k_ok, other=0).to(tl.int32)
+        k_code = (byte >> (code * BITS % 8)) & ((1 << BITS) - 1)
+        scale_at = (k_base + key_code_bytes) // 2 + (t // GROUP)[:, None] * D + d[None, :]
+        k_step = tl.load(kh_ptr + scale_at, mask=k_ok, other=0.0).to(tl.float32)
+        k_zero = tl.load(kh_ptr + scale_at + (capacity // GROUP) * D, mask=k_ok,
+                         other=0.0).to(tl.float32)
+        k = (k_code.to(tl.float32) * k_step + k_zero).to(q_ptr.dtype.element_ty)
+        s = (tl.dot(q.to(k.dtype), tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        p = tl.exp(s - m_use[:, None])
+        v_ok = ok[:, None] & (dv < DV)[None, :]
+        code = t[:, None] * DV + dv[None, :]
+        byte = tl.load(vb_ptr + v_base + code * BITS // 8, mask=v_ok, other=0).to(tl.int32)
+        v_code = (byte >> (code * BITS % 8)) & ((1 << BITS) - 1)
+        scale_at = (v_base + value_code_bytes) // 2 + t[:, None] * value_groups \
+            + (dv // GROUP)[None, :]
+        v_step = tl.load(vh_ptr + scale_at, mask=v_ok, other=0.0).to(tl.float32)
+        v_zero = tl.load(vh_ptr + scale_at + capacity * value_groups, mask=v_ok,
+                         other=0.0).to(tl.float32)
+        v = (v_code.to(tl.float32) * v_step + v_zero).to(q_ptr.dtype.element_ty)
+        acc = acc * alpha[:, None]
+        if v.dtype == tl.float32:
+            acc = tl.dot(p, v, acc, input_precision="ieee")
+        else:   # as in _attend: p as a 16-bit head and tail
+            p_head = p.to(v.dtype)
+            acc = tl.dot(p_head, v, acc)
+            acc = tl.dot((p - p_head.to(tl.float32)).to(v.dtype), v, acc)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    row = (bh * splits + first_split + split) * G + g
+    tl.store(part_m_ptr + row, m, mask=g < G)
+    tl.store(part_l_ptr + row, l, mask=g < G)
+    tl.store(part_out_ptr + row[:, None] * DV + dv[None, :], acc,
+             mask=(g < G)[:, None] & (dv < DV)[None, :])
 
 
 @triton.jit
@@ -612,38 +698,82 @@ def packed_exact_decode(query: Tensor, keys: Tensor, values: Tensor, scale: floa
     return _split_attention(query, key, value, scale, key.shape[2], None, None, header=header)
 
 
+def packed_coded_exact_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float,
+                              bits: int, group: int) -> Tensor:
+    """`packed_exact_decode` over a quantized layer (state.Coded): its coded tokens read as
+    codes and dequantized in registers (`_coded_attention_kernel`), then its exact slots, the
+    splits of both combined (B, Hq, 1, Dv). `bits` and `group` are the policy's; each row's
+    count and the code region's size are read from the header."""
+    query, key, value, header = _packed_inputs(query, keys, values)
+    B, Hq, _, D = query.shape
+    Hkv, rows, DV = key.shape[1], key.shape[2], value.shape[-1]
+    itemsize = query.element_size()
+    # the most tokens the slot rows could hold as codes: splits sized for that, idle past a
+    # row's count
+    most = rows * 8 * itemsize // bits
+    coded_splits, coded_per_split = _splits(most, B * Hkv, query.device)
+    key_bytes, value_bytes = (t.view(torch.uint8) for t in (keys, values))
+    return _split_attention(query, key, value, scale, rows, None, None, header=header,
+                            coded=(coded_splits, coded_per_split, dict(
+                                kb_ptr=key_bytes, kh_ptr=key_bytes.view(torch.float16),
+                                vb_ptr=value_bytes, vh_ptr=value_bytes.view(torch.float16),
+                                rows=rows, strides=(key_bytes.stride(0), key_bytes.stride(1),
+                                                    value_bytes.stride(0),
+                                                    value_bytes.stride(1)),
+                                BITS=bits, GROUP=group, ITEMSIZE=itemsize)))
+
+
+def _splits(count, heads: int, device) -> tuple[int, int]:
+    """(splits, slots per split) for `count` slots per KV head over `heads` heads: enough
+    programs to fill the GPU, each a whole number of blocks."""
+    BLOCK_N = ATTENTION["BLOCK_N"]
+    splits = max(1, min(triton.cdiv(count, BLOCK_N), triton.cdiv(4 * _sm_count(device), heads)))
+    per_split = triton.cdiv(triton.cdiv(count, splits), BLOCK_N) * BLOCK_N
+    return triton.cdiv(count, per_split), per_split
+
+
 def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, count: int,
-                     slots: Tensor | None, valid: Tensor | None, header: Tensor | None = None
-                     ) -> Tensor:
+                     slots: Tensor | None, valid: Tensor | None, header: Tensor | None = None,
+                     coded: tuple | None = None) -> Tensor:
     """Flash-decoding over `count` slots per KV head, split over programs so that a few KV
     heads still fill the GPU, then the splits combined: the list `slots` (masked by `valid`),
     or over a packed layer (`header`) the first min(count, stored) of the list, or with no list
-    each row's stored slots (`count` at most)."""
+    each row's stored slots (`count` at most); `coded` (packed_coded_exact_decode), a
+    quantized layer's coded tokens too, in splits of their own."""
     B, Hq, _, D = query.shape
     Hkv, n, DV = key.shape[1], key.shape[2], value.shape[-1]
     G = Hq // Hkv
-    BLOCK_N = ATTENTION["BLOCK_N"]
-    splits = max(1, min(triton.cdiv(count, BLOCK_N), triton.cdiv(4 * _sm_count(query.device), B * Hkv)))
-    per_split = triton.cdiv(triton.cdiv(count, splits), BLOCK_N) * BLOCK_N
-    splits = triton.cdiv(count, per_split)
-    part_out = torch.empty(B * Hkv * splits * G, DV, device=query.device, dtype=torch.float32)
-    part_m = torch.empty(B * Hkv * splits * G, device=query.device, dtype=torch.float32)
+    splits, per_split = _splits(count, B * Hkv, query.device)
+    total = splits + (coded[0] if coded else 0)
+    part_out = torch.empty(B * Hkv * total * G, DV, device=query.device, dtype=torch.float32)
+    part_m = torch.empty(B * Hkv * total * G, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     dense = slots is None
     rows = header if header is not None else valid   # read per row: stored count, or mask
     wrap_triton(_sparse_attention_kernel)[(B * Hkv, splits)](
         query, key, value, slots if slots is not None else header,
         rows if rows is not None else slots, part_out, part_m, part_l,
-        n, count, per_split, Hkv, scale,
+        n, count, per_split, Hkv, scale, total,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), rows.stride(0) if rows is not None else 0,
         G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
         **ATTENTION,
         HAS_VALID=valid is not None, DENSE=dense, HEADER_COUNT=header is not None and not dense,
         STORED=int(S.Word.STORED))
+    if coded:
+        coded_splits, coded_per_split, code = coded
+        stride_kb, stride_kh, stride_vb, stride_vh = code["strides"]
+        wrap_triton(_coded_attention_kernel)[(B * Hkv, coded_splits)](
+            query, code["kb_ptr"], code["kh_ptr"], code["vb_ptr"], code["vh_ptr"], header,
+            part_out, part_m, part_l, code["rows"], coded_per_split, Hkv, scale, splits, total,
+            query.stride(0), query.stride(1), stride_kb, stride_kh, stride_vb, stride_vh,
+            header.stride(0), G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D),
+            BLOCK_DV=_dot_rows(DV), BITS=code["BITS"], GROUP=code["GROUP"],
+            ITEMSIZE=code["ITEMSIZE"], CODED=int(S.Word.CODED),
+            CODED_CAPACITY=int(S.Word.CODED_CAPACITY), **ATTENTION)
     out = torch.empty(B, Hq, 1, DV, device=query.device, dtype=query.dtype)
-    wrap_triton(_combine_kernel)[(B * Hkv, G)](part_out, part_m, part_l, out, splits, G, DV=DV,
-                                               BLOCK_S=max(triton.next_power_of_2(splits), 2),
+    wrap_triton(_combine_kernel)[(B * Hkv, G)](part_out, part_m, part_l, out, total, G, DV=DV,
+                                               BLOCK_S=max(triton.next_power_of_2(total), 2),
                                                BLOCK_DV=triton.next_power_of_2(DV))
     return out
 

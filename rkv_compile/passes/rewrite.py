@@ -69,10 +69,10 @@ class SiteDecision:
     def kernel(self) -> str:
         """What runs a decode step's attention: the Triton kernels (the policy has them, on
         CUDA), the policy's PyTorch decode ("reference") or exact attention ("exact")."""
-        if self.method.kv_bits is not None and self.on_cuda:
-            return "reference"   # no Triton kernel reads codes yet
         if not self.method.sparse_decode and self.method.state != "scores":
             return "exact"
+        if self.method.kv_bits is not None and self.on_cuda:
+            return "reference"   # no stage-2 kernel reads codes yet
         return "triton" if self.on_cuda and self.method.triton_at(self.scale, self.head_dim) \
             else "reference"
 
@@ -275,6 +275,9 @@ def _decode_attention(graph: Graph, d: SiteDecision, keys: Node, values: Node) -
                                             *arguments(plan)))
         # a layer that attends to every token (Quest's first layers): exact, below
     if d.kernel != "reference" and d.on_cuda:
+        if d.method.kv_bits is not None:
+            return graph.call_function(torch.ops.rocketkv.coded_exact_decode_triton.default, (
+                d.site.query, keys, values, d.scale, d.method.kv_bits, d.method.kv_group_size))
         return graph.call_function(torch.ops.rocketkv.exact_decode_triton.default, (
             d.site.query, keys, values, d.scale))
     return graph.call_function(torch.ops.rocketkv.decode.default, (
@@ -301,7 +304,7 @@ def prefill_action(d: SiteDecision) -> str:
 
 def _why_no_triton(d: SiteDecision) -> str:
     if d.method.kv_bits is not None and d.on_cuda:
-        return ": no Triton kernel reads a quantized cache's codes yet (kv_bits)"
+        return ": no stage-2 kernel reads a quantized cache's codes yet (kv_bits)"
     if d.method.triton_at(d.scale, d.head_dim):
         return ""   # on the CPU
     if not d.method.triton:
@@ -310,7 +313,9 @@ def _why_no_triton(d: SiteDecision) -> str:
 
 
 def decode_action(d: SiteDecision) -> str:
-    exact = "exact attention" + (", the Triton flash-decoding kernel" if d.on_cuda else "")
+    kernel = ", the Triton flash-decoding kernel" + (
+        " reading the codes" if d.method.kv_bits is not None else "")
+    exact = "exact attention" + (kernel if d.on_cuda else "")
     runs = {"triton": "Triton kernels", "exact": exact,
             "reference": "the PyTorch reference op" + _why_no_triton(d)}[d.kernel]
     return (f"decode: {d.method.name}, {d.method.decode_kind} over each row's stored slots "
