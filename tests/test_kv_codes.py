@@ -47,7 +47,7 @@ def test_codes_read_back_as_fake_quantize(counts, H, D, Dv, bits, group, dtype, 
         assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
 
 
-@pytest.mark.parametrize("policy", ["kvquant", "snapkv", "rocketkv"])
+@pytest.mark.parametrize("policy", ["kvquant", "rocketkv"])
 def test_a_compressed_prompt_is_stored_as_codes(policy):
     """Through the pass, a kv_bits cache holds codes: what `stored` reads back is fake_quantize
     of what the same policy keeps without kv_bits, its new tokens are exact, and its tensors

@@ -83,6 +83,27 @@ def test_explain_table_lists_every_site():
     assert "kv source" in text.splitlines()[0]
 
 
+def test_explain_generate_over_a_forward_the_user_compiled():
+    """explain(model.generate) when the user has already compiled the forward (the README's
+    usage): the same sites and actions as over the plain model (the prompt length may be
+    traced as a symbol by then), and the user's compiled forward is left in place."""
+    model = tiny_hf("llama")
+    model.generation_config.eos_token_id = None
+    ids = prompt(200)
+
+    def sites(report):
+        return [(s.graph, s.site, s.kv_source, s.rewritten, s.action.split(";")[0])
+                for s in report.sites]
+    with torch.no_grad():
+        plain = rkv_compile.explain(model.generate, ids, max_new_tokens=3, options=BUDGET)
+        model.forward = torch.compile(model.forward, backend="rocketkv", options=BUDGET)
+        users = model.forward
+        model.generate(ids, max_new_tokens=3)
+        again = rkv_compile.explain(model.generate, ids, max_new_tokens=3, options=BUDGET)
+    assert sites(again) == sites(plain) and len(plain.sites) == 4
+    assert vars(model)["forward"] is users
+
+
 @pytest.mark.parametrize("options,name", [
     ({"token_budget": 0}, "token_budget"), ({"max_new_tokens": -1}, "max_new_tokens"),
     ({"kernel_size": 4}, "kernel_size"), ({"policy": "nope"}, "policy"),
