@@ -345,17 +345,17 @@ class Coded:
         unit = 16 * group // math.gcd(16, group)
         return cls(-(-max(tokens, 1) // unit) * unit, bits, group, head_dim, value_dim, itemsize)
 
-    def _bytes(self, dim: int, scales: int) -> tuple[int, int]:
-        """(code bytes, fp16 steps of one kind) of one tensor's region."""
-        return self.capacity * dim * self.bits // 8, scales
-
     @property
     def key_parts(self) -> tuple[int, int]:
-        return self._bytes(self.head_dim, self.capacity // self.group * self.head_dim)
+        """(code bytes, fp16 steps) of the keys' region (as many zeros as steps)."""
+        return (self.capacity * self.head_dim * self.bits // 8,
+                self.capacity // self.group * self.head_dim)
 
     @property
     def value_parts(self) -> tuple[int, int]:
-        return self._bytes(self.value_dim, self.capacity * -(-self.value_dim // self.group))
+        """(code bytes, fp16 steps) of the values' region."""
+        return (self.capacity * self.value_dim * self.bits // 8,
+                self.capacity * -(-self.value_dim // self.group))
 
     @property
     def rows(self) -> int:
