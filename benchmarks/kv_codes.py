@@ -4,7 +4,7 @@
 Llama-3.1-8B attention shape (32 query / 8 KV heads, head_dim 128), bf16, every context token
 kept (kvquant: quantization alone, no eviction), 16 new tokens exact. For each batch and
 context: the bytes the packed tensors hold per token (measured from the tensors), the decode
-step through `coded_exact_decode_triton` (codes dequantized in registers) and through
+step through `exact_decode_triton` with `bits` (codes dequantized in registers) and through
 `exact_decode_triton` over the bf16 layer, each as a CUDA graph, the read floor of each layer's
 bytes at the copy bandwidth measured here, and the kernel's error against exact attention over
 the dequantized tokens (`state.tokens`, float64). Medians of do_bench_cudagraph.
@@ -62,8 +62,7 @@ def layer(batch: int, context: int, bits: int | None, dtype, device):
 def step(q, keys, values, bits):
     if bits is None:
         return lambda: torch.ops.rocketkv.exact_decode_triton(q, keys, values, D**-0.5)
-    return lambda: torch.ops.rocketkv.coded_exact_decode_triton(q, keys, values, D**-0.5, bits,
-                                                                GROUP)
+    return lambda: torch.ops.rocketkv.exact_decode_triton(q, keys, values, D**-0.5, bits, GROUP)
 
 
 def copy_bandwidth() -> float:

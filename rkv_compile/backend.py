@@ -521,6 +521,8 @@ def _grown(keys: torch.Tensor, values: torch.Tensor, state: str) -> tuple:
     if old.layout.state:
         new.state[..., :n] = old.state
     new.header.copy_(old.header)
+    if coded is not None:
+        new.set_word(S.Word.CODE_ROW, slots)
     return new_keys, new_values
 
 

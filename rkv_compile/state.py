@@ -60,6 +60,7 @@ class Word(enum.IntEnum):
     CODED_CAPACITY = 11   # tokens the code region holds (every row alike)
     BITS = 12      #   bits per code
     GROUP = 13     #   entries sharing a step and a zero point
+    CODE_ROW = 14  #   the slot row where the code region starts (the exact slots before it)
 
 
 HEADER_WORDS = len(Word)
@@ -277,7 +278,7 @@ def allocate(batch: int, heads: int, head_dim: int, value_dim: int, slots: int, 
     layer.set_word(Word.FLAGS, int(flags))
     if code:
         for word, value in ((Word.CODED_CAPACITY, code.capacity), (Word.BITS, code.bits),
-                            (Word.GROUP, code.group)):
+                            (Word.GROUP, code.group), (Word.CODE_ROW, slots)):
             layer.set_word(word, value)
     return keys, values, layer
 
@@ -340,8 +341,7 @@ class Coded:
     @classmethod
     def new(cls, tokens: int, bits: int, group: int, head_dim: int, value_dim: int,
             itemsize: int) -> "Coded":
-        if bits not in CODE_BITS:
-            raise ValueError(f"rocketkv option 'kv_bits' must be one of {CODE_BITS} (got {bits})")
+        assert bits in CODE_BITS, bits   # the policy checks the option
         unit = 16 * group // math.gcd(16, group)
         return cls(-(-max(tokens, 1) // unit) * unit, bits, group, head_dim, value_dim, itemsize)
 
@@ -426,7 +426,7 @@ def coded(keys: Tensor, values: Tensor, stateful: bool = False) -> tuple[Coded, 
     code = Coded(int(words[0, Word.CODED_CAPACITY]), int(words[0, Word.BITS]),
                  int(words[0, Word.GROUP]), keys.shape[-1], values.shape[-1],
                  keys.element_size())
-    return code, Layout.of(keys, stateful).slots - code.rows
+    return code, int(words[0, Word.CODE_ROW])
 
 
 def exact_slots(keys: Tensor, values: Tensor, stateful: bool) -> int:
@@ -456,13 +456,14 @@ def tokens(keys: Tensor, values: Tensor, stateful: bool, dtype: torch.dtype
             torch.cat([v, layer.values[:, :, :exact]], 2), valid)
 
 
-def row_tokens(keys: Tensor, values: Tensor, stateful: bool, dtype: torch.dtype, row: int
-               ) -> tuple[Tensor, Tensor]:
-    """Row `row`'s stored tokens in order, (1, H, n, D) and (1, H, n, Dv): its coded ones
-    dequantized (if any), then its exact slots."""
-    k, v, valid = tokens(keys[row:row + 1], values[row:row + 1], stateful, dtype)
-    index = valid[0, 0, 0].nonzero().squeeze(1)
-    return k[:, :, index], v[:, :, index]
+def token_rows(keys: Tensor, values: Tensor, stateful: bool, dtype: torch.dtype
+               ) -> list[tuple[Tensor, Tensor]]:
+    """Each row's stored tokens in order, (1, H, n, D) and (1, H, n, Dv): its coded ones
+    dequantized (if any; the header read and the codes dequantized once for all rows), then
+    its exact slots."""
+    k, v, valid = tokens(keys, values, stateful, dtype)
+    index = [row.nonzero().squeeze(1) for row in valid[:, 0, 0]]
+    return [(k[b:b + 1, :, i], v[b:b + 1, :, i]) for b, i in enumerate(index)]
 
 
 @dataclasses.dataclass
@@ -508,7 +509,7 @@ def _left_aligned(keys: Tensor, values: Tensor, dtype: torch.dtype
                   ) -> tuple[Tensor, Tensor, list[int]]:
     """A quantized layer's tokens, each row's first (coded, dequantized, then exact), and
     their counts."""
-    rows = [row_tokens(keys, values, False, dtype, b) for b in range(keys.shape[0])]
+    rows = token_rows(keys, values, False, dtype)
     width = max(k.shape[2] for k, _ in rows)
     pad = [(k.new_zeros(1, k.shape[1], width - k.shape[2], k.shape[3]),
             v.new_zeros(1, v.shape[1], width - v.shape[2], v.shape[3])) for k, v in rows]

@@ -40,11 +40,37 @@ def test_codes_read_back_as_fake_quantize(counts, H, D, Dv, bits, group, dtype, 
     new_k, new_v = torch.randn(len(counts), H, 1, D).to(dtype), torch.randn(
         len(counts), H, 1, Dv).to(dtype)
     cache_ops.append(keys, values, new_k, new_v, "")
-    for b, (k, v) in enumerate(kept):
-        got_k, got_v = S.row_tokens(keys, values, False, dtype, b)
+    for b, ((k, v), (got_k, got_v)) in enumerate(zip(kept, S.token_rows(keys, values, False,
+                                                                         dtype))):
         want_k = torch.cat([reference.fake_quantize(k, bits, group, 2), new_k[b:b + 1]], 2)
         want_v = torch.cat([reference.fake_quantize(v, bits, group, 3), new_v[b:b + 1]], 2)
         assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_a_full_quantized_layer_refuses_a_token_rather_than_overwrite_its_codes(triton):
+    """Once a quantized layer's exact slots are full, an append leaves the codes (next in the
+    same rows) untouched: cache_ops' raises; the Triton kernel's writes nothing (its device
+    assert fires only in Triton's debug mode)."""
+    from rkv_compile.kernels import triton_decode
+
+    k = torch.randn(1, 2, 20, 16)
+    code = S.Coded.new(20, 4, 4, 16, 16, 4)
+    exact = S.slot_bucket(1)
+    keys, values, layer = S.allocate(1, 2, 16, 16, exact, "", torch.float32, "cpu", code)
+    code.write(keys, values, exact, 0, reference.quantize(k, 4, 4, 2),
+               reference.quantize(k, 4, 4, 3))
+    layer.header[:, :, Word.CODED] = 20
+    layer.set_word(Word.STORED, exact)
+    before = keys.clone()
+    append = triton_decode.append_packed if triton else \
+        lambda *a: cache_ops.append(*a, "")
+    if triton:
+        append(keys, values, k[:, :, :1], k[:, :, :1])
+    else:
+        with pytest.raises(RuntimeError, match="full"):
+            append(keys, values, k[:, :, :1], k[:, :, :1])
+    assert torch.equal(keys, before)
 
 
 @pytest.mark.parametrize("policy", ["kvquant", "rocketkv"])

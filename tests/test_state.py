@@ -99,7 +99,7 @@ def test_compress_stores_each_rows_selection(lengths, H, G, policy, room, layer,
         assert layer_state.position[b] == m
         if method.kv_bits is not None:   # codes, no exact slot used yet
             assert [layer_state.stored[b], layer_state.word(Word.CODED)[b]] == [0, kept]
-            got = S.row_tokens(keys, values, False, torch.float32, b)
+            got = S.token_rows(keys, values, False, torch.float32)[b]
             for tokens, want in zip(got, method.quantized(want_k, want_v)):
                 torch.testing.assert_close(tokens, want, rtol=0, atol=0)
             assert torch.equal(positions[b:b + 1, :, :kept], want_pos)

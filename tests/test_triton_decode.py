@@ -68,16 +68,45 @@ def _dims_are_clear(q: torch.Tensor, kv_heads: int, dims: int) -> bool:
     return dims == means.shape[-1] or bool((means[..., dims - 1] != means[..., dims]).all())
 
 
-def _packed(k, v, words: dict):
-    """(keys, values, layer): a packed layer holding k and v, each header word of `words` set
-    (a value for every row, or one per row)."""
+# A quantized layer for the packed tests, or None: (bits, group, each row's coded tokens)
+CODES = st.one_of(st.none(), st.tuples(st.sampled_from([2, 4, 8]), st.sampled_from([1, 5, 32]),
+                                       st.lists(st.integers(0, 160), min_size=3, max_size=3)))
+
+
+def _packed(k, v, words: dict, codes=None):
+    """(keys, values, tokens): a packed layer holding each row's first `words[STORED]` tokens of
+    k and v, each header word of `words` set (a value for every row, or one per row), and
+    `tokens(b)`, row b's tokens as the kernels must read them, (1, Hkv, n, D) each. `codes`
+    (`CODES`): each row's first tokens, up to its count, held as codes (`state.Coded`), the
+    rest in its exact slots; `tokens` reads them back through `state.token_rows`
+    (test_kv_codes holds it to `reference.fake_quantize`)."""
     B, Hkv, n, D = k.shape
-    keys, values, layer = S.allocate(B, Hkv, D, D, S.slot_bucket(n), "", k.dtype, DEVICE)
-    layer.keys[:, :, :n], layer.values[:, :, :n] = k, v
+    stored = words[S.Word.STORED]
+    stored = [stored] * B if isinstance(stored, int) else stored
+    coded = [0] * B if codes is None else [min(c, m) for c, m in zip(codes[2], stored)]
+    code = None if codes is None else \
+        S.Coded.new(S.slot_bucket(max(max(coded), 1)), *codes[:2], D, D, k.element_size())
+    slots = S.slot_bucket(n)
+    keys, values, layer = S.allocate(B, Hkv, D, D, slots, "", k.dtype, DEVICE, code)
+    for b, (c, m) in enumerate(zip(coded, stored)):
+        if c:
+            code.write(keys, values, slots, b, R.quantize(k[b:b + 1, :, :c], *codes[:2], 2),
+                       R.quantize(v[b:b + 1, :, :c], *codes[:2], 3))
+        layer.keys[b, :, :m - c], layer.values[b, :, :m - c] = k[b, :, c:m], v[b, :, c:m]
+    words = {**words, S.Word.STORED: [m - c for c, m in zip(coded, stored)],
+             S.Word.CODED: coded}
     for word, value in words.items():
         layer.set_word(word, value if isinstance(value, int) else
                        torch.tensor(value, device=DEVICE))
-    return keys, values, layer
+
+    rows = S.token_rows(keys, values, False, k.dtype) if codes is not None else \
+        [(k[b:b + 1, :, :m], v[b:b + 1, :, :m]) for b, m in enumerate(stored)]
+    return keys, values, rows.__getitem__
+
+
+def _code_args(codes) -> tuple:
+    """The ops' trailing (bits, group) for `codes`."""
+    return () if codes is None else tuple(codes[:2])
 
 
 def _check_op(q, k, v, mask, chunk, dims, topk):
@@ -250,149 +279,120 @@ def _selection(sizes):
 @SETTINGS
 @given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 128),
                                                     st.integers(1, 160)), min_size=1, max_size=3),
-       fused=st.booleans(), selection=st.sampled_from(SELECTIONS))
-def test_packed_layer_decode(case, rows, fused, selection):
+       fused=st.booleans(), selection=st.sampled_from(SELECTIONS), codes=CODES)
+def test_packed_layer_decode(case, rows, fused, selection, codes):
     """RocketKV's decode op on CUDA over a packed layer (`rocketkv.decode_triton`): each row's
-    chunk and r from its header, over its stored slots, as that row alone; through the fused
+    chunk and r from its header, over its stored tokens, as that row alone; through the fused
     kernel (one program per KV head) and through the split path alike, with rows of more
     chunks than the small selection's lanes beside rows of fewer, and selected by torch ops
-    as rows too long for a program are (`SELECTIONS`)."""
+    as rows too long for a program are (`SELECTIONS`); over a quantized layer's codes and
+    exact slots as over their dequantized tokens (kv_bits)."""
     _, Hkv, G, D, n, _, _, topk, dtype, seed = case
     B = len(rows)
     chunks, dims, live = ([row[i] for row in rows] for i in range(3))
     dims, live = [min(r, D) for r in dims], [min(m, n) for m in live]
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    keys, values, layer = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: chunks,
-                                         S.Word.DIMS: dims})
+    keys, values, tokens = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: chunks,
+                                          S.Word.DIMS: dims}, codes)
     scale = D**-0.5
     for b in range(B):
-        row = [t[b:b + 1, :, :live[b]] if t is k else t[b:b + 1] for t in (q, k)]
-        assume(_dims_are_clear(row[0], Hkv, dims[b]))
-        assume(_boundary_is_clear(R.approximate_scores(*row, None, chunks[b], dims[b]), topk))
+        assume(_dims_are_clear(q[b:b + 1], Hkv, dims[b]))
+        assume(_boundary_is_clear(R.approximate_scores(q[b:b + 1], tokens(b)[0], None,
+                                                       chunks[b], dims[b]), topk))
     with mock.patch.object(T, "_one_program_per_head", lambda heads, k: fused), \
             _selection(selection):
-        got = torch.ops.rocketkv.decode_triton(q, keys, values, scale, topk)
+        got = torch.ops.rocketkv.decode_triton(q, keys, values, scale, topk, *_code_args(codes))
     for b in range(B):
-        want = R.sparse_decode(q[b:b + 1].double(), k[b:b + 1, :, :live[b]].double(),
-                               v[b:b + 1, :, :live[b]].double(), None, scale, chunks[b],
-                               dims[b], topk)
+        want = R.sparse_decode(q[b:b + 1].double(), *(t.double() for t in tokens(b)), None,
+                               scale, chunks[b], dims[b], topk)
         assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
 
 
 @SETTINGS
 @given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3),
-       page_size=st.integers(1, 16), pages=st.integers(1, 12))
-def test_packed_page_decode(case, live, page_size, pages):
+       page_size=st.integers(1, 16), pages=st.integers(1, 12), codes=CODES)
+def test_packed_page_decode(case, live, page_size, pages, codes):
     """Quest's decode op over a packed layer (`rocketkv.page_decode_triton`): per query head
-    its best pages of the row's stored slots (the last one partial), as `Quest.decode` alone
-    over that row (float64), where no near-tie of page bounds decides the selection."""
+    its best pages of the row's stored tokens (the last one partial; codes, kv_bits, as their
+    dequantized tokens), as `Quest.decode` alone over that row (float64), where no near-tie
+    of page bounds decides the selection."""
     from rkv_compile.policies.quest import Quest
 
     _, Hkv, G, D, n, _, _, _, dtype, seed = case
     B = len(live)
     live = [min(m, n) for m in live]
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    keys, values, layer = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: page_size,
-                                         S.Word.DIMS: D})
+    keys, values, tokens = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: page_size,
+                                          S.Word.DIMS: D}, codes)
     quest, scale = Quest(token_budget=pages * page_size), D**-0.5
     for b in range(B):
-        kmin, kmax = R.chunk_bounds(k[b:b + 1, :, :live[b]].repeat_interleave(G, 1).double(),
-                                    page_size)
+        kmin, kmax = R.chunk_bounds(tokens(b)[0].repeat_interleave(G, 1).double(), page_size)
         qb = q[b:b + 1, :, -1].double().unsqueeze(2)
         bounds = torch.maximum(qb * kmin, qb * kmax).sum(-1)
         assume(_boundary_is_clear(bounds, pages))
-    got = torch.ops.rocketkv.page_decode_triton(q, keys, values, scale, pages, page_size)
+    got = torch.ops.rocketkv.page_decode_triton(q, keys, values, scale, pages, page_size,
+                                                *_code_args(codes))
     assert got.shape == q.shape and got.dtype == dtype
     for b in range(B):
-        want = quest.decode(q[b:b + 1].double(), k[b:b + 1, :, :live[b]].double(),
-                            v[b:b + 1, :, :live[b]].double(), None, scale, page_size, D,
-                            pages * page_size)
+        want = quest.decode(q[b:b + 1].double(), *(t.double() for t in tokens(b)), None, scale,
+                            page_size, D, pages * page_size)
         assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
 
 
 @SETTINGS
 @given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 128), st.integers(1, 160)),
                                           min_size=1, max_size=3),
-       selection=st.sampled_from(SELECTIONS))
-def test_packed_sparq_decode(case, rows, selection):
+       selection=st.sampled_from(SELECTIONS), codes=CODES)
+def test_packed_sparq_decode(case, rows, selection, codes):
     """SparQ's decode op over a packed layer (`rocketkv.sparq_decode_triton`): each row's r
     from its header, over its stored slots, as `SparQ.decode` alone over that row (float64),
-    mean-value reallocation included, where no near-tie decides the dims or the selection."""
+    mean-value reallocation included (codes, kv_bits, as their dequantized tokens), where no
+    near-tie decides the dims or the selection."""
     from rkv_compile.policies.sparq import SparQ
 
     _, Hkv, G, D, n, _, _, topk, dtype, seed = case
     B = len(rows)
     dims, live = [min(r, D) for r, _ in rows], [min(m, n) for _, m in rows]
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    keys, values, layer = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: 1, S.Word.DIMS: dims})
+    keys, values, tokens = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: 1,
+                                          S.Word.DIMS: dims}, codes)
     for b in range(B):
-        row = [t[b:b + 1, :, :live[b]] if t is k else t[b:b + 1] for t in (q, k)]
-        assume(_dims_are_clear(row[0], Hkv, dims[b]))
-        assume(_boundary_is_clear(R.approximate_scores(*row, None, 1, dims[b]), topk))
+        assume(_dims_are_clear(q[b:b + 1], Hkv, dims[b]))
+        assume(_boundary_is_clear(R.approximate_scores(q[b:b + 1], tokens(b)[0], None, 1,
+                                                       dims[b]), topk))
     scale = D**-0.5
     with _selection(selection):
-        got = torch.ops.rocketkv.sparq_decode_triton(q, keys, values, scale, topk)
+        got = torch.ops.rocketkv.sparq_decode_triton(q, keys, values, scale, topk,
+                                                     *_code_args(codes))
     assert got.shape == q.shape and got.dtype == dtype
     for b in range(B):
         want = SparQ(token_budget=2 * topk).decode(
-            q[b:b + 1].double(), k[b:b + 1, :, :live[b]].double(),
-            v[b:b + 1, :, :live[b]].double(), None, scale, 1, dims[b], topk)
+            q[b:b + 1].double(), *(t.double() for t in tokens(b)), None, scale, 1, dims[b], topk)
         assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
 
 
 @SETTINGS
-@given(case=decode_cases(), coded=st.lists(st.integers(0, 120), min_size=1, max_size=3),
-       exact=st.integers(0, 9), bits=st.sampled_from([2, 4, 8]),
-       group=st.sampled_from([1, 5, 32, 64]))
-def test_packed_coded_exact_decode(case, coded, exact, bits, group):
-    """Flash-decoding over a quantized layer (`rocketkv.coded_exact_decode_triton`, what kvquant
-    and exact policies with kv_bits run on CUDA): rows of different counts of coded tokens,
-    dequantized in registers, then their exact slots, as exact attention over
-    `state.tokens` (float64: the codes read back by PyTorch ops)."""
-    from rkv_compile.kernels.cache_ops import append, exact_attention
-
-    _, Hkv, G, D, _, _, _, _, dtype, seed = case
-    B = len(coded)
-    assume(max(coded) + exact > 0)
-    q, k, v = _inputs(B, Hkv, G, D, max(max(coded), 1) + exact, dtype, seed)
-    itemsize = k.element_size()
-    code = S.Coded.new(S.slot_bucket(max(max(coded), 1)), bits, group, D, D, itemsize)
-    slots = S.slot_bucket(exact + 1)
-    keys, values, layer = S.allocate(B, Hkv, D, D, slots, "", dtype, DEVICE, code)
-    for b, n in enumerate(coded):
-        if n:
-            code.write(keys, values, slots, b, R.quantize(k[b:b + 1, :, :n], bits, group, 2),
-                       R.quantize(v[b:b + 1, :, :n], bits, group, 3))
-        layer.header[b, :, S.Word.CODED] = n
-    for i in range(exact):   # exact tokens, after the codes
-        append(keys, values, k[:, :, -i - 1:][:, :, :1], v[:, :, -i - 1:][:, :, :1], "")
-    scale = D**-0.5
-    got = torch.ops.rocketkv.coded_exact_decode_triton(q, keys, values, scale, bits, group)
-    tokens_k, tokens_v, valid = S.tokens(keys, values, False, dtype)
-    want = exact_attention(q.double(), tokens_k.double(), tokens_v.double(), valid, scale)
-    assert got.shape == q.shape and got.dtype == dtype
-    assert relative_error(got, want) < TOLERANCE[dtype]
-
-
-@SETTINGS
-@given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3))
-def test_packed_exact_decode(case, live):
-    """Flash-decoding over every stored slot of a packed layer (`rocketkv.exact_decode_triton`,
-    what exact-decoding policies run on CUDA), each row's count from its header, as the exact
-    attention of the reference op (float64)."""
+@given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3),
+       codes=CODES)
+def test_packed_exact_decode(case, live, codes):
+    """Flash-decoding over every stored token of a packed layer (`rocketkv.exact_decode_triton`,
+    what exact-decoding policies run on CUDA), each row's count from its header, as exact
+    attention over that row alone (float64); over a quantized layer (kvquant, kv_bits), its
+    codes dequantized in registers and its exact slots, as over their dequantized tokens."""
     from rkv_compile.kernels.cache_ops import exact_attention
 
     _, Hkv, G, D, n, _, _, _, dtype, seed = case
     B = len(live)
     live = [min(m, n) for m in live]
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    keys, values, layer = _packed(k, v, {S.Word.STORED: live})
+    keys, values, tokens = _packed(k, v, {S.Word.STORED: live}, codes)
     scale = D**-0.5
-    got = torch.ops.rocketkv.exact_decode_triton(q, keys, values, scale)
-    want = exact_attention(q.double(), layer.keys.double(), layer.values.double(),
-                           layer.valid(), scale)
+    got = torch.ops.rocketkv.exact_decode_triton(q, keys, values, scale, *_code_args(codes))
     assert got.shape == q.shape and got.dtype == dtype
-    assert relative_error(got, want) < TOLERANCE[dtype]
+    for b in range(B):
+        want = exact_attention(q[b:b + 1].double(), *(t.double() for t in tokens(b)), None,
+                               scale)
+        assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
 
 
 @SETTINGS

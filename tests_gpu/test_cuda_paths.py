@@ -155,7 +155,9 @@ def test_an_eval_loop_replays_the_graphs_it_recorded():
     {"policy": "h2o"}, {"policy": "shotkv", "decode_budget": 4}, {"policy": "snapkv"},
     {"policy": "rocketkv", "kv_bits": 4}, {"policy": "chunkkv", "reuse_layers": 2},
     {"policy": "quest", "dense_layers": 1}, {"policy": "oracle-topk"}, {"policy": "sparq"},
-    {"policy": "rocketkv-fine"}, {"policy": "kvquant", "kv_bits": 4}])
+    {"policy": "rocketkv-fine"}, {"policy": "kvquant", "kv_bits": 4},
+    {"policy": "quest", "kv_bits": 8}, {"policy": "sparq", "kv_bits": 2}],
+    ids=lambda options: "-".join(f"{key}={value}" for key, value in options.items()))
 def test_policies_on_cuda_match_the_oracle(options):
     """The other policies on CUDA through the whole backend (Inductor): oracle top-k runs
     RocketKV's Triton kernels (at chunk 1 over every dim), SparQ the same at its r dims with
@@ -164,20 +166,21 @@ def test_policies_on_cuda_match_the_oracle(options):
     one), replayed as CUDA graphs; the policies that decode
     exactly (SnapKV, ChunkKV) through the Triton flash-decoding kernel over the stored slots;
     H2O and ShotKV, which evict as they decode, through their reference ops; kvquant's codes
-    through the flash-decoding kernel that dequantizes them in registers, rocketkv's (kv_bits)
-    through the reference op."""
+    through the flash-decoding kernel that dequantizes them in registers, and rocketkv's,
+    Quest's and SparQ's (kv_bits) through their Triton kernels, which do the same."""
     options = {**BUDGET, **options}
     model = tiny_hf("llama").cuda()
     model.generation_config.eos_token_id = None
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(302)).cuda()
-    if options["policy"] in ("snapkv", "chunkkv", "quest", "sparq", "kvquant"):
+    if options["policy"] in ("snapkv", "chunkkv", "quest", "sparq", "kvquant") or \
+            options.get("kv_bits"):
         with torch.no_grad():
             report = rkv_compile.explain(lambda: model.generate(ids, max_new_tokens=2),
                                          options=options)
         decode = [s for s in report.sites if s.query_len == "1"]
-        runs = "Triton kernels" if options["policy"] in ("quest", "sparq") else \
-            "flash-decoding kernel reading the codes" if options["policy"] == "kvquant" else \
-            "flash-decoding"
+        runs = "Triton kernels" if options["policy"] in ("quest", "sparq", "rocketkv") else \
+            "flash-decoding kernel"
+        runs += " reading the codes" if options.get("kv_bits") else ""
         assert decode and all(runs in s.action for s in decode)
     out, _, _ = generate_on_cuda(model, ids, options)
     expected, kept = oracle_generate(model, ids, RocketKVConfig.from_options(options), STEPS)

@@ -174,9 +174,12 @@ def append(keys: Tensor, values: Tensor, new_key: Tensor, new_value: Tensor, sta
     B = keys.shape[0]
     slots = layer.keys.shape[2]
     stored = layer.stored.long()
-    torch._assert_async((stored < slots).all(), "rocketkv: the cache is full")
+    # a quantized layer's exact slots end where its codes start (CODE_ROW, 0 without codes)
+    code_row = layer.word(Word.CODE_ROW).long()
+    limit = torch.where(code_row > 0, code_row, slots)
+    torch._assert_async((stored < limit).all(), "rocketkv: the cache is full")
     rows = torch.arange(B, device=keys.device)
-    slot = stored.clamp_max(slots - 1)
+    slot = torch.minimum(stored, limit - 1)
     k, v = new_key[:, :, 0], new_value[:, :, 0]                               # B H D
     layer.keys[rows, :, slot] = k
     layer.values[rows, :, slot] = v
@@ -217,6 +220,7 @@ def decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, method) ->
         return exact_attention(query, layer.keys, layer.values, layer.valid(), scale)
     plans, stored = _plans(layer), layer.stored.tolist()
     views = layer.word(Word.VIEW).tolist() if method.keeps_history else None
+    rows = S.token_rows(keys, values, False, query.dtype) if code is not None else None
     out = torch.empty(*query.shape[:-1], values.shape[-1], dtype=query.dtype,
                       device=query.device)
     for b, (chunk, dims, topk) in enumerate(plans):
@@ -224,8 +228,8 @@ def decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, method) ->
         if views is not None:   # the view: kept prompt tokens and every decoded one
             index = layer.state[b:b + 1, :, :views[b]].long()
             k, v = (reference.gather_tokens(t[b:b + 1], index) for t in (layer.keys, layer.values))
-        elif code is not None:
-            k, v = S.row_tokens(keys, values, False, query.dtype, b)
+        elif rows is not None:
+            k, v = rows[b]
         else:
             k, v = layer.keys[b:b + 1, :, :stored[b]], layer.values[b:b + 1, :, :stored[b]]
         if topk >= S.NOT_SELECTED:

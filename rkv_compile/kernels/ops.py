@@ -7,10 +7,10 @@ Cache ops, over a layer packed as `rkv_compile.state` lays it out (the implement
   kernel gives it sizes of its own (unbacked: one compiled prefill serves every prompt length;
   only the pass inserts it, after Dynamo has traced);
 - `append_`: one decode token into the packed tensors, in place;
-- `decode`, `evicting_decode_`, `decode_triton`, `page_decode_triton`, `sparq_decode_triton`,
-  `exact_decode_triton` and `coded_exact_decode_triton` (a quantized layer's codes, then its
-  slots): a decode step's attention over the stored slots, with each row's plan read from its
-  header;
+- `decode`, `evicting_decode_`, `decode_triton`, `page_decode_triton`, `sparq_decode_triton`
+  and `exact_decode_triton`: a decode step's attention over the stored tokens, with each row's
+  plan read from its header (the `*_triton` ops take the policy's kv_bits and kv_group_size:
+  a quantized layer's codes are dequantized inside the kernels);
 - `extend` (a new turn kept whole) and `turn` (a new turn's attention and the policy's
   selection again over the stored tokens and the turn's).
 They take the policy as its `spec` string (a custom op takes no Python objects). The
@@ -111,44 +111,42 @@ def _(query, keys, values, scale, policy):
     return query.new_empty(*query.shape[:-1], values.shape[-1])
 
 
+# Each `*_triton` op over a packed layer takes `bits` and `group`, the policy's kv_bits and
+# kv_group_size (None: the layer holds no codes).
+
 @triton_op("rocketkv::decode_triton", mutates_args=())
-def decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
-                  ) -> Tensor:
+def decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int,
+                  bits: int | None = None, group: int | None = None) -> Tensor:
     """RocketKV's stage 2 over a packed layer through the Triton kernels (CUDA): each row's
     chunk and query dims from its header."""
-    return triton_decode.packed_sparse_decode(query, keys, values, scale, topk)
+    return triton_decode.packed_sparse_decode(query, keys, values, scale, topk, bits, group)
 
 
 @triton_op("rocketkv::page_decode_triton", mutates_args=())
 def page_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float, pages: int,
-                       page_size: int) -> Tensor:
+                       page_size: int, bits: int | None = None, group: int | None = None
+                       ) -> Tensor:
     """Quest's decode step over a packed layer through the Triton kernels (CUDA): per query
     head the best `pages` pages by their key bounds, then exact attention over them."""
-    return triton_decode.packed_page_decode(query, keys, values, scale, pages, page_size)
+    return triton_decode.packed_page_decode(query, keys, values, scale, pages, page_size, bits,
+                                            group)
 
 
 @triton_op("rocketkv::sparq_decode_triton", mutates_args=())
-def sparq_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
-                        ) -> Tensor:
+def sparq_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int,
+                        bits: int | None = None, group: int | None = None) -> Tensor:
     """SparQ's decode step over a packed layer through the Triton kernels (CUDA): RocketKV's
     stage 2 at chunk 1 over the header's r dims, then mean-value reallocation."""
-    return triton_decode.packed_sparq_decode(query, keys, values, scale, topk)
+    return triton_decode.packed_sparq_decode(query, keys, values, scale, topk, bits, group)
 
 
 @triton_op("rocketkv::exact_decode_triton", mutates_args=())
-def exact_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
-    """Exact attention over each row's stored slots of a packed layer through the Triton
+def exact_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float,
+                        bits: int | None = None, group: int | None = None) -> Tensor:
+    """Exact attention over each row's stored tokens of a packed layer through the Triton
     flash-decoding kernel (CUDA): what `decode` computes for a policy that decodes exactly,
     reading the stored tokens only (the count from the header), where SDPA reads every slot."""
-    return triton_decode.packed_exact_decode(query, keys, values, scale)
-
-
-@triton_op("rocketkv::coded_exact_decode_triton", mutates_args=())
-def coded_exact_decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float,
-                              bits: int, group: int) -> Tensor:
-    """`exact_decode_triton` over a quantized layer (kv_bits): its codes dequantized in
-    registers, then its exact slots (CUDA)."""
-    return triton_decode.packed_coded_exact_decode(query, keys, values, scale, bits, group)
+    return triton_decode.packed_exact_decode(query, keys, values, scale, bits, group)
 
 
 @torch.library.custom_op("rocketkv::turn", mutates_args=())

@@ -23,12 +23,9 @@ Read block by block:
    probabilities enter the second product as a 16-bit head and tail, so nothing is lost to
    their rounding).
 4. `_combine_kernel`: merges the splits' partial outputs with their running max and sum.
-   With DENSE, 3 and 4 attend to every stored slot of a packed layer's rows, in order
+   With DENSE, 3 and 4 attend to every stored token of a packed layer's rows, in order
    (`packed_exact_decode`: flash-decoding that reads exactly the stored tokens; what the
    exact-decoding policies run on CUDA, and the benchmarks' dense row).
-   `_coded_attention_kernel` is 3 over a quantized layer's coded tokens (`state.Coded`): each
-   tile's codes and fp16 steps read as bytes and dequantized in registers; its splits join
-   those of the exact slots in 4 (`packed_coded_exact_decode`).
 5. `_packed_select_attend_kernel`: 2 and 3 in one program per KV head of a packed layer, over
    its whole list, normalized in place of 4. With 1, a packed layer's stage 2 is two launches
    (`packed_sparse_decode`; a long list over few heads takes the split of 2-4 instead). The
@@ -36,6 +33,9 @@ Read block by block:
    with MEAN_V it ends in SparQ's mean-value reallocation (`packed_sparq_decode`).
 6. `_append_packed_kernel`: a decode token into a packed layer's next slot, in place, with its
    header's counts (one launch for every row and head).
+Every load of a packed layer's keys or values goes through `_rows`: over a quantized layer
+(`state.Coded`, kv_bits) a row's tokens are its codes, then its exact slots, and a code is
+read as bytes with its fp16 step and zero and dequantized in registers, never written back.
 Kernels are launched through `wrap_triton`, so that inside the `rocketkv::*_triton` ops
 (ops.py; over a packed layer, each row's plan read from its header) and
 `rocketkv::sparse_decode_triton` (over plain keys, for the tests and benchmarks) Inductor sees
@@ -64,6 +64,8 @@ def _chunk_logits_kernel(
     BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
     FROM_HEADER: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr, DIMS: tl.constexpr,
     HEAD_BOUNDS: tl.constexpr, UNROLL: tl.constexpr, DIMS_BY_RANK: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, CODED: tl.constexpr,
+    CODED_CAPACITY: tl.constexpr, CODE_ROW: tl.constexpr,
 ):
     # One program per (KV head, BLOCK_C chunks): the chunks' key bounds, built once for the G
     # query heads, and each head's logit. HEAD_BOUNDS (Quest): each head's own upper bound of
@@ -73,11 +75,14 @@ def _chunk_logits_kernel(
     if PER_ROW:  # rows evicted apart (a padded batch): each row's own chunk and r
         chunk = tl.load(plan_ptr + 2 * b)
         dims = tl.load(plan_ptr + 2 * b + 1)
-    if FROM_HEADER:  # a packed layer: the row's stored slots and plan from its header
-        # (plan_ptr: the header, stride_vb its row stride); chunks counts up to one per slot
-        n = tl.load(plan_ptr + b * stride_vb + STORED)
-        chunk = tl.load(plan_ptr + b * stride_vb + CHUNK)
-        dims = tl.load(plan_ptr + b * stride_vb + DIMS)
+    coded, capacity, code_row = 0, 0, 0
+    if FROM_HEADER:  # a packed layer: the row's tokens and plan from its header (plan_ptr:
+        # the header, stride_vb its row stride); chunks counts up to one per token
+        header = plan_ptr + b * stride_vb
+        coded, capacity, code_row = _codes_of(header, CODED, CODED_CAPACITY, CODE_ROW)
+        n = coded + tl.load(header + STORED)
+        chunk = tl.load(header + CHUNK)
+        dims = tl.load(header + DIMS)
         if tl.program_id(1) * BLOCK_C * chunk >= n:   # past the row's last chunk
             return
     g = tl.arange(0, G_PAD)
@@ -119,7 +124,7 @@ def _chunk_logits_kernel(
     live = tl.zeros((BLOCK_C,), tl.int32)
     kmin = tl.full((BLOCK_C, BLOCK_D), float("inf"), tl.float32)
     kmax = tl.full((BLOCK_C, BLOCK_D), float("-inf"), tl.float32)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
+    k_base = b * stride_kb + h * stride_kh
     for j0 in range(0, chunk, UNROLL):
         for u in tl.static_range(UNROLL):
             slot = c * chunk + j0 + u
@@ -128,8 +133,8 @@ def _chunk_logits_kernel(
                 ok &= tl.load(valid_ptr + b * stride_vb + slot, mask=ok, other=0) != 0
             live += ok.to(tl.int32)
             rows_ok = ok[:, None] & chosen[None, :]
-            rows = tl.load(k_base + slot[:, None] * stride_kn + d[None, :],
-                           mask=rows_ok).to(tl.float32)
+            rows = _rows(k_ptr, k_base, slot, d, rows_ok, stride_kn, coded, capacity,
+                         code_row, D, BITS, GROUP, True).to(tl.float32)
             kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
             kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
     bound = tl.where(chosen[None, :] & (live > 0)[:, None],
@@ -163,11 +168,55 @@ def _kth_largest_bits(bits, weight, k, RADIX: tl.constexpr):
 
 
 @triton.jit
+def _codes_of(header, CODED: tl.constexpr, CODED_CAPACITY: tl.constexpr,
+              CODE_ROW: tl.constexpr):
+    """(coded tokens, the region's capacity, the slot row where it starts) of a row whose
+    header words are at `header`: all 0 for a layer without codes (state.Coded)."""
+    return (tl.load(header + CODED), tl.load(header + CODED_CAPACITY),
+            tl.load(header + CODE_ROW))
+
+
+@triton.jit
+def _rows(ptr, base, slot, cols, ok, stride_n, coded, capacity, code_row,
+          WIDTH: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, KEYS: tl.constexpr):
+    """Tokens `slot` of one KV head's keys (KEYS) or values, columns `cols` where `ok` (a
+    (slots, cols) mask), `base` the head's offset in `ptr`, in ptr's dtype. BITS > 0, a
+    quantized layer's order (state.token_rows): a token below `coded` is a code, read as bytes
+    with its fp16 step and zero (`_codes_of`; keys share them per channel over GROUP tokens,
+    values per token over GROUP channels) and dequantized in registers, code * step + zero in
+    float32 rounded to the model's dtype as reference.dequantize does; the rest are exact slots
+    from 0. Both loads are masked, so a tile of one kind reads only its own bytes."""
+    if BITS == 0:
+        return tl.load(ptr + base + slot[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
+    is_code = (slot < coded)[:, None]
+    exact = tl.load(ptr + base + (slot - coded)[:, None] * stride_n + cols[None, :],
+                    mask=ok & ~is_code, other=0.0)
+    in_codes = ok & is_code
+    ITEMSIZE: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+    region = (base + code_row * stride_n) * ITEMSIZE   # in bytes: the head's region is contiguous
+    at = slot[:, None] * WIDTH + cols[None, :]
+    byte = tl.load(ptr.to(tl.pointer_type(tl.uint8)) + region + at * BITS // 8, mask=in_codes,
+                   other=0).to(tl.int32)
+    code = (byte >> (at * BITS % 8)) & ((1 << BITS) - 1)
+    if KEYS:
+        scale_at = (slot // GROUP)[:, None] * WIDTH + cols[None, :]
+        scales = capacity // GROUP * WIDTH
+    else:
+        groups: tl.constexpr = (WIDTH + GROUP - 1) // GROUP
+        scale_at = slot[:, None] * groups + (cols // GROUP)[None, :]
+        scales = capacity * groups
+    steps = ptr.to(tl.pointer_type(tl.float16)) + (region + capacity * WIDTH * BITS // 8) // 2
+    step = tl.load(steps + scale_at, mask=in_codes, other=0.0).to(tl.float32)
+    zero = tl.load(steps + scales + scale_at, mask=in_codes, other=0.0).to(tl.float32)
+    return tl.where(is_code, (code.to(tl.float32) * step + zero).to(ptr.dtype.element_ty), exact)
+
+
+@triton.jit
 def _select_kernel(
     logits_ptr, valid_ptr, plan_ptr, out_ptr, n, chunk, chunks, k, Hkv, stride_vb,
     G: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
     PER_ROW: tl.constexpr, RADIX: tl.constexpr, SMALL_C: tl.constexpr, SMALL_RADIX: tl.constexpr,
-    FROM_HEADER: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr,
+    FROM_HEADER: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr, CODED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // Hkv
@@ -175,8 +224,8 @@ def _select_kernel(
     if PER_ROW:
         chunk = tl.load(plan_ptr + 2 * b)
     if FROM_HEADER:  # a packed layer (plan_ptr: the header, stride_vb its row stride): the
-        # row's stored slots and chunk; a row with fewer than k slots selects them all
-        n = tl.load(plan_ptr + b * stride_vb + STORED)
+        # row's tokens (coded and stored) and chunk; a row with fewer than k selects them all
+        n = tl.load(plan_ptr + b * stride_vb + CODED) + tl.load(plan_ptr + b * stride_vb + STORED)
         chunk = tl.load(plan_ptr + b * stride_vb + CHUNK)
         row_chunks, count = tl.cdiv(n, chunk), tl.minimum(k, n)
     _select_sized(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, row_chunks,
@@ -300,27 +349,32 @@ def _sparse_attention_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_VALID: tl.constexpr, DENSE: tl.constexpr, HEADER_COUNT: tl.constexpr,
-    STORED: tl.constexpr,
+    STORED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, CODED: tl.constexpr,
+    CODED_CAPACITY: tl.constexpr, CODE_ROW: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    split = tl.program_id(1)   # of `splits` partials per head (the first ones, if more)
+    split = tl.program_id(1)   # of `splits` partials per head
     g = tl.arange(0, G_PAD)
     dv = tl.arange(0, BLOCK_DV)
     selected = idx_ptr + bh * count
-    # Over a packed layer (valid_ptr: the header): DENSE, every stored slot of the row, in
-    # order; HEADER_COUNT, the first min(count, stored) of the row's list.
+    # Over a packed layer (valid_ptr: the header): DENSE, every token of the row (coded, then
+    # stored), in order; HEADER_COUNT, the first min(count, tokens) of the row's list.
+    coded, capacity, code_row = 0, 0, 0
     if DENSE or HEADER_COUNT:
-        stored = tl.load(valid_ptr + (bh // Hkv) * stride_validb + STORED)
+        header = valid_ptr + (bh // Hkv) * stride_validb
+        coded, capacity, code_row = _codes_of(header, CODED, CODED_CAPACITY, CODE_ROW)
+        tokens = coded + tl.load(header + STORED)
         if DENSE:
-            n, count = stored, stored
+            n, count = tokens, tokens
         else:
-            count = tl.minimum(count, stored)
+            count = tl.minimum(count, tokens)
     start = split * per_split
     m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, valid_ptr, bh, Hkv, n,
                         start, tl.minimum(start + per_split, count), scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_validb,
-                        G, G_PAD, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_VALID, DENSE)
+                        G, G_PAD, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_VALID, DENSE, 1,
+                        coded, capacity, code_row, BITS, GROUP)
     row = (bh * splits + split) * G + g
     tl.store(part_m_ptr + row, m, mask=g < G)
     tl.store(part_l_ptr + row, l, mask=g < G)
@@ -334,12 +388,14 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
             stride_vn, stride_validb,
             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-            HAS_VALID: tl.constexpr, DENSE: tl.constexpr = False, KV_GROUP: tl.constexpr = 1):
+            HAS_VALID: tl.constexpr, DENSE: tl.constexpr, KV_GROUP: tl.constexpr,
+            coded, capacity, code_row, BITS: tl.constexpr, GROUP: tl.constexpr):
     """Online softmax of KV head `bh`'s whole GQA group over the slots idx_ptr[start:stop]
     (or, DENSE, the slots start:stop themselves), loading each K/V row in place:
     (running max, sum, unnormalized output), one row per query head (G_PAD >= 16 rows: the
     group is padded to a tensor-core tile, padding rows are zeros). KV_GROUP > 1: `bh` is one
-    query head (G = 1) of KV head h // KV_GROUP (Quest selects per query head)."""
+    query head (G = 1) of KV head h // KV_GROUP (Quest selects per query head). BITS > 0: the
+    slots are a quantized row's tokens, codes first (`_rows`)."""
     b, h = bh // Hkv, bh % Hkv
     kv = h // KV_GROUP
     g = tl.arange(0, G_PAD)
@@ -361,8 +417,8 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
         ok &= slot < n  # a short list is padded with slots past the end
         if HAS_VALID:  # a masked slot can be selected (fewer live slots than top-k): skip it
             ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
-        k = tl.load(k_ptr + b * stride_kb + kv * stride_kh + slot[:, None] * stride_kn + d[None, :],
-                    mask=ok[:, None] & (d < D)[None, :], other=0.0)
+        k = _rows(k_ptr, b * stride_kb + kv * stride_kh, slot, d, ok[:, None] & (d < D)[None, :],
+                  stride_kn, coded, capacity, code_row, D, BITS, GROUP, True)
         # Products of 16-bit numbers are exact in float32: the tensor cores lose nothing here.
         # (Inductor passes `scale` as a float64 scalar: keep the loop state in float32.)
         s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
@@ -371,8 +427,9 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
         alpha = tl.exp(m - m_use)
         p = tl.exp(s - m_use[:, None])
-        v = tl.load(v_ptr + b * stride_vb + kv * stride_vh + slot[:, None] * stride_vn + dv[None, :],
-                    mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        v = _rows(v_ptr, b * stride_vb + kv * stride_vh, slot, dv,
+                  ok[:, None] & (dv < DV)[None, :], stride_vn, coded, capacity, code_row, DV,
+                  BITS, GROUP, False)
         acc = acc * alpha[:, None]
         if v.dtype == tl.float32:
             acc = tl.dot(p, v, acc, input_precision="ieee")
@@ -405,90 +462,6 @@ def _combine_kernel(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, splits, G,
 
 
 @triton.jit
-def _coded_attention_kernel(
-    q_ptr, kb_ptr, kh_ptr, vb_ptr, vh_ptr, header_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
-    rows, per_split, Hkv, scale, first_split, splits,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_hb,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    BITS: tl.constexpr, GROUP: tl.constexpr, ITEMSIZE: tl.constexpr,
-    CODED: tl.constexpr, CODED_CAPACITY: tl.constexpr,
-):
-    """`_attend` over a quantized layer's coded tokens (state.Coded): each tile's key and value
-    codes are read as bytes and dequantized in registers (code * step + zero, rounded to the
-    model's dtype as reference.dequantize does), never written back. Writes split
-    `first_split + program_id(1)` of `splits` partials for `_combine_kernel`. kb/vb: the
-    tensors as bytes, kh/vh: as fp16 (the steps and zeros), strides in bytes."""
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b, h = bh // Hkv, bh % Hkv
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    count = tl.load(header_ptr + b * stride_hb + CODED)
-    capacity = tl.load(header_ptr + b * stride_hb + CODED_CAPACITY)
-    # where the code region starts: after the exact slots (state.Coded.rows, from the header)
-    value_groups = (DV + GROUP - 1) // GROUP
-    key_code_bytes = capacity * D * BITS // 8
-    value_code_bytes = capacity * DV * BITS // 8
-    key_rows = (key_code_bytes + 4 * (capacity // GROUP) * D + D * ITEMSIZE - 1) // (D * ITEMSIZE)
-    value_rows = (value_code_bytes + 4 * capacity * value_groups + DV * ITEMSIZE - 1) \
-        // (DV * ITEMSIZE)
-    exact = rows - tl.maximum(key_rows, value_rows)
-    k_base = b * stride_kb + h * stride_kh + exact * D * ITEMSIZE
-    v_base = b * stride_vb + h * stride_vh + exact * DV * ITEMSIZE
-    q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
-                mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
-    m = tl.full((G_PAD,), float("-inf"), tl.float32)
-    l = tl.zeros((G_PAD,), tl.float32)
-    acc = tl.zeros((G_PAD, BLOCK_DV), tl.float32)
-    start = split * per_split
-    stop = tl.minimum(start + per_split, count)
-    for base in range(start, stop, BLOCK_N):
-        t = base + tl.arange(0, BLOCK_N)
-        ok = t < stop
-        k_ok = ok[:, None] & (d < D)[None, :]
-        code = t[:, None] * D + d[None, :]
-        byte = tl.load(kb_ptr + k_base + code * BITS // 8, mask=k_ok, other=0).to(tl.int32)
-        k_code = (byte >> (code * BITS % 8)) & ((1 << BITS) - 1)
-        scale_at = (k_base + key_code_bytes) // 2 + (t // GROUP)[:, None] * D + d[None, :]
-        k_step = tl.load(kh_ptr + scale_at, mask=k_ok, other=0.0).to(tl.float32)
-        k_zero = tl.load(kh_ptr + scale_at + (capacity // GROUP) * D, mask=k_ok,
-                         other=0.0).to(tl.float32)
-        k = (k_code.to(tl.float32) * k_step + k_zero).to(q_ptr.dtype.element_ty)
-        s = (tl.dot(q.to(k.dtype), tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)
-        p = tl.exp(s - m_use[:, None])
-        v_ok = ok[:, None] & (dv < DV)[None, :]
-        code = t[:, None] * DV + dv[None, :]
-        byte = tl.load(vb_ptr + v_base + code * BITS // 8, mask=v_ok, other=0).to(tl.int32)
-        v_code = (byte >> (code * BITS % 8)) & ((1 << BITS) - 1)
-        scale_at = (v_base + value_code_bytes) // 2 + t[:, None] * value_groups \
-            + (dv // GROUP)[None, :]
-        v_step = tl.load(vh_ptr + scale_at, mask=v_ok, other=0.0).to(tl.float32)
-        v_zero = tl.load(vh_ptr + scale_at + capacity * value_groups, mask=v_ok,
-                         other=0.0).to(tl.float32)
-        v = (v_code.to(tl.float32) * v_step + v_zero).to(q_ptr.dtype.element_ty)
-        acc = acc * alpha[:, None]
-        if v.dtype == tl.float32:
-            acc = tl.dot(p, v, acc, input_precision="ieee")
-        else:   # as in _attend: p as a 16-bit head and tail
-            p_head = p.to(v.dtype)
-            acc = tl.dot(p_head, v, acc)
-            acc = tl.dot((p - p_head.to(tl.float32)).to(v.dtype), v, acc)
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
-    row = (bh * splits + first_split + split) * G + g
-    tl.store(part_m_ptr + row, m, mask=g < G)
-    tl.store(part_l_ptr + row, l, mask=g < G)
-    tl.store(part_out_ptr + row[:, None] * DV + dv[None, :], acc,
-             mask=(g < G)[:, None] & (dv < DV)[None, :])
-
-
-@triton.jit
 def _packed_select_attend_kernel(
     q_ptr, k_ptr, v_ptr, header_ptr, logits_ptr, idx_ptr, out_ptr, mass_ptr,
     lanes, topk, Hkv, scale,
@@ -499,9 +472,12 @@ def _packed_select_attend_kernel(
     G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, RADIX: tl.constexpr,
     SMALL_C: tl.constexpr, SMALL_RADIX: tl.constexpr,
     PAGES: tl.constexpr, KV_GROUP: tl.constexpr, MEAN_V: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, CODED: tl.constexpr,
+    CODED_CAPACITY: tl.constexpr, CODE_ROW: tl.constexpr,
 ):
     # One program per selecting head of a packed layer (a KV head, or with PAGES a query head
-    # of KV head h // KV_GROUP): its row's stored slots and chunk from the header, the
+    # of KV head h // KV_GROUP): its row's tokens (coded, then stored; `_rows`) and chunk
+    # from the header, the
     # selection (`_select`) into this head's list, then attention over the list (`_attend`),
     # normalized and written: no partials, no combine, no mask tensor. `lanes`: the length of
     # a head's logits row. PAGES: `topk` is the list's length, topk // chunk pages. MEAN_V
@@ -510,8 +486,10 @@ def _packed_select_attend_kernel(
     # (read here: the cache keeps no running mean).
     bh = tl.program_id(0)
     b = bh // Hkv
-    n = tl.load(header_ptr + b * stride_hb + STORED)
-    chunk = tl.load(header_ptr + b * stride_hb + CHUNK)
+    header = header_ptr + b * stride_hb
+    coded, capacity, code_row = _codes_of(header, CODED, CODED_CAPACITY, CODE_ROW)
+    n = coded + tl.load(header + STORED)
+    chunk = tl.load(header + CHUNK)
     if PAGES:
         k, attended = topk // chunk, topk
     else:
@@ -525,17 +503,18 @@ def _packed_select_attend_kernel(
     m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, header_ptr, bh, Hkv, n, 0, attended, scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, 0,
-                        G, G_PAD, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, False, KV_GROUP)
+                        G, G_PAD, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, False, KV_GROUP,
+                        coded, capacity, code_row, BITS, GROUP)
     g = tl.arange(0, G_PAD)
     dv = tl.arange(0, BLOCK_DV)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     if MEAN_V:
         total = tl.zeros((BLOCK_DV,), tl.float32)
-        v_rows = v_ptr + b * stride_vb + (bh % Hkv) * stride_vh
         for base in range(0, n, BLOCK_N):
             i = base + tl.arange(0, BLOCK_N)
-            v = tl.load(v_rows + i[:, None] * stride_vn + dv[None, :],
-                        mask=(i < n)[:, None] & (dv < DV)[None, :], other=0.0)
+            v = _rows(v_ptr, b * stride_vb + (bh % Hkv) * stride_vh, i, dv,
+                      (i < n)[:, None] & (dv < DV)[None, :], stride_vn, coded, capacity,
+                      code_row, DV, BITS, GROUP, False)
             total += tl.sum(v.to(tl.float32), axis=0)
         mass = tl.load(mass_ptr + bh * G + g, mask=g < G, other=0.0)
         out = mass[:, None] * out + (1 - mass)[:, None] * (total / n)[None, :]
@@ -548,16 +527,18 @@ def _append_packed_kernel(
     k_ptr, v_ptr, header_ptr, new_k_ptr, new_v_ptr, slots, Hkv,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_hb, stride_hh,
     stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-    STORED: tl.constexpr, POSITION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    STORED: tl.constexpr, POSITION: tl.constexpr, CODE_ROW: tl.constexpr, D: tl.constexpr,
+    DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # One program per row and KV head: it reads and then bumps that head's copy of the row's
-    # header (every head holds one), so no two programs touch the same words.
+    # header (every head holds one), so no two programs touch the same words. A quantized
+    # layer's exact slots end where its codes start (CODE_ROW, 0 without codes).
     bh = tl.program_id(0)
     b, h = bh // Hkv, bh % Hkv
     header = header_ptr + b * stride_hb + h * stride_hh
     slot = tl.load(header + STORED)
-    room = slot < slots
+    code_row = tl.load(header + CODE_ROW)
+    room = slot < tl.where(code_row > 0, code_row, slots)
     tl.device_assert(room, "rocketkv: the cache is full")
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -662,7 +643,7 @@ def chunk_logits(query: Tensor, key: Tensor, chunk: int, dims: int, valid: Tenso
         valid.stride(0) if valid is not None else 0,
         G=G, G_PAD=_group_rows(G), D=D, BLOCK_D=BLOCK_D,
         HAS_VALID=valid is not None, PER_ROW=per_row is not None, FROM_HEADER=False, STORED=0,
-        CHUNK=0, DIMS=0, HEAD_BOUNDS=False, **CHUNK_LOGITS)
+        CHUNK=0, DIMS=0, HEAD_BOUNDS=False, **CHUNK_LOGITS, **_codes(None, None))
     return logits
 
 
@@ -680,7 +661,7 @@ def select_slots(logits: Tensor, n: int, chunk: int, topk: int, valid: Tensor | 
         valid.stride(0) if valid is not None else 0,
         G=G, G_ROWS=_group_rows(G), BLOCK_C=BLOCK_C,
         HAS_VALID=valid is not None, PER_ROW=per_row is not None, FROM_HEADER=False, STORED=0,
-        CHUNK=0, **_selection_launch(BLOCK_C, chunks_on_device=False))
+        CHUNK=0, CODED=0, **_selection_launch(BLOCK_C, chunks_on_device=False))
     return slots
 
 
@@ -690,37 +671,29 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, slots: Tensor, s
     return _split_attention(query, key, value, scale, slots.shape[-1], slots, valid)
 
 
-def packed_exact_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
-    """Exact attention over every stored slot of a packed layer's rows, each row's count read
+def packed_exact_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float,
+                        bits: int | None = None, group: int | None = None) -> Tensor:
+    """Exact attention over every stored token of a packed layer's rows, each row's count read
     from its header: flash-decoding that reads exactly the stored tokens, as
-    cache_ops.exact_attention computes it (B, Hq, 1, Dv)."""
+    cache_ops.exact_attention computes it (B, Hq, 1, Dv). `bits`, `group`: the policy's
+    kv_bits and kv_group_size, for a quantized layer (its codes dequantized in registers)."""
     query, key, value, header = _packed_inputs(query, keys, values)
-    return _split_attention(query, key, value, scale, key.shape[2], None, None, header=header)
+    return _split_attention(query, key, value, scale, _most_tokens(key, bits), None, None,
+                            header=header, bits=bits, group=group)
 
 
-def packed_coded_exact_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float,
-                              bits: int, group: int) -> Tensor:
-    """`packed_exact_decode` over a quantized layer (state.Coded): its coded tokens read as
-    codes and dequantized in registers (`_coded_attention_kernel`), then its exact slots, the
-    splits of both combined (B, Hq, 1, Dv). `bits` and `group` are the policy's; each row's
-    count and the code region's size are read from the header."""
-    query, key, value, header = _packed_inputs(query, keys, values)
-    B, Hq, _, D = query.shape
-    Hkv, rows, DV = key.shape[1], key.shape[2], value.shape[-1]
-    itemsize = query.element_size()
-    # the most tokens the slot rows could hold as codes: splits sized for that, idle past a
-    # row's count
-    most = rows * 8 * itemsize // bits
-    coded_splits, coded_per_split = _splits(most, B * Hkv, query.device)
-    key_bytes, value_bytes = (t.view(torch.uint8) for t in (keys, values))
-    return _split_attention(query, key, value, scale, rows, None, None, header=header,
-                            coded=(coded_splits, coded_per_split, dict(
-                                kb_ptr=key_bytes, kh_ptr=key_bytes.view(torch.float16),
-                                vb_ptr=value_bytes, vh_ptr=value_bytes.view(torch.float16),
-                                rows=rows, strides=(key_bytes.stride(0), key_bytes.stride(1),
-                                                    value_bytes.stride(0),
-                                                    value_bytes.stride(1)),
-                                BITS=bits, GROUP=group, ITEMSIZE=itemsize)))
+def _codes(bits: int | None, group: int | None) -> dict:
+    """The constexprs through which a kernel reads a packed layer's tokens: BITS 0 for a layer
+    without codes (the header's code words are 0 there, and are read either way)."""
+    return dict(BITS=bits or 0, GROUP=group or 1, CODED=int(S.Word.CODED),
+                CODED_CAPACITY=int(S.Word.CODED_CAPACITY), CODE_ROW=int(S.Word.CODE_ROW))
+
+
+def _most_tokens(key: Tensor, bits: int | None) -> int:
+    """The most tokens a packed layer's slot rows can hold (a static bound for launch sizes:
+    the kernels read each row's own count): a slot each, or with codes of `bits`, every row's
+    bytes as codes."""
+    return key.shape[2] if not bits else key.shape[2] * 8 * key.element_size() // bits
 
 
 def _splits(count, heads: int, device) -> tuple[int, int]:
@@ -734,46 +707,33 @@ def _splits(count, heads: int, device) -> tuple[int, int]:
 
 def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, count: int,
                      slots: Tensor | None, valid: Tensor | None, header: Tensor | None = None,
-                     coded: tuple | None = None) -> Tensor:
+                     bits: int | None = None, group: int | None = None) -> Tensor:
     """Flash-decoding over `count` slots per KV head, split over programs so that a few KV
     heads still fill the GPU, then the splits combined: the list `slots` (masked by `valid`),
-    or over a packed layer (`header`) the first min(count, stored) of the list, or with no list
-    each row's stored slots (`count` at most); `coded` (packed_coded_exact_decode), a
-    quantized layer's coded tokens too, in splits of their own."""
+    or over a packed layer (`header`) the first min(count, tokens) of the list, or with no list
+    each row's tokens (`count` at most); `bits`, `group`: a quantized layer's (`_rows`)."""
     B, Hq, _, D = query.shape
     Hkv, n, DV = key.shape[1], key.shape[2], value.shape[-1]
     G = Hq // Hkv
     splits, per_split = _splits(count, B * Hkv, query.device)
-    total = splits + (coded[0] if coded else 0)
-    part_out = torch.empty(B * Hkv * total * G, DV, device=query.device, dtype=torch.float32)
-    part_m = torch.empty(B * Hkv * total * G, device=query.device, dtype=torch.float32)
+    part_out = torch.empty(B * Hkv * splits * G, DV, device=query.device, dtype=torch.float32)
+    part_m = torch.empty(B * Hkv * splits * G, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     dense = slots is None
     rows = header if header is not None else valid   # read per row: stored count, or mask
     wrap_triton(_sparse_attention_kernel)[(B * Hkv, splits)](
         query, key, value, slots if slots is not None else header,
         rows if rows is not None else slots, part_out, part_m, part_l,
-        n, count, per_split, Hkv, scale, total,
+        n, count, per_split, Hkv, scale, splits,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), rows.stride(0) if rows is not None else 0,
         G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
         **ATTENTION,
         HAS_VALID=valid is not None, DENSE=dense, HEADER_COUNT=header is not None and not dense,
-        STORED=int(S.Word.STORED))
-    if coded:
-        coded_splits, coded_per_split, code = coded
-        stride_kb, stride_kh, stride_vb, stride_vh = code["strides"]
-        wrap_triton(_coded_attention_kernel)[(B * Hkv, coded_splits)](
-            query, code["kb_ptr"], code["kh_ptr"], code["vb_ptr"], code["vh_ptr"], header,
-            part_out, part_m, part_l, code["rows"], coded_per_split, Hkv, scale, splits, total,
-            query.stride(0), query.stride(1), stride_kb, stride_kh, stride_vb, stride_vh,
-            header.stride(0), G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D),
-            BLOCK_DV=_dot_rows(DV), BITS=code["BITS"], GROUP=code["GROUP"],
-            ITEMSIZE=code["ITEMSIZE"], CODED=int(S.Word.CODED),
-            CODED_CAPACITY=int(S.Word.CODED_CAPACITY), **ATTENTION)
+        STORED=int(S.Word.STORED), **_codes(bits, group))
     out = torch.empty(B, Hq, 1, DV, device=query.device, dtype=query.dtype)
-    wrap_triton(_combine_kernel)[(B * Hkv, G)](part_out, part_m, part_l, out, total, G, DV=DV,
-                                               BLOCK_S=max(triton.next_power_of_2(total), 2),
+    wrap_triton(_combine_kernel)[(B * Hkv, G)](part_out, part_m, part_l, out, splits, G, DV=DV,
+                                               BLOCK_S=max(triton.next_power_of_2(splits), 2),
                                                BLOCK_DV=triton.next_power_of_2(DV))
     return out
 
@@ -810,7 +770,8 @@ def append_packed(keys: Tensor, values: Tensor, new_key: Tensor, new_value: Tens
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         header.stride(0), header.stride(1), new_key.stride(0), new_key.stride(1),
         new_value.stride(0), new_value.stride(1),
-        STORED=int(S.Word.STORED), POSITION=int(S.Word.POSITION), D=D, DV=DV,
+        STORED=int(S.Word.STORED), POSITION=int(S.Word.POSITION),
+        CODE_ROW=int(S.Word.CODE_ROW), D=D, DV=DV,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV))
 
 
@@ -826,11 +787,12 @@ def _one_program_per_head(heads: int, k: int) -> bool:
 
 
 def _packed_chunk_logits(query: Tensor, key: Tensor, header: Tensor, lanes: int,
-                         head_bounds: bool = False) -> Tensor:
-    """Chunk logits over a packed layer's rows, each row's stored slots, chunk and dims read
-    from its header: (B, Hkv, G, lanes) float32, `lanes` at least the chunks of any row (one
-    per slot where the chunk is only known on the device). `head_bounds`: Quest's bound of
-    each query head instead of RocketKV's (HEAD_BOUNDS)."""
+                         bits: int | None, group: int | None, head_bounds: bool = False
+                         ) -> Tensor:
+    """Chunk logits over a packed layer's rows, each row's tokens, chunk and dims read from its
+    header: (B, Hkv, G, lanes) float32, `lanes` at least the chunks of any row (one per token
+    where the chunk is only known on the device). `head_bounds`: Quest's bound of each query
+    head instead of RocketKV's (HEAD_BOUNDS); `bits`, `group`: a quantized layer's."""
     B, Hkv, slots, D = key.shape
     G = query.shape[1] // Hkv
     logits = torch.empty(B, Hkv, G, lanes, device=key.device, dtype=torch.float32)
@@ -841,18 +803,19 @@ def _packed_chunk_logits(query: Tensor, key: Tensor, header: Tensor, lanes: int,
         header.stride(0),
         G=G, G_PAD=_group_rows(G), D=D, BLOCK_D=triton.next_power_of_2(D), HAS_VALID=False,
         PER_ROW=False, FROM_HEADER=True, STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK),
-        DIMS=int(S.Word.DIMS), HEAD_BOUNDS=head_bounds, **CHUNK_LOGITS)
+        DIMS=int(S.Word.DIMS), HEAD_BOUNDS=head_bounds, **CHUNK_LOGITS, **_codes(bits, group))
     return logits
 
 
 def _packed_select_attend(query: Tensor, key: Tensor, value: Tensor, header: Tensor,
                           logits: Tensor, listed: int, selecting: int, scale: float,
-                          mass: Tensor | None = None, pages: bool = False, kv_group: int = 1,
-                          mean_v: bool = False) -> Tensor:
+                          bits: int | None, group: int | None, mass: Tensor | None = None,
+                          pages: bool = False, kv_group: int = 1, mean_v: bool = False
+                          ) -> Tensor:
     """One program per selecting head (`selecting` per row: KV heads, or Quest's query heads)
     selects from its `logits` row into a list of `listed` slots and attends over it
     (`_packed_select_attend_kernel`; `pages`, `kv_group`, `mean_v`: its PAGES / KV_GROUP /
-    MEAN_V, `mass` the scratch MEAN_V needs)."""
+    MEAN_V, `mass` the scratch MEAN_V needs; `bits`, `group`: a quantized layer's)."""
     B, Hq, DV = key.shape[0], query.shape[1], value.shape[-1]
     G = Hq // selecting   # query heads a selecting head attends for
     lanes = logits.shape[-1]
@@ -867,7 +830,7 @@ def _packed_select_attend(query: Tensor, key: Tensor, value: Tensor, header: Ten
         STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK), G=G, G_PAD=_dot_rows(G),
         D=key.shape[-1], DV=DV, BLOCK_D=_dot_rows(key.shape[-1]), BLOCK_DV=_dot_rows(DV),
         G_ROWS=_group_rows(G), BLOCK_C=block_chunks, PAGES=pages, KV_GROUP=kv_group,
-        MEAN_V=mean_v, **PACKED_ATTENTION,
+        MEAN_V=mean_v, **PACKED_ATTENTION, **_codes(bits, group),
         **_selection_launch(block_chunks))
     return out
 
@@ -879,91 +842,97 @@ def _packed_inputs(query: Tensor, keys: Tensor, values: Tensor):
     return query, layer.keys, layer.values, layer.header
 
 
-def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
-                         ) -> Tensor:
-    """Stage 2 over a packed layer's stored slots, each row with the chunk and query dims of
+def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int,
+                         bits: int | None = None, group: int | None = None) -> Tensor:
+    """Stage 2 over a packed layer's stored tokens, each row with the chunk and query dims of
     its header's plan, in two launches: chunk logits (bounds built from the keys; up to one
-    chunk per slot, since the chunk is read on the device), then per KV head selection and
+    chunk per token, since the chunk is read on the device), then per KV head selection and
     attention (`_packed_select_attend_kernel`). A long list over few KV heads is selected by
     one program per KV head, then attended by split programs and combined (four launches;
     `_one_program_per_head`). Every kernel reads the header: no torch op between them. A row
-    of more slots than a selection program holds is selected by torch ops, then attended by
-    the split programs (`_selection_in_torch`)."""
+    of more tokens than a selection program holds is selected by torch ops, then attended by
+    the split programs (`_selection_in_torch`). `bits`, `group`: a quantized layer's (its
+    codes dequantized in registers wherever a kernel reads a key or value)."""
     query, key, value, header = _packed_inputs(query, keys, values)
-    B, Hkv, slots, _ = key.shape
+    B, Hkv = key.shape[:2]
     G = query.shape[1] // Hkv
-    logits = _packed_chunk_logits(query, key, header, slots)
-    k = min(topk, slots)
-    if slots > SELECTION_LANES:
+    tokens = _most_tokens(key, bits)
+    logits = _packed_chunk_logits(query, key, header, tokens, bits, group)
+    k = min(topk, tokens)
+    if tokens > SELECTION_LANES:
         selected, _ = _selection_in_torch(logits, header, k)
-        return _split_attention(query, key, value, scale, k, selected, None, header=header)
+        return _split_attention(query, key, value, scale, k, selected, None, header, bits, group)
     if _one_program_per_head(B * Hkv, k):
-        return _packed_select_attend(query, key, value, header, logits, k, Hkv, scale)
+        return _packed_select_attend(query, key, value, header, logits, k, Hkv, scale, bits,
+                                     group)
     selected = torch.empty(B * Hkv * k, device=key.device, dtype=torch.int32)
-    block_chunks = max(triton.next_power_of_2(slots), 16)
+    block_chunks = max(triton.next_power_of_2(tokens), 16)
     wrap_triton(_select_kernel)[(B * Hkv,)](
-        logits, header, header, selected, slots, 1, slots, k, Hkv, header.stride(0),
+        logits, header, header, selected, tokens, 1, tokens, k, Hkv, header.stride(0),
         G=G, G_ROWS=_group_rows(G), BLOCK_C=block_chunks, HAS_VALID=False, PER_ROW=False,
         FROM_HEADER=True, STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK),
-        **_selection_launch(block_chunks))
-    return _split_attention(query, key, value, scale, k, selected, None, header=header)
+        CODED=int(S.Word.CODED), **_selection_launch(block_chunks))
+    return _split_attention(query, key, value, scale, k, selected, None, header, bits, group)
 
 
 def packed_page_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, pages: int,
-                       page_size: int) -> Tensor:
-    """Quest over a packed layer's stored slots: for each query head, the `pages` pages (runs of
-    the row's header chunk, `page_size` slots) of largest upper bound of q.k, then exact
-    attention over their slots, as `policies.quest.Quest.decode` computes it. Two launches:
+                       page_size: int, bits: int | None = None, group: int | None = None
+                       ) -> Tensor:
+    """Quest over a packed layer's stored tokens: for each query head, the `pages` pages (runs
+    of the row's header chunk, `page_size` tokens) of largest upper bound of q.k, then exact
+    attention over their tokens, as `policies.quest.Quest.decode` computes it. Two launches:
     each query head's bound of every page (chunk logits HEAD_BOUNDS, all dims; the bounds
     built from the keys once per KV head, not read from stored page summaries), then one
     program per query head selecting its pages and attending to them. (A logit's softmax
     ranks the pages as the bound does, up to float32 underflow: pages whose probability
     underflows to 0 tie, and are taken in slot order.)"""
     query, key, value, header = _packed_inputs(query, keys, values)
-    Hkv, slots, Hq = key.shape[1], key.shape[2], query.shape[1]
+    Hkv, Hq = key.shape[1], query.shape[1]
     # each row's chunk (its header's) is page_size: the lanes are counted by it
-    logits = _packed_chunk_logits(query, key, header, triton.cdiv(slots, page_size),
+    logits = _packed_chunk_logits(query, key, header,
+                                  triton.cdiv(_most_tokens(key, bits), page_size), bits, group,
                                   head_bounds=True)
     return _packed_select_attend(query, key, value, header, logits, pages * page_size, Hq,
-                                 scale, pages=True, kv_group=Hq // Hkv)
+                                 scale, bits, group, pages=True, kv_group=Hq // Hkv)
 
 
-def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int
-                        ) -> Tensor:
-    """SparQ over a packed layer's stored slots, as `policies.sparq.SparQ.decode` computes it:
+def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int,
+                        bits: int | None = None, group: int | None = None) -> Tensor:
+    """SparQ over a packed layer's stored tokens, as `policies.sparq.SparQ.decode` computes it:
     RocketKV's stage 2 at chunk 1 over the row's r dims (its header's plan: per token,
     q[r] . K[:, r] over SparQ's temperature, the group's mean softmax, the top k), exact
     attention over the k tokens, then mean-value reallocation, a y + (1 - a) mean(V). Two
     launches: chunk logits, then one program per KV head that selects, attends and reallocates
-    (`_packed_select_attend_kernel` MEAN_V); past SELECTION_LANES slots, the selection and the
-    reallocation as torch ops around the split attention."""
+    (`_packed_select_attend_kernel` MEAN_V); past SELECTION_LANES tokens, the selection as
+    torch ops, the split attention, and mean(V) as exact attention of a zero query (uniform
+    weights over the row's tokens, so codes are read as everywhere else)."""
     query, key, value, header = _packed_inputs(query, keys, values)
-    B, Hkv, slots = key.shape[:3]
-    logits = _packed_chunk_logits(query, key, header, slots)
-    k = min(topk, slots)
-    if slots > SELECTION_LANES:
+    B, Hkv = key.shape[:2]
+    tokens = _most_tokens(key, bits)
+    logits = _packed_chunk_logits(query, key, header, tokens, bits, group)
+    k = min(topk, tokens)
+    if tokens > SELECTION_LANES:
         selected, mass = _selection_in_torch(logits, header, k, mass=True)
-        attended = _split_attention(query, key, value, scale, k, selected, None, header=header)
-        stored = header[:, 0, S.Word.STORED]
-        live = torch.arange(slots, device=key.device)[None] < stored[:, None]
-        mean_v = (value.float() * live[:, None, :, None]).sum(2) / stored.clamp(min=1)[:, None, None]
-        mean_v = mean_v.repeat_interleave(query.shape[1] // Hkv, 1)[:, :, None]
+        attended = _split_attention(query, key, value, scale, k, selected, None, header, bits,
+                                    group)
+        mean_v = _split_attention(query.new_zeros(query.shape, dtype=torch.float32), key, value,
+                                  scale, tokens, None, None, header, bits, group)
         a = mass.view(B, -1, 1, 1)
         return (a * attended.float() + (1 - a) * mean_v).to(query.dtype)
     mass = torch.empty(B * query.shape[1], device=key.device, dtype=torch.float32)
-    return _packed_select_attend(query, key, value, header, logits, k, Hkv, scale, mass,
-                                 mean_v=True)
+    return _packed_select_attend(query, key, value, header, logits, k, Hkv, scale, bits, group,
+                                 mass, mean_v=True)
 
 
 def _selection_in_torch(logits: Tensor, header: Tensor, k: int, mass: bool = False):
     """`_select` as torch ops, for rows of more lanes than a selection program holds
-    (SELECTION_LANES; `logits` with a lane per slot): each row's top min(k, stored) slots by
+    (SELECTION_LANES; `logits` with a lane per token): each row's top min(k, tokens) slots by
     the group's mean softmax over tokens (a token scores its chunk's, the chunk from the
     header), ties to the earlier slot (a stable sort), in slot order, as a (B * Hkv * k) int32
     list whose entries past a row's stored count attention skips. With `mass`, also each query
     head's probability on its slots (B * Hq float32; SparQ's a), else None."""
     B, Hkv, G, slots = logits.shape
-    stored = header[:, 0, S.Word.STORED].long()
+    stored = header[:, 0, S.Word.STORED].long() + header[:, 0, S.Word.CODED].long()
     chunk = header[:, 0, S.Word.CHUNK].long()
     token = torch.arange(slots, device=logits.device)
     live = token[None] < stored[:, None]                                       # (B, slots)

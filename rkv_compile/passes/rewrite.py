@@ -71,8 +71,6 @@ class SiteDecision:
         CUDA), the policy's PyTorch decode ("reference") or exact attention ("exact")."""
         if not self.method.sparse_decode and self.method.state != "scores":
             return "exact"
-        if self.method.kv_bits is not None and self.on_cuda:
-            return "reference"   # no stage-2 kernel reads codes yet
         return "triton" if self.on_cuda and self.method.triton_at(self.scale, self.head_dim) \
             else "reference"
 
@@ -267,19 +265,17 @@ def _decode_attention(graph: Graph, d: SiteDecision, keys: Node, values: Node) -
     if d.method.state == "scores":
         return graph.call_function(torch.ops.rocketkv.evicting_decode_.default, (
             d.site.query, keys, values, d.scale, d.method.spec))
+    codes = (d.method.kv_bits, d.method.kv_group_size) if d.method.kv_bits else ()
     if d.kernel == "triton":
         plan = d.method.plan(d.method.token_budget, d.head_dim, d.layer, d.layers)
         if plan.topk < plan.length:
             op, arguments = TRITON_DECODE[d.method.triton]
             return graph.call_function(op, (d.site.query, keys, values, d.scale,
-                                            *arguments(plan)))
+                                            *arguments(plan), *codes))
         # a layer that attends to every token (Quest's first layers): exact, below
     if d.kernel != "reference" and d.on_cuda:
-        if d.method.kv_bits is not None:
-            return graph.call_function(torch.ops.rocketkv.coded_exact_decode_triton.default, (
-                d.site.query, keys, values, d.scale, d.method.kv_bits, d.method.kv_group_size))
         return graph.call_function(torch.ops.rocketkv.exact_decode_triton.default, (
-            d.site.query, keys, values, d.scale))
+            d.site.query, keys, values, d.scale, *codes))
     return graph.call_function(torch.ops.rocketkv.decode.default, (
         d.site.query, keys, values, d.scale, d.method.spec))
 
@@ -303,8 +299,6 @@ def prefill_action(d: SiteDecision) -> str:
 
 
 def _why_no_triton(d: SiteDecision) -> str:
-    if d.method.kv_bits is not None and d.on_cuda:
-        return ": no stage-2 kernel reads a quantized cache's codes yet (kv_bits)"
     if d.method.triton_at(d.scale, d.head_dim):
         return ""   # on the CPU
     if not d.method.triton:
@@ -313,10 +307,9 @@ def _why_no_triton(d: SiteDecision) -> str:
 
 
 def decode_action(d: SiteDecision) -> str:
-    kernel = ", the Triton flash-decoding kernel" + (
-        " reading the codes" if d.method.kv_bits is not None else "")
-    exact = "exact attention" + (kernel if d.on_cuda else "")
-    runs = {"triton": "Triton kernels", "exact": exact,
+    codes = " reading the codes" if d.method.kv_bits is not None else ""
+    exact = "exact attention" + (", the Triton flash-decoding kernel" + codes if d.on_cuda else "")
+    runs = {"triton": "Triton kernels" + codes, "exact": exact,
             "reference": "the PyTorch reference op" + _why_no_triton(d)}[d.kernel]
     return (f"decode: {d.method.name}, {d.method.decode_kind} over each row's stored slots "
             f"({runs}; plan read from the cache)")

@@ -26,7 +26,7 @@ class KVQuant(Full):
     bf16 bytes at 4 bits, plus a step and a zero per group. Generated tokens are stored
     exactly (KIVI's full-precision residual, here up to max_new_tokens long). On CUDA
     decode reads the codes in a flash-decoding kernel that dequantizes them in registers
-    (`rocketkv::coded_exact_decode_triton`); on the CPU PyTorch ops dequantize them first. A
+    (`rocketkv::exact_decode_triton` with bits); on the CPU PyTorch ops dequantize them first. A
     new turn over codes is refused. `rkv eval`'s eager engine computes the bytes (`Policy.kv_bytes`)."""
 
     kv_bits: int | None = 8
