@@ -244,17 +244,13 @@ def evicting_decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, m
                     ) -> Tensor:
     """A decode step of a policy that evicts as it decodes: exact attention over each row's
     live slots (stored, not evicted), whose state (accumulated attention) it updates in place,
-    evicting down to the row's live limit (its plan's topk)."""
+    evicting down to the row's live limit (its plan's topk). All rows at once, each with its
+    own limit as a tensor: no host reads."""
     layer = S.unpack(keys, values, True, query.dtype)
     scores = layer.state.view(torch.float32)
-    live_limits = layer.word(Word.TOPK).tolist()
-    out = torch.empty(*query.shape[:-1], values.shape[-1], dtype=query.dtype,
-                      device=query.device)
-    valid = layer.valid()
-    for b, limit in enumerate(live_limits):
-        out[b:b + 1], scores[b:b + 1] = method.evicting_decode(
-            query[b:b + 1], layer.keys[b:b + 1], layer.values[b:b + 1], valid[b:b + 1], scale,
-            limit, scores[b:b + 1])
+    out, new_scores = method.evicting_decode(query, layer.keys, layer.values, layer.valid(),
+                                             scale, layer.word(Word.TOPK), scores)
+    scores.copy_(new_scores)
     return out
 
 

@@ -181,7 +181,7 @@ def accumulated_attention(query: Tensor, key: Tensor, mask: Tensor | None, scale
 
 
 def evicting_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                    scale: float, state: Tensor, live_limit: int, recent: int
+                    scale: float, state: Tensor, live_limit: int | Tensor, recent: int
                     ) -> tuple[Tensor, Tensor]:
     """One decode step that evicts by accumulated attention (H2O's rule), per KV head.
 
@@ -190,7 +190,8 @@ def evicting_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | No
     slots (not evicted, not masked); each live slot's probability, summed over the group's query
     heads, is added to its score. Then, while more than `live_limit` slots are live, the
     lowest-scored is evicted, sparing the `recent` most recent live slots (ties: the later slot
-    goes). Returns (output (B, Hq, 1, Dv), state (B, Hkv, n)).
+    goes); `live_limit`: one for every row, or (B,) each row's. Returns (output (B, Hq, 1, Dv),
+    state (B, Hkv, n)).
     """
     B, H, n, _ = key.shape
     state = F.pad(state, (0, n - state.shape[-1]))
@@ -206,6 +207,8 @@ def evicting_decode(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | No
     recent_rank = live.flip(-1).cumsum(-1).flip(-1)                        # 1: the newest live
     spared = live & ((recent_rank <= recent) | torch.isposinf(state))
     candidates = live & ~spared
+    if isinstance(live_limit, Tensor):
+        live_limit = live_limit.view(B, 1, 1)
     room = (live_limit - spared.sum(-1, keepdim=True)).clamp_min(0)
     order = torch.sort(state.masked_fill(~candidates, float("-inf")), dim=-1, descending=True,
                        stable=True).indices
