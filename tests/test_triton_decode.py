@@ -374,6 +374,10 @@ def test_packed_sparq_decode(case, rows, selection, codes):
 @SETTINGS
 @given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3),
        codes=CODES)
+# a head dim whose 2-bit codes do not fill whole bytes (each code read on its own), values in
+# groups of 5 channels (each step read on its own), rows of codes only, exact slots only, both
+@example(case=(3, 1, 2, 66, 40, 1, 1, 1, torch.float32, 5), live=[40, 7, 30],
+         codes=(2, 5, [40, 0, 9]))
 def test_packed_exact_decode(case, live, codes):
     """Flash-decoding over every stored token of a packed layer (`rocketkv.exact_decode_triton`,
     what exact-decoding policies run on CUDA), each row's count from its header, as exact

@@ -133,7 +133,7 @@ def _chunk_logits_kernel(
                 ok &= tl.load(valid_ptr + b * stride_vb + slot, mask=ok, other=0) != 0
             live += ok.to(tl.int32)
             rows_ok = ok[:, None] & chosen[None, :]
-            rows = _rows(k_ptr, k_base, slot, d, rows_ok, stride_kn, coded, capacity,
+            rows = _rows(k_ptr, k_base, slot, ok, d, chosen, stride_kn, coded, capacity,
                          code_row, D, BITS, GROUP, True).to(tl.float32)
             kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
             kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
@@ -177,38 +177,75 @@ def _codes_of(header, CODED: tl.constexpr, CODED_CAPACITY: tl.constexpr,
 
 
 @triton.jit
-def _rows(ptr, base, slot, cols, ok, stride_n, coded, capacity, code_row,
+def _rows(ptr, base, slot, row_ok, cols, col_ok, stride_n, coded, capacity, code_row,
           WIDTH: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, KEYS: tl.constexpr):
-    """Tokens `slot` of one KV head's keys (KEYS) or values, columns `cols` where `ok` (a
-    (slots, cols) mask), `base` the head's offset in `ptr`, in ptr's dtype. BITS > 0, a
-    quantized layer's order (state.token_rows): a token below `coded` is a code, read as bytes
-    with its fp16 step and zero (`_codes_of`; keys share them per channel over GROUP tokens,
-    values per token over GROUP channels) and dequantized in registers, code * step + zero in
-    float32 rounded to the model's dtype as reference.dequantize does; the rest are exact slots
-    from 0. Both loads are masked, so a tile of one kind reads only its own bytes."""
+    """Tokens `slot` (where `row_ok`) of one KV head's keys (KEYS) or values, columns `cols`
+    (tl.arange(0, BLOCK), where `col_ok`), `base` the head's offset in `ptr`, in ptr's dtype.
+    BITS > 0, a quantized layer's order (state.token_rows): a token below `coded` is a code
+    (`_dequantized`), the rest exact slots from 0; both loads are masked, so a tile of one
+    kind reads only its own bytes. (One return, after a static if/else: Triton compiles the
+    statements after an early return too, with BITS = 0.)"""
+    ok = row_ok[:, None] & col_ok[None, :]
     if BITS == 0:
-        return tl.load(ptr + base + slot[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
-    is_code = (slot < coded)[:, None]
-    exact = tl.load(ptr + base + (slot - coded)[:, None] * stride_n + cols[None, :],
-                    mask=ok & ~is_code, other=0.0)
-    in_codes = ok & is_code
+        rows = tl.load(ptr + base + slot[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
+    else:
+        is_code = slot < coded
+        exact = tl.load(ptr + base + (slot - coded)[:, None] * stride_n + cols[None, :],
+                        mask=ok & ~is_code[:, None], other=0.0)
+        codes = _dequantized(ptr, base, slot, row_ok & is_code, cols, col_ok, stride_n,
+                             capacity, code_row, WIDTH, BITS, GROUP, KEYS)
+        rows = tl.where(is_code[:, None], codes, exact)
+    return rows
+
+
+@triton.jit
+def _dequantized(ptr, base, slot, row_ok, cols, col_ok, stride_n, capacity, code_row,
+                 WIDTH: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                 KEYS: tl.constexpr):
+    """Coded tokens `slot` of a quantized layer (`_codes_of`; state.Coded), dequantized in
+    registers as reference.dequantize does: code * step + zero in float32, rounded to ptr's
+    dtype. Keys share a step and zero per channel over GROUP tokens, values per token over
+    GROUP channels. A token's codes are loaded as whole bytes and unpacked in registers
+    (`_unpack`) where they start on a byte (every head dim a multiple of 8 / BITS)."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    BLOCK: tl.constexpr = cols.shape[0]
     ITEMSIZE: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+    PER_BYTE: tl.constexpr = 8 // BITS
     region = (base + code_row * stride_n) * ITEMSIZE   # in bytes: the head's region is contiguous
-    at = slot[:, None] * WIDTH + cols[None, :]
-    byte = tl.load(ptr.to(tl.pointer_type(tl.uint8)) + region + at * BITS // 8, mask=in_codes,
-                   other=0).to(tl.int32)
-    code = (byte >> (at * BITS % 8)) & ((1 << BITS) - 1)
+    bytes_ptr = ptr.to(tl.pointer_type(tl.uint8)) + region
+    if WIDTH % PER_BYTE == 0:
+        j = tl.arange(0, BLOCK // PER_BYTE)
+        byte = tl.load(bytes_ptr + slot[:, None] * (WIDTH // PER_BYTE) + j[None, :],
+                       mask=row_ok[:, None] & (j < WIDTH // PER_BYTE)[None, :], other=0)
+        code = _unpack(byte.to(tl.int32), BITS)
+    else:
+        at = slot[:, None] * WIDTH + cols[None, :]
+        byte = tl.load(bytes_ptr + at * BITS // 8, mask=ok, other=0).to(tl.int32)
+        code = (byte >> (at * BITS % 8)) & ((1 << BITS) - 1)
+    steps = ptr.to(tl.pointer_type(tl.float16)) + (region + capacity * WIDTH * BITS // 8) // 2
     if KEYS:
-        scale_at = (slot // GROUP)[:, None] * WIDTH + cols[None, :]
         scales = capacity // GROUP * WIDTH
+        at = (slot // GROUP)[:, None] * WIDTH + cols[None, :]
     else:
         groups: tl.constexpr = (WIDTH + GROUP - 1) // GROUP
-        scale_at = slot[:, None] * groups + (cols // GROUP)[None, :]
         scales = capacity * groups
-    steps = ptr.to(tl.pointer_type(tl.float16)) + (region + capacity * WIDTH * BITS // 8) // 2
-    step = tl.load(steps + scale_at, mask=in_codes, other=0.0).to(tl.float32)
-    zero = tl.load(steps + scales + scale_at, mask=in_codes, other=0.0).to(tl.float32)
-    return tl.where(is_code, (code.to(tl.float32) * step + zero).to(ptr.dtype.element_ty), exact)
+        at = slot[:, None] * groups + (cols // GROUP)[None, :]
+    step = tl.load(steps + at, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(steps + scales + at, mask=ok, other=0.0).to(tl.float32)
+    return (code.to(tl.float32) * step + zero).to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _unpack(byte, BITS: tl.constexpr):
+    """Bytes (N, M) as their codes (N, M * 8 / BITS), the lower bits the earlier code
+    (state._pack_codes)."""
+    if BITS == 8:
+        return byte
+    elif BITS == 4:
+        return tl.interleave(byte & 15, byte >> 4)
+    else:   # 2: codes 0 and 2, then 1 and 3, interleaved: 0, 1, 2, 3
+        return tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3),
+                             tl.interleave((byte >> 2) & 3, byte >> 6))
 
 
 @triton.jit
@@ -417,8 +454,8 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
         ok &= slot < n  # a short list is padded with slots past the end
         if HAS_VALID:  # a masked slot can be selected (fewer live slots than top-k): skip it
             ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
-        k = _rows(k_ptr, b * stride_kb + kv * stride_kh, slot, d, ok[:, None] & (d < D)[None, :],
-                  stride_kn, coded, capacity, code_row, D, BITS, GROUP, True)
+        k = _rows(k_ptr, b * stride_kb + kv * stride_kh, slot, ok, d, d < D, stride_kn, coded,
+                  capacity, code_row, D, BITS, GROUP, True)
         # Products of 16-bit numbers are exact in float32: the tensor cores lose nothing here.
         # (Inductor passes `scale` as a float64 scalar: keep the loop state in float32.)
         s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
@@ -427,9 +464,8 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
         alpha = tl.exp(m - m_use)
         p = tl.exp(s - m_use[:, None])
-        v = _rows(v_ptr, b * stride_vb + kv * stride_vh, slot, dv,
-                  ok[:, None] & (dv < DV)[None, :], stride_vn, coded, capacity, code_row, DV,
-                  BITS, GROUP, False)
+        v = _rows(v_ptr, b * stride_vb + kv * stride_vh, slot, ok, dv, dv < DV, stride_vn,
+                  coded, capacity, code_row, DV, BITS, GROUP, False)
         acc = acc * alpha[:, None]
         if v.dtype == tl.float32:
             acc = tl.dot(p, v, acc, input_precision="ieee")
@@ -512,9 +548,8 @@ def _packed_select_attend_kernel(
         total = tl.zeros((BLOCK_DV,), tl.float32)
         for base in range(0, n, BLOCK_N):
             i = base + tl.arange(0, BLOCK_N)
-            v = _rows(v_ptr, b * stride_vb + (bh % Hkv) * stride_vh, i, dv,
-                      (i < n)[:, None] & (dv < DV)[None, :], stride_vn, coded, capacity,
-                      code_row, DV, BITS, GROUP, False)
+            v = _rows(v_ptr, b * stride_vb + (bh % Hkv) * stride_vh, i, i < n, dv, dv < DV,
+                      stride_vn, coded, capacity, code_row, DV, BITS, GROUP, False)
             total += tl.sum(v.to(tl.float32), axis=0)
         mass = tl.load(mass_ptr + bh * G + g, mask=g < G, other=0.0)
         out = mass[:, None] * out + (1 - mass)[:, None] * (total / n)[None, :]
