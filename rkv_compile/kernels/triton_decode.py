@@ -593,9 +593,11 @@ def _append_packed_kernel(
 # against 131 at B=1024), warps changed little. A chunk's rows one at a time (UNROLL 1) beat
 # 2, 4 and 8 in flight at every shape (tune_stage2.py --knobs, ced62b2: 46.6 against 51.6 us
 # over plain keys at 1x128K B=1024, 47.1 against 53.2 at 8x128K B=256; BENCHMARKS.md).
-# DIMS_BY_RANK: the query's r dims by ranks rather than the bit search (not yet timed on a GPU).
+# DIMS_BY_RANK: the query's r dims by ranks rather than the bit search: the cache step in 33.0
+# against 33.2 us at 1x32K B=256, 27.8 against 28.2 at 1x128K, 48.7 against 50.6 at 8x128K
+# (H100, tune_stage2.py --knobs CHUNK_LOGITS.DIMS_BY_RANK, 2026-12-07, a825e0b).
 CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4, UNROLL=1,   # chunks per program, rows in flight
-                    DIMS_BY_RANK=False)
+                    DIMS_BY_RANK=True)
 ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split path's programs
 PACKED_ATTENTION = dict(BLOCK_N=32)            # one program per KV head (warps: the selection's)
 SELECTION_WARPS = None                         # None: by the number of chunks held
