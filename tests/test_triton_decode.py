@@ -308,7 +308,8 @@ def test_packed_layer_decode(case, rows, fused, selection, codes):
         assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
 
 
-@SETTINGS
+# (the interpreter's slowest kernel test, a program per query head: fewer cases on the CPU)
+@settings(SETTINGS, max_examples=GPU_EXAMPLES if CUDA else 8)
 @given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3),
        page_size=st.integers(1, 16), pages=st.integers(1, 12), codes=CODES)
 def test_packed_page_decode(case, live, page_size, pages, codes):
