@@ -34,7 +34,7 @@ def decode_cases(draw, small=not CUDA):
     G = draw(st.integers(1, 8))
     Hkv = draw(st.integers(1, 2 if small else 8))
     B = draw(st.integers(1, 2 if small else 16))
-    D = draw(st.sampled_from([64, 80, 96, 128] + ([] if small else [256])))
+    D = draw(st.sampled_from([16, 64, 80, 96, 128] + ([] if small else [256])))
     n = draw(st.integers(1, 160 if small else 3000))
     chunk = draw(st.integers(1, 5))
     dims = draw(st.integers(1, D))
@@ -69,7 +69,7 @@ def _dims_are_clear(q: torch.Tensor, kv_heads: int, dims: int) -> bool:
 
 
 # A quantized layer for the packed tests, or None: (bits, group, each row's coded tokens)
-CODES = st.one_of(st.none(), st.tuples(st.sampled_from([2, 4, 8]), st.sampled_from([1, 5, 32]),
+CODES = st.one_of(st.none(), st.tuples(st.sampled_from([2, 4, 8]), st.sampled_from([1, 5, 32, 64]),
                                        st.lists(st.integers(0, 160), min_size=3, max_size=3)))
 
 

@@ -134,7 +134,7 @@ def _chunk_logits_kernel(
             live += ok.to(tl.int32)
             rows_ok = ok[:, None] & chosen[None, :]
             rows = _rows(k_ptr, k_base, slot, ok, d, chosen, stride_kn, coded, capacity,
-                         code_row, D, BITS, GROUP, True).to(tl.float32)
+                         code_row, D, BITS, GROUP, True, ANY_TOKENS).to(tl.float32)
             kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
             kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
     bound = tl.where(chosen[None, :] & (live > 0)[:, None],
@@ -176,24 +176,41 @@ def _codes_of(header, CODED: tl.constexpr, CODED_CAPACITY: tl.constexpr,
             tl.load(header + CODE_ROW))
 
 
+# What a load of a quantized layer's tokens reads (`_rows`'s TOKENS): a token of the list may
+# be a code or an exact slot; a tile of consecutive codes from a multiple of its size; exact
+# slots only. A dense sweep over a row (codes first, then exact slots) reads the last two in
+# two loops, so each tile loads only its own kind and the key steps of a tile are one vector.
+ANY_TOKENS: tl.constexpr = tl.constexpr(0)
+CODE_TILE: tl.constexpr = tl.constexpr(1)
+EXACT_SLOTS: tl.constexpr = tl.constexpr(2)
+
+
 @triton.jit
 def _rows(ptr, base, slot, row_ok, cols, col_ok, stride_n, coded, capacity, code_row,
-          WIDTH: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, KEYS: tl.constexpr):
+          WIDTH: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, KEYS: tl.constexpr,
+          TOKENS: tl.constexpr):
     """Tokens `slot` (where `row_ok`) of one KV head's keys (KEYS) or values, columns `cols`
     (tl.arange(0, BLOCK), where `col_ok`), `base` the head's offset in `ptr`, in ptr's dtype.
     BITS > 0, a quantized layer's order (state.token_rows): a token below `coded` is a code
-    (`_dequantized`), the rest exact slots from 0; both loads are masked, so a tile of one
-    kind reads only its own bytes. (One return, after a static if/else: Triton compiles the
-    statements after an early return too, with BITS = 0.)"""
+    (`_dequantized`), the rest exact slots from 0; TOKENS says which kinds `slot` holds (with
+    ANY_TOKENS both loads are masked, so a tile of one kind reads only its own bytes). (One
+    return, after a static if/else: Triton compiles the statements after an early return
+    too, with BITS = 0.)"""
     ok = row_ok[:, None] & col_ok[None, :]
     if BITS == 0:
         rows = tl.load(ptr + base + slot[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
+    elif TOKENS == EXACT_SLOTS:
+        rows = tl.load(ptr + base + (slot - coded)[:, None] * stride_n + cols[None, :], mask=ok,
+                       other=0.0)
+    elif TOKENS == CODE_TILE:
+        rows = _dequantized(ptr, base, slot, row_ok, cols, col_ok, stride_n, capacity,
+                            code_row, WIDTH, BITS, GROUP, KEYS, True)
     else:
         is_code = slot < coded
         exact = tl.load(ptr + base + (slot - coded)[:, None] * stride_n + cols[None, :],
                         mask=ok & ~is_code[:, None], other=0.0)
         codes = _dequantized(ptr, base, slot, row_ok & is_code, cols, col_ok, stride_n,
-                             capacity, code_row, WIDTH, BITS, GROUP, KEYS)
+                             capacity, code_row, WIDTH, BITS, GROUP, KEYS, False)
         rows = tl.where(is_code[:, None], codes, exact)
     return rows
 
@@ -201,12 +218,15 @@ def _rows(ptr, base, slot, row_ok, cols, col_ok, stride_n, coded, capacity, code
 @triton.jit
 def _dequantized(ptr, base, slot, row_ok, cols, col_ok, stride_n, capacity, code_row,
                  WIDTH: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                 KEYS: tl.constexpr):
+                 KEYS: tl.constexpr, TILE: tl.constexpr):
     """Coded tokens `slot` of a quantized layer (`_codes_of`; state.Coded), dequantized in
     registers as reference.dequantize does: code * step + zero in float32, rounded to ptr's
     dtype. Keys share a step and zero per channel over GROUP tokens, values per token over
     GROUP channels. A token's codes are loaded as whole bytes and unpacked in registers
-    (`_unpack`) where they start on a byte (every head dim a multiple of 8 / BITS)."""
+    (`_unpack`) where they start on a byte (every head dim a multiple of 8 / BITS). Each step
+    and zero is loaded once and broadcast where the shapes allow: a TILE (N consecutive
+    tokens from a multiple of N) within one key group reads one vector of key steps; a value
+    row's GROUP-wide steps are read as one per group."""
     ok = row_ok[:, None] & col_ok[None, :]
     BLOCK: tl.constexpr = cols.shape[0]
     ITEMSIZE: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
@@ -223,16 +243,36 @@ def _dequantized(ptr, base, slot, row_ok, cols, col_ok, stride_n, capacity, code
         byte = tl.load(bytes_ptr + at * BITS // 8, mask=ok, other=0).to(tl.int32)
         code = (byte >> (at * BITS % 8)) & ((1 << BITS) - 1)
     steps = ptr.to(tl.pointer_type(tl.float16)) + (region + capacity * WIDTH * BITS // 8) // 2
-    if KEYS:
-        scales = capacity // GROUP * WIDTH
+    GROUPS: tl.constexpr = (WIDTH + GROUP - 1) // GROUP   # value groups of a token
+    if KEYS and TILE and tl.constexpr(GROUP) % slot.shape[0] == 0:
+        first = tl.max(tl.where(row_ok, slot, 0), axis=0)   # any of the tile's: one group
+        at_k = (first // GROUP) * WIDTH + cols
+        step = tl.load(steps + at_k, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        zero = tl.load(steps + capacity // GROUP * WIDTH + at_k, mask=col_ok,
+                       other=0.0).to(tl.float32)[None, :]
+    elif KEYS:
         at = (slot // GROUP)[:, None] * WIDTH + cols[None, :]
+        step = tl.load(steps + at, mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(steps + capacity // GROUP * WIDTH + at, mask=ok, other=0.0).to(tl.float32)
+    elif GROUPS > 1 and GROUPS * GROUP == BLOCK:   # whole groups fill the columns: one load per group
+        at_v = slot[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
+        step = _spread(tl.load(steps + at_v, mask=row_ok[:, None], other=0.0), GROUP)
+        zero = _spread(tl.load(steps + capacity * GROUPS + at_v, mask=row_ok[:, None],
+                               other=0.0), GROUP)
     else:
-        groups: tl.constexpr = (WIDTH + GROUP - 1) // GROUP
-        scales = capacity * groups
-        at = slot[:, None] * groups + (cols // GROUP)[None, :]
-    step = tl.load(steps + at, mask=ok, other=0.0).to(tl.float32)
-    zero = tl.load(steps + scales + at, mask=ok, other=0.0).to(tl.float32)
+        at = slot[:, None] * GROUPS + (cols // GROUP)[None, :]
+        step = tl.load(steps + at, mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(steps + capacity * GROUPS + at, mask=ok, other=0.0).to(tl.float32)
     return (code.to(tl.float32) * step + zero).to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _spread(per_group, GROUP: tl.constexpr):
+    """(N, GROUPS) as float32 (N, GROUPS * GROUP): each column repeated GROUP times."""
+    N: tl.constexpr = per_group.shape[0]
+    GROUPS: tl.constexpr = per_group.shape[1]
+    wide = tl.broadcast_to(per_group.to(tl.float32)[:, :, None], (N, GROUPS, GROUP))
+    return tl.reshape(wide, (N, GROUPS * GROUP))
 
 
 @triton.jit
@@ -432,18 +472,49 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
     (running max, sum, unnormalized output), one row per query head (G_PAD >= 16 rows: the
     group is padded to a tensor-core tile, padding rows are zeros). KV_GROUP > 1: `bh` is one
     query head (G = 1) of KV head h // KV_GROUP (Quest selects per query head). BITS > 0: the
-    slots are a quantized row's tokens, codes first (`_rows`)."""
+    slots are a quantized row's tokens, codes first (`_rows`); DENSE, its codes and its exact
+    slots are swept by two loops."""
     b, h = bh // Hkv, bh % Hkv
-    kv = h // KV_GROUP
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
     q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
                 mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
     m = tl.full((G_PAD,), float("-inf"), tl.float32)
     l = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, BLOCK_DV), tl.float32)
+    k_base = b * stride_kb + (h // KV_GROUP) * stride_kh
+    v_base = b * stride_vb + (h // KV_GROUP) * stride_vh
+    if DENSE and BITS > 0:
+        m, l, acc = _attend_tiles(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k_base,
+                                  v_base, b, n, start, tl.minimum(stop, coded), scale,
+                                  stride_kn, stride_vn, stride_validb, D, DV, BLOCK_D,
+                                  BLOCK_DV, BLOCK_N, HAS_VALID, DENSE, coded, capacity,
+                                  code_row, BITS, GROUP, CODE_TILE)
+        m, l, acc = _attend_tiles(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k_base,
+                                  v_base, b, n, tl.maximum(start, coded), stop, scale,
+                                  stride_kn, stride_vn, stride_validb, D, DV, BLOCK_D,
+                                  BLOCK_DV, BLOCK_N, HAS_VALID, DENSE, coded, capacity,
+                                  code_row, BITS, GROUP, EXACT_SLOTS)
+    else:
+        m, l, acc = _attend_tiles(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k_base,
+                                  v_base, b, n, start, stop, scale, stride_kn, stride_vn,
+                                  stride_validb, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_VALID,
+                                  DENSE, coded, capacity, code_row, BITS, GROUP, ANY_TOKENS)
+    return m, l, acc
+
+
+@triton.jit
+def _attend_tiles(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k_base, v_base, b, n, start,
+                  stop, scale, stride_kn, stride_vn, stride_validb, D: tl.constexpr,
+                  DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, DENSE: tl.constexpr,
+                  coded, capacity, code_row, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  TOKENS: tl.constexpr):
+    """`_attend`'s loop over slots start:stop (of the list, or DENSE themselves) in tiles of
+    BLOCK_N, from its running (m, l, acc); TOKENS: what the slots hold (`_rows`)."""
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
     for base in range(start, stop, BLOCK_N):
         i = base + tl.arange(0, BLOCK_N)
         ok = i < stop
@@ -454,8 +525,8 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
         ok &= slot < n  # a short list is padded with slots past the end
         if HAS_VALID:  # a masked slot can be selected (fewer live slots than top-k): skip it
             ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
-        k = _rows(k_ptr, b * stride_kb + kv * stride_kh, slot, ok, d, d < D, stride_kn, coded,
-                  capacity, code_row, D, BITS, GROUP, True)
+        k = _rows(k_ptr, k_base, slot, ok, d, d < D, stride_kn, coded, capacity, code_row, D,
+                  BITS, GROUP, True, TOKENS)
         # Products of 16-bit numbers are exact in float32: the tensor cores lose nothing here.
         # (Inductor passes `scale` as a float64 scalar: keep the loop state in float32.)
         s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
@@ -464,8 +535,8 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
         alpha = tl.exp(m - m_use)
         p = tl.exp(s - m_use[:, None])
-        v = _rows(v_ptr, b * stride_vb + kv * stride_vh, slot, ok, dv, dv < DV, stride_vn,
-                  coded, capacity, code_row, DV, BITS, GROUP, False)
+        v = _rows(v_ptr, v_base, slot, ok, dv, dv < DV, stride_vn, coded, capacity, code_row,
+                  DV, BITS, GROUP, False, TOKENS)
         acc = acc * alpha[:, None]
         if v.dtype == tl.float32:
             acc = tl.dot(p, v, acc, input_precision="ieee")
@@ -549,7 +620,7 @@ def _packed_select_attend_kernel(
         for base in range(0, n, BLOCK_N):
             i = base + tl.arange(0, BLOCK_N)
             v = _rows(v_ptr, b * stride_vb + (bh % Hkv) * stride_vh, i, i < n, dv, dv < DV,
-                      stride_vn, coded, capacity, code_row, DV, BITS, GROUP, False)
+                      stride_vn, coded, capacity, code_row, DV, BITS, GROUP, False, ANY_TOKENS)
             total += tl.sum(v.to(tl.float32), axis=0)
         mass = tl.load(mass_ptr + bh * G + g, mask=g < G, other=0.0)
         out = mass[:, None] * out + (1 - mass)[:, None] * (total / n)[None, :]
