@@ -670,6 +670,10 @@ def _append_packed_kernel(
 CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4, UNROLL=1,   # chunks per program, rows in flight
                     DIMS_BY_RANK=True)
 ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split path's programs
+# The same over a quantized layer, where dequantizing in registers, not bytes, bounds a tile:
+# 64 slots a step took the exact decode at 1x32K from 76 to 72 us at 4 bits and from 108 to 75
+# at 8 (bf16: 53 us at 32 slots, 57 at 64; H100, 2026-12-07, BENCHMARKS.md "KV codes").
+ATTENTION_CODED = dict(BLOCK_N=64, num_warps=4)
 PACKED_ATTENTION = dict(BLOCK_N=32)            # one program per KV head (warps: the selection's)
 SELECTION_WARPS = None                         # None: by the number of chunks held
 # Lanes of a selection whose row has that few chunks (`_select_sized`). RocketKV's chunk of 3
@@ -804,10 +808,9 @@ def _most_tokens(key: Tensor, bits: int | None) -> int:
     return key.shape[2] if not bits else key.shape[2] * 8 * key.element_size() // bits
 
 
-def _splits(count, heads: int, device) -> tuple[int, int]:
+def _splits(count, heads: int, device, BLOCK_N: int) -> tuple[int, int]:
     """(splits, slots per split) for `count` slots per KV head over `heads` heads: enough
-    programs to fill the GPU, each a whole number of blocks."""
-    BLOCK_N = ATTENTION["BLOCK_N"]
+    programs to fill the GPU, each a whole number of BLOCK_N blocks."""
     splits = max(1, min(triton.cdiv(count, BLOCK_N), triton.cdiv(4 * _sm_count(device), heads)))
     per_split = triton.cdiv(triton.cdiv(count, splits), BLOCK_N) * BLOCK_N
     return triton.cdiv(count, per_split), per_split
@@ -823,7 +826,8 @@ def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, co
     B, Hq, _, D = query.shape
     Hkv, n, DV = key.shape[1], key.shape[2], value.shape[-1]
     G = Hq // Hkv
-    splits, per_split = _splits(count, B * Hkv, query.device)
+    launch = ATTENTION_CODED if bits else ATTENTION
+    splits, per_split = _splits(count, B * Hkv, query.device, launch["BLOCK_N"])
     part_out = torch.empty(B * Hkv * splits * G, DV, device=query.device, dtype=torch.float32)
     part_m = torch.empty(B * Hkv * splits * G, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
@@ -836,7 +840,7 @@ def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, co
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), rows.stride(0) if rows is not None else 0,
         G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
-        **ATTENTION,
+        **launch,
         HAS_VALID=valid is not None, DENSE=dense, HEADER_COUNT=header is not None and not dense,
         STORED=int(S.Word.STORED), **_codes(bits, group))
     out = torch.empty(B, Hq, 1, DV, device=query.device, dtype=query.dtype)
