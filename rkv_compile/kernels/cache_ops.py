@@ -211,16 +211,16 @@ def decode(query: Tensor, keys: Tensor, values: Tensor, scale: float, method) ->
     exactly (and for a layer stored whole, without selection), else the policy's `decode` for
     each row with its own plan (rows sharing a plan in one call)."""
     layer = S.unpack(keys, values, bool(method.state), query.dtype)
-    # a quantized layer (the header says, read only for a policy that quantizes): its codes
-    # dequantized, then its exact slots
-    code = S.coded(keys, values) if method.kv_bits is not None else None
+    # a policy that quantizes reads its layer's tokens as `state.tokens` gives them: a quantized
+    # layer's codes dequantized, then its exact slots (the header read once, on the host)
+    quantizes = method.kv_bits is not None
     if not method.sparse_decode:
-        if code is not None:
-            return exact_attention(query, *S.tokens(keys, values, False, query.dtype), scale)
-        return exact_attention(query, layer.keys, layer.values, layer.valid(), scale)
+        tokens = S.tokens(keys, values, False, query.dtype) if quantizes else \
+            (layer.keys, layer.values, layer.valid())
+        return exact_attention(query, *tokens, scale)
     plans, stored = _plans(layer), layer.stored.tolist()
     views = layer.word(Word.VIEW).tolist() if method.keeps_history else None
-    rows = S.token_rows(keys, values, False, query.dtype) if code is not None else None
+    rows = S.token_rows(keys, values, False, query.dtype) if quantizes else None
     out = torch.empty(*query.shape[:-1], values.shape[-1], dtype=query.dtype,
                       device=query.device)
     for b, (chunk, dims, topk) in enumerate(plans):

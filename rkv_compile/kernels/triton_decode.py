@@ -80,7 +80,7 @@ def _chunk_logits_kernel(
         # the header, stride_vb its row stride); chunks counts up to one per token
         header = plan_ptr + b * stride_vb
         coded, capacity, code_row = _codes_of(header, CODED, CODED_CAPACITY, CODE_ROW)
-        n = coded + tl.load(header + STORED)
+        n = _tokens_of(header, STORED, CODED)
         chunk = tl.load(header + CHUNK)
         dims = tl.load(header + DIMS)
         if tl.program_id(1) * BLOCK_C * chunk >= n:   # past the row's last chunk
@@ -165,6 +165,13 @@ def _kth_largest_bits(bits, weight, k, RADIX: tl.constexpr):
         taken = (count >= k) & (candidate >= 0)
         threshold = threshold | (tl.max(tl.where(taken, digit, 0), axis=0) << shift)
     return threshold
+
+
+@triton.jit
+def _tokens_of(header, STORED: tl.constexpr, CODED: tl.constexpr):
+    """A packed row's tokens, from the header words at `header`: its codes (0 for a layer
+    without codes), then its stored exact slots."""
+    return tl.load(header + CODED) + tl.load(header + STORED)
 
 
 @triton.jit
@@ -302,7 +309,7 @@ def _select_kernel(
         chunk = tl.load(plan_ptr + 2 * b)
     if FROM_HEADER:  # a packed layer (plan_ptr: the header, stride_vb its row stride): the
         # row's tokens (coded and stored) and chunk; a row with fewer than k selects them all
-        n = tl.load(plan_ptr + b * stride_vb + CODED) + tl.load(plan_ptr + b * stride_vb + STORED)
+        n = _tokens_of(plan_ptr + b * stride_vb, STORED, CODED)
         chunk = tl.load(plan_ptr + b * stride_vb + CHUNK)
         row_chunks, count = tl.cdiv(n, chunk), tl.minimum(k, n)
     _select_sized(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, row_chunks,
@@ -440,7 +447,7 @@ def _sparse_attention_kernel(
     if DENSE or HEADER_COUNT:
         header = valid_ptr + (bh // Hkv) * stride_validb
         coded, capacity, code_row = _codes_of(header, CODED, CODED_CAPACITY, CODE_ROW)
-        tokens = coded + tl.load(header + STORED)
+        tokens = _tokens_of(header, STORED, CODED)
         if DENSE:
             n, count = tokens, tokens
         else:
@@ -595,7 +602,7 @@ def _packed_select_attend_kernel(
     b = bh // Hkv
     header = header_ptr + b * stride_hb
     coded, capacity, code_row = _codes_of(header, CODED, CODED_CAPACITY, CODE_ROW)
-    n = coded + tl.load(header + STORED)
+    n = _tokens_of(header, STORED, CODED)
     chunk = tl.load(header + CHUNK)
     if PAGES:
         k, attended = topk // chunk, topk
