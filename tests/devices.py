@@ -1,9 +1,9 @@
 """What the kernel tests share: where they run and the dtypes that can be tested there.
 
-On the CPU, Triton's interpreter (conftest.py) runs float32 and float16; bfloat16 `tl.dot` is
-wrong there, so bfloat16 is tested on a GPU only. On a GPU each example compiles the kernels
-for its shapes: RKV_GPU_EXAMPLES lowers the examples a test draws there, for a short device
-session (default 60).
+On the CPU, Triton's interpreter (conftest.py) runs float32, float16 and bfloat16 (its bfloat16
+`tl.dot` converted to float32 by conftest.py: it multiplies the raw bits otherwise). On a GPU
+each example compiles the kernels for its shapes: RKV_GPU_EXAMPLES lowers the examples a test
+draws there, for a short device session (default 60).
 """
 import os
 
@@ -11,7 +11,7 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GPU_EXAMPLES = int(os.environ.get("RKV_GPU_EXAMPLES", "60"))
 
 

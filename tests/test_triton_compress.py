@@ -1,8 +1,8 @@
 """The Triton stage-1 kernels against the PyTorch reference.
 
-On the CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py) in float32
-and float16 at small shapes; on a CUDA machine the same tests run on the GPU at long prompts,
-bfloat16 included:
+On the CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py) in float32,
+float16 and bfloat16 at small shapes; on a CUDA machine the same tests run on the GPU at long
+prompts:
     python3 -m pytest -q tests/test_triton_compress.py
 """
 from __future__ import annotations
