@@ -13,16 +13,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
-def _interpreter_dot_takes_bfloat16():
-    """Triton's interpreter keeps a bfloat16 tensor as its raw 16 bits (numpy uint16), and its
+def _interpreter_takes_bfloat16():
+    """Triton's interpreter keeps a bfloat16 tensor as its raw 16 bits (numpy uint16): its
     tl.dot multiplies those bits as integers (a 16 x 16 product came out 4.5e9 times too
-    large, triton 3.7.1). Its dot converts them to float32 first here, as tensor cores take
-    bfloat16, so the kernels' bfloat16 paths are tested on the CPU too (tests/devices.py)."""
+    large, triton 3.7.1), and its float32 -> bfloat16 cast truncates where a GPU and torch
+    round to nearest even. Both are done as on a GPU here, so the kernels' bfloat16 paths are
+    tested on the CPU too (tests/devices.py)."""
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
 
-    dot = interpreter.InterpreterBuilder.create_dot
+    builder = interpreter.InterpreterBuilder
+    dot, cast = builder.create_dot, builder.cast_impl
 
     def as_float32(x):
         if x.dtype.scalar != tl.bfloat16:
@@ -33,11 +35,19 @@ def _interpreter_dot_takes_bfloat16():
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return dot(self, as_float32(a), as_float32(b), d, input_precision, max_num_imprecise_acc)
 
-    interpreter.InterpreterBuilder.create_dot = create_dot
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+        nearest_even = ((bits >> 16) & 1) + 0x7FFF
+        rounded = np.where(np.isnan(src.data), bits | 0x400000, bits + nearest_even)
+        return interpreter.TensorHandle((rounded >> 16).astype(np.uint16), tl.bfloat16)
+
+    builder.create_dot, builder.cast_impl = create_dot, cast_impl
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_dot_takes_bfloat16()
+    _interpreter_takes_bfloat16()
 from hypothesis import settings  # noqa: E402
 
 # CI draws the same examples every run (no flaky draws); local runs keep exploring.
