@@ -1,7 +1,7 @@
 """What the kernel tests share: where they run and the dtypes that can be tested there.
 
-On the CPU, Triton's interpreter (conftest.py) runs float32, float16 and bfloat16 (its bfloat16
-`tl.dot` converted to float32 by conftest.py: it multiplies the raw bits otherwise). On a GPU
+On the CPU, Triton's interpreter (conftest.py) runs float32, float16 and bfloat16 (conftest.py
+makes its bfloat16 `tl.dot` and float32 -> bfloat16 cast do what a GPU does). On a GPU
 each example compiles the kernels for its shapes: RKV_GPU_EXAMPLES lowers the examples a test
 draws there, for a short device session (default 60).
 """
