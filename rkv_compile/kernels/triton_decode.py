@@ -232,8 +232,8 @@ def _dequantized(ptr, base, slot, row_ok, cols, col_ok, stride_n, capacity, code
     GROUP channels. A token's codes are loaded as whole bytes and unpacked in registers
     (`_unpack`) where they start on a byte (every head dim a multiple of 8 / BITS). Each step
     and zero is loaded once and broadcast where the shapes allow: a TILE (N consecutive
-    tokens from a multiple of N) within one key group reads one vector of key steps; a value
-    row's GROUP-wide steps are read as one per group."""
+    tokens from a multiple of N) reads one row of key steps per group it spans (or lies in);
+    a value row's GROUP-wide steps are read as one per group."""
     ok = row_ok[:, None] & col_ok[None, :]
     BLOCK: tl.constexpr = cols.shape[0]
     ITEMSIZE: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
@@ -251,21 +251,26 @@ def _dequantized(ptr, base, slot, row_ok, cols, col_ok, stride_n, capacity, code
         code = (byte >> (at * BITS % 8)) & ((1 << BITS) - 1)
     steps = ptr.to(tl.pointer_type(tl.float16)) + (region + capacity * WIDTH * BITS // 8) // 2
     GROUPS: tl.constexpr = (WIDTH + GROUP - 1) // GROUP   # value groups of a token
-    if KEYS and TILE and tl.constexpr(GROUP) % slot.shape[0] == 0:
-        first = tl.max(tl.where(row_ok, slot, 0), axis=0)   # any of the tile's: one group
-        at_k = (first // GROUP) * WIDTH + cols
-        step = tl.load(steps + at_k, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        zero = tl.load(steps + capacity // GROUP * WIDTH + at_k, mask=col_ok,
-                       other=0.0).to(tl.float32)[None, :]
+    N: tl.constexpr = slot.shape[0]
+    if KEYS and TILE and (tl.constexpr(GROUP) % N == 0 or N % tl.constexpr(GROUP) == 0):
+        # the tile lies in one key group or spans whole ones: each group's row of steps is
+        # read once and spread down the group's tokens
+        TILE_GROUPS: tl.constexpr = (N + GROUP - 1) // GROUP
+        group = tl.min(slot, axis=0) // GROUP + tl.arange(0, TILE_GROUPS)
+        at_k = group[:, None] * WIDTH + cols[None, :]
+        group_ok = (group < capacity // GROUP)[:, None] & col_ok[None, :]
+        step = _spread(tl.load(steps + at_k, mask=group_ok, other=0.0), N // TILE_GROUPS, True)
+        zero = _spread(tl.load(steps + capacity // GROUP * WIDTH + at_k, mask=group_ok,
+                               other=0.0), N // TILE_GROUPS, True)
     elif KEYS:
         at = (slot // GROUP)[:, None] * WIDTH + cols[None, :]
         step = tl.load(steps + at, mask=ok, other=0.0).to(tl.float32)
         zero = tl.load(steps + capacity // GROUP * WIDTH + at, mask=ok, other=0.0).to(tl.float32)
     elif GROUPS > 1 and GROUPS * GROUP == BLOCK:   # whole groups fill the columns: one load per group
         at_v = slot[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
-        step = _spread(tl.load(steps + at_v, mask=row_ok[:, None], other=0.0), GROUP)
+        step = _spread(tl.load(steps + at_v, mask=row_ok[:, None], other=0.0), GROUP, False)
         zero = _spread(tl.load(steps + capacity * GROUPS + at_v, mask=row_ok[:, None],
-                               other=0.0), GROUP)
+                               other=0.0), GROUP, False)
     else:
         at = slot[:, None] * GROUPS + (cols // GROUP)[None, :]
         step = tl.load(steps + at, mask=ok, other=0.0).to(tl.float32)
@@ -274,12 +279,18 @@ def _dequantized(ptr, base, slot, row_ok, cols, col_ok, stride_n, capacity, code
 
 
 @triton.jit
-def _spread(per_group, GROUP: tl.constexpr):
-    """(N, GROUPS) as float32 (N, GROUPS * GROUP): each column repeated GROUP times."""
-    N: tl.constexpr = per_group.shape[0]
-    GROUPS: tl.constexpr = per_group.shape[1]
-    wide = tl.broadcast_to(per_group.to(tl.float32)[:, :, None], (N, GROUPS, GROUP))
-    return tl.reshape(wide, (N, GROUPS * GROUP))
+def _spread(per_group, GROUP: tl.constexpr, ROWS: tl.constexpr):
+    """`per_group` (M, N) as float32, each row (ROWS: (M * GROUP, N)) or each column ((M,
+    N * GROUP)) repeated GROUP times."""
+    M: tl.constexpr = per_group.shape[0]
+    N: tl.constexpr = per_group.shape[1]
+    if ROWS:
+        tall = tl.broadcast_to(per_group.to(tl.float32)[:, None, :], (M, GROUP, N))
+        spread = tl.reshape(tall, (M * GROUP, N))
+    else:
+        wide = tl.broadcast_to(per_group.to(tl.float32)[:, :, None], (M, N, GROUP))
+        spread = tl.reshape(wide, (M, N * GROUP))
+    return spread
 
 
 @triton.jit
