@@ -40,7 +40,11 @@ Kernels are launched through `wrap_triton`, so that inside the `rocketkv::*_trit
 (ops.py; over a packed layer, each row's plan read from its header) and
 `rocketkv::sparse_decode_triton` (over plain keys, for the tests and benchmarks) Inductor sees
 and schedules them with the rest of the graph. Every launch passes every constexpr: a kernel
-Inductor lowers gets only those passed (a default arrives as None).
+Inductor lowers gets only those passed (a default arrives as None). A kernel reads its header
+words with `tl.load` itself, never through a helper that returns them: Inductor's analysis of
+what a kernel writes follows a store's address back through every call to the call's pointer
+arguments (through loads it does not), so a selection sized by a helper's header read made the
+header "written", and Inductor gave the kernel a copy of it (`tests/kernel_writes.py`).
 """
 from __future__ import annotations
 
@@ -79,8 +83,8 @@ def _chunk_logits_kernel(
     if FROM_HEADER:  # a packed layer: the row's tokens and plan from its header (plan_ptr:
         # the header, stride_vb its row stride); chunks counts up to one per token
         header = plan_ptr + b * stride_vb
-        coded, capacity, code_row = _codes_of(header, CODED, CODED_CAPACITY, CODE_ROW)
-        n = _tokens_of(header, STORED, CODED)
+        coded, capacity = tl.load(header + CODED), tl.load(header + CODED_CAPACITY)
+        code_row, n = tl.load(header + CODE_ROW), coded + tl.load(header + STORED)
         chunk = tl.load(header + CHUNK)
         dims = tl.load(header + DIMS)
         if tl.program_id(1) * BLOCK_C * chunk >= n:   # past the row's last chunk
@@ -167,22 +171,6 @@ def _kth_largest_bits(bits, weight, k, RADIX: tl.constexpr):
     return threshold
 
 
-@triton.jit
-def _tokens_of(header, STORED: tl.constexpr, CODED: tl.constexpr):
-    """A packed row's tokens, from the header words at `header`: its codes (0 for a layer
-    without codes), then its stored exact slots."""
-    return tl.load(header + CODED) + tl.load(header + STORED)
-
-
-@triton.jit
-def _codes_of(header, CODED: tl.constexpr, CODED_CAPACITY: tl.constexpr,
-              CODE_ROW: tl.constexpr):
-    """(coded tokens, the region's capacity, the slot row where it starts) of a row whose
-    header words are at `header`: all 0 for a layer without codes (state.Coded)."""
-    return (tl.load(header + CODED), tl.load(header + CODED_CAPACITY),
-            tl.load(header + CODE_ROW))
-
-
 # What a load of a quantized layer's tokens reads (`_rows`'s TOKENS): a token of the list may
 # be a code or an exact slot; a tile of consecutive codes from a multiple of its size; exact
 # slots only. A dense sweep over a row (codes first, then exact slots) reads the last two in
@@ -226,14 +214,14 @@ def _rows(ptr, base, slot, row_ok, cols, col_ok, stride_n, coded, capacity, code
 def _dequantized(ptr, base, slot, row_ok, cols, col_ok, stride_n, capacity, code_row,
                  WIDTH: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                  KEYS: tl.constexpr, TILE: tl.constexpr):
-    """Coded tokens `slot` of a quantized layer (`_codes_of`; state.Coded), dequantized in
-    registers as reference.dequantize does: code * step + zero in float32, rounded to ptr's
-    dtype. Keys share a step and zero per channel over GROUP tokens, values per token over
-    GROUP channels. A token's codes are loaded as whole bytes and unpacked in registers
-    (`_unpack`) where they start on a byte (every head dim a multiple of 8 / BITS). Each step
-    and zero is loaded once and broadcast where the shapes allow: a TILE (N consecutive
-    tokens from a multiple of N) reads one row of key steps per group it spans (or lies in);
-    a value row's GROUP-wide steps are read as one per group."""
+    """Coded tokens `slot` of a quantized layer (state.Coded; `capacity` and `code_row` from its
+    header), dequantized in registers as reference.dequantize does: code * step + zero in
+    float32, rounded to ptr's dtype. Keys share a step and zero per channel over GROUP tokens,
+    values per token over GROUP channels. A token's codes are loaded as whole bytes and
+    unpacked in registers (`_unpack`) where they start on a byte (every head dim a multiple of
+    8 / BITS). Each step and zero is loaded once and broadcast where the shapes allow: a TILE
+    (N consecutive tokens from a multiple of N) reads one row of key steps per group it spans
+    (or lies in); a value row's GROUP-wide steps are read as one per group."""
     ok = row_ok[:, None] & col_ok[None, :]
     BLOCK: tl.constexpr = cols.shape[0]
     ITEMSIZE: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
@@ -320,7 +308,7 @@ def _select_kernel(
         chunk = tl.load(plan_ptr + 2 * b)
     if FROM_HEADER:  # a packed layer (plan_ptr: the header, stride_vb its row stride): the
         # row's tokens (coded and stored) and chunk; a row with fewer than k selects them all
-        n = _tokens_of(plan_ptr + b * stride_vb, STORED, CODED)
+        n = tl.load(plan_ptr + b * stride_vb + CODED) + tl.load(plan_ptr + b * stride_vb + STORED)
         chunk = tl.load(plan_ptr + b * stride_vb + CHUNK)
         row_chunks, count = tl.cdiv(n, chunk), tl.minimum(k, n)
     _select_sized(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, row_chunks,
@@ -457,8 +445,8 @@ def _sparse_attention_kernel(
     coded, capacity, code_row = 0, 0, 0
     if DENSE or HEADER_COUNT:
         header = valid_ptr + (bh // Hkv) * stride_validb
-        coded, capacity, code_row = _codes_of(header, CODED, CODED_CAPACITY, CODE_ROW)
-        tokens = _tokens_of(header, STORED, CODED)
+        coded, capacity = tl.load(header + CODED), tl.load(header + CODED_CAPACITY)
+        code_row, tokens = tl.load(header + CODE_ROW), coded + tl.load(header + STORED)
         if DENSE:
             n, count = tokens, tokens
         else:
@@ -612,8 +600,8 @@ def _packed_select_attend_kernel(
     bh = tl.program_id(0)
     b = bh // Hkv
     header = header_ptr + b * stride_hb
-    coded, capacity, code_row = _codes_of(header, CODED, CODED_CAPACITY, CODE_ROW)
-    n = _tokens_of(header, STORED, CODED)
+    coded, capacity = tl.load(header + CODED), tl.load(header + CODED_CAPACITY)
+    code_row, n = tl.load(header + CODE_ROW), coded + tl.load(header + STORED)
     chunk = tl.load(header + CHUNK)
     if PAGES:
         k, attended = topk // chunk, topk
