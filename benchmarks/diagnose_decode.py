@@ -9,9 +9,11 @@ with the eager oracle's (`rkv_compile.eager.generate`), and for the first layer 
 returns, the Triton decode op's output with the reference op's. A piece whose replacement
 restores the oracle's tokens is where to look.
 
-Written for the bf16 fault the GPU suite found on 2026-12-07 (H100): from some commit after
-ced62b2, generate in bfloat16 on CUDA gives the oracle's first token, then other tokens, at
-head dim 16, while float32 matches.
+Written for the 16-bit fault the GPU suite found on 2026-12-07 (H100): generate in bfloat16
+or float16 on CUDA gave the oracle's first token, then other tokens, while float32 matched.
+On 4a10445 it said: the Triton op run eagerly (its `triton_op_error` 0), the reference op
+under Inductor, and the whole step as FX all gave the oracle's tokens, so the fault was the
+Triton op as Inductor lowered it (docs/STATUS.md: Inductor took the header for written).
 
     python3 benchmarks/diagnose_decode.py --dtype bfloat16 --head-dim 16
     python3 benchmarks/diagnose_decode.py --device cpu --dtype float16    # checks the script
