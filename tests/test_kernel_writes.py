@@ -34,26 +34,31 @@ def _cases():
 
     from rkv_compile import state as S
 
-    q, k, v = _inputs(2, 2, 2, 16, 200, torch.bfloat16, 0)
-    mask = torch.rand(2, 1, 1, 200, generator=torch.Generator().manual_seed(0)) > 0.3
-    plan = {S.Word.STORED: [180, 150], S.Word.CHUNK: 2, S.Word.DIMS: 4}
     ops = torch.ops.rocketkv
-    cases = [("plain keys", ops.sparse_decode_triton, (q, k, v), (None, 0.25, [2], [4], [16])),
-             ("plain keys, masked", ops.sparse_decode_triton, (q, k, v, mask),
-              (0.25, [2], [4], [16]))]
-    for codes in (None, (4, 32, [64, 30])):
-        coded = "" if codes is None else ", codes"
-        args = () if codes is None else tuple(codes[:2])
-        keys, values, _ = _packed(k, v, plan, codes)
-        cases += [
-            (f"rocketkv, one program per head{coded}", ops.decode_triton, (q, keys, values),
-             (0.25, 16, *args)),
-            (f"rocketkv, a split list{coded}", ops.decode_triton, (q, keys, values),
-             (0.25, 140, *args)),
-            (f"quest{coded}", ops.page_decode_triton, (q, keys, values), (0.25, 4, 8, *args)),
-            (f"sparq{coded}", ops.sparq_decode_triton, (q, keys, values), (0.25, 16, *args)),
-            (f"exact{coded}", ops.exact_decode_triton, (q, keys, values), (0.25, *args)),
-        ]
+    cases = []
+    for D in (16, 64):   # the GPU suite's head dim, and a real model's
+        q, k, v = _inputs(2, 2, 2, D, 200, torch.bfloat16, 0)
+        mask = torch.rand(2, 1, 1, 200, generator=torch.Generator().manual_seed(0)) > 0.3
+        plan = {S.Word.STORED: [180, 150], S.Word.CHUNK: 2, S.Word.DIMS: 4}
+        cases += [(f"D {D}, plain keys", ops.sparse_decode_triton, (q, k, v),
+                   (None, 0.25, [2], [4], [16])),
+                  (f"D {D}, plain keys, masked", ops.sparse_decode_triton, (q, k, v, mask),
+                   (0.25, [2], [4], [16]))]
+        for codes in (None, (4, 32, [64, 30])):
+            name = f"D {D}" + ("" if codes is None else ", codes")
+            args = () if codes is None else tuple(codes[:2])
+            keys, values, _ = _packed(k, v, plan, codes)
+            cases += [
+                (f"{name}, rocketkv, one program per head", ops.decode_triton,
+                 (q, keys, values), (0.25, 16, *args)),
+                (f"{name}, rocketkv, a split list", ops.decode_triton, (q, keys, values),
+                 (0.25, 140, *args)),
+                (f"{name}, quest", ops.page_decode_triton, (q, keys, values),
+                 (0.25, 4, 8, *args)),
+                (f"{name}, sparq", ops.sparq_decode_triton, (q, keys, values),
+                 (0.25, 16, *args)),
+                (f"{name}, exact", ops.exact_decode_triton, (q, keys, values), (0.25, *args)),
+            ]
     return cases
 
 
