@@ -5,7 +5,10 @@ budgets (every policy here prefills exactly); each then evicts and decodes greed
 `rkv_compile.eager` (the policies' PyTorch references, which the tests hold the pass to). Full KV
 is the same at every budget and runs once. A two-turn task (`passkey-2turn`, ...) runs each
 configuration's conversation through `eager.multi_turn` (no prefill is shared: the second turn
-is prefilled over what each policy kept); its KV cache size is not reported. With `engine="compile"` each configuration instead
+is prefilled over what each policy kept); its KV cache size is not reported. A row
+`hf-quantized[:backend=quanto|hqq|fp8][:nbits=N]` is not a policy of ours: plain `generate` over
+transformers' own `QuantizedCache` (full KV quantized as KIVI does; the reference beside
+`kvquant` and `kv_bits`), its bytes measured from the cache's tensors. With `engine="compile"` each configuration instead
 runs `generate` under ``torch.compile(backend="rocketkv")``: the product path, one compile per
 configuration (slow; for spot checks).
 
@@ -36,7 +39,7 @@ from tqdm import tqdm
 from . import eager
 from .backend import forward_compiled, rocketkv
 from .config import RocketKVConfig
-from .hf import MODELS, returned_cache
+from .hf import MODELS, cache_argument, returned_cache
 from .policies import POLICIES
 from .tasks import FIRST_TURN_TOKENS, TASKS, TWO_TURN_TASKS, Sample
 
@@ -70,6 +73,9 @@ class EvalSettings:
         if two_turn and evicting:
             raise ValueError(f"rkv eval: two-turn tasks {two_turn} do not run policies that "
                              f"evict during decode ({evicting})")
+        quantized = [p for p in self.policies if p.split(":")[0] == HF_QUANTIZED]
+        if two_turn and quantized:
+            raise ValueError(f"rkv eval: two-turn tasks {two_turn} do not run {quantized}")
         if self.engine not in ("eager", "compile"):
             raise ValueError(f"rkv eval: engine must be 'eager' or 'compile' (got {self.engine!r})")
         if self.model not in MODELS:
@@ -82,7 +88,10 @@ class EvalSettings:
         if self.samples < 1:
             raise ValueError(f"rkv eval: samples must be >= 1 (got {self.samples})")
         for policy, budget in configurations(self):   # each must be a valid config
-            self.config(policy, budget, 1)
+            if policy.split(":")[0] == HF_QUANTIZED:
+                hf_quantized_options(policy)
+            else:
+                self.config(policy, budget, 1)
 
     def config(self, policy: str, budget: int | None, max_new_tokens: int) -> RocketKVConfig:
         """The backend options of one configuration. `policy` may carry the policy's own
@@ -103,7 +112,77 @@ def configurations(settings: EvalSettings) -> list[tuple[str, int | None]]:
 
 
 def _budgeted(policy: str) -> bool:
-    return getattr(POLICIES.get(policy.split(":")[0]), "budgeted", True)
+    name = policy.split(":")[0]
+    return name != HF_QUANTIZED and getattr(POLICIES.get(name), "budgeted", True)
+
+
+# transformers' QuantizedCache as a reference row (issue 22): what a user gets from transformers
+# itself. quanto and hqq quantize in groups (KIVI, a residual of recent tokens kept exact) and
+# need their packages; fp8 (newer transformers) is one scale per tensor and takes no options.
+HF_QUANTIZED = "hf-quantized"
+HF_BACKENDS = {"quanto": ("optimum-quanto", "is_optimum_quanto_available"),
+               "hqq": ("hqq", "is_hqq_available"), "fp8": (None, None)}
+
+
+def hf_quantized_options(policy: str) -> dict:
+    """QuantizedCache's arguments for an "hf-quantized[:backend=...][:nbits=...]" row (quanto at
+    4 bits by default); a ValueError naming the option, or the package the backend lacks."""
+    import transformers.cache_utils
+    import transformers.utils
+
+    options = dict(o.split("=", 1) for o in policy.split(":")[1:])
+    unknown = set(options) - {"backend", "nbits"}
+    if unknown:
+        raise ValueError(f"rkv eval: {HF_QUANTIZED} takes backend and nbits "
+                         f"(got {sorted(unknown)})")
+    backend = options.get("backend", "quanto")
+    if backend not in HF_BACKENDS:
+        raise ValueError(f"rkv eval: {HF_QUANTIZED} backend must be one of {sorted(HF_BACKENDS)} "
+                         f"(got {backend!r})")
+    nbits = options.get("nbits", "4")
+    if backend == "fp8" and "nbits" in options:
+        raise ValueError(f"rkv eval: {HF_QUANTIZED} backend 'fp8' takes no nbits")
+    if not nbits.isdigit():
+        raise ValueError(f"rkv eval: {HF_QUANTIZED} nbits must be an integer (got {nbits!r})")
+    package, available = HF_BACKENDS[backend]
+    if package is not None and not getattr(transformers.utils, available)():
+        raise ValueError(f"rkv eval: {HF_QUANTIZED} backend {backend!r} needs the {package} "
+                         "package, which is not installed")
+    if backend == "fp8":
+        if not hasattr(transformers.cache_utils, "Fp8QuantizedLayer"):
+            raise ValueError(f"rkv eval: {HF_QUANTIZED} backend 'fp8' is not in this "
+                             f"transformers ({transformers.__version__})")
+        return dict(backend=backend)
+    return dict(backend=backend, nbits=int(nbits))
+
+
+def _generate_hf_quantized(model, ids, policy: str, sample: Sample, stop
+                           ) -> tuple[list[int], float]:
+    """The greedy reply through plain generate over a QuantizedCache, and the MiB the cache's
+    tensors hold after it (codes, scales and the exact residual)."""
+    from transformers import QuantizedCache
+
+    cache = QuantizedCache(config=model.config, **hf_quantized_options(policy))
+    out = model.generate(ids, max_new_tokens=sample.max_new_tokens, do_sample=False,
+                         return_dict_in_generate=True, **{cache_argument(): cache})
+    held = sum(_bytes(vars(layer)) for layer in cache.layers)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop), len(tokens))]
+    return tokens, round(held / 2**20, 3)
+
+
+def _bytes(value) -> int:
+    """Bytes of the tensors in `value` (nested in tuples, lists and dicts; a tensor subclass,
+    as quanto's, by the plain tensors it is made of)."""
+    if isinstance(value, torch.Tensor):
+        if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+            return sum(_bytes(getattr(value, name)) for name in value.__tensor_flatten__()[0])
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_bytes(v) for v in value.values())
+    return 0
 
 
 def _seed(task: str, context: int, index: int) -> int:
@@ -248,16 +327,21 @@ def _run(model, tokenizer, settings: EvalSettings, configs, stop, done: set, emi
                         bar.update()
                     continue
                 # the prefill records the queries the most demanding policy reads (H2O: all)
-                observed = max(settings.config(p, b, 1).method.observed_queries(ids.shape[1])
-                               for p, b in todo)
-                prompt = None if settings.engine == "compile" else \
+                ours = [(p, b) for p, b in todo if p.split(":")[0] != HF_QUANTIZED]
+                observed = max((settings.config(p, b, 1).method.observed_queries(ids.shape[1])
+                                for p, b in ours), default=0)
+                prompt = None if settings.engine == "compile" or not ours else \
                     eager.prefill(model, ids, observed)
                 for policy, budget in todo:
-                    config = settings.config(policy, budget, sample.max_new_tokens)
-                    if prompt is None:
+                    if policy.split(":")[0] == HF_QUANTIZED:
+                        tokens, kv_mib = _generate_hf_quantized(model, ids, policy, sample, stop)
+                        kv_read = None
+                    elif prompt is None:
+                        config = settings.config(policy, budget, sample.max_new_tokens)
                         tokens, kv_mib = _generate_compiled(model, ids, config, sample, stop)
                         kv_read = None
                     else:
+                        config = settings.config(policy, budget, sample.max_new_tokens)
                         tokens, kept = eager.continue_greedy(model, prompt, config,
                                                              sample.max_new_tokens, stop)
                         kv_mib, kv_read = _kv_sizes(config, prompt, kept, len(tokens) - 1,
@@ -414,7 +498,8 @@ def table(result: dict) -> str:
                 for context, tasks in result["summary"].items()
                 for task, by_policy in tasks.items()]
     held = "held by the cache's tensors" if result["settings"].get("engine") == "compile" else \
-        "computed: quantized prompts as packed codes and scales"
+        "computed: quantized prompts as packed codes and scales; hf-quantized rows: held by " \
+        "its cache's tensors"
     sections += [(f"KV cache after generation, {context}-token prompts** (MiB, all layers; "
                   f"{held})", by_policy)
                  for context, by_policy in result.get("kv_mib", {}).items()]

@@ -85,6 +85,49 @@ def test_compile_engine_matches_eager_engine(tokenizer):
     assert held["kvquant:kv_bits=4"] < held["streamingllm"]
 
 
+def test_transformers_quantized_cache_is_a_reference_row(tokenizer):
+    """`hf-quantized` rows run plain generate over transformers' own QuantizedCache (here fp8:
+    quanto and hqq need packages this project does not install) beside our policies: its
+    replies are transformers' own, and what it holds is measured from the cache's tensors (fp8
+    entries for the float32 model's: about a quarter of full KV's bytes). Its bad options,
+    and a backend whose package is missing, are ValueErrors naming them."""
+    from transformers import QuantizedCache
+
+    from rkv_compile.hf import cache_argument
+
+    model = tiny_hf("llama", vocab=len(tokenizer))
+    model.generation_config.eos_token_id = None
+    run = evaluate.EvalSettings(["passkey"], ["full", "hf-quantized:backend=fp8"], [64], [300], 2)
+    records = evaluate.run(model, tokenizer, run, False)["records"]
+    held = {(r["policy"], r["index"]): r["kv_mib"] for r in records}
+    for index in range(2):
+        assert 0.2 < held["hf-quantized:backend=fp8", index] / held["full", index] < 0.3
+    sample = TASKS["passkey"](tokenizer, 300, evaluate._depth(0, 2),
+                              evaluate._seed("passkey", 300, 0))
+    ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=sample.max_new_tokens, do_sample=False,
+                         **{cache_argument(): QuantizedCache("fp8", model.config)})
+    want = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    row = next(r for r in records if r["policy"] == "hf-quantized:backend=fp8" and not r["index"])
+    assert want.startswith(row["output"]) and row["output"]
+    for bad, named in [("hf-quantized:bits=4", "takes backend and nbits"),
+                       ("hf-quantized:backend=x", "backend must be one of"),
+                       ("hf-quantized:backend=fp8:nbits=4", "'fp8' takes no nbits"),
+                       ("hf-quantized:backend=quanto:nbits=four", "nbits must be an integer")]:
+        with pytest.raises(ValueError, match=named):
+            evaluate.EvalSettings(["passkey"], [bad], [64], [300], 1)
+    import transformers.utils
+
+    for backend, package, available in [("quanto", "optimum-quanto", "is_optimum_quanto_available"),
+                                        ("hqq", "hqq", "is_hqq_available")]:
+        if getattr(transformers.utils, available)():
+            assert evaluate.hf_quantized_options(f"hf-quantized:backend={backend}")["nbits"] == 4
+        else:
+            with pytest.raises(ValueError, match=f"needs the {package} package"):
+                evaluate.EvalSettings(["passkey"], [f"hf-quantized:backend={backend}"], [64],
+                                      [300], 1)
+
+
 @settings(deadline=None, max_examples=10)
 @given(task=st.sampled_from(sorted(TASKS)), seed=st.integers(0, 2**20))
 def test_two_turn_variant_asks_its_question_second(tokenizer, task, seed):
