@@ -73,7 +73,7 @@ class EvalSettings:
         if two_turn and evicting:
             raise ValueError(f"rkv eval: two-turn tasks {two_turn} do not run policies that "
                              f"evict during decode ({evicting})")
-        quantized = [p for p in self.policies if p.split(":")[0] == HF_QUANTIZED]
+        quantized = [p for p in self.policies if _hf_quantized(p)]
         if two_turn and quantized:
             raise ValueError(f"rkv eval: two-turn tasks {two_turn} do not run {quantized}")
         if self.engine not in ("eager", "compile"):
@@ -88,7 +88,7 @@ class EvalSettings:
         if self.samples < 1:
             raise ValueError(f"rkv eval: samples must be >= 1 (got {self.samples})")
         for policy, budget in configurations(self):   # each must be a valid config
-            if policy.split(":")[0] == HF_QUANTIZED:
+            if _hf_quantized(policy):
                 hf_quantized_options(policy)
             else:
                 self.config(policy, budget, 1)
@@ -112,8 +112,8 @@ def configurations(settings: EvalSettings) -> list[tuple[str, int | None]]:
 
 
 def _budgeted(policy: str) -> bool:
-    name = policy.split(":")[0]
-    return name != HF_QUANTIZED and getattr(POLICIES.get(name), "budgeted", True)
+    return not _hf_quantized(policy) and \
+        getattr(POLICIES.get(policy.split(":")[0]), "budgeted", True)
 
 
 # transformers' QuantizedCache as a reference row (issue 22): what a user gets from transformers
@@ -122,6 +122,10 @@ def _budgeted(policy: str) -> bool:
 HF_QUANTIZED = "hf-quantized"
 HF_BACKENDS = {"quanto": ("optimum-quanto", "is_optimum_quanto_available"),
                "hqq": ("hqq", "is_hqq_available"), "fp8": (None, None)}
+
+
+def _hf_quantized(policy: str) -> bool:
+    return policy.split(":")[0] == HF_QUANTIZED
 
 
 def hf_quantized_options(policy: str) -> dict:
@@ -166,9 +170,7 @@ def _generate_hf_quantized(model, ids, policy: str, sample: Sample, stop
     out = model.generate(ids, max_new_tokens=sample.max_new_tokens, do_sample=False,
                          return_dict_in_generate=True, **{cache_argument(): cache})
     held = sum(_bytes(vars(layer)) for layer in cache.layers)
-    tokens = out.sequences[0, ids.shape[1]:].tolist()
-    tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop), len(tokens))]
-    return tokens, round(held / 2**20, 3)
+    return _until_stop(out.sequences[0, ids.shape[1]:].tolist(), stop), round(held / 2**20, 3)
 
 
 def _bytes(value) -> int:
@@ -207,9 +209,12 @@ def _generate_compiled(model, ids, config: RocketKVConfig, sample: Sample, stop
                              return_dict_in_generate=True)
     held = sum(t.numel() * t.element_size() for layer in returned_cache(out).layers
                for t in (layer.keys, layer.values))
-    tokens = out.sequences[0, ids.shape[1]:].tolist()
-    tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop), len(tokens))]
-    return tokens, round(held / 2**20, 3)
+    return _until_stop(out.sequences[0, ids.shape[1]:].tolist(), stop), round(held / 2**20, 3)
+
+
+def _until_stop(tokens: list[int], stop) -> list[int]:
+    """A reply up to and with its first stop token after the first (an answer takes one line)."""
+    return tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop), len(tokens))]
 
 
 JOURNAL = "records.jsonl"
@@ -327,13 +332,13 @@ def _run(model, tokenizer, settings: EvalSettings, configs, stop, done: set, emi
                         bar.update()
                     continue
                 # the prefill records the queries the most demanding policy reads (H2O: all)
-                ours = [(p, b) for p, b in todo if p.split(":")[0] != HF_QUANTIZED]
+                ours = [(p, b) for p, b in todo if not _hf_quantized(p)]
                 observed = max((settings.config(p, b, 1).method.observed_queries(ids.shape[1])
                                 for p, b in ours), default=0)
                 prompt = None if settings.engine == "compile" or not ours else \
                     eager.prefill(model, ids, observed)
                 for policy, budget in todo:
-                    if policy.split(":")[0] == HF_QUANTIZED:
+                    if _hf_quantized(policy):
                         tokens, kv_mib = _generate_hf_quantized(model, ids, policy, sample, stop)
                         kv_read = None
                     elif prompt is None:
@@ -366,8 +371,7 @@ def _conversations(model, tokenizer, settings: EvalSettings, sample: Sample, ids
         config = settings.config(policy, budget, sample.max_new_tokens)
         _, tokens = eager.multi_turn(model, [ids, follow_up], config,
                                      [FIRST_TURN_TOKENS, sample.max_new_tokens])
-        tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if i and t in stop),
-                               len(tokens))]
+        tokens = _until_stop(tokens, stop)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         records.append({"context": context, "task": sample.task, "index": index,
                         "depth": sample.depth,

@@ -44,7 +44,7 @@ Inductor lowers gets only those passed (a default arrives as None). A kernel rea
 words with `tl.load` itself, never through a helper that returns them: Inductor's analysis of
 what a kernel writes follows a store's address back through every call to the call's pointer
 arguments (through loads it does not), so a selection sized by a helper's header read made the
-header "written", and Inductor gave the kernel a copy of it (`tests/kernel_writes.py`).
+header "written", and Inductor gave the kernel a copy of it (`tests/test_kernel_writes.py`).
 """
 from __future__ import annotations
 
