@@ -18,7 +18,9 @@ Triton op as Inductor lowered it (docs/STATUS.md: Inductor took the header for w
     python3 benchmarks/diagnose_decode.py --dtype bfloat16 --head-dim 16
     python3 benchmarks/diagnose_decode.py --dtype bfloat16 --head-dim 64 --prompts 8
         # steps_agreeing: per prompt, the steps before a variant left the oracle (16-bit
-        # rounding leaves it at near ties now and then, in every compiled variant alike)
+        # rounding leaves it at near ties now and then, in every compiled variant alike);
+        # along_oracle: each variant made to follow the oracle's tokens, its logits against
+        # the oracle's (largest gap; where its argmax differs, the oracle's own margin there)
     python3 benchmarks/diagnose_decode.py --device cpu --dtype float16    # checks the script
 """
 from __future__ import annotations
@@ -32,13 +34,13 @@ import sys
 import traceback
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from models import compiled  # noqa: E402
 from rkv_compile import RocketKVConfig  # noqa: E402
-from rkv_compile.eager import generate as oracle_generate  # noqa: E402
+from rkv_compile.eager import generate as oracle_generate, generate_like  # noqa: E402
 from rkv_compile.hf import cache_argument, returned_cache  # noqa: E402
 from rkv_compile.kernels import cache_ops, triton_decode  # noqa: E402
 from rkv_compile.passes import rewrite  # noqa: E402
@@ -88,6 +90,39 @@ def model_of(head_dim: int, dtype, device):
     return model
 
 
+class FollowTokens(LogitsProcessor):
+    """Records each step's logits, then leaves only `tokens[step]` possible: a variant made to
+    follow the oracle's tokens gives logits that compare with the oracle's step by step, past
+    the first step where its own argmax would have differed."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens, self.logits = tokens, []
+
+    def __call__(self, input_ids, scores):
+        self.logits.append(scores[0].float().clone())
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.tokens[len(self.logits) - 1]] = 0
+        return forced
+
+
+def logits_along(generate, tokens: list[int]) -> torch.Tensor:
+    """(steps, vocab) logits of `generate(logits_processor=...)` made to follow `tokens`."""
+    follow = FollowTokens(tokens)
+    generate(logits_processor=LogitsProcessorList([follow]), max_new_tokens=STEPS,
+             min_new_tokens=STEPS, do_sample=False)
+    return torch.stack(follow.logits)
+
+
+def compare_logits(got: torch.Tensor, want: torch.Tensor) -> dict:
+    """The largest logit gap along the path, and at each step where the argmaxes differ the
+    oracle's margin between its own top token and the variant's (small: a near tie)."""
+    top_got, top_want = got.argmax(-1), want.argmax(-1)
+    steps = torch.nonzero(top_got != top_want).flatten().tolist()
+    return dict(max_logit_gap=round(float((got - want).abs().max()), 4),
+                flips=[dict(step=s, oracle_margin=round(float(
+                    want[s, top_want[s]] - want[s, top_got[s]]), 4)) for s in steps])
+
+
 def op_check(cache, method, head_dim: int, dtype) -> float | None:
     """|Triton decode - reference decode| / |reference| on the returned cache's first layer, for
     a random query (on CUDA only: on the CPU the Triton op needs Triton's interpreter)."""
@@ -123,6 +158,9 @@ def main():
     oracles = [oracle_generate(model, ids, RocketKVConfig.from_options(OPTIONS), STEPS)[0]
                for ids in prompts]
     oracle = oracles[0]
+    config = RocketKVConfig.from_options(OPTIONS)
+    oracle_logits = [logits_along(lambda **kw: generate_like(model, ids, config, **kw), want)
+                     for ids, want in zip(prompts, oracles)]
     rows = [dict(variant="eager oracle", tokens=oracle)]
     print(json.dumps(rows[0]), flush=True)
     for name, (options, inductor, context) in VARIANTS.items():
@@ -133,7 +171,8 @@ def main():
             with context(), torch.no_grad():
                 model.forward = compiled(forward, options, inductor)
                 agreeing = []   # per prompt, the steps before the first token off the oracle's
-                for ids, want in zip(prompts, oracles):
+                along = []
+                for ids, want, want_logits in zip(prompts, oracles, oracle_logits):
                     out = model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS,
                                          do_sample=False, return_dict_in_generate=True,
                                          **{cache_argument(): None})
@@ -144,7 +183,10 @@ def main():
                         row.update(tokens=got, matches=got == oracle,
                                    triton_op_error=op_check(returned_cache(out), method,
                                                             args.head_dim, dtype))
-                row.update(steps_agreeing=agreeing)
+                    along.append(compare_logits(logits_along(
+                        lambda **kw: model.generate(ids, **{cache_argument(): None}, **kw), want),
+                        want_logits))
+                row.update(steps_agreeing=agreeing, along_oracle=along)
         except Exception:
             row.update(raised=traceback.format_exc()[-2000:])
         finally:
