@@ -34,11 +34,10 @@ import sys
 import traceback
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from models import compiled  # noqa: E402
+from models import compare_logits, compiled, logits_along, tiny_hf  # noqa: E402
 from rkv_compile import RocketKVConfig  # noqa: E402
 from rkv_compile.eager import generate as oracle_generate, generate_like  # noqa: E402
 from rkv_compile.hf import cache_argument, returned_cache  # noqa: E402
@@ -81,46 +80,9 @@ VARIANTS = {   # name: (options, Inductor, context)
 
 
 def model_of(head_dim: int, dtype, device):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=4 * head_dim, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).eval().to(device, dtype)
+    model = tiny_hf("llama", head_dim=head_dim).to(device, dtype)
     model.generation_config.eos_token_id = None
     return model
-
-
-class FollowTokens(LogitsProcessor):
-    """Records each step's logits, then leaves only `tokens[step]` possible: a variant made to
-    follow the oracle's tokens gives logits that compare with the oracle's step by step, past
-    the first step where its own argmax would have differed."""
-
-    def __init__(self, tokens: list[int]):
-        self.tokens, self.logits = tokens, []
-
-    def __call__(self, input_ids, scores):
-        self.logits.append(scores[0].float().clone())
-        forced = torch.full_like(scores, -float("inf"))
-        forced[:, self.tokens[len(self.logits) - 1]] = 0
-        return forced
-
-
-def logits_along(generate, tokens: list[int]) -> torch.Tensor:
-    """(steps, vocab) logits of `generate(logits_processor=...)` made to follow `tokens`."""
-    follow = FollowTokens(tokens)
-    generate(logits_processor=LogitsProcessorList([follow]), max_new_tokens=STEPS,
-             min_new_tokens=STEPS, do_sample=False)
-    return torch.stack(follow.logits)
-
-
-def compare_logits(got: torch.Tensor, want: torch.Tensor) -> dict:
-    """The largest logit gap along the path, and at each step where the argmaxes differ the
-    oracle's margin between its own top token and the variant's (small: a near tie)."""
-    top_got, top_want = got.argmax(-1), want.argmax(-1)
-    steps = torch.nonzero(top_got != top_want).flatten().tolist()
-    return dict(max_logit_gap=round(float((got - want).abs().max()), 4),
-                flips=[dict(step=s, oracle_margin=round(float(
-                    want[s, top_want[s]] - want[s, top_got[s]]), 4)) for s in steps])
 
 
 def op_check(cache, method, head_dim: int, dtype) -> float | None:

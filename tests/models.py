@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from rkv_compile import RocketKVConfig
 from rkv_compile.backend import make_backend
@@ -30,9 +31,10 @@ def prompt(length: int, seed: int = 1):
     return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-def tiny_hf(arch: str, attn: str = "sdpa", seed: int = 0, vocab: int = VOCAB):
+def tiny_hf(arch: str, attn: str = "sdpa", seed: int = 0, vocab: int = VOCAB, head_dim: int = 16):
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=4 * head_dim, intermediate_size=128,
+                  num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   attn_implementation=attn)
     if arch == "llama":
@@ -288,3 +290,37 @@ def generate(model, ids, steps: int, cache=None, backend=None):
     finally:
         model.forward = forward
     return out.sequences[0, ids.shape[1]:].tolist(), returned_cache(out)
+
+
+class FollowTokens(LogitsProcessor):
+    """Records each step's logits, then leaves only `tokens[step]` possible: a run made to follow
+    the oracle's tokens gives logits that compare with the oracle's step by step, past the first
+    step where its own argmax would have differed."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens, self.logits = tokens, []
+
+    def __call__(self, input_ids, scores):
+        self.logits.append(scores[0].float().clone())
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.tokens[len(self.logits) - 1]] = 0
+        return forced
+
+
+def logits_along(generate, tokens: list[int]) -> torch.Tensor:
+    """(steps, vocab) logits of `generate(logits_processor=..., ...)` made to follow `tokens`
+    (one prompt, greedy, exactly len(tokens) steps)."""
+    follow = FollowTokens(tokens)
+    generate(logits_processor=LogitsProcessorList([follow]), max_new_tokens=len(tokens),
+             min_new_tokens=len(tokens), do_sample=False)
+    return torch.stack(follow.logits)
+
+
+def compare_logits(got: torch.Tensor, want: torch.Tensor) -> dict:
+    """The largest logit gap along the path, and at each step where the argmaxes differ the
+    oracle's (`want`'s) margin between its own top token and the other's: small at a near tie."""
+    top_got, top_want = got.argmax(-1), want.argmax(-1)
+    steps = torch.nonzero(top_got != top_want).flatten().tolist()
+    return dict(max_logit_gap=float((got - want).abs().max()),
+                flips=[dict(step=s, oracle_margin=float(want[s, top_want[s]] - want[s, top_got[s]]))
+                       for s in steps])
