@@ -262,7 +262,8 @@ def allocate(batch: int, heads: int, head_dim: int, value_dim: int, slots: int, 
              ) -> tuple[Tensor, Tensor, LayerState]:
     """Zeroed packed tensors for `slots` slots (a state region if `state`, "scores" or
     "view"; `code`'s region after them for a quantized layer), their views, and a header with
-    the magic word, the dtype and the flags filled (and the code's words). The tensors come
+    the magic word, the dtype and the flags filled (and the code's words), its topk
+    NOT_SELECTED (every stored token attended) until a plan is written. The tensors come
     from `POOL` (a dropped cache's memory)."""
     stateful = bool(state)
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -276,6 +277,7 @@ def allocate(batch: int, heads: int, head_dim: int, value_dim: int, slots: int, 
     flags = (Flag.STATE if stateful else 0) | (Flag.VIEW if state == "view" else 0) | \
         (Flag.CODED if code else 0)
     layer.set_word(Word.FLAGS, int(flags))
+    layer.set_word(Word.TOPK, NOT_SELECTED)
     if code:
         for word, value in ((Word.CODED_CAPACITY, code.capacity), (Word.BITS, code.bits),
                             (Word.GROUP, code.group), (Word.CODE_ROW, slots)):

@@ -17,8 +17,10 @@ def tokenizer():
     return load_tokenizer("smollm2")
 
 
+# From 1K tokens (the shortest any run asks, --smoke): below it a task's needles are so much
+# of the text that the first one's place in characters sits well before its depth
 @settings(deadline=None, max_examples=25)
-@given(task=st.sampled_from(sorted(TASKS)), context=st.integers(400, 3000),
+@given(task=st.sampled_from(sorted(TASKS)), context=st.integers(1000, 3000),
        depth=st.floats(0, 1), seed=st.integers(0, 2**20))
 def test_tasks_hold_their_answers_at_their_length(tokenizer, task, context, depth, seed):
     sample = TASKS[task](tokenizer, context, depth, seed)

@@ -368,6 +368,27 @@ def test_decode_graphs_per_cache_size_serve_every_step(cache, monkeypatch):
     assert not any(getattr(out, "op", None) == "placeholder" for out in returned)
 
 
+def test_a_topk_that_follows_the_prompt_decodes_as_the_oracle(monkeypatch):
+    """rocketkv-fine's topk grows with the prompt (RocketKV's is B/2 at any length): the decode
+    graph, built for every prompt, holds a list of every slot, and each row attends to its
+    header's topk. The Triton decode ops (under the interpreter), head dim 64."""
+    from rkv_compile.passes import rewrite
+    monkeypatch.setattr(rewrite.SiteDecision, "on_cuda", property(lambda self: True))
+    options = {"token_budget": 64, "max_new_tokens": STEPS, "policy": "rocketkv-fine"}
+    model = tiny_hf("llama", head_dim=64)
+    model.generation_config.eos_token_id = None
+    ids = prompt(300, seed=300)
+    want = oracle_generate(model, ids, RocketKVConfig.from_options(options), STEPS)[0]
+    forward = model.forward
+    model.forward = compiled(forward, options, inductor=False)
+    try:
+        with torch.no_grad():
+            got = model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    finally:
+        model.forward = forward
+    assert got[0, 300:].tolist() == want
+
+
 @pytest.mark.parametrize("once, cache", [(True, "dynamic"), (True, "rocketkv"),
                                          (False, "dynamic")])
 def test_a_per_size_decode_graph_compiles_its_layers_once(once, cache, monkeypatch):

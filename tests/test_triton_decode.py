@@ -278,33 +278,48 @@ def _selection(sizes):
 
 @SETTINGS
 @given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 128),
-                                                    st.integers(1, 160)), min_size=1, max_size=3),
+                                                    st.integers(1, 160), st.integers(1, 200)),
+                                          min_size=1, max_size=3),
+       header_topk=st.booleans(), listed=st.sampled_from(["topk", "every slot"]),
        fused=st.booleans(), selection=st.sampled_from(SELECTIONS), codes=CODES)
-def test_packed_layer_decode(case, rows, fused, selection, codes):
+# rows' own topk under a list of every slot, selected by the kernel and by torch ops, then
+# attended by the split programs (which must stop at the row's topk)
+@example(case=(1, 1, 2, 16, 100, 1, 4, 40, torch.float32, 3), rows=[(1, 4, 100, 10)],
+         header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[1], codes=None)
+@example(case=(1, 1, 2, 16, 100, 1, 4, 40, torch.float32, 3), rows=[(1, 4, 100, 10)],
+         header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[2], codes=None)
+def test_packed_layer_decode(case, rows, header_topk, listed, fused, selection, codes):
     """RocketKV's decode op on CUDA over a packed layer (`rocketkv.decode_triton`): each row's
-    chunk and r from its header, over its stored tokens, as that row alone; through the fused
+    chunk, r and topk from its header (unset: every token), over its stored tokens, as that
+    row alone, the op's list as long as the policy's topk or every slot (a topk that follows
+    the prompt: rocketkv-fine) and each row taking the lesser; through the fused
     kernel (one program per KV head) and through the split path alike, with rows of more
     chunks than the small selection's lanes beside rows of fewer, and selected by torch ops
     as rows too long for a program are (`SELECTIONS`); over a quantized layer's codes and
     exact slots as over their dequantized tokens (kv_bits)."""
     _, Hkv, G, D, n, _, _, topk, dtype, seed = case
     B = len(rows)
-    chunks, dims, live = ([row[i] for row in rows] for i in range(3))
+    chunks, dims, live, row_topks = ([row[i] for row in rows] for i in range(4))
     dims, live = [min(r, D) for r in dims], [min(m, n) for m in live]
+    words = {S.Word.STORED: live, S.Word.CHUNK: chunks, S.Word.DIMS: dims}
+    if header_topk:
+        words[S.Word.TOPK] = row_topks
+    list_length = topk if listed == "topk" else S.NOT_SELECTED
+    attended = [min(list_length, t if header_topk else S.NOT_SELECTED) for t in row_topks]
     q, k, v = _inputs(B, Hkv, G, D, n, dtype, seed)
-    keys, values, tokens = _packed(k, v, {S.Word.STORED: live, S.Word.CHUNK: chunks,
-                                          S.Word.DIMS: dims}, codes)
+    keys, values, tokens = _packed(k, v, words, codes)
     scale = D**-0.5
     for b in range(B):
         assume(_dims_are_clear(q[b:b + 1], Hkv, dims[b]))
         assume(_boundary_is_clear(R.approximate_scores(q[b:b + 1], tokens(b)[0], None,
-                                                       chunks[b], dims[b]), topk))
+                                                       chunks[b], dims[b]), attended[b]))
     with mock.patch.object(T, "_one_program_per_head", lambda heads, k: fused), \
             _selection(selection):
-        got = torch.ops.rocketkv.decode_triton(q, keys, values, scale, topk, *_code_args(codes))
+        got = torch.ops.rocketkv.decode_triton(q, keys, values, scale, list_length,
+                                               *_code_args(codes))
     for b in range(B):
         want = R.sparse_decode(q[b:b + 1].double(), *(t.double() for t in tokens(b)), None,
-                               scale, chunks[b], dims[b], topk)
+                               scale, chunks[b], dims[b], attended[b])
         assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
 
 

@@ -226,20 +226,23 @@ def test_padded_batch_rows_as_each_prompt_alone(dtype, cache):
         assert sum(r == a for r, a in zip(rows, alone)) >= 3
 
 
-# bfloat16 logits of the head-dim-64 model below are ~0.5-2 in size; a gap this large is a
-# different selection at a near tie, not a wrong kernel (the 16-bit fault of 4bb3244 moved
-# them by whole units and flipped tokens far from ties)
-LOGIT_GAP = 0.25
+# With Inductor rounding as eager does, what is left between the compiled step and the oracle
+# is the Triton kernels' own order of float32 sums (H100: at most 0.073 over 8 prompts, logits
+# of about 0.5-2) and a different selection where chunk scores nearly tie. The 16-bit fault of
+# 4bb3244 moved logits by whole units and flipped tokens far from ties.
+LOGIT_GAP = 0.125
 
 
 @pytest.mark.parametrize("options", [{}, {"kv_bits": 4}, {"policy": "rocketkv-fine"}],
                          ids=["rocketkv", "rocketkv-kv_bits=4", "rocketkv-fine"])
 def test_bfloat16_at_head_dim_64_is_the_oracle_up_to_near_ties(options):
-    """bfloat16 at a real head dim: the compiled step and the eager oracle round in different
-    orders, and where chunk scores nearly tie they may select different tokens, so free-running
-    tokens part now and then. Made to follow the oracle's tokens, the compiled path's logits stay
-    within LOGIT_GAP of the oracle's at every step of 8 prompts, and its argmax is the oracle's
-    wherever the oracle's own margin exceeds LOGIT_GAP."""
+    """bfloat16 at a real head dim. Inductor keeps float32 across the ops it fuses where eager
+    rounds to bfloat16 after each, which moves this model's logits by up to ~0.26 and parts
+    free-running tokens at near ties (tests/test_generate_contract.py shows it on the CPU);
+    so Inductor is asked to round as eager does (`emulate_precision_casts`). Made to follow
+    the oracle's tokens, the compiled path's logits then stay within LOGIT_GAP of the oracle's
+    at every step of 8 prompts, and its argmax is the oracle's wherever the oracle's own margin
+    exceeds LOGIT_GAP."""
     options = {**BUDGET, **options}
     config = RocketKVConfig.from_options(options)
     model = tiny_hf("llama", head_dim=64).to("cuda", torch.bfloat16)
@@ -255,7 +258,7 @@ def test_bfloat16_at_head_dim_64_is_the_oracle_up_to_near_ties(options):
     model.forward = torch.compile(forward, backend="rocketkv", options=options)
     try:
         for i, (ids, (tokens, want)) in enumerate(zip(prompts, oracle)):
-            with torch.no_grad():
+            with torch.no_grad(), torch._inductor.config.patch(emulate_precision_casts=True):
                 got = logits_along(lambda **kw: model.generate(ids, **{cache_argument(): None},
                                                                **kw), tokens)
             seen = compare_logits(got, want)

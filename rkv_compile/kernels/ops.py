@@ -118,7 +118,8 @@ def _(query, keys, values, scale, policy):
 def decode_triton(query: Tensor, keys: Tensor, values: Tensor, scale: float, topk: int,
                   bits: int | None = None, group: int | None = None) -> Tensor:
     """RocketKV's stage 2 over a packed layer through the Triton kernels (CUDA): each row's
-    chunk and query dims from its header."""
+    chunk, query dims and topk from its header, `topk` the selection list's length (each row
+    attends to the lesser)."""
     return triton_decode.packed_sparse_decode(query, keys, values, scale, topk, bits, group)
 
 

@@ -300,6 +300,7 @@ def _select_kernel(
     G: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr,
     PER_ROW: tl.constexpr, RADIX: tl.constexpr, SMALL_C: tl.constexpr, SMALL_RADIX: tl.constexpr,
     FROM_HEADER: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr, CODED: tl.constexpr,
+    TOPK: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // Hkv
@@ -307,10 +308,12 @@ def _select_kernel(
     if PER_ROW:
         chunk = tl.load(plan_ptr + 2 * b)
     if FROM_HEADER:  # a packed layer (plan_ptr: the header, stride_vb its row stride): the
-        # row's tokens (coded and stored) and chunk; a row with fewer than k selects them all
+        # row's tokens (coded and stored), chunk and topk (k: the list's length, at least
+        # it); a row with fewer tokens selects them all
         n = tl.load(plan_ptr + b * stride_vb + CODED) + tl.load(plan_ptr + b * stride_vb + STORED)
         chunk = tl.load(plan_ptr + b * stride_vb + CHUNK)
-        row_chunks, count = tl.cdiv(n, chunk), tl.minimum(k, n)
+        row_chunks = tl.cdiv(n, chunk)
+        count = tl.minimum(tl.minimum(k, n), tl.load(plan_ptr + b * stride_vb + TOPK))
     _select_sized(logits_ptr, chunks, valid_ptr, out_ptr + bh * k, bh, n, chunk, row_chunks,
                   count, Hkv, stride_vb, G, G_ROWS, BLOCK_C, HAS_VALID, RADIX, False, k, False,
                   logits_ptr, SMALL_C, SMALL_RADIX)
@@ -432,7 +435,8 @@ def _sparse_attention_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_VALID: tl.constexpr, DENSE: tl.constexpr, HEADER_COUNT: tl.constexpr,
-    STORED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, CODED: tl.constexpr,
+    STORED: tl.constexpr, TOPK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+    CODED: tl.constexpr,
     CODED_CAPACITY: tl.constexpr, CODE_ROW: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -441,7 +445,7 @@ def _sparse_attention_kernel(
     dv = tl.arange(0, BLOCK_DV)
     selected = idx_ptr + bh * count
     # Over a packed layer (valid_ptr: the header): DENSE, every token of the row (coded, then
-    # stored), in order; HEADER_COUNT, the first min(count, tokens) of the row's list.
+    # stored), in order; HEADER_COUNT, the first min(count, tokens, topk) of the row's list.
     coded, capacity, code_row = 0, 0, 0
     if DENSE or HEADER_COUNT:
         header = valid_ptr + (bh // Hkv) * stride_validb
@@ -450,7 +454,7 @@ def _sparse_attention_kernel(
         if DENSE:
             n, count = tokens, tokens
         else:
-            count = tl.minimum(count, tokens)
+            count = tl.minimum(tl.minimum(count, tokens), tl.load(header + TOPK))
     start = split * per_split
     m, l, acc = _attend(q_ptr, k_ptr, v_ptr, selected, valid_ptr, bh, Hkv, n,
                         start, tl.minimum(start + per_split, count), scale,
@@ -580,20 +584,21 @@ def _packed_select_attend_kernel(
     lanes, topk, Hkv, scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_hb,
-    STORED: tl.constexpr, CHUNK: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, RADIX: tl.constexpr,
-    SMALL_C: tl.constexpr, SMALL_RADIX: tl.constexpr,
+    STORED: tl.constexpr, CHUNK: tl.constexpr, TOPK: tl.constexpr, G: tl.constexpr,
+    G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, G_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    RADIX: tl.constexpr, SMALL_C: tl.constexpr, SMALL_RADIX: tl.constexpr,
     PAGES: tl.constexpr, KV_GROUP: tl.constexpr, MEAN_V: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, CODED: tl.constexpr,
     CODED_CAPACITY: tl.constexpr, CODE_ROW: tl.constexpr,
 ):
     # One program per selecting head of a packed layer (a KV head, or with PAGES a query head
     # of KV head h // KV_GROUP): its row's tokens (coded, then stored; `_rows`) and chunk
-    # from the header, the
+    # and topk from the header, the
     # selection (`_select`) into this head's list, then attention over the list (`_attend`),
     # normalized and written: no partials, no combine, no mask tensor. `lanes`: the length of
-    # a head's logits row. PAGES: `topk` is the list's length, topk // chunk pages. MEAN_V
+    # a head's logits row. `topk`: the list's length, at least the row's topk (PAGES: topk //
+    # chunk pages). MEAN_V
     # (SparQ): the output is a y + (1 - a) mean(V), a each head's probability mass on the
     # list (through mass_ptr, B * Hq floats; else unused), mean(V) over the row's stored values
     # (read here: the cache keeps no running mean).
@@ -606,7 +611,7 @@ def _packed_select_attend_kernel(
     if PAGES:
         k, attended = topk // chunk, topk
     else:
-        k = tl.minimum(topk, n)
+        k = tl.minimum(tl.minimum(topk, n), tl.load(header + TOPK))
         attended = k
     selected = idx_ptr + bh * topk
     _select_sized(logits_ptr, lanes, header_ptr, selected, bh, n, chunk, tl.cdiv(n, chunk), k,
@@ -779,7 +784,7 @@ def select_slots(logits: Tensor, n: int, chunk: int, topk: int, valid: Tensor | 
         valid.stride(0) if valid is not None else 0,
         G=G, G_ROWS=_group_rows(G), BLOCK_C=BLOCK_C,
         HAS_VALID=valid is not None, PER_ROW=per_row is not None, FROM_HEADER=False, STORED=0,
-        CHUNK=0, CODED=0, **_selection_launch(BLOCK_C, chunks_on_device=False))
+        CHUNK=0, CODED=0, TOPK=0, **_selection_launch(BLOCK_C, chunks_on_device=False))
     return slots
 
 
@@ -848,7 +853,7 @@ def _split_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, co
         G=G, G_PAD=_dot_rows(G), D=D, DV=DV, BLOCK_D=_dot_rows(D), BLOCK_DV=_dot_rows(DV),
         **launch,
         HAS_VALID=valid is not None, DENSE=dense, HEADER_COUNT=header is not None and not dense,
-        STORED=int(S.Word.STORED), **_codes(bits, group))
+        STORED=int(S.Word.STORED), TOPK=int(S.Word.TOPK), **_codes(bits, group))
     out = torch.empty(B, Hq, 1, DV, device=query.device, dtype=query.dtype)
     wrap_triton(_combine_kernel)[(B * Hkv, G)](part_out, part_m, part_l, out, splits, G, DV=DV,
                                                BLOCK_S=max(triton.next_power_of_2(splits), 2),
@@ -945,7 +950,8 @@ def _packed_select_attend(query: Tensor, key: Tensor, value: Tensor, header: Ten
         lanes, listed, selecting, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), header.stride(0),
-        STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK), G=G, G_PAD=_dot_rows(G),
+        STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK), TOPK=int(S.Word.TOPK), G=G,
+        G_PAD=_dot_rows(G),
         D=key.shape[-1], DV=DV, BLOCK_D=_dot_rows(key.shape[-1]), BLOCK_DV=_dot_rows(DV),
         G_ROWS=_group_rows(G), BLOCK_C=block_chunks, PAGES=pages, KV_GROUP=kv_group,
         MEAN_V=mean_v, **PACKED_ATTENTION, **_codes(bits, group),
@@ -989,7 +995,7 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
         logits, header, header, selected, tokens, 1, tokens, k, Hkv, header.stride(0),
         G=G, G_ROWS=_group_rows(G), BLOCK_C=block_chunks, HAS_VALID=False, PER_ROW=False,
         FROM_HEADER=True, STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK),
-        CODED=int(S.Word.CODED), **_selection_launch(block_chunks))
+        CODED=int(S.Word.CODED), TOPK=int(S.Word.TOPK), **_selection_launch(block_chunks))
     return _split_attention(query, key, value, scale, k, selected, None, header, bits, group)
 
 
@@ -1044,11 +1050,12 @@ def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: floa
 
 def _selection_in_torch(logits: Tensor, header: Tensor, k: int, mass: bool = False):
     """`_select` as torch ops, for rows of more lanes than a selection program holds
-    (SELECTION_LANES; `logits` with a lane per token): each row's top min(k, tokens) slots by
-    the group's mean softmax over tokens (a token scores its chunk's, the chunk from the
-    header), ties to the earlier slot (a stable sort), in slot order, as a (B * Hkv * k) int32
-    list whose entries past a row's stored count attention skips. With `mass`, also each query
-    head's probability on its slots (B * Hq float32; SparQ's a), else None."""
+    (SELECTION_LANES; `logits` with a lane per token): each row's top min(k, tokens, topk)
+    slots (topk its header's) by the group's mean softmax over tokens (a token scores its
+    chunk's, the chunk from the header), ties to the earlier slot (a stable sort), in slot
+    order, as a (B * Hkv * k) int32 list whose entries past those attention skips. With
+    `mass`, also each query head's probability on its slots (B * Hq float32; SparQ's a), else
+    None."""
     B, Hkv, G, slots = logits.shape
     stored = header[:, 0, S.Word.STORED].long() + header[:, 0, S.Word.CODED].long()
     chunk = header[:, 0, S.Word.CHUNK].long()
@@ -1060,9 +1067,12 @@ def _selection_in_torch(logits: Tensor, header: Tensor, k: int, mass: bool = Fal
     probability = torch.softmax(logit, -1).nan_to_num(0.0)   # a row with no slot: all 0
     score = probability.sum(2).div(G).masked_fill(~live[:, None], -1.0)
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
-    selected = order.sort(-1).values
+    # past the row's topk: a slot past every row's tokens, sorted last, which attention skips
+    kept = (torch.arange(k, device=logits.device) < header[:, 0, S.Word.TOPK, None])[:, None]
+    selected = order.masked_fill(~kept, slots).sort(-1).values
     if not mass:
         return selected.to(torch.int32).reshape(-1), None
-    taken = torch.zeros_like(score, dtype=torch.bool).scatter(-1, order, True) & live[:, None]
+    taken = torch.zeros_like(score, dtype=torch.bool).scatter(-1, order, kept.expand_as(order)) \
+        & live[:, None]
     return (selected.to(torch.int32).reshape(-1),
             (probability * taken[:, :, None]).sum(-1).reshape(-1))

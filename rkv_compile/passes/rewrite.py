@@ -252,12 +252,12 @@ def rewrite_turn(graph: Graph, d: SiteDecision, rw: Rewriting) -> None:
 
 
 # A policy's `triton`: the op its decode step runs on CUDA, and that op's static arguments
-# from the layer's plan.
+# from the layer's plan (at the budget's length) and its selection list's length.
 TRITON_DECODE = {
-    "stage2": (torch.ops.rocketkv.decode_triton.default, lambda plan: (plan.topk,)),
+    "stage2": (torch.ops.rocketkv.decode_triton.default, lambda plan, listed: (listed,)),
     "pages": (torch.ops.rocketkv.page_decode_triton.default,
-              lambda plan: (plan.topk // plan.chunk, plan.chunk)),
-    "sparq": (torch.ops.rocketkv.sparq_decode_triton.default, lambda plan: (plan.topk,)),
+              lambda plan, listed: (plan.topk // plan.chunk, plan.chunk)),
+    "sparq": (torch.ops.rocketkv.sparq_decode_triton.default, lambda plan, listed: (listed,)),
 }
 
 
@@ -270,8 +270,9 @@ def _decode_attention(graph: Graph, d: SiteDecision, keys: Node, values: Node) -
         plan = d.method.plan(d.method.token_budget, d.head_dim, d.layer, d.layers)
         if plan.topk < plan.length:
             op, arguments = TRITON_DECODE[d.method.triton]
+            listed = d.method.selected_list_length(d.head_dim, d.layer, d.layers)
             return graph.call_function(op, (d.site.query, keys, values, d.scale,
-                                            *arguments(plan), *codes))
+                                            *arguments(plan, listed), *codes))
         # a layer that attends to every token (Quest's first layers): exact, below
     if d.kernel != "reference" and d.on_cuda:
         return graph.call_function(torch.ops.rocketkv.exact_decode_triton.default, (

@@ -84,6 +84,13 @@ class Policy:
         return Plan(self.token_budget, prompt_len + self.max_new_tokens, capacity, prompt_budget,
                     0, 0, head_dim)
 
+    def selected_list_length(self, head_dim: int, layer: int = 0, layers: int = 1) -> int:
+        """The tokens a Triton decode step's selection list holds, baked into the decode graph:
+        the plan's topk, where it does not depend on the prompt (every row's header then says
+        the same); NOT_SELECTED where it does, so the list holds every slot of the layer and
+        each row attends to its own header's topk."""
+        return self.plan(self.token_budget, head_dim, layer, layers).topk
+
     def triton_at(self, scale: float, head_dim: int) -> bool:
         """Whether the Triton kernels compute this policy's decode step at this attention
         scale (on CUDA; else its `decode` runs, the PyTorch reference)."""

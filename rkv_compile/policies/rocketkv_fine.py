@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..state import NOT_SELECTED
 from .base import check_int, register
 from .rocketkv import RocketKV
 
@@ -42,3 +43,7 @@ class RocketKVFine(RocketKV):
         dims = max(1, plan.dims // self.dims_divisor)
         topk = plan.topk + plan.capacity * (plan.dims - dims) // (2 * head_dim)
         return dataclasses.replace(plan, chunk=1, dims=dims, topk=topk)
+
+    def selected_list_length(self, head_dim, layer=0, layers=1):
+        # k' grows with the prompt's capacity: each row's header holds its own
+        return NOT_SELECTED
