@@ -113,14 +113,13 @@ def main():
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     model = model_of(args.head_dim, dtype, args.device)
-    method = RocketKVConfig.from_options(OPTIONS).method
+    config = RocketKVConfig.from_options(OPTIONS)
+    method = config.method
     prompts = [torch.randint(0, 128, (1, args.prompt + 20 * i), generator=torch.Generator()
                              .manual_seed(args.prompt + 1000 * i)).to(args.device)
                for i in range(args.prompts)]
-    oracles = [oracle_generate(model, ids, RocketKVConfig.from_options(OPTIONS), STEPS)[0]
-               for ids in prompts]
+    oracles = [oracle_generate(model, ids, config, STEPS)[0] for ids in prompts]
     oracle = oracles[0]
-    config = RocketKVConfig.from_options(OPTIONS)
     oracle_logits = [logits_along(lambda **kw: generate_like(model, ids, config, **kw), want)
                      for ids, want in zip(prompts, oracles)]
     rows = [dict(variant="eager oracle", tokens=oracle)]

@@ -34,9 +34,8 @@ def prompt(length: int, seed: int = 1):
 def tiny_hf(arch: str, attn: str = "sdpa", seed: int = 0, vocab: int = VOCAB, head_dim: int = 16):
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=4 * head_dim, intermediate_size=128,
-                  num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                  attn_implementation=attn)
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=2048, attn_implementation=attn)
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common)).eval()
     if arch == "qwen2":
