@@ -23,6 +23,8 @@ Rows (setups):
                   cache the rocketkv generate returned: the step without generate around it;
                   then `--rounds` more generate calls and bare loops, alternated, so that the
                   gap between them is not a drift of the device between two measurements
+                  (with rocketkv-cache among the setups, each round also a generate over a
+                  new RocketKVCache: zero change against the cache, call against call)
 For each: the first call's wall time, compiles included (each rocketkv forward is compiled once
 for all contexts, as a user compiles once for all prompts: at the first context it compiles
 everything, at a later one what that prompt length needs anew; where the time went is recorded;
@@ -249,9 +251,11 @@ def measure(model, ids, steps: int, setup: str, **kwargs) -> dict:
     return out, row
 
 
-def alternated(model, ids, steps: int, rounds: int) -> dict:
+def alternated(model, ids, steps: int, rounds: int, new_cache=None) -> dict:
     """`rounds` generate calls through the same compiled forward, each followed by a bare loop
-    over the cache it returned. Per call: ms per token, the median device time of the decode
+    over the cache it returned, and with `new_cache` (a RocketKVCache factory) by a generate
+    over a new RocketKVCache too, so that zero change and the cache are compared call against
+    call, not row against row minutes apart (the device drifts by as much as they differ). Per call: ms per token, the median device time of the decode
     graph (`StepTimes.graph_ms`), so that wall less graph is the time per step the device waits
     on the host (generate's own work, Dynamo's guards, the backend's checks, the launch), and
     the backend's host time per call. Each round also runs a generate under
@@ -261,6 +265,10 @@ def alternated(model, ids, steps: int, rounds: int) -> dict:
                "generate_skip_guards_ms_per_token": [],
                "bare_ms_per_token": [], "bare_graph_ms": [], "bare_backend_us": [],
                "bare_forward_host_ms": []}
+    if new_cache is not None:
+        rounds_.update(cache_ms_per_token=[], cache_graph_ms=[])
+        one_call(model, ids, steps, new_cache=new_cache)   # compiles its decode graph
+        release()
     for _ in range(rounds):
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
             rounds_["generate_skip_guards_ms_per_token"].append(
@@ -278,7 +286,13 @@ def alternated(model, ids, steps: int, rounds: int) -> dict:
             rounds_[f"{name}_backend_us"].append(meter.us_per_call)
         rounds_["bare_forward_host_ms"].append(forward_host_ms)
         del out, cache
-        release()   # not cleanup(): the rounds reuse the compiled forward, as a user's calls do
+        release()
+        if new_cache is not None:
+            with StepTimes() as through_cache:
+                row = one_call(model, ids, steps, new_cache=new_cache)[1]
+            rounds_["cache_ms_per_token"].append(row["decode_ms_per_token"])
+            rounds_["cache_graph_ms"].append(through_cache.graph_ms)
+            release()   # not cleanup(): the rounds reuse the compiled forward, as a user's calls do
     return {"setup": "generate-vs-bare", "context": ids.shape[1], **rounds_}
 
 
@@ -385,7 +399,9 @@ def main():
                     record({"setup": "bare", "context": context, "decode_ms_per_token":
                             bare_step_ms(model.forward, cache, ids, args.steps)[0]})
                     del out, cache
-                    record(alternated(model, ids, args.steps, args.rounds))
+                    record(alternated(model, ids, args.steps, args.rounds, new_cache=(
+                        (lambda: RocketKVCache(model.config, args.steps + 1))
+                        if "rocketkv-cache" in args.setups else None)))
                     continue
                 del out, cache
             finally:
