@@ -128,18 +128,23 @@ def test_chunked_prefill_into_rocketkv_cache_is_a_turn_per_chunk():
 
 
 def test_new_turn_into_rocketkv_cache_explain():
+    """explain(model.generate) of a second turn into a RocketKVCache (the first turn compressed
+    it) reports the turn's sites: rocketkv selects again over the kept tokens and the turn."""
     model = tiny_hf("llama")
     model.generation_config.eos_token_id = None
     options = dict(MT, policy="rocketkv")
-
-    def two_turns(second):
-        cache = RocketKVCache(model.config, 3)
-        seq = model.generate(prompt(200), **{cache_argument(): cache}, max_new_tokens=3)
-        model.generate(torch.cat([seq, prompt(second, 2)], 1), **{cache_argument(): cache},
-                       max_new_tokens=3)
-
+    cache = RocketKVCache(model.config, 3)
+    model.forward = compiled(model.forward, options, inductor=False)
+    try:
+        with torch.no_grad():
+            seq = model.generate(prompt(200), **{cache_argument(): cache}, max_new_tokens=3)
+    finally:
+        del model.forward
+    torch._dynamo.reset()
     with torch.no_grad():
-        report = rkv_compile.explain(two_turns, 40, options=options)
+        report = rkv_compile.explain(model.generate, torch.cat([seq, prompt(40, 2)], 1),
+                                     **{cache_argument(): cache}, max_new_tokens=3,
+                                     options=options)
     turn = [s for s in report.sites if s.kv_source == "RocketKVCache, new turn"]
     assert turn and all(s.rewritten and "rocketkv selects again over them all, voted by the "
                         "turn's last 32 queries (a shorter turn keeps them all)" in s.action
