@@ -255,8 +255,9 @@ def alternated(model, ids, steps: int, rounds: int, new_cache=None) -> dict:
     """`rounds` generate calls through the same compiled forward, each followed by a bare loop
     over the cache it returned, and with `new_cache` (a RocketKVCache factory) by a generate
     over a new RocketKVCache too, so that zero change and the cache are compared call against
-    call, not row against row minutes apart (the device drifts by as much as they differ). Per call: ms per token, the median device time of the decode
-    graph (`StepTimes.graph_ms`), so that wall less graph is the time per step the device waits
+    call, not row against row minutes apart (the device drifts by as much as they differ).
+    Per call: ms per token, the median device time of the decode graph
+    (`StepTimes.graph_ms`), so that wall less graph is the time per step the device waits
     on the host (generate's own work, Dynamo's guards, the backend's checks, the launch), and
     the backend's host time per call. Each round also runs a generate under
     `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` (Dynamo then checks only the
