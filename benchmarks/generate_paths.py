@@ -287,13 +287,13 @@ def alternated(model, ids, steps: int, rounds: int, new_cache=None) -> dict:
             rounds_[f"{name}_backend_us"].append(meter.us_per_call)
         rounds_["bare_forward_host_ms"].append(forward_host_ms)
         del out, cache
-        release()
+        release()   # not cleanup(): the rounds reuse the compiled forward, as a user's calls do
         if new_cache is not None:
             with StepTimes() as through_cache:
                 row = one_call(model, ids, steps, new_cache=new_cache)[1]
             rounds_["cache_ms_per_token"].append(row["decode_ms_per_token"])
             rounds_["cache_graph_ms"].append(through_cache.graph_ms)
-            release()   # not cleanup(): the rounds reuse the compiled forward, as a user's calls do
+            release()
     return {"setup": "generate-vs-bare", "context": ids.shape[1], **rounds_}
 
 

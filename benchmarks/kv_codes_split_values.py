@@ -69,16 +69,10 @@ def _attend_tiles_split_values(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k
                 v_even = ((byte & 15).to(tl.float32) * step + zero).to(v_ptr.dtype.element_ty)
                 v_odd = ((byte >> 4).to(tl.float32) * step + zero).to(v_ptr.dtype.element_ty)
             else:
-                at_even = slot[:, None] * GROUPS + (2 * j // GROUP)[None, :]
-                at_odd = slot[:, None] * GROUPS + ((2 * j + 1) // GROUP)[None, :]
-                v_even = ((byte & 15).to(tl.float32)
-                          * tl.load(steps + at_even, mask=ok[:, None], other=0.0).to(tl.float32)
-                          + tl.load(steps + capacity * GROUPS + at_even, mask=ok[:, None],
-                                    other=0.0).to(tl.float32)).to(v_ptr.dtype.element_ty)
-                v_odd = ((byte >> 4).to(tl.float32)
-                         * tl.load(steps + at_odd, mask=ok[:, None], other=0.0).to(tl.float32)
-                         + tl.load(steps + capacity * GROUPS + at_odd, mask=ok[:, None],
-                                   other=0.0).to(tl.float32)).to(v_ptr.dtype.element_ty)
+                v_even = _half(byte & 15, slot[:, None] * GROUPS + (2 * j // GROUP)[None, :],
+                               steps, capacity * GROUPS, ok, v_ptr.dtype.element_ty)
+                v_odd = _half(byte >> 4, slot[:, None] * GROUPS + ((2 * j + 1) // GROUP)[None, :],
+                              steps, capacity * GROUPS, ok, v_ptr.dtype.element_ty)
             acc_even = acc_even * alpha[:, None]
             acc_odd = acc_odd * alpha[:, None]
             p_head = p.to(v_ptr.dtype.element_ty)
@@ -95,3 +89,12 @@ def _attend_tiles_split_values(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k
                                         HAS_VALID, DENSE, coded, capacity, code_row, BITS,
                                         GROUP, TOKENS)
     return m, l, acc
+
+
+@triton.jit
+def _half(codes, at, steps, zeros_at, ok, dtype: tl.constexpr):
+    """One half's codes dequantized with the step and zero of each one's group (`at`: their
+    index among the steps; the zeros follow the steps at `zeros_at`), as `_dequantized` does."""
+    step = tl.load(steps + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(steps + zeros_at + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    return (codes.to(tl.float32) * step + zero).to(dtype)
