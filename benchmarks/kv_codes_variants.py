@@ -16,6 +16,8 @@ token kept), at 16 (bf16), 8, 4 and 2 bits. Each variant runs in a process of it
             through shared memory and dequantizes them in the tensor cores' operand layout;
             at 4 the interleave stops it, and the dequantized bf16 tile goes instead, as the
             kernels' TTIR for sm_90 shows)
+  split-both    split-values, and 4-bit key codes not unpacked either: the query split into
+            its even and odd channels once, a tile's logits the sum of the halves' products
 
 Per-layer decode through `exact_decode_triton` as a CUDA graph (median µs), and the error
 against float64 attention over the dequantized tokens.
@@ -36,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 VARIANTS = ["default", "bytes", "stages1", "stages2", "stages4", "warps8", "block32",
-            "split-values"]
+            "split-values", "split-both"]
 
 
 def _read_codes_by_address():
@@ -59,6 +61,7 @@ def _read_codes_by_address():
 
 
 def variant_rows(variant: str, batch: int, context: int) -> None:
+    import triton.language as tl
     from triton.testing import do_bench_cudagraph
 
     import kv_codes as K
@@ -72,9 +75,10 @@ def variant_rows(variant: str, batch: int, context: int) -> None:
         T.ATTENTION_CODED["num_warps"] = T.ATTENTION["num_warps"] = 8
     elif variant == "block32":
         T.ATTENTION_CODED["BLOCK_N"] = 32
-    elif variant == "split-values":
-        from kv_codes_split_values import _attend_tiles_split_values
-        T._attend_tiles = _attend_tiles_split_values
+    elif variant in ("split-values", "split-both"):
+        import kv_codes_split_values
+        kv_codes_split_values.SPLIT_KEYS = tl.constexpr(variant == "split-both")
+        T._attend_tiles = kv_codes_split_values._attend_tiles_split_values
     elif variant != "default":
         raise ValueError(f"unknown variant {variant!r}")
     for bits in (None, 8, 4, 2):
