@@ -11,6 +11,8 @@ at batch 1 and at the largest batch each setup fits in memory, for
                matmul-softmax-matmul that Inductor compiles (benchmarks/BENCHMARKS.md: HF's
                masked sdpa repeats the KV heads and is 10x slower at 128K).
   rocketkv-B   torch.compile(backend=rocketkv, token_budget=B) with RocketKVCache (CUDA graphs).
+  rocketkv-B-Nbit  the same with kv_bits=N (--kv-bits): the kept prompt tokens held as N-bit
+               codes, dequantized inside the decode kernels (issue 22).
 Large batches repeat the batch-1 prefill's cache in the batch (`batch_repeat_interleave`):
 prefilling hundreds of 128K prompts would take an hour, and decode time does not depend on the
 values. The batch is the largest whose caches fit in the free memory, less a reserve.
@@ -86,7 +88,7 @@ def sync():
 
 
 def free_bytes() -> int:
-    return torch.cuda.mem_get_info()[0] if CUDA else 8 * GIB
+    return torch.cuda.mem_get_info()[0] if CUDA else RESERVE + 4 * 2**20   # the CPU check: a few rows
 
 
 def reset_peak():
@@ -257,12 +259,15 @@ class Bench:
             step = decode_ms(forward, cache, logits.repeat(batch, 1, 1), steps)
         self.record("static", context, batch, None, step)
 
-    def rocketkv(self, ids, budget: int):
+    def rocketkv(self, ids, budget: int, kv_bits: int = 16):
         model, steps, context = self.model, self.steps, ids.shape[1]
         model.set_attn_implementation("sdpa")
         options = {"token_budget": budget, "max_new_tokens": self.room()}
-        forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
         setup = f"rocketkv-{budget}"
+        if kv_bits < 16:
+            options["kv_bits"] = kv_bits
+            setup += f"-{kv_bits}bit"
+        forward = torch.compile(model.forward, backend=rkv_compile.rocketkv, options=options)
 
         def prefill():
             cache = RocketKVCache(model.config, self.room())
@@ -315,6 +320,8 @@ def main():
     parser.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--setups", nargs="+", default=["generate", "static", "rocketkv"])
+    parser.add_argument("--kv-bits", type=int, nargs="+", default=[16], choices=[2, 4, 8, 16],
+                        help="rocketkv's KV codes (16: the model's dtype, no codes)")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="a small model: checks the script")
     parser.add_argument("--out")
@@ -334,7 +341,9 @@ def main():
             bench.guarded("static", context, lambda: bench.static(ids))
         if "rocketkv" in args.setups:
             for budget in args.budgets:
-                bench.guarded(f"rocketkv-{budget}", context, lambda: bench.rocketkv(ids, budget))
+                for bits in args.kv_bits:
+                    bench.guarded(f"rocketkv-{budget}", context,
+                                  lambda: bench.rocketkv(ids, budget, bits))
 
 
 if __name__ == "__main__":
