@@ -9,8 +9,11 @@ by one, the same replayed as a CUDA graph, a compressed cache's whole step (appe
 over the packed layout: three launches) as a CUDA graph, the same step as it ran before its
 kernels were fused (torch ops for the mask and plan, five launches), and the plain-PyTorch
 reference. Quest at the same budget over the whole context (it evicts nothing): its page
-kernels (`packed_page_decode`, pages of 16 per query head) as a CUDA graph. Also stage 1
-(Triton and reference) against exact causal prefill attention.
+kernels (`packed_page_decode`, pages of 16 per query head) as a CUDA graph; SparQ and oracle
+top-k the same way (`packed_sparq_decode`, `packed_sparse_decode` at chunk 1 over every dim),
+each with the KV bytes its step reads (`Policy.read_bytes`), so the sparse-decode baselines
+are timed side by side with RocketKV at their traffic (issue 20). Also stage 1 (Triton and
+reference) against exact causal prefill attention.
 Medians of triton.testing.do_bench / do_bench_cudagraph.
 
     python3 benchmarks/decode_attention.py --out results.json
@@ -32,7 +35,7 @@ from rkv_compile import state as S  # noqa: E402
 from rkv_compile.kernels import reference as R  # noqa: E402
 from rkv_compile.kernels import triton_compress as TC  # noqa: E402
 from rkv_compile.kernels import triton_decode as T  # noqa: E402
-from rkv_compile.policies import Quest, RocketKV  # noqa: E402
+from rkv_compile.policies import OracleTopK, Quest, RocketKV, SparQ  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 NEW_TOKENS = 128
@@ -86,6 +89,10 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
             want = Quest(budget, NEW_TOKENS).decode(q.float(), k.float(), v.float(), None,
                                                     D**-0.5, quest.chunk, quest.dims, quest.topk)
             quest_error = float((quest_ours().float() - want).norm() / want.norm())
+
+        baselines = {name: keep_all_row(policy(budget, NEW_TOKENS), q, k, v, packed_k,
+                                        packed_v, packed, context, batch)
+                     for name, policy in (("sparq", SparQ), ("oracle_topk", OracleTopK))}
 
         plan = RocketKV(budget, NEW_TOKENS).plan(context - NEW_TOKENS, D)
         n = plan.capacity
@@ -154,16 +161,47 @@ def decode_row(batch: int, context: int, budgets: list[int], bandwidth: float) -
                          stage2_rel_error_vs_fp32_reference=error,
                          quest_pages=pages, quest_page_size=quest.chunk,
                          quest_triton_cudagraph_ms=quest_ms,
-                         quest_rel_error_vs_fp32_reference=quest_error))
+                         quest_rel_error_vs_fp32_reference=quest_error,
+                         rocketkv_read_bytes_per_head=RocketKV(budget, NEW_TOKENS).read_bytes(
+                             n - NEW_TOKENS, NEW_TOKENS, plan, D, 2, HQ // HKV),
+                         **{f"{name}_{key}": value for name, row in baselines.items()
+                            for key, value in row.items()}))
         print(f"B={batch:2} ctx={context // 1024:4}K budget={budget:5} cache={n:5} | dense "
               f"{dense:7.3f} ms  ours {dense_ours_ms:7.3f} ({dense_ours_error:.1e})  floor "
               f"{floor:7.3f} | ours triton {triton_ms:7.3f}  graph "
               f"{graph_ms:7.3f}  append+stage2 {step_ms:7.3f} (unfused {unfused_ms:7.3f}, "
               f"diff {fused_vs_unfused:.1e})  "
               f"reference {reference_ms:7.3f} ms  (err {error:.1e}) | quest {quest_ms:7.3f} "
-              f"(err {quest_error if quest_error is None else f'{quest_error:.1e}'})", flush=True)
+              f"(err {quest_error if quest_error is None else f'{quest_error:.1e}'})"
+              + "".join(f" | {name} {row['triton_cudagraph_ms']:7.3f}"
+                        for name, row in baselines.items()), flush=True)
     del packed_k, packed_v, packed
     return rows
+
+
+def keep_all_row(policy, q, k, v, packed_k, packed_v, packed, context: int, batch: int
+                 ) -> dict:
+    """A policy that evicts nothing (SparQ, oracle top-k) decoding over the whole-context
+    packed layer through its Triton path, as a CUDA graph: its time, the KV bytes its step
+    reads per KV head, and at batch 1 its error against its own float32 reference."""
+    plan = policy.plan(context - NEW_TOKENS, D)
+    packed.set_word(S.Word.CHUNK, plan.chunk)
+    packed.set_word(S.Word.DIMS, plan.dims)
+    packed.set_word(S.Word.TOPK, plan.topk)
+    decode = T.packed_sparq_decode if isinstance(policy, SparQ) else T.packed_sparse_decode
+
+    def ours():
+        return decode(q, packed_k, packed_v, D**-0.5, plan.topk)
+
+    error = None
+    if batch == 1:
+        want = policy.decode(q.float(), k.float(), v.float(), None, D**-0.5, plan.chunk,
+                             plan.dims, plan.topk)
+        error = float((ours().float() - want).norm() / want.norm())
+    return dict(triton_cudagraph_ms=do_bench_cudagraph(ours, rep=200, return_mode="median"),
+                topk=plan.topk, dims=plan.dims, rel_error_vs_fp32_reference=error,
+                read_bytes_per_head=policy.read_bytes(context - NEW_TOKENS, NEW_TOKENS, plan,
+                                                      D, 2, HQ // HKV))
 
 
 def stage1_row(context: int, budget: int) -> dict:
