@@ -10,14 +10,8 @@ token kept), at 16 (bf16), 8, 4 and 2 bits. Each variant runs in a process of it
   stagesN   the loop software-pipelined N deep (Triton's num_stages; default 3 on Hopper)
   warps8    8 warps a program instead of 4
   block32   32 slots a step over codes instead of 64
-  split-values  4-bit value codes not unpacked: the low nibbles (even channels) and the high
-            ones (odd channels) dequantized where they are, each into an accumulator of its
-            own, interleaved once after the loop (at 8 bits Triton stages the code bytes
-            through shared memory and dequantizes them in the tensor cores' operand layout;
-            at 4 the interleave stops it, and the dequantized bf16 tile goes instead, as the
-            kernels' TTIR for sm_90 shows)
-  split-both    split-values, and 4-bit key codes not unpacked either: the query split into
-            its even and odd channels once, a tile's logits the sum of the halves' products
+(The `split-values` and `split-both` variants of 7ec33b5 measured 4-bit nibbles kept apart:
+the values' way is the library's since, BENCHMARKS.md "H100, 7ec33b5".)
 
 Per-layer decode through `exact_decode_triton` as a CUDA graph (median µs), and the error
 against float64 attention over the dequantized tokens.
@@ -37,8 +31,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-VARIANTS = ["default", "bytes", "stages1", "stages2", "stages4", "warps8", "block32",
-            "split-values", "split-both"]
+VARIANTS = ["default", "bytes", "stages1", "stages2", "stages4", "warps8", "block32"]
 
 
 def _read_codes_by_address():
@@ -61,7 +54,6 @@ def _read_codes_by_address():
 
 
 def variant_rows(variant: str, batch: int, context: int) -> None:
-    import triton.language as tl
     from triton.testing import do_bench_cudagraph
 
     import kv_codes as K
@@ -75,10 +67,6 @@ def variant_rows(variant: str, batch: int, context: int) -> None:
         T.ATTENTION_CODED["num_warps"] = T.ATTENTION["num_warps"] = 8
     elif variant == "block32":
         T.ATTENTION_CODED["BLOCK_N"] = 32
-    elif variant in ("split-values", "split-both"):
-        import kv_codes_split_values
-        kv_codes_split_values.SPLIT_KEYS = tl.constexpr(variant == "split-both")
-        T._attend_tiles = kv_codes_split_values._attend_tiles_split_values
     elif variant != "default":
         raise ValueError(f"unknown variant {variant!r}")
     for bits in (None, 8, 4, 2):

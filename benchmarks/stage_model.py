@@ -3,7 +3,8 @@
     python3 benchmarks/stage_model.py qwen2.5-coder-0.5b      # here, once
 
 Cuts the model's GGUF file into pieces in the ignored folders .stage/p01,
-.stage/p02, ..., puts the wheel of the GGUF reader for the machine's Python 3.12 in .stage/whl,
+.stage/p02, ..., puts the wheels of the GGUF reader and of quanto (transformers' QuantizedCache)
+for the machine's Python 3.12 in .stage/whl,
 each piece as large as a call can carry beside the working tree (64 MiB, less the tracked
 files and 2 MiB to spare), and prints the calls to make, back to back while the machine stays warm (/tmp survives between
 calls only then): each carries one piece and appends it to /tmp/<model>/<file>; the last one
@@ -24,6 +25,9 @@ from rkv_compile.hf import MODELS, model_dir  # noqa: E402
 
 CALL_LIMIT = 64 << 20
 GGUF_READER = "gguf==0.19.0"
+# transformers' QuantizedCache at 2-4 bits (`rkv eval`'s hf-quantized row) needs quanto, a
+# pure-Python wheel, and ninja, which it imports; neither is on the GPU machine
+QUANTO = ("optimum-quanto==0.2.7", "ninja==1.13.2")
 
 
 def main():
@@ -56,7 +60,8 @@ def main():
                 out.write(block)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
                     "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-                    "-d", os.path.join(stage, "whl"), GGUF_READER], check=True)
+                    "--platform", "manylinux2014_x86_64", "-d", os.path.join(stage, "whl"),
+                    GGUF_READER, *QUANTO], check=True)
     target = f"/tmp/{args.model}"
     print(f"{pieces} pieces of {model.gguf} ({piece >> 20} MiB each) in .stage/; make these "
           "calls back to back:")

@@ -394,6 +394,12 @@ def test_packed_sparq_decode(case, rows, selection, codes):
 # groups of 5 channels (each step read on its own), rows of codes only, exact slots only, both
 @example(case=(3, 1, 2, 66, 40, 1, 1, 1, torch.float32, 5), live=[40, 7, 30],
          codes=(2, 5, [40, 0, 9]))
+# 4-bit values read as nibbles (`_attend_nibble_tiles`): whole groups spread over each half,
+# and groups of 5 read per column, in 16 and 32 bits
+@example(case=(2, 2, 2, 64, 150, 1, 1, 1, torch.float16, 3), live=[150, 90],
+         codes=(4, 32, [140, 64]))
+@example(case=(2, 1, 3, 32, 100, 1, 1, 1, torch.float32, 4), live=[100, 20],
+         codes=(4, 5, [70, 0]))
 def test_packed_exact_decode(case, live, codes):
     """Flash-decoding over every stored token of a packed layer (`rocketkv.exact_decode_triton`,
     what exact-decoding policies run on CUDA), each row's count from its header, as exact

@@ -496,11 +496,18 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
     k_base = b * stride_kb + (h // KV_GROUP) * stride_kh
     v_base = b * stride_vb + (h // KV_GROUP) * stride_vh
     if DENSE and BITS > 0:
-        m, l, acc = _attend_tiles(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k_base,
-                                  v_base, b, n, start, tl.minimum(stop, coded), scale,
-                                  stride_kn, stride_vn, stride_validb, D, DV, BLOCK_D,
-                                  BLOCK_DV, BLOCK_N, HAS_VALID, DENSE, coded, capacity,
-                                  code_row, BITS, GROUP, CODE_TILE)
+        if BITS == 4 and DV == BLOCK_DV:
+            m, l, acc = _attend_nibble_tiles(q, m, l, acc, k_ptr, v_ptr, valid_ptr, k_base,
+                                             v_base, b, n, start, tl.minimum(stop, coded),
+                                             scale, stride_kn, stride_vn, stride_validb, D, DV,
+                                             BLOCK_D, BLOCK_N, HAS_VALID, capacity, code_row,
+                                             GROUP)
+        else:
+            m, l, acc = _attend_tiles(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k_base,
+                                      v_base, b, n, start, tl.minimum(stop, coded), scale,
+                                      stride_kn, stride_vn, stride_validb, D, DV, BLOCK_D,
+                                      BLOCK_DV, BLOCK_N, HAS_VALID, DENSE, coded, capacity,
+                                      code_row, BITS, GROUP, CODE_TILE)
         m, l, acc = _attend_tiles(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k_base,
                                   v_base, b, n, tl.maximum(start, coded), stop, scale,
                                   stride_kn, stride_vn, stride_validb, D, DV, BLOCK_D,
@@ -557,6 +564,81 @@ def _attend_tiles(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k_base, v_base
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
     return m, l, acc
+
+
+@triton.jit
+def _attend_nibble_tiles(q, m, l, acc, k_ptr, v_ptr, valid_ptr, k_base, v_base, b, n, start,
+                         stop, scale, stride_kn, stride_vn, stride_validb, D: tl.constexpr,
+                         DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HAS_VALID: tl.constexpr, capacity, code_row, GROUP: tl.constexpr):
+    """`_attend_tiles` over a dense sweep of 4-bit codes (slots start:stop), its value codes
+    never unpacked: a byte's low nibbles are the even channels and its high nibbles the odd
+    ones, each half dequantized where it lies and multiplied into an accumulator of its own,
+    the two interleaved once, after the loop. Unpacked (`_unpack`'s interleave), a tile had to
+    be dequantized before its trip through shared memory and went as bf16 numbers; as two
+    elementwise functions of the loaded bytes it goes as bytes, as 8-bit codes do, and 4-bit
+    decode takes 58 us where unpacking took 72 (H100, 1x32K; BENCHMARKS.md "KV codes").
+    Unpacking the keys the same way was slower (73 us): they stay `_rows`'."""
+    HALF: tl.constexpr = DV // 2
+    GROUPS: tl.constexpr = (DV + GROUP - 1) // GROUP
+    acc_even, acc_odd = tl.split(tl.reshape(acc, (acc.shape[0], HALF, 2)))
+    d = tl.arange(0, BLOCK_D)
+    j = tl.arange(0, HALF)
+    ITEMSIZE: tl.constexpr = v_ptr.dtype.element_ty.primitive_bitwidth // 8
+    region = (v_base + code_row * stride_vn) * ITEMSIZE   # in bytes, as `_dequantized`'s
+    bytes_ptr = v_ptr.to(tl.pointer_type(tl.uint8)) + region
+    steps = v_ptr.to(tl.pointer_type(tl.float16)) + (region + capacity * HALF) // 2
+    for base in range(start, stop, BLOCK_N):
+        slot = base + tl.arange(0, BLOCK_N)
+        ok = (slot < stop) & (slot < n)
+        if HAS_VALID:
+            ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
+        k = _rows(k_ptr, k_base, slot, ok, d, d < D, stride_kn, 0, capacity, code_row, D, 4,
+                  GROUP, True, CODE_TILE)
+        s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
+        alpha = tl.exp(m - m_use)
+        p = tl.exp(s - m_use[:, None])
+        byte = tl.load(bytes_ptr + slot[:, None] * HALF + j[None, :], mask=ok[:, None],
+                       other=0).to(tl.int32)
+        if GROUPS > 1 and GROUPS * GROUP == DV and GROUP % 2 == 0:
+            # a group's step and zero cover GROUP / 2 columns of each half: one load each per
+            # token and group, spread in registers
+            at = slot[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
+            step = _spread(tl.load(steps + at, mask=ok[:, None], other=0.0), GROUP // 2, False)
+            zero = _spread(tl.load(steps + capacity * GROUPS + at, mask=ok[:, None], other=0.0),
+                           GROUP // 2, False)
+            v_even = ((byte & 15).to(tl.float32) * step + zero).to(v_ptr.dtype.element_ty)
+            v_odd = ((byte >> 4).to(tl.float32) * step + zero).to(v_ptr.dtype.element_ty)
+        else:
+            v_even = _nibbles(byte & 15, slot[:, None] * GROUPS + (2 * j // GROUP)[None, :],
+                              steps, capacity * GROUPS, ok, v_ptr.dtype.element_ty)
+            v_odd = _nibbles(byte >> 4, slot[:, None] * GROUPS + ((2 * j + 1) // GROUP)[None, :],
+                             steps, capacity * GROUPS, ok, v_ptr.dtype.element_ty)
+        acc_even = acc_even * alpha[:, None]
+        acc_odd = acc_odd * alpha[:, None]
+        if v_even.dtype == tl.float32:
+            acc_even = tl.dot(p, v_even, acc_even, input_precision="ieee")
+            acc_odd = tl.dot(p, v_odd, acc_odd, input_precision="ieee")
+        else:   # p as a 16-bit head and tail, as `_attend_tiles` does
+            p_head = p.to(v_even.dtype)
+            p_tail = (p - p_head.to(tl.float32)).to(v_even.dtype)
+            acc_even = tl.dot(p_tail, v_even, tl.dot(p_head, v_even, acc_even))
+            acc_odd = tl.dot(p_tail, v_odd, tl.dot(p_head, v_odd, acc_odd))
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    return m, l, tl.reshape(tl.join(acc_even, acc_odd), (acc.shape[0], DV))
+
+
+@triton.jit
+def _nibbles(codes, at, steps, zeros_at, ok, dtype: tl.constexpr):
+    """Half a tile's 4-bit value codes dequantized with the step and zero of each one's group
+    (`at`: their index among the steps; the zeros follow the steps at `zeros_at`)."""
+    step = tl.load(steps + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(steps + zeros_at + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    return (codes.to(tl.float32) * step + zero).to(dtype)
 
 
 @triton.jit
