@@ -496,7 +496,9 @@ def _attend(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bh, Hkv, n, start, stop, sc
     k_base = b * stride_kb + (h // KV_GROUP) * stride_kh
     v_base = b * stride_vb + (h // KV_GROUP) * stride_vh
     if DENSE and BITS > 0:
-        if BITS == 4 and DV == BLOCK_DV:
+        # each half at least 16 wide, the size tl.dot has long required (the GPU has an older
+        # Triton than this machine); head dim 16 keeps the unpacked loop
+        if BITS == 4 and DV == BLOCK_DV and DV >= 32:
             m, l, acc = _attend_nibble_tiles(q, m, l, acc, k_ptr, v_ptr, valid_ptr, k_base,
                                              v_base, b, n, start, tl.minimum(stop, coded),
                                              scale, stride_kn, stride_vn, stride_validb, D, DV,
@@ -578,7 +580,7 @@ def _attend_nibble_tiles(q, m, l, acc, k_ptr, v_ptr, valid_ptr, k_base, v_base, 
     be dequantized before its trip through shared memory and went as bf16 numbers; as two
     elementwise functions of the loaded bytes it goes as bytes, as 8-bit codes do, and 4-bit
     decode takes 58 us where unpacking took 72 (H100, 1x32K; BENCHMARKS.md "KV codes").
-    Unpacking the keys the same way was slower (73 us): they stay `_rows`'."""
+    Keeping the keys' nibbles apart too was slower (73 us): they stay `_rows`'."""
     HALF: tl.constexpr = DV // 2
     GROUPS: tl.constexpr = (DV + GROUP - 1) // GROUP
     acc_even, acc_odd = tl.split(tl.reshape(acc, (acc.shape[0], HALF, 2)))
