@@ -546,26 +546,39 @@ def _attend_tiles(q, m, l, acc, k_ptr, v_ptr, idx_ptr, valid_ptr, k_base, v_base
             ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
         k = _rows(k_ptr, k_base, slot, ok, d, d < D, stride_kn, coded, capacity, code_row, D,
                   BITS, GROUP, True, TOKENS)
-        # Products of 16-bit numbers are exact in float32: the tensor cores lose nothing here.
-        # (Inductor passes `scale` as a float64 scalar: keep the loop state in float32.)
-        s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
-        alpha = tl.exp(m - m_use)
-        p = tl.exp(s - m_use[:, None])
+        m_new, alpha, p = _tile_weights(q, k, ok, m, scale)
         v = _rows(v_ptr, v_base, slot, ok, dv, dv < DV, stride_vn, coded, capacity, code_row,
                   DV, BITS, GROUP, False, TOKENS)
-        acc = acc * alpha[:, None]
-        if v.dtype == tl.float32:
-            acc = tl.dot(p, v, acc, input_precision="ieee")
-        else:   # p as a 16-bit head and tail: about float32's precision in two products
-            p_head = p.to(v.dtype)
-            acc = tl.dot(p_head, v, acc)
-            acc = tl.dot((p - p_head.to(tl.float32)).to(v.dtype), v, acc)
+        acc = _accumulate(acc * alpha[:, None], p, v)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
     return m, l, acc
+
+
+@triton.jit
+def _tile_weights(q, k, ok, m, scale):
+    """One tile of the online softmax: from the query rows `q`, the tile's keys `k` (slots
+    where `ok`) and the running max `m`, the new running max, the factor rescaling what came
+    before, and the tile's unnormalized probabilities."""
+    # Products of 16-bit numbers are exact in float32: the tensor cores lose nothing here.
+    # (Inductor passes `scale` as a float64 scalar: keep the loop state in float32.)
+    s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
+    return m_new, tl.exp(m - m_use), tl.exp(s - m_use[:, None])
+
+
+@triton.jit
+def _accumulate(acc, p, v):
+    """acc + p @ v, p float32 probabilities, v a tile of values in the model's dtype."""
+    if v.dtype == tl.float32:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    else:   # p as a 16-bit head and tail: about float32's precision in two products
+        p_head = p.to(v.dtype)
+        acc = tl.dot(p_head, v, acc)
+        acc = tl.dot((p - p_head.to(tl.float32)).to(v.dtype), v, acc)
+    return acc
 
 
 @triton.jit
@@ -597,12 +610,7 @@ def _attend_nibble_tiles(q, m, l, acc, k_ptr, v_ptr, valid_ptr, k_base, v_base, 
             ok &= tl.load(valid_ptr + b * stride_validb + slot, mask=ok, other=0) != 0
         k = _rows(k_ptr, k_base, slot, ok, d, d < D, stride_kn, 0, capacity, code_row, D, 4,
                   GROUP, True, CODE_TILE)
-        s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
-        alpha = tl.exp(m - m_use)
-        p = tl.exp(s - m_use[:, None])
+        m_new, alpha, p = _tile_weights(q, k, ok, m, scale)
         byte = tl.load(bytes_ptr + slot[:, None] * HALF + j[None, :], mask=ok[:, None],
                        other=0).to(tl.int32)
         if GROUPS > 1 and GROUPS * GROUP == DV and GROUP % 2 == 0:
@@ -619,16 +627,8 @@ def _attend_nibble_tiles(q, m, l, acc, k_ptr, v_ptr, valid_ptr, k_base, v_base, 
                               steps, capacity * GROUPS, ok, v_ptr.dtype.element_ty)
             v_odd = _nibbles(byte >> 4, slot[:, None] * GROUPS + ((2 * j + 1) // GROUP)[None, :],
                              steps, capacity * GROUPS, ok, v_ptr.dtype.element_ty)
-        acc_even = acc_even * alpha[:, None]
-        acc_odd = acc_odd * alpha[:, None]
-        if v_even.dtype == tl.float32:
-            acc_even = tl.dot(p, v_even, acc_even, input_precision="ieee")
-            acc_odd = tl.dot(p, v_odd, acc_odd, input_precision="ieee")
-        else:   # p as a 16-bit head and tail, as `_attend_tiles` does
-            p_head = p.to(v_even.dtype)
-            p_tail = (p - p_head.to(tl.float32)).to(v_even.dtype)
-            acc_even = tl.dot(p_tail, v_even, tl.dot(p_head, v_even, acc_even))
-            acc_odd = tl.dot(p_tail, v_odd, tl.dot(p_head, v_odd, acc_odd))
+        acc_even = _accumulate(acc_even * alpha[:, None], p, v_even)
+        acc_odd = _accumulate(acc_odd * alpha[:, None], p, v_odd)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
     return m, l, tl.reshape(tl.join(acc_even, acc_odd), (acc.shape[0], DV))
