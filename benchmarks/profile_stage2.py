@@ -4,8 +4,12 @@ Llama-3.1-8B attention shape, bf16, RocketKV's plan for the given context and to
 Three steps are profiled: stage 2 over plain keys (`sparse_decode`, the plan as ints), a
 compressed cache's step over the packed layout (append + `packed_sparse_decode`, the plan read
 from the header), and exact flash-decoding over a packed layer holding the whole context
-(`packed_exact_decode`, the dense row on our stack).
+(`packed_exact_decode`, the dense row on our stack). With `--bits N`, the compressed cache's
+step over a quantized layer instead: the kept prompt tokens as N-bit codes (random codes, groups
+of 32), the generated ones exact, as RocketKVCache holds them with kv_bits=N; `--no-exact` skips
+the whole-context step (whose layer would not fit at a large batch).
     python3 benchmarks/profile_stage2.py [--batch 1] [--context 131072] [--budget 256]
+        [--bits 4] [--no-exact]
 """
 import argparse
 import sys
@@ -19,6 +23,8 @@ from rkv_compile.kernels import triton_decode as T  # noqa: E402
 from rkv_compile.policies import RocketKV  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
+GROUP = 32
+GENERATED = 16   # exact tokens beside a quantized layer's codes
 
 
 def packed_layer(batch: int, keys: torch.Tensor, values: torch.Tensor, **words):
@@ -33,7 +39,26 @@ def packed_layer(batch: int, keys: torch.Tensor, values: torch.Tensor, **words):
     return packed_k, packed_v, layer
 
 
-def steps(batch: int, context: int, budget: int):
+def coded_layer(batch: int, prompt: int, bits: int, **words):
+    """A packed layer holding `prompt` tokens as random `bits`-bit codes and GENERATED - 1 exact
+    ones, room for one more exact token."""
+    code = S.Coded.new(prompt, bits, GROUP, D, D, 2)
+    slots = S.slot_bucket(GENERATED)
+    keys, values, layer = S.allocate(batch, HKV, D, D, slots, "", torch.bfloat16, "cuda", code)
+    for codes, steps, zeros in code.regions(keys, values, slots):
+        codes.copy_(torch.randint(0, 256, codes.shape, dtype=torch.uint8, device="cuda"))
+        steps.fill_(2 / 2**bits)   # codes spread over [-1, 1)
+        zeros.fill_(-1.0)
+    layer.keys[:, :, :GENERATED - 1] = torch.randn_like(layer.keys[:, :, :GENERATED - 1])
+    layer.values[:, :, :GENERATED - 1] = torch.randn_like(layer.values[:, :, :GENERATED - 1])
+    layer.set_word(S.Word.CODED, prompt)
+    layer.set_word(S.Word.STORED, GENERATED - 1)
+    for word, value in words.items():
+        layer.set_word(S.Word[word], value)
+    return keys, values, layer
+
+
+def steps(batch: int, context: int, budget: int, bits: int | None = None, exact: bool = True):
     """RocketKV's plan for the shape, and the three steps as functions: stage 2 over plain keys,
     a compressed cache's step over the packed layout (the stored counts put back after each
     step: one tiny copy), and exact decode over a packed layer holding the whole context."""
@@ -42,23 +67,33 @@ def steps(batch: int, context: int, budget: int):
     q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(batch, HKV, plan.capacity, D, device="cuda", dtype=torch.bfloat16)
             for _ in range(2))
-    keys, values, layer = packed_layer(batch, k[:, :, :-1], v[:, :, :-1], CHUNK=plan.chunk,
-                                       DIMS=plan.dims, TOPK=plan.topk)
+    words = dict(CHUNK=plan.chunk, DIMS=plan.dims, TOPK=plan.topk)
+    if bits:
+        keys, values, layer = coded_layer(batch, plan.capacity - GENERATED, bits, **words)
+    else:
+        keys, values, layer = packed_layer(batch, k[:, :, :-1], v[:, :, :-1], **words)
     start = layer.header.clone()
 
     def cache_step():
         T.append_packed(keys, values, k[:, :, -1:], v[:, :, -1:])
-        out = T.packed_sparse_decode(q, keys, values, scale, plan.topk)
+        out = T.packed_sparse_decode(q, keys, values, scale, plan.topk, bits,
+                                     GROUP if bits else None)
         layer.header.copy_(start)
         return out
+
+    timed = dict(cache_step=cache_step)
+    if bits:
+        return plan, timed
+    timed["plain"] = lambda: T.sparse_decode(q, k, v, None, scale, plan.chunk, plan.dims,
+                                             plan.topk)
+    if not exact:
+        return plan, timed
 
     whole = [torch.randn(batch, HKV, context, D, device="cuda", dtype=torch.bfloat16)
              for _ in range(2)]
     exact_k, exact_v, _ = packed_layer(batch, *whole)
-    return plan, dict(
-        plain=lambda: T.sparse_decode(q, k, v, None, scale, plan.chunk, plan.dims, plan.topk),
-        cache_step=cache_step,
-        exact=lambda: T.packed_exact_decode(q, exact_k, exact_v, scale))
+    timed["exact"] = lambda: T.packed_exact_decode(q, exact_k, exact_v, scale)
+    return plan, timed
 
 
 def report(name: str, step, steps: int = 10) -> None:
@@ -82,13 +117,18 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=128 * 1024)
     parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--bits", type=int, choices=(2, 4, 8))
+    parser.add_argument("--no-exact", action="store_true")
     args = parser.parse_args()
-    plan, timed = steps(args.batch, args.context, args.budget)
+    plan, timed = steps(args.batch, args.context, args.budget, args.bits, not args.no_exact)
     print(f"batch {args.batch}, {args.context // 1024}K context, budget {args.budget}: cache "
           f"{plan.capacity} tokens, chunk {plan.chunk}, dims {plan.dims}, top-k {plan.topk}")
-    report("stage 2 over plain keys", timed["plain"])
-    report("a compressed cache's step (append + stage 2, packed)", timed["cache_step"])
-    report(f"exact decode over {args.context // 1024}K packed tokens", timed["exact"])
+    if "plain" in timed:
+        report("stage 2 over plain keys", timed["plain"])
+    codes = f", prompt as {args.bits}-bit codes" if args.bits else ""
+    report(f"a compressed cache's step (append + stage 2, packed{codes})", timed["cache_step"])
+    if "exact" in timed:
+        report(f"exact decode over {args.context // 1024}K packed tokens", timed["exact"])
 
 
 if __name__ == "__main__":
