@@ -3,8 +3,11 @@
 For each shape (Llama-3.1-8B attention, bf16, RocketKV's plan for the context and budget), one
 knob at a time is moved off its default while the others keep theirs, and three steps are timed
 as CUDA graphs (medians of do_bench_cudagraph): a compressed cache's step (append + stage 2 over
-the packed layout), stage 2 over plain keys, and exact decode over the whole context.
+the packed layout), stage 2 over plain keys, and exact decode over the whole context (where the
+batch's whole context fits: up to 2**20 tokens). `--bits N`: the cache's step over N-bit codes
+only (`profile_stage2.coded_layer`).
     python3 benchmarks/tune_stage2.py --out tune.json
+    python3 benchmarks/tune_stage2.py --shapes 349x131072x256 --knobs CHUNK_LOGITS.BLOCK_C
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ from rkv_compile.kernels import triton_decode as T  # noqa: E402
 from profile_stage2 import steps  # noqa: E402
 
 KNOBS = {   # (config name, key): values tried; the first of each is not the default necessarily
-    ("CHUNK_LOGITS", "BLOCK_C"): [8, 16, 32, 64],
+    ("CHUNK_LOGITS", "BLOCK_C"): [8, 16, 32, 64, 128],
     ("CHUNK_LOGITS", "num_warps"): [1, 2, 4, 8],
     ("CHUNK_LOGITS", "UNROLL"): [1, 2, 4, 8],   # 1: a chunk's rows loaded one at a time
     ("CHUNK_LOGITS", "DIMS_BY_RANK"): [False, True],
+    ("CHUNK_LOGITS", "ONE_BOUND"): [False, True],
     ("SELECTION_SMALL", None): [1 << 20, 256, 512, 1024],   # 1 << 20: every lane, always
     ("ATTENTION", "BLOCK_N"): [16, 32, 64],
     ("ATTENTION", "num_warps"): [2, 4, 8],
@@ -52,6 +56,7 @@ def main():
     parser.add_argument("--shapes", default="1x131072x256,1x131072x1024,8x131072x256")
     parser.add_argument("--budget-s", type=float, default=240, help="stop sweeping after this")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--bits", type=int, choices=(2, 4, 8))
     parser.add_argument("--knobs", default=None,
                         help="comma-separated knob names to sweep (CHUNK_LOGITS.UNROLL, "
                              "SELECTION_SMALL, ...); all by default")
@@ -63,7 +68,7 @@ def main():
                   command=" ".join(sys.argv), rows=rows)
     for shape in args.shapes.split(","):
         batch, context, budget = map(int, shape.split("x"))
-        _, timed = steps(batch, context, budget)
+        _, timed = steps(batch, context, budget, args.bits, batch * context <= 1 << 20)
         for (name, key), values in KNOBS.items():
             if args.knobs and (name if key is None else f"{name}.{key}") not in args.knobs.split(","):
                 continue

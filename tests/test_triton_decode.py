@@ -130,16 +130,19 @@ def _random_mask(B, n, chunk, seed):
 
 
 @SETTINGS
-@given(case=decode_cases(), masked=st.booleans())
+@given(case=decode_cases(), masked=st.booleans(), one_bound=st.booleans())
 # On the GPU, a dim's group mean computed twice in two layouts once ranked it below itself.
-@example(case=(1, 1, 5, 80, 1, 1, 1, 1, torch.float32, 2), masked=False)
-def test_chunk_logits_match_reference(case, masked):
+@example(case=(1, 1, 5, 80, 1, 1, 1, 1, torch.float32, 2), masked=False, one_bound=True)
+def test_chunk_logits_match_reference(case, masked, one_bound):
+    """Chunk logits against the reference, each chunk's bounds kept as max and min or as the
+    one the sign picks (CHUNK_LOGITS["ONE_BOUND"])."""
     B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
     q, k, _ = _inputs(B, Hkv, G, D, n, dtype, seed)
     assume(_dims_are_clear(q, Hkv, dims))
     mask = _random_mask(B, n, chunk, seed) if masked else None
     want = R.chunk_logits(q, k, mask, chunk, dims)
-    got = T.chunk_logits(q, k, chunk, dims, T.slot_validity(mask, B, n))
+    with mock.patch.dict(T.CHUNK_LOGITS, ONE_BOUND=one_bound):
+        got = T.chunk_logits(q, k, chunk, dims, T.slot_validity(mask, B, n))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -263,16 +266,19 @@ def test_rows_with_their_own_plans(case, rows):
         assert relative_error(got[b:b + 1], want) < TOLERANCE[dtype]
 
 
-# (SELECTION_SMALL, SELECTION_LANES): the test rows' chunks (up to 160) mostly over 16 lanes,
-# mostly under 256, and every row past 8 lanes (selected by torch ops)
-SELECTIONS = [(16, 1 << 20), (256, 1 << 20), (256, 8)]
+# (SELECTION_SMALL, SELECTION_LANES, LONG_SEGMENT, MERGE_LANES): the test rows' chunks (up to
+# 160) mostly over 16 lanes, mostly under 256, and every row past 8 lanes: selected in two
+# levels from segments of 16 lanes, or by torch ops where their candidates overflow 8 lanes
+SELECTIONS = [(16, 1 << 20, 4096, 1 << 14), (256, 1 << 20, 4096, 1 << 14),
+              (256, 8, 16, 1 << 14), (256, 8, 16, 8)]
 
 
 @contextlib.contextmanager
 def _selection(sizes):
-    small, lanes = sizes
-    with mock.patch.object(T, "SELECTION_SMALL", small), \
-            mock.patch.object(T, "SELECTION_LANES", lanes):
+    with contextlib.ExitStack() as stack:
+        for name, size in zip(("SELECTION_SMALL", "SELECTION_LANES", "LONG_SEGMENT",
+                               "MERGE_LANES"), sizes):
+            stack.enter_context(mock.patch.object(T, name, size))
         yield
 
 
@@ -288,6 +294,14 @@ def _selection(sizes):
          header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[1], codes=None)
 @example(case=(1, 1, 2, 16, 100, 1, 4, 40, torch.float32, 3), rows=[(1, 4, 100, 10)],
          header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[2], codes=None)
+@example(case=(1, 1, 2, 16, 100, 1, 4, 40, torch.float32, 3), rows=[(1, 4, 100, 10)],
+         header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[3], codes=None)
+# two levels over rows of chunks of 3, codes and exact slots, the first row's top k from four
+# of its seven segments
+@example(case=(2, 2, 3, 64, 150, 1, 4, 60, torch.float32, 11), rows=[(3, 20, 150, 60),
+                                                                    (2, 64, 90, 25)],
+         header_topk=True, listed="topk", fused=False, selection=SELECTIONS[2],
+         codes=(4, 32, [64, 30, 0]))
 def test_packed_layer_decode(case, rows, header_topk, listed, fused, selection, codes):
     """RocketKV's decode op on CUDA over a packed layer (`rocketkv.decode_triton`): each row's
     chunk, r and topk from its header (unset: every token), over its stored tokens, as that

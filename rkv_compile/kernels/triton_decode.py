@@ -68,7 +68,7 @@ def _chunk_logits_kernel(
     BLOCK_C: tl.constexpr, HAS_VALID: tl.constexpr, PER_ROW: tl.constexpr,
     FROM_HEADER: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr, DIMS: tl.constexpr,
     HEAD_BOUNDS: tl.constexpr, UNROLL: tl.constexpr, DIMS_BY_RANK: tl.constexpr,
-    BITS: tl.constexpr, GROUP: tl.constexpr, CODED: tl.constexpr,
+    ONE_BOUND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, CODED: tl.constexpr,
     CODED_CAPACITY: tl.constexpr, CODE_ROW: tl.constexpr,
 ):
     # One program per (KV head, BLOCK_C chunks): the chunks' key bounds, built once for the G
@@ -123,11 +123,16 @@ def _chunk_logits_kernel(
     # slots per chunk: a partial last chunk and masked slots count less; a chunk without any
     # (past a row's last chunk too) gets no logit. UNROLL rows of each chunk are loaded per
     # step, so that their loads are in flight together (the chunk is only known at run time).
+    # ONE_BOUND (not HEAD_BOUNDS): only the bound the sign picks is kept, max or min per dim,
+    # half the registers of both.
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < chunks
     live = tl.zeros((BLOCK_C,), tl.int32)
+    one_bound = ONE_BOUND and not HEAD_BOUNDS
     kmin = tl.full((BLOCK_C, BLOCK_D), float("inf"), tl.float32)
     kmax = tl.full((BLOCK_C, BLOCK_D), float("-inf"), tl.float32)
+    if one_bound:
+        kmax = tl.where(positive[None, :], kmax, kmin)   # the bound, from its identity
     k_base = b * stride_kb + h * stride_kh
     for j0 in range(0, chunk, UNROLL):
         for u in tl.static_range(UNROLL):
@@ -139,10 +144,17 @@ def _chunk_logits_kernel(
             rows_ok = ok[:, None] & chosen[None, :]
             rows = _rows(k_ptr, k_base, slot, ok, d, chosen, stride_kn, coded, capacity,
                          code_row, D, BITS, GROUP, True, ANY_TOKENS).to(tl.float32)
-            kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
-            kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
-    bound = tl.where(chosen[None, :] & (live > 0)[:, None],
-                     tl.where(positive[None, :], kmax, kmin), 0.0)
+            if one_bound:
+                kmax = tl.where(rows_ok, tl.where(positive[None, :], tl.maximum(kmax, rows),
+                                                  tl.minimum(kmax, rows)), kmax)
+            else:
+                kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
+                kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
+    if one_bound:
+        bound = tl.where(chosen[None, :] & (live > 0)[:, None], kmax, 0.0)
+    else:
+        bound = tl.where(chosen[None, :] & (live > 0)[:, None],
+                         tl.where(positive[None, :], kmax, kmin), 0.0)
     counted = chosen[None, :] & (live > 0)[:, None]
     for gi in tl.static_range(G):
         q_g = tl.sum(tl.where((g == gi)[:, None], q_r, 0.0), axis=0)
@@ -424,6 +436,144 @@ def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, 
         for base in range(0, list_len, BLOCK_C):
             i = base + c
             tl.store(out_ptr + i, n, mask=(i >= total) & (i < list_len))
+
+
+# A row of more chunks than one selection program holds (SELECTION_LANES; oracle top-k and SparQ
+# keep a chunk per token) is selected in two levels, as `_select` would select it: each segment
+# of the row takes its own top k by the row's scores, then one program per KV head takes the
+# row's top k from the segments' candidates. (A slot of the row's top k is in its segment's top
+# k: fewer than k of the segment's tokens come before it in score order, ties to the earlier
+# slot.) The scores need each query head's softmax over the whole row, so a first launch writes
+# each segment's max and sum of exp, which the next two combine.
+
+
+@triton.jit
+def _segment(logits_ptr, bh, first, lanes, n, chunk, G: tl.constexpr, G_ROWS: tl.constexpr,
+             SEGMENT: tl.constexpr):
+    """Chunks `first`.. `first + SEGMENT` of KV head `bh`'s row: their index, their logits
+    (G_ROWS, SEGMENT; -inf past the row's chunks and the group) and live tokens (0 past)."""
+    c = first + tl.arange(0, SEGMENT)
+    c_ok = c < tl.cdiv(n, chunk)
+    live = tl.where(c_ok, tl.minimum(tl.maximum(n - c * chunk, 0), chunk), 0)
+    g = tl.arange(0, G_ROWS)
+    logit = tl.load(logits_ptr + (bh * G + g)[:, None] * lanes + c[None, :],
+                    mask=(g < G)[:, None] & c_ok[None, :], other=float("-inf"))
+    return c, logit, live
+
+
+@triton.jit
+def _finite(top):
+    return tl.where(top == float("-inf"), 0.0, top)
+
+
+@triton.jit
+def _row_softmax(parts_ptr, bh, segments, G_ROWS: tl.constexpr, SEGMENTS: tl.constexpr):
+    """Each query head's max logit over the row and its sum of exp from that max, from the
+    segments' own (`_segment_softmax_kernel`)."""
+    s = tl.arange(0, SEGMENTS)
+    at = parts_ptr + (bh * segments + s)[:, None] * (2 * G_ROWS) + tl.arange(0, G_ROWS)[None, :]
+    ok = (s < segments)[:, None]
+    tops = tl.load(at, mask=ok, other=float("-inf"))
+    sums = tl.load(at + G_ROWS, mask=ok, other=0.0)
+    top = tl.max(tops, axis=0)
+    return top, tl.sum(sums * tl.exp(tops - _finite(top)[None, :]), axis=0)
+
+
+@triton.jit
+def _probability(logit, top, z):
+    """Each token's softmax probability (a row of no live token: 0)."""
+    e = tl.exp(logit - _finite(top)[:, None])
+    return tl.where(z[:, None] > 0, e / tl.where(z > 0, z, 1.0)[:, None], 0.0)
+
+
+@triton.jit
+def _segment_softmax_kernel(logits_ptr, header_ptr, parts_ptr, lanes, Hkv, stride_hb,
+                            G: tl.constexpr, G_ROWS: tl.constexpr, SEGMENT: tl.constexpr,
+                            STORED: tl.constexpr, CHUNK: tl.constexpr, CODED: tl.constexpr):
+    # Program (KV head, segment): each query head's max logit and sum of exp over the segment's
+    # tokens (a chunk weighs its live tokens), into parts[bh, segment] = (maxes, sums).
+    bh, s = tl.program_id(0), tl.program_id(1)
+    header = header_ptr + bh // Hkv * stride_hb
+    n = tl.load(header + CODED) + tl.load(header + STORED)
+    _, logit, live = _segment(logits_ptr, bh, s * SEGMENT, lanes, n, tl.load(header + CHUNK), G,
+                              G_ROWS, SEGMENT)
+    top = tl.max(logit, axis=1)
+    z = tl.sum(tl.exp(logit - _finite(top)[:, None]) * live[None, :], axis=1)
+    part = parts_ptr + (bh * tl.num_programs(1) + s) * (2 * G_ROWS) + tl.arange(0, G_ROWS)
+    tl.store(part, top)
+    tl.store(part + G_ROWS, z)
+
+
+@triton.jit
+def _segment_candidates_kernel(logits_ptr, header_ptr, parts_ptr, candidates_ptr, lanes, k, Hkv,
+                               stride_hb, G: tl.constexpr, G_ROWS: tl.constexpr,
+                               SEGMENT: tl.constexpr, SEGMENTS: tl.constexpr,
+                               RADIX: tl.constexpr, STORED: tl.constexpr, CHUNK: tl.constexpr,
+                               CODED: tl.constexpr, TOPK: tl.constexpr):
+    # Program (KV head, segment): the segment's top min(k, tokens, topk) tokens by the row's
+    # scores, as `_select` takes them, written as the chunks they lie in: candidates[bh,
+    # segment] = (score bits, chunk) of up to k chunks in slot order, the rest score -1.
+    bh, s = tl.program_id(0), tl.program_id(1)
+    segments = tl.num_programs(1)
+    header = header_ptr + bh // Hkv * stride_hb
+    n = tl.load(header + CODED) + tl.load(header + STORED)
+    count = tl.minimum(tl.minimum(k, n), tl.load(header + TOPK))
+    c, logit, live = _segment(logits_ptr, bh, s * SEGMENT, lanes, n, tl.load(header + CHUNK), G,
+                              G_ROWS, SEGMENT)
+    top, z = _row_softmax(parts_ptr, bh, segments, G_ROWS, SEGMENTS)
+    score = tl.sum(_probability(logit, top, z), axis=0) / G
+    bits = tl.where(live > 0, score.to(tl.int32, bitcast=True), -1)
+    threshold = _kth_largest_bits(bits, live, count, RADIX)
+    above = bits > threshold
+    tied = tl.where(bits == threshold, live, 0)
+    need = count - tl.sum(tl.where(above, live, 0), axis=0)
+    taken = above | ((tied > 0) & (tl.cumsum(tied, axis=0) - tied < need))
+    at = tl.cumsum(taken.to(tl.int32), axis=0) - taken.to(tl.int32)
+    out = candidates_ptr + (bh * segments + s) * 2 * k
+    tl.store(out + at, bits, mask=taken)
+    tl.store(out + k + at, c, mask=taken)
+    total = tl.sum(taken.to(tl.int32), axis=0)
+    for first in range(0, k, SEGMENT):
+        i = first + tl.arange(0, SEGMENT)
+        tl.store(out + i, -1, mask=(i >= total) & (i < k))
+
+
+@triton.jit
+def _merge_candidates_kernel(logits_ptr, header_ptr, parts_ptr, candidates_ptr, out_ptr,
+                             mass_ptr, lanes, k, segments, Hkv, stride_hb, G: tl.constexpr,
+                             G_ROWS: tl.constexpr, CANDIDATES: tl.constexpr,
+                             SEGMENTS: tl.constexpr, RADIX: tl.constexpr, MASS: tl.constexpr,
+                             STORED: tl.constexpr, CHUNK: tl.constexpr, CODED: tl.constexpr,
+                             TOPK: tl.constexpr):
+    # One program per KV head: the row's top min(k, tokens, topk) slots from its segments'
+    # candidates (in slot order, so ties go to the earlier slot as in `_select`), in slot order
+    # into out[bh, :k]; MASS (SparQ): each query head's probability on them into mass[bh, g].
+    bh = tl.program_id(0)
+    header = header_ptr + bh // Hkv * stride_hb
+    n = tl.load(header + CODED) + tl.load(header + STORED)
+    chunk = tl.load(header + CHUNK)
+    count = tl.minimum(tl.minimum(k, n), tl.load(header + TOPK))
+    i = tl.arange(0, CANDIDATES)
+    ok = i < segments * k
+    at = candidates_ptr + (bh * segments + i // k) * 2 * k + i % k
+    bits = tl.load(at, mask=ok, other=-1)
+    c = tl.load(at + k, mask=ok & (bits >= 0), other=0)
+    size = tl.where(bits >= 0, tl.minimum(tl.maximum(n - c * chunk, 0), chunk), 0)
+    threshold = _kth_largest_bits(bits, size, count, RADIX)
+    above = tl.where(bits > threshold, size, 0)
+    tied = tl.where(bits == threshold, size, 0)
+    need = count - tl.sum(above, axis=0)
+    taken = above + tl.minimum(tl.maximum(need - (tl.cumsum(tied, axis=0) - tied), 0), tied)
+    if MASS:
+        top, z = _row_softmax(parts_ptr, bh, segments, G_ROWS, SEGMENTS)
+        g = tl.arange(0, G_ROWS)
+        logit = tl.load(logits_ptr + (bh * G + g)[:, None] * lanes + c[None, :],
+                        mask=(g < G)[:, None] & (taken > 0)[None, :], other=float("-inf"))
+        mass = tl.sum(_probability(logit, top, z) * taken[None, :], axis=1)
+        tl.store(mass_ptr + bh * G + g, mass, mask=g < G)
+    offset = tl.cumsum(taken, axis=0) - taken   # a taken chunk's first token, its first slots
+    for j in range(chunk):
+        tl.store(out_ptr + bh * k + offset + j, c * chunk + j, mask=j < taken)
 
 
 @triton.jit
@@ -763,7 +913,7 @@ def _append_packed_kernel(
 # against 33.2 us at 1x32K B=256, 27.8 against 28.2 at 1x128K, 48.7 against 50.6 at 8x128K
 # (H100, tune_stage2.py --knobs CHUNK_LOGITS.DIMS_BY_RANK, 2026-12-07, a825e0b).
 CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4, UNROLL=1,   # chunks per program, rows in flight
-                    DIMS_BY_RANK=True)
+                    DIMS_BY_RANK=True, ONE_BOUND=True)
 ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split path's programs
 # The same over a quantized layer, where dequantizing in registers, not bytes, bounds a tile:
 # 64 slots a step took the exact decode at 1x32K from 76 to 72 us at 4 bits and from 108 to 75
@@ -777,9 +927,14 @@ SELECTION_WARPS = None                         # None: by the number of chunks h
 # tune_stage2.py --knobs on ced62b2).
 SELECTION_SMALL = 512
 # A selection program holds a row's chunk scores in registers (16 warps at 16384 lanes: oracle
-# top-k at 16K tokens ran so on the H100, EVALUATION.md). Longer rows (oracle top-k and SparQ
-# keep every token, a chunk per slot) are selected by torch ops (`_selection_in_torch`).
+# top-k at 16K tokens ran so on the H100, EVALUATION.md). A longer row (oracle top-k and SparQ
+# keep every token, a chunk per slot) is selected in two levels (`_long_row_selection`):
+# programs of LONG_SEGMENT chunks (or more, until their candidates fit one program), then one
+# program per KV head over the candidates, each program holding at most MERGE_LANES; past
+# that, by torch ops.
 SELECTION_LANES = 16384
+LONG_SEGMENT = 4096
+MERGE_LANES = 16384
 
 
 def _group_rows(G: int) -> int:
@@ -1068,7 +1223,7 @@ def packed_sparse_decode(query: Tensor, keys: Tensor, values: Tensor, scale: flo
     logits = _packed_chunk_logits(query, key, header, tokens, bits, group)
     k = min(topk, tokens)
     if tokens > SELECTION_LANES:
-        selected, _ = _selection_in_torch(logits, header, k)
+        selected, _ = _long_row_selection(logits, header, k)
         return _split_attention(query, key, value, scale, k, selected, None, header, bits, group)
     if _one_program_per_head(B * Hkv, k):
         return _packed_select_attend(query, key, value, header, logits, k, Hkv, scale, bits,
@@ -1120,7 +1275,7 @@ def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: floa
     logits = _packed_chunk_logits(query, key, header, tokens, bits, group)
     k = min(topk, tokens)
     if tokens > SELECTION_LANES:
-        selected, mass = _selection_in_torch(logits, header, k, mass=True)
+        selected, mass = _long_row_selection(logits, header, k, mass=True)
         attended = _split_attention(query, key, value, scale, k, selected, None, header, bits,
                                     group)
         mean_v = _split_attention(query.new_zeros(query.shape, dtype=torch.float32), key, value,
@@ -1132,9 +1287,49 @@ def packed_sparq_decode(query: Tensor, keys: Tensor, values: Tensor, scale: floa
                                  mass, mean_v=True)
 
 
+def _long_row_selection(logits: Tensor, header: Tensor, k: int, mass: bool = False):
+    """`_select` for rows of more lanes than a selection program holds (SELECTION_LANES;
+    `logits` (B, Hkv, G, lanes) with a lane per token, the chunk read from the header): each
+    row's top min(k, tokens, topk) slots in slot order, as a (B * Hkv * k) int32 list whose
+    entries past those attention skips; with `mass`, also each query head's probability on its
+    slots (B * Hq float32; SparQ's a), else None. Three launches: the segments' softmax parts,
+    their candidates, the merge (`_segment_candidates_kernel`); by torch ops where the
+    candidates of segments as large as a program holds still do not fit one program."""
+    B, Hkv, G, lanes = logits.shape
+    segment = LONG_SEGMENT
+    while triton.cdiv(lanes, segment) * k > MERGE_LANES and segment < MERGE_LANES:
+        segment *= 2
+    segments = triton.cdiv(lanes, segment)
+    if segments * k > MERGE_LANES:
+        return _selection_in_torch(logits, header, k, mass)
+    G_ROWS = _group_rows(G)
+    parts = torch.empty(B * Hkv * segments * 2 * G_ROWS, device=logits.device,
+                        dtype=torch.float32)
+    candidates = torch.empty(B * Hkv * segments * 2 * k, device=logits.device, dtype=torch.int32)
+    selected = torch.empty(B * Hkv * k, device=logits.device, dtype=torch.int32)
+    masses = torch.empty(B * Hkv * G if mass else 1, device=logits.device, dtype=torch.float32)
+    words = dict(STORED=int(S.Word.STORED), CHUNK=int(S.Word.CHUNK), CODED=int(S.Word.CODED))
+    held = max(triton.next_power_of_2(segments), 2)
+    wrap_triton(_segment_softmax_kernel)[(B * Hkv, segments)](
+        logits, header, parts, lanes, Hkv, header.stride(0), G=G, G_ROWS=G_ROWS,
+        SEGMENT=segment, num_warps=_selection_launch(segment)["num_warps"], **words)
+    launch = _selection_launch(segment, chunks_on_device=False)
+    wrap_triton(_segment_candidates_kernel)[(B * Hkv, segments)](
+        logits, header, parts, candidates, lanes, k, Hkv, header.stride(0), G=G,
+        G_ROWS=G_ROWS, SEGMENT=segment, SEGMENTS=held, RADIX=launch["RADIX"],
+        num_warps=launch["num_warps"], TOPK=int(S.Word.TOPK), **words)
+    pool = max(triton.next_power_of_2(segments * k), 16)
+    launch = _selection_launch(pool, chunks_on_device=False)
+    wrap_triton(_merge_candidates_kernel)[(B * Hkv,)](
+        logits, header, parts, candidates, selected, masses, lanes, k, segments, Hkv,
+        header.stride(0), G=G, G_ROWS=G_ROWS, CANDIDATES=pool, SEGMENTS=held,
+        RADIX=launch["RADIX"], MASS=mass, num_warps=launch["num_warps"],
+        TOPK=int(S.Word.TOPK), **words)
+    return selected, masses if mass else None
+
+
 def _selection_in_torch(logits: Tensor, header: Tensor, k: int, mass: bool = False):
-    """`_select` as torch ops, for rows of more lanes than a selection program holds
-    (SELECTION_LANES; `logits` with a lane per token): each row's top min(k, tokens, topk)
+    """`_long_row_selection` as torch ops: each row's top min(k, tokens, topk)
     slots (topk its header's) by the group's mean softmax over tokens (a token scores its
     chunk's, the chunk from the header), ties to the earlier slot (a stable sort), in slot
     order, as a (B * Hkv * k) int32 list whose entries past those attention skips. With
