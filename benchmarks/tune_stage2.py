@@ -31,6 +31,7 @@ KNOBS = {   # (config name, key): values tried; the first of each is not the def
     ("CHUNK_LOGITS", "UNROLL"): [1, 2, 4, 8],   # 1: a chunk's rows loaded one at a time
     ("CHUNK_LOGITS", "DIMS_BY_RANK"): [False, True],
     ("CHUNK_LOGITS", "ONE_BOUND"): [False, True],
+    ("CHUNK_PROGRAMS_PER_SM", None): [1, 4, 16, 1 << 20],   # 1 << 20: a program per block
     ("SELECTION_SMALL", None): [1 << 20, 256, 512, 1024],   # 1 << 20: every lane, always
     ("ATTENTION", "BLOCK_N"): [16, 32, 64],
     ("ATTENTION", "num_warps"): [2, 4, 8],

@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--policies", type=_list, default=EVAL_POLICIES,
                           help=f"comma-separated, of {', '.join(POLICIES)}; a "
                                "policy's own options after colons (rocketkv:kv_bits=4); and "
-                               "hf-quantized[:backend=quanto|hqq|fp8][:nbits=N], transformers' "
-                               "QuantizedCache as a reference row")
+                               "hf-quantized[:backend=quanto|hqq|fp8][:nbits=N][:axis_key=A]..., "
+                               "transformers' QuantizedCache as a reference row (also "
+                               "axis_value, q_group_size, residual_length)")
     evaluate.add_argument("--budgets", type=_ints, default="64,128,256,512,1024",
                           help="token budgets, comma-separated (full and kvquant run once)")
     evaluate.add_argument("--contexts", type=_ints, default=argparse.SUPPRESS,

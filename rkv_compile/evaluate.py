@@ -6,9 +6,10 @@ budgets (every policy here prefills exactly); each then evicts and decodes greed
 is the same at every budget and runs once. A two-turn task (`passkey-2turn`, ...) runs each
 configuration's conversation through `eager.multi_turn` (no prefill is shared: the second turn
 is prefilled over what each policy kept); its KV cache size is not reported. A row
-`hf-quantized[:backend=quanto|hqq|fp8][:nbits=N]` is not a policy of ours: plain `generate` over
-transformers' own `QuantizedCache` (full KV quantized as KIVI does; the reference beside
-`kvquant` and `kv_bits`), its bytes measured from the cache's tensors. With `engine="compile"` each configuration instead
+`hf-quantized[:backend=quanto|hqq|fp8][:nbits=N][:axis_key=A]...` is not a policy of ours: plain
+`generate` over transformers' own `QuantizedCache` (full KV quantized in groups, its
+group-wise arguments `HF_GROUP_OPTIONS` passed through; the reference beside `kvquant` and
+`kv_bits`), its bytes measured from the cache's tensors. With `engine="compile"` each configuration instead
 runs `generate` under ``torch.compile(backend="rocketkv")``: the product path, one compile per
 configuration (slow; for spot checks).
 
@@ -128,26 +129,32 @@ def _hf_quantized(policy: str) -> bool:
     return policy.split(":")[0] == HF_QUANTIZED
 
 
+# QuantizedCache's group-wise arguments (quanto and hqq; transformers' defaults where unset)
+HF_GROUP_OPTIONS = ("nbits", "axis_key", "axis_value", "q_group_size", "residual_length")
+
+
 def hf_quantized_options(policy: str) -> dict:
-    """QuantizedCache's arguments for an "hf-quantized[:backend=...][:nbits=...]" row (quanto at
-    4 bits by default); a ValueError naming the option, or the package the backend lacks."""
+    """QuantizedCache's arguments for an "hf-quantized[:backend=...][:nbits=...][:axis_key=...]
+    ..." row (quanto at 4 bits by default; the group-wise options of HF_GROUP_OPTIONS as
+    integers, transformers' defaults where unset); a ValueError naming the option, or the
+    package the backend lacks."""
     import transformers.cache_utils
     import transformers.utils
 
     options = dict(o.split("=", 1) for o in policy.split(":")[1:])
-    unknown = set(options) - {"backend", "nbits"}
+    unknown = set(options) - {"backend", *HF_GROUP_OPTIONS}
     if unknown:
-        raise ValueError(f"rkv eval: {HF_QUANTIZED} takes backend and nbits "
-                         f"(got {sorted(unknown)})")
-    backend = options.get("backend", "quanto")
+        raise ValueError(f"rkv eval: {HF_QUANTIZED} takes backend and "
+                         f"{', '.join(HF_GROUP_OPTIONS)} (got {sorted(unknown)})")
+    backend = options.pop("backend", "quanto")
     if backend not in HF_BACKENDS:
         raise ValueError(f"rkv eval: {HF_QUANTIZED} backend must be one of {sorted(HF_BACKENDS)} "
                          f"(got {backend!r})")
-    nbits = options.get("nbits", "4")
-    if backend == "fp8" and "nbits" in options:
-        raise ValueError(f"rkv eval: {HF_QUANTIZED} backend 'fp8' takes no nbits")
-    if not nbits.isdigit():
-        raise ValueError(f"rkv eval: {HF_QUANTIZED} nbits must be an integer (got {nbits!r})")
+    if backend == "fp8" and options:
+        raise ValueError(f"rkv eval: {HF_QUANTIZED} backend 'fp8' takes no {sorted(options)[0]}")
+    for name, value in options.items():
+        if not value.removeprefix("-").isdigit():
+            raise ValueError(f"rkv eval: {HF_QUANTIZED} {name} must be an integer (got {value!r})")
     package, available = HF_BACKENDS[backend]
     if package is not None and not getattr(transformers.utils, available)():
         raise ValueError(f"rkv eval: {HF_QUANTIZED} backend {backend!r} needs the {package} "
@@ -157,7 +164,7 @@ def hf_quantized_options(policy: str) -> dict:
             raise ValueError(f"rkv eval: {HF_QUANTIZED} backend 'fp8' is not in this "
                              f"transformers ({transformers.__version__})")
         return dict(backend=backend)
-    return dict(backend=backend, nbits=int(nbits))
+    return dict(backend=backend, nbits=4, **{name: int(v) for name, v in options.items()})
 
 
 def _generate_hf_quantized(model, ids, policy: str, sample: Sample, stop

@@ -112,10 +112,12 @@ def test_transformers_quantized_cache_is_a_reference_row(tokenizer):
     want = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     row = next(r for r in records if r["policy"] == "hf-quantized:backend=fp8" and not r["index"])
     assert want.startswith(row["output"]) and row["output"]
-    for bad, named in [("hf-quantized:bits=4", "takes backend and nbits"),
+    for bad, named in [("hf-quantized:bits=4", "takes backend and nbits, axis_key"),
                        ("hf-quantized:backend=x", "backend must be one of"),
                        ("hf-quantized:backend=fp8:nbits=4", "'fp8' takes no nbits"),
-                       ("hf-quantized:backend=quanto:nbits=four", "nbits must be an integer")]:
+                       ("hf-quantized:backend=fp8:axis_key=-1", "'fp8' takes no axis_key"),
+                       ("hf-quantized:backend=quanto:nbits=four", "nbits must be an integer"),
+                       ("hf-quantized:axis_key=last", "axis_key must be an integer")]:
         with pytest.raises(ValueError, match=named):
             evaluate.EvalSettings(["passkey"], [bad], [64], [300], 1)
     import transformers.utils
@@ -124,6 +126,9 @@ def test_transformers_quantized_cache_is_a_reference_row(tokenizer):
                                         ("hqq", "hqq", "is_hqq_available")]:
         if getattr(transformers.utils, available)():
             assert evaluate.hf_quantized_options(f"hf-quantized:backend={backend}")["nbits"] == 4
+            assert evaluate.hf_quantized_options(
+                f"hf-quantized:backend={backend}:axis_key=-1:q_group_size=32") == \
+                dict(backend=backend, nbits=4, axis_key=-1, q_group_size=32)
         else:
             with pytest.raises(ValueError, match=f"needs the {package} package"):
                 evaluate.EvalSettings(["passkey"], [f"hf-quantized:backend={backend}"], [64],

@@ -130,18 +130,22 @@ def _random_mask(B, n, chunk, seed):
 
 
 @SETTINGS
-@given(case=decode_cases(), masked=st.booleans(), one_bound=st.booleans())
+@given(case=decode_cases(), masked=st.booleans(), one_bound=st.booleans(),
+       programs=st.sampled_from([1, 16]))
 # On the GPU, a dim's group mean computed twice in two layouts once ranked it below itself.
-@example(case=(1, 1, 5, 80, 1, 1, 1, 1, torch.float32, 2), masked=False, one_bound=True)
-def test_chunk_logits_match_reference(case, masked, one_bound):
+@example(case=(1, 1, 5, 80, 1, 1, 1, 1, torch.float32, 2), masked=False, one_bound=True,
+         programs=16)
+def test_chunk_logits_match_reference(case, masked, one_bound, programs):
     """Chunk logits against the reference, each chunk's bounds kept as max and min or as the
-    one the sign picks (CHUNK_LOGITS["ONE_BOUND"])."""
+    one the sign picks (CHUNK_LOGITS["ONE_BOUND"]), a program per block of chunks or programs
+    that take every P-th block (CHUNK_PROGRAMS_PER_SM 1: P = 1 to 4 here)."""
     B, Hkv, G, D, n, chunk, dims, topk, dtype, seed = case
     q, k, _ = _inputs(B, Hkv, G, D, n, dtype, seed)
     assume(_dims_are_clear(q, Hkv, dims))
     mask = _random_mask(B, n, chunk, seed) if masked else None
     want = R.chunk_logits(q, k, mask, chunk, dims)
-    with mock.patch.dict(T.CHUNK_LOGITS, ONE_BOUND=one_bound):
+    with mock.patch.dict(T.CHUNK_LOGITS, ONE_BOUND=one_bound), \
+            mock.patch.object(T, "CHUNK_PROGRAMS_PER_SM", programs):
         got = T.chunk_logits(q, k, chunk, dims, T.slot_validity(mask, B, n))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -287,22 +291,27 @@ def _selection(sizes):
                                                     st.integers(1, 160), st.integers(1, 200)),
                                           min_size=1, max_size=3),
        header_topk=st.booleans(), listed=st.sampled_from(["topk", "every slot"]),
-       fused=st.booleans(), selection=st.sampled_from(SELECTIONS), codes=CODES)
+       fused=st.booleans(), selection=st.sampled_from(SELECTIONS), codes=CODES,
+       programs=st.sampled_from([1, 16]))
 # rows' own topk under a list of every slot, selected by the kernel and by torch ops, then
 # attended by the split programs (which must stop at the row's topk)
 @example(case=(1, 1, 2, 16, 100, 1, 4, 40, torch.float32, 3), rows=[(1, 4, 100, 10)],
-         header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[1], codes=None)
+         header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[1], codes=None,
+         programs=16)
 @example(case=(1, 1, 2, 16, 100, 1, 4, 40, torch.float32, 3), rows=[(1, 4, 100, 10)],
-         header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[2], codes=None)
+         header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[2], codes=None,
+         programs=16)
 @example(case=(1, 1, 2, 16, 100, 1, 4, 40, torch.float32, 3), rows=[(1, 4, 100, 10)],
-         header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[3], codes=None)
+         header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[3], codes=None,
+         programs=16)
 # two levels over rows of chunks of 3, codes and exact slots, the first row's top k from four
 # of its seven segments
 @example(case=(2, 2, 3, 64, 150, 1, 4, 60, torch.float32, 11), rows=[(3, 20, 150, 60),
                                                                     (2, 64, 90, 25)],
          header_topk=True, listed="topk", fused=False, selection=SELECTIONS[2],
-         codes=(4, 32, [64, 30, 0]))
-def test_packed_layer_decode(case, rows, header_topk, listed, fused, selection, codes):
+         codes=(4, 32, [64, 30, 0]), programs=1)
+def test_packed_layer_decode(case, rows, header_topk, listed, fused, selection, codes,
+                             programs):
     """RocketKV's decode op on CUDA over a packed layer (`rocketkv.decode_triton`): each row's
     chunk, r and topk from its header (unset: every token), over its stored tokens, as that
     row alone, the op's list as long as the policy's topk or every slot (a topk that follows
@@ -310,7 +319,8 @@ def test_packed_layer_decode(case, rows, header_topk, listed, fused, selection, 
     kernel (one program per KV head) and through the split path alike, with rows of more
     chunks than the small selection's lanes beside rows of fewer, and selected by torch ops
     as rows too long for a program are (`SELECTIONS`); over a quantized layer's codes and
-    exact slots as over their dequantized tokens (kv_bits)."""
+    exact slots as over their dequantized tokens (kv_bits); its chunk logits by a program per
+    block of chunks or by programs that each take every P-th block (`programs`)."""
     _, Hkv, G, D, n, _, _, topk, dtype, seed = case
     B = len(rows)
     chunks, dims, live, row_topks = ([row[i] for row in rows] for i in range(4))
@@ -328,7 +338,7 @@ def test_packed_layer_decode(case, rows, header_topk, listed, fused, selection, 
         assume(_boundary_is_clear(R.approximate_scores(q[b:b + 1], tokens(b)[0], None,
                                                        chunks[b], dims[b]), attended[b]))
     with mock.patch.object(T, "_one_program_per_head", lambda heads, k: fused), \
-            _selection(selection):
+            mock.patch.object(T, "CHUNK_PROGRAMS_PER_SM", programs), _selection(selection):
         got = torch.ops.rocketkv.decode_triton(q, keys, values, scale, list_length,
                                                *_code_args(codes))
     for b in range(B):
@@ -338,7 +348,7 @@ def test_packed_layer_decode(case, rows, header_topk, listed, fused, selection, 
 
 
 # (the interpreter's slowest kernel test, a program per query head: fewer cases on the CPU)
-@settings(SETTINGS, max_examples=GPU_EXAMPLES if CUDA else 8)
+@settings(SETTINGS, max_examples=GPU_EXAMPLES if CUDA else 6)
 @given(case=decode_cases(), live=st.lists(st.integers(1, 160), min_size=1, max_size=3),
        page_size=st.integers(1, 16), pages=st.integers(1, 12), codes=CODES)
 def test_packed_page_decode(case, live, page_size, pages, codes):

@@ -71,7 +71,8 @@ def _chunk_logits_kernel(
     ONE_BOUND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, CODED: tl.constexpr,
     CODED_CAPACITY: tl.constexpr, CODE_ROW: tl.constexpr,
 ):
-    # One program per (KV head, BLOCK_C chunks): the chunks' key bounds, built once for the G
+    # Programs (KV head, p) of P per head (`_chunk_programs`): the query prep once, then every
+    # P-th block of BLOCK_C chunks of the row: the chunks' key bounds, built once for the G
     # query heads, and each head's logit. HEAD_BOUNDS (Quest): each head's own upper bound of
     # q.k, sum_d max(q_d min_d, q_d max_d), instead of the bound on the group's signs.
     bh = tl.program_id(0)
@@ -87,8 +88,12 @@ def _chunk_logits_kernel(
         code_row, n = tl.load(header + CODE_ROW), coded + tl.load(header + STORED)
         chunk = tl.load(header + CHUNK)
         dims = tl.load(header + DIMS)
-        if tl.program_id(1) * BLOCK_C * chunk >= n:   # past the row's last chunk
-            return
+        chunks_of_row = tl.cdiv(n, chunk)
+    else:
+        chunks_of_row = chunks
+    blocks = tl.cdiv(chunks_of_row, BLOCK_C)   # of the row (a packed row's live ones only)
+    if tl.program_id(1) >= blocks:
+        return
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     g_ok, d_ok = g < G, d < D
@@ -125,46 +130,47 @@ def _chunk_logits_kernel(
     # step, so that their loads are in flight together (the chunk is only known at run time).
     # ONE_BOUND (not HEAD_BOUNDS): only the bound the sign picks is kept, max or min per dim,
     # half the registers of both.
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < chunks
-    live = tl.zeros((BLOCK_C,), tl.int32)
-    one_bound = ONE_BOUND and not HEAD_BOUNDS
-    kmin = tl.full((BLOCK_C, BLOCK_D), float("inf"), tl.float32)
-    kmax = tl.full((BLOCK_C, BLOCK_D), float("-inf"), tl.float32)
-    if one_bound:
-        kmax = tl.where(positive[None, :], kmax, kmin)   # the bound, from its identity
+    one_bound: tl.constexpr = ONE_BOUND and not HEAD_BOUNDS
     k_base = b * stride_kb + h * stride_kh
-    for j0 in range(0, chunk, UNROLL):
-        for u in tl.static_range(UNROLL):
-            slot = c * chunk + j0 + u
-            ok = c_ok & (slot < n) & (j0 + u < chunk)
-            if HAS_VALID:
-                ok &= tl.load(valid_ptr + b * stride_vb + slot, mask=ok, other=0) != 0
-            live += ok.to(tl.int32)
-            rows_ok = ok[:, None] & chosen[None, :]
-            rows = _rows(k_ptr, k_base, slot, ok, d, chosen, stride_kn, coded, capacity,
-                         code_row, D, BITS, GROUP, True, ANY_TOKENS).to(tl.float32)
-            if one_bound:
-                kmax = tl.where(rows_ok, tl.where(positive[None, :], tl.maximum(kmax, rows),
-                                                  tl.minimum(kmax, rows)), kmax)
-            else:
-                kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
-                kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
-    if one_bound:
-        bound = tl.where(chosen[None, :] & (live > 0)[:, None], kmax, 0.0)
-    else:
-        bound = tl.where(chosen[None, :] & (live > 0)[:, None],
-                         tl.where(positive[None, :], kmax, kmin), 0.0)
-    counted = chosen[None, :] & (live > 0)[:, None]
-    for gi in tl.static_range(G):
-        q_g = tl.sum(tl.where((g == gi)[:, None], q_r, 0.0), axis=0)
-        if HEAD_BOUNDS:
-            logit = tl.sum(tl.where(counted, tl.maximum(q_g[None, :] * kmin,
-                                                        q_g[None, :] * kmax), 0.0), axis=1)
+    for block in range(tl.program_id(1), blocks, tl.num_programs(1)):
+        c = block * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < chunks
+        live = tl.zeros((BLOCK_C,), tl.int32)
+        kmin = tl.full((BLOCK_C, BLOCK_D), float("inf"), tl.float32)
+        kmax = tl.full((BLOCK_C, BLOCK_D), float("-inf"), tl.float32)
+        if one_bound:
+            kmax = tl.where(positive[None, :], kmax, kmin)   # the bound, from its identity
+        for j0 in range(0, chunk, UNROLL):
+            for u in tl.static_range(UNROLL):
+                slot = c * chunk + j0 + u
+                ok = c_ok & (slot < n) & (j0 + u < chunk)
+                if HAS_VALID:
+                    ok &= tl.load(valid_ptr + b * stride_vb + slot, mask=ok, other=0) != 0
+                live += ok.to(tl.int32)
+                rows_ok = ok[:, None] & chosen[None, :]
+                rows = _rows(k_ptr, k_base, slot, ok, d, chosen, stride_kn, coded, capacity,
+                             code_row, D, BITS, GROUP, True, ANY_TOKENS).to(tl.float32)
+                if one_bound:
+                    kmax = tl.where(rows_ok, tl.where(positive[None, :], tl.maximum(kmax, rows),
+                                                      tl.minimum(kmax, rows)), kmax)
+                else:
+                    kmin = tl.where(rows_ok, tl.minimum(kmin, rows), kmin)
+                    kmax = tl.where(rows_ok, tl.maximum(kmax, rows), kmax)
+        if one_bound:
+            bound = tl.where(chosen[None, :] & (live > 0)[:, None], kmax, 0.0)
         else:
-            logit = tl.sum(bound * q_g[None, :], axis=1)
-        logit = tl.where(live > 0, logit, float("-inf"))
-        tl.store(out_ptr + (bh * G + gi) * chunks + c, logit, mask=c_ok)
+            bound = tl.where(chosen[None, :] & (live > 0)[:, None],
+                             tl.where(positive[None, :], kmax, kmin), 0.0)
+        counted = chosen[None, :] & (live > 0)[:, None]
+        for gi in tl.static_range(G):
+            q_g = tl.sum(tl.where((g == gi)[:, None], q_r, 0.0), axis=0)
+            if HEAD_BOUNDS:
+                logit = tl.sum(tl.where(counted, tl.maximum(q_g[None, :] * kmin,
+                                                            q_g[None, :] * kmax), 0.0), axis=1)
+            else:
+                logit = tl.sum(bound * q_g[None, :], axis=1)
+            logit = tl.where(live > 0, logit, float("-inf"))
+            tl.store(out_ptr + (bh * G + gi) * chunks + c, logit, mask=c_ok)
 
 
 @triton.jit
@@ -912,8 +918,17 @@ def _append_packed_kernel(
 # DIMS_BY_RANK: the query's r dims by ranks rather than the bit search: the cache step in 33.0
 # against 33.2 us at 1x32K B=256, 27.8 against 28.2 at 1x128K, 48.7 against 50.6 at 8x128K
 # (H100, tune_stage2.py --knobs CHUNK_LOGITS.DIMS_BY_RANK, 2026-12-07, a825e0b).
+# Programs per KV head for the chunk logits: enough for CHUNK_PROGRAMS_PER_SM on every SM, at
+# most one per block of BLOCK_C chunks (`_chunk_programs`). A batch of few heads gets a program
+# per block, as before this rule; a large batch one program per head that preps its query once
+# (not once per block) and loops over its row. Not measured yet (tune_stage2.py --shapes
+# 349x131072x256 --knobs CHUNK_PROGRAMS_PER_SM; 1 << 20: a program per block always).
+CHUNK_PROGRAMS_PER_SM = 16
+# ONE_BOUND: written for the large batch, where chunk logits took 1289 of a layer's 1500 us
+# at 349 x 128K B=256 (H100, profile_stage2.py, 2026-12-08), about 4.6x reading the keys once;
+# not measured yet (tune_stage2.py --shapes 349x131072x256 --knobs CHUNK_LOGITS.ONE_BOUND).
 CHUNK_LOGITS = dict(BLOCK_C=32, num_warps=4, UNROLL=1,   # chunks per program, rows in flight
-                    DIMS_BY_RANK=True, ONE_BOUND=True)
+                    DIMS_BY_RANK=True, ONE_BOUND=False)
 ATTENTION = dict(BLOCK_N=32, num_warps=4)      # slots per loop step; the split path's programs
 # The same over a quantized layer, where dequantizing in registers, not bytes, bounds a tile:
 # 64 slots a step took the exact decode at 1x32K from 76 to 72 us at 4 bits and from 108 to 75
@@ -972,6 +987,12 @@ def _sm_count(device: torch.device) -> int:
     return 4  # Triton's interpreter: a few programs are plenty
 
 
+def _chunk_programs(heads: int, lanes: int, device) -> int:
+    """Programs per KV head for `_chunk_logits_kernel` over `lanes` chunks (CHUNK_PROGRAMS_PER_SM)."""
+    blocks = triton.cdiv(lanes, CHUNK_LOGITS["BLOCK_C"])
+    return max(1, min(blocks, triton.cdiv(CHUNK_PROGRAMS_PER_SM * _sm_count(device), heads)))
+
+
 def row_plans(chunk: int | Sequence[int], dims: int | Sequence[int], device
               ) -> tuple[int, int, Tensor | None]:
     """(the smallest chunk, dims, per-row plan): the plan of every row as ints and None, or,
@@ -997,7 +1018,7 @@ def chunk_logits(query: Tensor, key: Tensor, chunk: int, dims: int, valid: Tenso
     chunks = triton.cdiv(n, chunk)
     logits = torch.empty(B, Hkv, G, chunks, device=key.device, dtype=torch.float32)
     BLOCK_D = triton.next_power_of_2(D)
-    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(chunks, CHUNK_LOGITS["BLOCK_C"]))](
+    wrap_triton(_chunk_logits_kernel)[(B * Hkv, _chunk_programs(B * Hkv, chunks, key.device))](
         query, key, valid if valid is not None else key,
         per_row if per_row is not None else key, logits,
         n, chunk, chunks, dims, Hkv,
@@ -1158,7 +1179,7 @@ def _packed_chunk_logits(query: Tensor, key: Tensor, header: Tensor, lanes: int,
     B, Hkv, slots, D = key.shape
     G = query.shape[1] // Hkv
     logits = torch.empty(B, Hkv, G, lanes, device=key.device, dtype=torch.float32)
-    wrap_triton(_chunk_logits_kernel)[(B * Hkv, triton.cdiv(lanes, CHUNK_LOGITS["BLOCK_C"]))](
+    wrap_triton(_chunk_logits_kernel)[(B * Hkv, _chunk_programs(B * Hkv, lanes, key.device))](
         query, key, header, header, logits,
         slots, 1, lanes, 1, Hkv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
