@@ -383,6 +383,10 @@ def test_packed_page_decode(case, live, page_size, pages, codes):
 @given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 128), st.integers(1, 160)),
                                           min_size=1, max_size=3),
        selection=st.sampled_from(SELECTIONS), codes=CODES)
+# rows of ten and six segments selected in two levels, each head's mass on its list from the
+# row's softmax over every segment
+@example(case=(2, 2, 3, 64, 150, 1, 4, 20, torch.float32, 7), rows=[(6, 150), (3, 90)],
+         selection=SELECTIONS[2], codes=None)
 def test_packed_sparq_decode(case, rows, selection, codes):
     """SparQ's decode op over a packed layer (`rocketkv.sparq_decode_triton`): each row's r
     from its header, over its stored slots, as `SparQ.decode` alone over that row (float64),
