@@ -9,8 +9,8 @@ is prefilled over what each policy kept); its KV cache size is not reported. A r
 `hf-quantized[:backend=quanto|hqq|fp8][:nbits=N][:axis_key=A]...` is not a policy of ours: plain
 `generate` over transformers' own `QuantizedCache` (full KV quantized in groups, its
 group-wise arguments `HF_GROUP_OPTIONS` passed through; the reference beside `kvquant` and
-`kv_bits`), its bytes measured from the cache's tensors. With `engine="compile"` each configuration instead
-runs `generate` under ``torch.compile(backend="rocketkv")``: the product path, one compile per
+`kv_bits`), its bytes measured from the cache's tensors. With `engine="compile"` each
+configuration instead runs `generate` under ``torch.compile(backend="rocketkv")``: the product path, one compile per
 configuration (slow; for spot checks).
 
 Writes `<out>/eval.json` (settings, every sample's output, score and KV cache size, the summary),

@@ -1,8 +1,10 @@
 """Stage 2 (hybrid sparse attention, one decode step) in Triton, no torch glue.
 
 Read block by block:
-1. `_chunk_logits_kernel`, per KV head and block of chunks. Query prep first: the sign of each
-   dim's group sum, the r dims of largest group-mean |q|, SparQ's temperature. Then each chunk's
+1. `_chunk_logits_kernel`, per KV head and block of chunks (a program takes every P-th block
+   of its row where the batch's heads alone fill the GPU: `_chunk_programs`). Query prep
+   first: the sign of each dim's group sum, the r dims of largest group-mean |q|, SparQ's
+   temperature. Then each chunk's
    bound over the chosen dims only (max of K where the sign is +, min where -), built from the
    chunk's K rows as they are read, and its dot product with each query head: one approximate
    logit per (query head, chunk). No token-level score is written. Over a packed layer it reads
@@ -15,7 +17,9 @@ Read block by block:
    top-k op. PAGES (Quest): the top k chunks, whole; MASS (SparQ): each head's probability on
    the taken tokens. Over a packed layer the chunk is read on the device, so the lanes are
    sized for a chunk of one slot; a row with few chunks takes a small copy of the selection
-   (`_select_sized`).
+   (`_select_sized`). A row of more chunks than a program holds is selected in two levels
+   (`_long_row_selection`): each segment's softmax parts, its own top k as candidates, then
+   one program per KV head merging them.
 3. `_attend` (in `_sparse_attention_kernel`): flash-decoding over selected slots only. Each
    program takes one KV head and one split of its slot list, loads the K/V rows in place by
    index (nothing is gathered into a new tensor), and runs an online softmax for the whole GQA
@@ -988,7 +992,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _chunk_programs(heads: int, lanes: int, device) -> int:
-    """Programs per KV head for `_chunk_logits_kernel` over `lanes` chunks (CHUNK_PROGRAMS_PER_SM)."""
+    """Programs per KV head for `_chunk_logits_kernel` over `lanes` chunks
+    (CHUNK_PROGRAMS_PER_SM)."""
     blocks = triton.cdiv(lanes, CHUNK_LOGITS["BLOCK_C"])
     return max(1, min(blocks, triton.cdiv(CHUNK_PROGRAMS_PER_SM * _sm_count(device), heads)))
 
@@ -1313,9 +1318,10 @@ def _long_row_selection(logits: Tensor, header: Tensor, k: int, mass: bool = Fal
     `logits` (B, Hkv, G, lanes) with a lane per token, the chunk read from the header): each
     row's top min(k, tokens, topk) slots in slot order, as a (B * Hkv * k) int32 list whose
     entries past those attention skips; with `mass`, also each query head's probability on its
-    slots (B * Hq float32; SparQ's a), else None. Three launches: the segments' softmax parts,
-    their candidates, the merge (`_segment_candidates_kernel`); by torch ops where the
-    candidates of segments as large as a program holds still do not fit one program."""
+    slots (B * Hq float32; SparQ's a), else None. Three launches: the segments' softmax parts
+    (`_segment_softmax_kernel`), their candidates (`_segment_candidates_kernel`), the merge
+    (`_merge_candidates_kernel`); by torch ops where the candidates of segments as large as a
+    program holds still do not fit one program."""
     B, Hkv, G, lanes = logits.shape
     segment = LONG_SEGMENT
     while triton.cdiv(lanes, segment) * k > MERGE_LANES and segment < MERGE_LANES:
