@@ -10,8 +10,8 @@ is prefilled over what each policy kept); its KV cache size is not reported. A r
 `generate` over transformers' own `QuantizedCache` (full KV quantized in groups, its
 group-wise arguments `HF_GROUP_OPTIONS` passed through; the reference beside `kvquant` and
 `kv_bits`), its bytes measured from the cache's tensors. With `engine="compile"` each
-configuration instead runs `generate` under ``torch.compile(backend="rocketkv")``: the product path, one compile per
-configuration (slow; for spot checks).
+configuration instead runs `generate` under ``torch.compile(backend="rocketkv")``: the product
+path, one compile per configuration (slow; for spot checks).
 
 Writes `<out>/eval.json` (settings, every sample's output, score and KV cache size, the summary),
 `eval.md` (tables of mean accuracy, in %, per task: policy x budget; and of the mean KV cache
