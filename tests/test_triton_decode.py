@@ -272,9 +272,9 @@ def test_rows_with_their_own_plans(case, rows):
 
 # (SELECTION_SMALL, SELECTION_LANES, LONG_SEGMENT, MERGE_LANES): the test rows' chunks (up to
 # 160) mostly over 16 lanes, mostly under 256, and every row past 8 lanes: selected in two
-# levels from segments of 16 lanes, or by torch ops where their candidates overflow 8 lanes
+# levels from segments of 32 lanes, or by torch ops where their candidates overflow 8 lanes
 SELECTIONS = [(16, 1 << 20, 4096, 1 << 14), (256, 1 << 20, 4096, 1 << 14),
-              (256, 8, 16, 1 << 14), (256, 8, 16, 8)]
+              (256, 8, 32, 1 << 14), (256, 8, 32, 8)]
 
 
 @contextlib.contextmanager
@@ -304,8 +304,8 @@ def _selection(sizes):
 @example(case=(1, 1, 2, 16, 100, 1, 4, 40, torch.float32, 3), rows=[(1, 4, 100, 10)],
          header_topk=True, listed="every slot", fused=False, selection=SELECTIONS[3], codes=None,
          programs=16)
-# two levels over rows of chunks of 3, codes and exact slots, the first row's top k from four
-# of its seven segments
+# two levels over rows of chunks of 3 (the first row's 50 chunks in two segments), codes and
+# exact slots
 @example(case=(2, 2, 3, 64, 150, 1, 4, 60, torch.float32, 11), rows=[(3, 20, 150, 60),
                                                                     (2, 64, 90, 25)],
          header_topk=True, listed="topk", fused=False, selection=SELECTIONS[2],
@@ -383,7 +383,7 @@ def test_packed_page_decode(case, live, page_size, pages, codes):
 @given(case=decode_cases(), rows=st.lists(st.tuples(st.integers(1, 128), st.integers(1, 160)),
                                           min_size=1, max_size=3),
        selection=st.sampled_from(SELECTIONS), codes=CODES)
-# rows of ten and six segments selected in two levels, each head's mass on its list from the
+# rows of five and three segments selected in two levels, each head's mass on its list from the
 # row's softmax over every segment
 @example(case=(2, 2, 3, 64, 150, 1, 4, 20, torch.float32, 7), rows=[(6, 150), (3, 90)],
          selection=SELECTIONS[2], codes=None)
