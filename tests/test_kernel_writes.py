@@ -58,8 +58,18 @@ def _cases():
                 (f"{name}, sparq", ops.sparq_decode_triton, (q, keys, values),
                  (0.25, 16, *args)),
                 (f"{name}, exact", ops.exact_decode_triton, (q, keys, values), (0.25, *args)),
+                (f"{name}, rocketkv, {LONG_ROW}", ops.decode_triton, (q, keys, values),
+                 (0.25, 16, *args)),
+                (f"{name}, sparq, {LONG_ROW}", ops.sparq_decode_triton, (q, keys, values),
+                 (0.25, 16, *args)),
             ]
     return cases
+
+
+# Cases whose rows are selected in two levels (`_long_row_selection`), as rows past
+# SELECTION_LANES are: the selection's sizes made small, so these rows take it.
+LONG_ROW = "a long row"
+LONG_ROW_SIZES = dict(SELECTION_LANES=8, LONG_SEGMENT=32)
 
 
 def main():
@@ -89,7 +99,15 @@ def main():
     triton.runtime.driver.set_active(Hopper())
     for name, op, tensors, rest in _cases():
         del launches[:]
-        op(*tensors, *rest)
+        sizes = LONG_ROW_SIZES if LONG_ROW in name else {}
+        saved = {size: getattr(triton_decode, size) for size in sizes}
+        for size, value in sizes.items():
+            setattr(triton_decode, size, value)
+        try:
+            op(*tensors, *rest)
+        finally:
+            for size, value in saved.items():
+                setattr(triton_decode, size, value)
         inputs = {t.untyped_storage().data_ptr() for t in tensors if t is not None}
         for kernel, kwargs in launches:
             accesses = identify_accessed_tensors(kernel, kwargs, {})
@@ -114,6 +132,17 @@ def test_no_decode_kernel_writes_into_an_op_input():
     assert {row["case"] for row in rows} == {case[0] for case in _cases()}
     assert {row["kernel"] for row in rows} == {
         "_chunk_logits_kernel", "_select_kernel", "_sparse_attention_kernel", "_combine_kernel",
-        "_packed_select_attend_kernel"}
+        "_packed_select_attend_kernel", "_segment_softmax_kernel", "_segment_candidates_kernel",
+        "_merge_candidates_kernel"}
     assert [row for row in rows if row["into_inputs"]] == []
     assert all(row["writes"] for row in rows)   # the analysis saw each kernel's stores
+    # the two-level selection writes its own workspaces only (not the logits it reads)
+    long_rows = {(row["case"].split(", ")[-2], row["kernel"]): row["writes"] for row in rows
+                 if LONG_ROW in row["case"] and row["kernel"] in (
+                     "_segment_softmax_kernel", "_segment_candidates_kernel",
+                     "_merge_candidates_kernel")}
+    for policy in ("rocketkv", "sparq"):
+        assert long_rows[policy, "_segment_softmax_kernel"] == ["parts_ptr"]
+        assert long_rows[policy, "_segment_candidates_kernel"] == ["candidates_ptr"]
+    assert long_rows["rocketkv", "_merge_candidates_kernel"] == ["out_ptr"]
+    assert long_rows["sparq", "_merge_candidates_kernel"] == ["mass_ptr", "out_ptr"]

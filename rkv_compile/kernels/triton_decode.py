@@ -458,17 +458,14 @@ def _select(logits_ptr, stride_lg, valid_ptr, out_ptr, bh, n, chunk, chunks, k, 
 
 
 @triton.jit
-def _segment(logits_ptr, bh, first, lanes, n, chunk, G: tl.constexpr, G_ROWS: tl.constexpr,
-             SEGMENT: tl.constexpr):
-    """Chunks `first`.. `first + SEGMENT` of KV head `bh`'s row: their index, their logits
-    (G_ROWS, SEGMENT; -inf past the row's chunks and the group) and live tokens (0 past)."""
+def _segment_chunks(first, n, chunk, SEGMENT: tl.constexpr):
+    """Chunks `first`.. `first + SEGMENT` of a row of `n` tokens: their index, whether the row
+    has them, and their live tokens (0 past the row). (The kernels load what these index
+    themselves: Inductor takes a store whose address follows from a helper's return as a
+    write through that helper's pointer arguments; tests/test_kernel_writes.py.)"""
     c = first + tl.arange(0, SEGMENT)
     c_ok = c < tl.cdiv(n, chunk)
-    live = tl.where(c_ok, tl.minimum(tl.maximum(n - c * chunk, 0), chunk), 0)
-    g = tl.arange(0, G_ROWS)
-    logit = tl.load(logits_ptr + (bh * G + g)[:, None] * lanes + c[None, :],
-                    mask=(g < G)[:, None] & c_ok[None, :], other=float("-inf"))
-    return c, logit, live
+    return c, c_ok, tl.where(c_ok, tl.minimum(tl.maximum(n - c * chunk, 0), chunk), 0)
 
 
 @triton.jit
@@ -477,14 +474,9 @@ def _finite(top):
 
 
 @triton.jit
-def _row_softmax(parts_ptr, bh, segments, G_ROWS: tl.constexpr, SEGMENTS: tl.constexpr):
+def _row_softmax(tops, sums):
     """Each query head's max logit over the row and its sum of exp from that max, from the
-    segments' own (`_segment_softmax_kernel`)."""
-    s = tl.arange(0, SEGMENTS)
-    at = parts_ptr + (bh * segments + s)[:, None] * (2 * G_ROWS) + tl.arange(0, G_ROWS)[None, :]
-    ok = (s < segments)[:, None]
-    tops = tl.load(at, mask=ok, other=float("-inf"))
-    sums = tl.load(at + G_ROWS, mask=ok, other=0.0)
+    segments' own (SEGMENTS, G_ROWS) (`_segment_softmax_kernel`; -inf and 0 past them)."""
     top = tl.max(tops, axis=0)
     return top, tl.sum(sums * tl.exp(tops - _finite(top)[None, :]), axis=0)
 
@@ -505,11 +497,13 @@ def _segment_softmax_kernel(logits_ptr, header_ptr, parts_ptr, lanes, Hkv, strid
     bh, s = tl.program_id(0), tl.program_id(1)
     header = header_ptr + bh // Hkv * stride_hb
     n = tl.load(header + CODED) + tl.load(header + STORED)
-    _, logit, live = _segment(logits_ptr, bh, s * SEGMENT, lanes, n, tl.load(header + CHUNK), G,
-                              G_ROWS, SEGMENT)
+    c, c_ok, live = _segment_chunks(s * SEGMENT, n, tl.load(header + CHUNK), SEGMENT)
+    g = tl.arange(0, G_ROWS)
+    logit = tl.load(logits_ptr + (bh * G + g)[:, None] * lanes + c[None, :],
+                    mask=(g < G)[:, None] & c_ok[None, :], other=float("-inf"))
     top = tl.max(logit, axis=1)
     z = tl.sum(tl.exp(logit - _finite(top)[:, None]) * live[None, :], axis=1)
-    part = parts_ptr + (bh * tl.num_programs(1) + s) * (2 * G_ROWS) + tl.arange(0, G_ROWS)
+    part = parts_ptr + (bh * tl.num_programs(1) + s) * (2 * G_ROWS) + g
     tl.store(part, top)
     tl.store(part + G_ROWS, z)
 
@@ -528,9 +522,14 @@ def _segment_candidates_kernel(logits_ptr, header_ptr, parts_ptr, candidates_ptr
     header = header_ptr + bh // Hkv * stride_hb
     n = tl.load(header + CODED) + tl.load(header + STORED)
     count = tl.minimum(tl.minimum(k, n), tl.load(header + TOPK))
-    c, logit, live = _segment(logits_ptr, bh, s * SEGMENT, lanes, n, tl.load(header + CHUNK), G,
-                              G_ROWS, SEGMENT)
-    top, z = _row_softmax(parts_ptr, bh, segments, G_ROWS, SEGMENTS)
+    c, c_ok, live = _segment_chunks(s * SEGMENT, n, tl.load(header + CHUNK), SEGMENT)
+    g = tl.arange(0, G_ROWS)
+    logit = tl.load(logits_ptr + (bh * G + g)[:, None] * lanes + c[None, :],
+                    mask=(g < G)[:, None] & c_ok[None, :], other=float("-inf"))
+    r = tl.arange(0, SEGMENTS)
+    part = parts_ptr + (bh * segments + r)[:, None] * (2 * G_ROWS) + g[None, :]
+    top, z = _row_softmax(tl.load(part, mask=(r < segments)[:, None], other=float("-inf")),
+                          tl.load(part + G_ROWS, mask=(r < segments)[:, None], other=0.0))
     score = tl.sum(_probability(logit, top, z), axis=0) / G
     bits = tl.where(live > 0, score.to(tl.int32, bitcast=True), -1)
     threshold = _kth_largest_bits(bits, live, count, RADIX)
@@ -575,8 +574,11 @@ def _merge_candidates_kernel(logits_ptr, header_ptr, parts_ptr, candidates_ptr, 
     need = count - tl.sum(above, axis=0)
     taken = above + tl.minimum(tl.maximum(need - (tl.cumsum(tied, axis=0) - tied), 0), tied)
     if MASS:
-        top, z = _row_softmax(parts_ptr, bh, segments, G_ROWS, SEGMENTS)
         g = tl.arange(0, G_ROWS)
+        r = tl.arange(0, SEGMENTS)
+        part = parts_ptr + (bh * segments + r)[:, None] * (2 * G_ROWS) + g[None, :]
+        top, z = _row_softmax(tl.load(part, mask=(r < segments)[:, None], other=float("-inf")),
+                              tl.load(part + G_ROWS, mask=(r < segments)[:, None], other=0.0))
         logit = tl.load(logits_ptr + (bh * G + g)[:, None] * lanes + c[None, :],
                         mask=(g < G)[:, None] & (taken > 0)[None, :], other=float("-inf"))
         mass = tl.sum(_probability(logit, top, z) * taken[None, :], axis=1)
